@@ -1,0 +1,206 @@
+"""`infinictx` command line: a thin layer over the library.
+
+  infinictx ppl [FILE] --method {window,temp-lora} --window W --chunk D ...   streaming perplexity
+  infinictx generate --prompt TEXT --tokens N ...                            long generation
+  infinictx fetch                                                            cache the default model and book
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import InfinictxError
+
+
+def _add_common(p: argparse.ArgumentParser):
+    p.add_argument("--method", choices=["window", "temp-lora"], default="temp-lora")
+    p.add_argument("--window", "-W", type=int, default=512, help="W: tokens the model sees at once (512)")
+    p.add_argument("--chunk", "-D", type=int, default=256, help="Δ: tokens per chunk (256)")
+    p.add_argument("--train-context", type=int, default=None, help="L_T: context tokens per training sample (W−Δ)")
+    p.add_argument("--lr", type=float, default=None, help="Temp-Lora learning rate (3e-4)")
+    p.add_argument("--steps", type=int, default=None, help="Temp-Lora optimizer steps per chunk (2)")
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank (64)")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (64)")
+    p.add_argument("--no-fuse", action="store_true", help="do not fuse scoring with the first training step")
+    p.add_argument("--save-adapter", default=None, help="directory to save the final adapter to")
+    p.add_argument("--model", default=None, help="HF model directory or .gguf file (default: embedded SmolLM2)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", default=None, metavar="OUT.json", help="write the results as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="infinictx", description="Long texts through a short context window.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ppl = sub.add_parser("ppl", help="streaming perplexity of a long text")
+    ppl.add_argument("file", nargs="?", default=None, help=".txt, folder of .txt, .jsonl or .parquet "
+                                                             "(default: the default book, Paradise Lost)")
+    _add_common(ppl)
+    ppl.add_argument("--record", type=int, default=0, help="row of a .jsonl/.parquet file (0)")
+    ppl.add_argument("--max-tokens", type=int, default=None, help="only the first N tokens of the text")
+    ppl.add_argument("--compare-base", action="store_true", help="also score every chunk with the method off")
+    ppl.add_argument("--bucket-size", type=int, default=10_000, help="position bucket width in tokens (10000)")
+    ppl.add_argument("--plot", default=None, metavar="OUT.png", help="plot PPL against position")
+    ppl.add_argument("--report", default=None, metavar="OUT.md", help="Markdown report (default: next to --json)")
+    ppl.add_argument("--checkpoint", default=None, help="checkpoint file: a rerun resumes from it")
+
+    gen = sub.add_parser("generate", help="generate a long text chunk by chunk")
+    src = gen.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", default=None, help="prompt text")
+    src.add_argument("--prompt-file", default=None, help="file with the prompt")
+    _add_common(gen)
+    gen.add_argument("--tokens", type=int, default=1024, help="tokens to generate (1024)")
+    gen.add_argument("--context", type=int, default=None, help="L_x: tokens each chunk is conditioned on (W−Δ)")
+    gen.add_argument("--no-cache-reuse", action="store_true", help="re-encode the context after every update")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.12)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--out", default=None, help="write the generated text to this file")
+
+    fetch = sub.add_parser("fetch", help="download and cache the embedded model and the default book")
+    fetch.add_argument("--debug", action="store_true")
+    return parser
+
+
+def method_config(args):
+    from .methods import TempLoraConfig, WindowConfig
+
+    if args.method == "window":
+        cfg = WindowConfig(window=args.window, chunk=args.chunk)
+        return cfg.make_session, cfg
+    extra = {k: getattr(args, k) for k in ("train_context", "lr", "steps", "rank", "alpha")
+             if getattr(args, k) is not None}
+    cfg = TempLoraConfig(window=args.window, chunk=args.chunk, fuse_first_step=not args.no_fuse,
+                         save_adapter=args.save_adapter, **extra)
+    return cfg.make_session, cfg
+
+
+def _setup_torch(args):
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def cmd_ppl(args) -> int:
+    from .evaluate import streaming_perplexity
+    from .models import load_model, weights_fingerprint
+    from .report import plot_ppl, ppl_markdown, write_json, atomic_write
+    from .texts import read_text
+
+    make_session, cfg = method_config(args)  # validates W, Δ, L_T before any heavy work
+    if args.max_tokens is not None and args.max_tokens <= args.window:
+        raise InfinictxError(f"--max-tokens {args.max_tokens} must be larger than the window W={args.window}")
+    text, text_name = read_text(args.file, record=args.record)
+    _setup_torch(args)
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    ids = lm.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    if args.max_tokens:
+        ids = ids[:args.max_tokens]
+    before = weights_fingerprint(lm.model)
+    with make_session(lm) as session:
+        result = streaming_perplexity(session, ids, compare_base=args.compare_base, bucket_size=args.bucket_size,
+                                      progress=not args.no_progress, checkpoint=args.checkpoint)
+    result.meta = {"model": lm.name, "text": text_name, "device": str(lm.device), "dtype": str(lm.dtype).split(".")[-1],
+                   "base_weights_unchanged": weights_fingerprint(lm.model) == before}
+    if not result.meta["base_weights_unchanged"]:
+        raise InfinictxError("internal check failed: the base model's weights changed during the run")
+    summary = result.summary()
+    md = ppl_markdown(summary)
+    print(md)
+    if args.json:
+        write_json(summary, args.json)
+    report = args.report or (str(Path(args.json).with_suffix(".md")) if args.json else None)
+    if report:
+        atomic_write(report, md)
+    if args.plot:
+        plot_ppl(summary, args.plot, nll=result.nll, base_nll=result.base_nll)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .generate import generate_long
+    from .models import load_model
+    from .report import atomic_write, cost_markdown, write_json
+    from .session import Sampler
+    from .texts import decode_text
+
+    make_session, cfg = method_config(args)
+    if args.prompt_file:
+        p = Path(args.prompt_file)
+        if not p.is_file():
+            raise InfinictxError(f"prompt file {p} does not exist")
+        prompt = decode_text(p.read_bytes(), str(p))
+    else:
+        prompt = args.prompt
+        if not prompt or not prompt.strip():
+            raise InfinictxError("the prompt is empty")
+    _setup_torch(args)
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    ids = lm.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    sampler = Sampler(temperature=args.temperature, top_p=args.top_p,
+                      repetition_penalty=args.repetition_penalty, seed=args.seed)
+    torch.manual_seed(args.seed)
+    with make_session(lm) as session:
+        result = generate_long(session, ids, args.tokens, context_len=args.context, sampler=sampler,
+                               cache_reuse=not args.no_cache_reuse, progress=not args.no_progress,
+                               tokenizer=lm.tokenizer)
+    summary = result.summary()
+    summary.update({"model": lm.name, "text": result.text})
+    if args.out:
+        atomic_write(args.out, result.text)
+    else:
+        print(result.text)
+    print(f"\n{result.method}: {len(result.tokens)} tokens in {result.wall_s:.1f} s "
+          f"({summary['tokens_per_s']:.2f} tokens/s, cache reuse {'on' if result.cache_reuse else 'off'})",
+          file=sys.stderr)
+    summary["wall_s"] = result.wall_s
+    print(cost_markdown(summary), file=sys.stderr)
+    if args.json:
+        write_json(summary, args.json)
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from .models import embedded_gguf, resolve_model_path
+    from .texts import default_book_path
+
+    print(f"book:  {default_book_path()}")
+    print(f"model: {embedded_gguf()}")
+    print(f"converted: {resolve_model_path(None)[0]}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"ppl": cmd_ppl, "generate": cmd_generate, "fetch": cmd_fetch}[args.command]
+    try:
+        return handler(args)
+    except InfinictxError as exc:
+        if args.debug:
+            raise
+        print(f"infinictx: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        extra = f"; rerun the same command to resume from {args.checkpoint}" if getattr(args, "checkpoint", None) else ""
+        print(f"infinictx: interrupted{extra}", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: one line by default, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"infinictx: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

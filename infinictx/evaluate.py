@@ -1,0 +1,168 @@
+"""Streaming perplexity (the PG19 protocol of Temp-Lora): walk the token stream in chunks of Δ; score each chunk
+with the model seeing at most W tokens (the chunk plus the W−Δ before it), then let the session absorb it. Every
+token's NLL is kept, so perplexity can be reported overall and per position bucket.
+
+Two perplexities are reported: `ppl` = exp(mean NLL over all scored tokens), the usual definition, and
+`ppl_chunk_weighted` = Σ_chunks n_c·exp(mean NLL of chunk c) / Σ n_c, the formula of Temp-Lora's released code
+(slightly higher), so numbers can be compared with the paper's.
+
+A long run writes a checkpoint every few chunks; run the same command again and it resumes from there."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import InfinictxError
+from .session import Session
+
+
+@dataclass
+class PerplexityResult:
+    method: str
+    config: dict
+    nll: np.ndarray                  # nll[p-1] is the NLL of token p (token 0 is never scored)
+    base_nll: np.ndarray | None
+    chunk: int
+    bucket_size: int
+    wall_s: float
+    cost: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        return len(self.nll) + 1
+
+    def buckets(self, size: int | None = None) -> list[dict]:
+        size = size or self.bucket_size
+        out = []
+        positions = np.arange(1, len(self.nll) + 1)
+        for start in range(0, self.tokens, size):
+            sel = (positions >= start) & (positions < start + size)
+            if not sel.any():
+                continue
+            row = {"start": start, "end": min(start + size, self.tokens), "tokens": int(sel.sum()),
+                   "ppl": perplexity(self.nll[sel])}
+            if self.base_nll is not None:
+                row["base_ppl"] = perplexity(self.base_nll[sel])
+            out.append(row)
+        return out
+
+    def summary(self) -> dict:
+        d = {"method": self.method, **self.meta, "tokens": self.tokens, "scored_tokens": len(self.nll),
+             "window": self.config.get("window"), "chunk": self.chunk, "config": self.config,
+             "ppl": perplexity(self.nll), "ppl_chunk_weighted": chunk_weighted_ppl(self.nll, self.chunk)}
+        if self.base_nll is not None:
+            d["base_ppl"] = perplexity(self.base_nll)
+            d["base_ppl_chunk_weighted"] = chunk_weighted_ppl(self.base_nll, self.chunk)
+            d["ppl_ratio_vs_base"] = d["ppl"] / d["base_ppl"]
+        d["bucket_size"] = self.bucket_size
+        d["buckets"] = self.buckets()
+        d["wall_s"] = round(self.wall_s, 3)
+        d.update(self.cost)
+        return d
+
+
+def perplexity(nll: np.ndarray) -> float:
+    return float(np.exp(np.mean(nll, dtype=np.float64)))
+
+
+def chunk_weighted_ppl(nll: np.ndarray, chunk: int) -> float:
+    chunk_ids = np.arange(1, len(nll) + 1) // chunk
+    total, weight = 0.0, 0
+    for c in np.unique(chunk_ids):
+        part = nll[chunk_ids == c]
+        total += len(part) * float(np.exp(part.mean(dtype=np.float64)))
+        weight += len(part)
+    return total / weight
+
+
+def _run_key(session: Session, ids: torch.Tensor, compare_base: bool) -> str:
+    h = hashlib.sha256(ids.numpy().tobytes())
+    h.update(repr((session.method, sorted(session.describe().items()), compare_base)).encode())
+    return h.hexdigest()
+
+
+def streaming_perplexity(session: Session, ids: torch.Tensor, compare_base: bool = False,
+                         bucket_size: int = 10_000, progress: bool = True, checkpoint: str | Path | None = None,
+                         checkpoint_every: int = 20) -> PerplexityResult:
+    """Score the whole token stream `ids` (1-D) with `session`. See the module docstring."""
+    ids = ids.to(torch.long).cpu()
+    if ids.dim() != 1:
+        raise InfinictxError("expected a 1-D token stream")
+    if len(ids) <= session.window:
+        raise InfinictxError(f"the text has {len(ids)} tokens, not more than the window W={session.window}: "
+                             "streaming perplexity needs a text longer than the window")
+    if bucket_size < 1:
+        raise InfinictxError(f"bucket size must be >= 1 (got {bucket_size})")
+    chunk = session.chunk
+    nll = np.zeros(len(ids) - 1, dtype=np.float32)
+    base_nll = np.zeros_like(nll) if compare_base else None
+    start, elapsed = 0, 0.0
+    key = _run_key(session, ids, compare_base)
+    ckpt = Path(checkpoint) if checkpoint else None
+    if ckpt and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        if state.get("key") != key:
+            raise InfinictxError(f"checkpoint {ckpt} belongs to a different run (text, method or settings "
+                                 "differ); delete it or pass another --checkpoint")
+        start, elapsed = state["next_start"], state["elapsed"]
+        nll[:] = state["nll"]
+        if compare_base:
+            base_nll[:] = state["base_nll"]
+        session.load_state_dict(state["session"], ids[:start])
+
+    n_chunks = (len(ids) + chunk - 1) // chunk
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=n_chunks, initial=start // chunk, unit="chunk", desc=f"{session.method} ppl",
+                   dynamic_ncols=True)
+    t0 = time.perf_counter()
+    done_since_ckpt = 0
+    try:
+        while start < len(ids):
+            end = min(start + chunk, len(ids))
+            piece = ids[start:end]
+            chunk_nll, chunk_base = session.score_and_absorb(piece, compare_base=compare_base)
+            lo = max(start, 1) - 1
+            nll[lo:end - 1] = chunk_nll.numpy()
+            if compare_base:
+                base_nll[lo:end - 1] = chunk_base.numpy()
+            start = end
+            done_since_ckpt += 1
+            if bar is not None:
+                post = {"ppl": f"{perplexity(nll[:end - 1]):.2f}"}
+                if compare_base:
+                    post["base"] = f"{perplexity(base_nll[:end - 1]):.2f}"
+                bar.set_postfix(post)
+                bar.update(1)
+            if ckpt and done_since_ckpt >= checkpoint_every and start < len(ids):
+                _save_checkpoint(ckpt, key, start, elapsed + time.perf_counter() - t0, nll, base_nll, session)
+                done_since_ckpt = 0
+    except KeyboardInterrupt:
+        if ckpt:
+            _save_checkpoint(ckpt, key, start, elapsed + time.perf_counter() - t0, nll, base_nll, session)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    wall = elapsed + time.perf_counter() - t0
+    if ckpt and ckpt.exists():
+        ckpt.unlink()  # the run is complete; a checkpoint is only for interrupted runs
+    return PerplexityResult(method=session.method, config=session.describe(), nll=nll, base_nll=base_nll,
+                            chunk=chunk, bucket_size=bucket_size, wall_s=wall, cost=session.meter.summary())
+
+
+def _save_checkpoint(path: Path, key, next_start, elapsed, nll, base_nll, session: Session):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"key": key, "next_start": next_start, "elapsed": elapsed, "nll": nll[:].copy(),
+                "base_nll": None if base_nll is None else base_nll.copy(), "session": session.state_dict()}, tmp)
+    os.replace(tmp, path)

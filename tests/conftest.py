@@ -1,0 +1,51 @@
+"""Shared fixtures: a tiny randomly initialised Llama (with a small byte-level BPE tokenizer) saved as a normal
+HF directory, so the whole stack (loading, sessions, CLI) runs in seconds."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+SAMPLE = (
+    "Of Mans First Disobedience, and the Fruit Of that Forbidden Tree, whose mortal tast Brought Death into the "
+    "World, and all our woe, With loss of Eden, till one greater Man Restore us, and regain the blissful Seat, "
+    "Sing Heav'nly Muse, that on the secret top Of Oreb, or of Sinai, didst inspire That Shepherd, who first "
+    "taught the chosen Seed, In the Beginning how the Heav'ns and Earth Rose out of Chaos. "
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([SAMPLE * 4], vocab_size=320, min_frequency=1, special_tokens=["<eos>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>")
+    tok.save_pretrained(out)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         eos_token_id=tok.eos_token_id, bos_token_id=None, pad_token_id=None,
+                         tie_word_embeddings=True, initializer_range=0.3)
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def tiny(tiny_model_dir):
+    """A freshly loaded tiny model (sessions modify the module tree while they are open)."""
+    from infinictx import load_model
+
+    return load_model(tiny_model_dir, device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def stream():
+    torch.manual_seed(1)
+    return torch.randint(0, 300, (200,))

@@ -1,0 +1,81 @@
+"""The CLI contract: outputs other tools rely on, and one-line errors (exit 2, nothing written) on bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from infinictx.cli import main
+from conftest import SAMPLE
+
+
+@pytest.fixture
+def book(tmp_path):
+    p = tmp_path / "book.txt"
+    p.write_text(SAMPLE * 6)
+    return p
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "infinictx", *map(str, args)], capture_output=True, text=True)
+
+
+def test_ppl_writes_json_report_and_plot(tiny_model_dir, book, tmp_path, capsys):
+    out = tmp_path / "res.json"
+    plot = tmp_path / "res.png"
+    rc = main(["ppl", str(book), "--model", str(tiny_model_dir), "--method", "temp-lora", "-W", "64", "-D", "32",
+               "--compare-base", "--bucket-size", "100", "--json", str(out), "--plot", str(plot), "--no-progress",
+               "--lr", "1e-3"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    for key in ("method", "tokens", "ppl", "base_ppl", "buckets", "wall_s", "flops"):
+        assert key in res
+    assert res["method"] == "temp-lora" and res["base_weights_unchanged"] is True
+    assert {"start", "end", "ppl", "base_ppl"} <= set(res["buckets"][0])
+    assert sum(b["tokens"] for b in res["buckets"]) == res["tokens"] - 1
+    assert res["wall_s_by_phase"]["training"] > 0 and res["flops_by_kind"]["backward"] > 0
+    assert plot.stat().st_size > 1000 and out.with_suffix(".md").read_text().startswith("## Streaming perplexity")
+    assert "| **all** |" in capsys.readouterr().out
+
+
+def test_window_method_and_max_tokens(tiny_model_dir, book, tmp_path):
+    out = tmp_path / "w.json"
+    assert main(["ppl", str(book), "--model", str(tiny_model_dir), "--method", "window", "-W", "64", "-D", "16",
+                 "--max-tokens", "150", "--json", str(out), "--no-progress"]) == 0
+    res = json.loads(out.read_text())
+    assert res["tokens"] == 150 and res["method"] == "window" and "base_ppl" not in res
+
+
+def test_generate_cli(tiny_model_dir, tmp_path):
+    out, js = tmp_path / "gen.txt", tmp_path / "gen.json"
+    assert main(["generate", "--prompt", SAMPLE, "--model", str(tiny_model_dir), "-W", "64", "-D", "16",
+                 "--tokens", "40", "--out", str(out), "--json", str(js), "--no-progress"]) == 0
+    res = json.loads(js.read_text())
+    assert res["generated_tokens"] == 40 and res["tokens_per_s"] > 0 and out.read_text()
+
+
+@pytest.mark.parametrize("content, args, message", [
+    (b"", [], "is empty"),
+    (b"\x00\x01\x02binary", [], "looks binary"),
+    (b"\xff\xfe not utf8 \xe9", [], "not valid UTF-8"),
+    (b"short text", [], "longer than the window"),
+    (None, ["-W", "64", "-D", "64"], "smaller than the window"),
+    (None, ["-W", "64", "-D", "128"], "smaller than the window"),
+    (None, ["-W", "64", "-D", "32", "--train-context", "40"], "must not exceed the window"),
+    (None, ["--model", "/no/such/model"], "does not exist"),
+    (None, ["--max-tokens", "10"], "must be larger than the window"),
+])
+def test_bad_input_one_line_error_nonzero_exit_nothing_written(tiny_model_dir, tmp_path, content, args, message):
+    src = tmp_path / "in.txt"
+    src.write_bytes(SAMPLE.encode() * 6 if content is None else content)
+    out = tmp_path / "out.json"
+    argv = ["ppl", src, "--json", out, "--plot", tmp_path / "p.png", "-W", "64", "-D", "32", "--no-progress"]
+    if "--model" not in args:
+        argv += ["--model", tiny_model_dir]
+    proc = run_cli(*argv, *args)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("infinictx:")]
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert list(tmp_path.glob("out*")) == [] and not (tmp_path / "p.png").exists()
