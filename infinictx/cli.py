@@ -70,16 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def method_config(args):
+    """The method's config dataclass from the arguments (validates W, Δ, L_T)."""
     from .methods import TempLoraConfig, WindowConfig
 
     if args.method == "window":
-        cfg = WindowConfig(window=args.window, chunk=args.chunk)
-        return cfg.make_session, cfg
+        return WindowConfig(window=args.window, chunk=args.chunk)
     extra = {k: getattr(args, k) for k in ("train_context", "lr", "steps", "rank", "alpha")
              if getattr(args, k) is not None}
-    cfg = TempLoraConfig(window=args.window, chunk=args.chunk, fuse_first_step=not args.no_fuse,
-                         save_adapter=args.save_adapter, **extra)
-    return cfg.make_session, cfg
+    return TempLoraConfig(window=args.window, chunk=args.chunk, fuse_first_step=not args.no_fuse,
+                          save_adapter=args.save_adapter, **extra)
 
 
 def _setup_torch(args):
@@ -95,7 +94,7 @@ def cmd_ppl(args) -> int:
     from .report import plot_ppl, ppl_markdown, write_json, atomic_write
     from .texts import read_text
 
-    make_session, cfg = method_config(args)  # validates W, Δ, L_T before any heavy work
+    config = method_config(args)  # validates W, Δ, L_T before any heavy work
     if args.max_tokens is not None and args.max_tokens <= args.window:
         raise InfinictxError(f"--max-tokens {args.max_tokens} must be larger than the window W={args.window}")
     text, text_name = read_text(args.file, record=args.record)
@@ -105,7 +104,7 @@ def cmd_ppl(args) -> int:
     if args.max_tokens:
         ids = ids[:args.max_tokens]
     before = weights_fingerprint(lm.model)
-    with make_session(lm) as session:
+    with config.make_session(lm) as session:
         result = streaming_perplexity(session, ids, compare_base=args.compare_base, bucket_size=args.bucket_size,
                                       progress=not args.no_progress, checkpoint=args.checkpoint)
     result.meta = {"model": lm.name, "text": text_name, "device": str(lm.device), "dtype": str(lm.dtype).split(".")[-1],
@@ -134,7 +133,7 @@ def cmd_generate(args) -> int:
     from .session import Sampler
     from .texts import decode_text
 
-    make_session, cfg = method_config(args)
+    config = method_config(args)
     if args.prompt_file:
         p = Path(args.prompt_file)
         if not p.is_file():
@@ -150,7 +149,7 @@ def cmd_generate(args) -> int:
     sampler = Sampler(temperature=args.temperature, top_p=args.top_p,
                       repetition_penalty=args.repetition_penalty, seed=args.seed)
     torch.manual_seed(args.seed)
-    with make_session(lm) as session:
+    with config.make_session(lm) as session:
         result = generate_long(session, ids, args.tokens, context_len=args.context, sampler=sampler,
                                cache_reuse=not args.no_cache_reuse, progress=not args.no_progress,
                                tokenizer=lm.tokenizer)

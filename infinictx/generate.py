@@ -59,7 +59,7 @@ def generate_long(session: Session, prompt_ids: torch.Tensor, max_new_tokens: in
         for s in range(0, len(prompt_ids), chunk):
             session.absorb(prompt_ids[s:s + chunk])
     else:
-        session.history = prompt_ids.clone()
+        session.add_context(prompt_ids)
     out, produced = [], 0
     bar = None
     if progress:

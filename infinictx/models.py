@@ -94,7 +94,7 @@ def convert_gguf(gguf: Path) -> Path:
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"))
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "infinictx-source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}))
         os.replace(tmp, out)
     finally:

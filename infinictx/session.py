@@ -90,7 +90,12 @@ class Session:
         return nullcontext()
 
     def absorb(self, chunk: torch.Tensor):
-        self.history = torch.cat([self.history, chunk.cpu()])
+        """Append `chunk` to the past; a method may also learn from it."""
+        self.add_context(chunk)
+
+    def add_context(self, tokens: torch.Tensor):
+        """Append tokens to the past without learning from them (e.g. a prompt that fits in the window)."""
+        self.history = torch.cat([self.history, tokens.cpu()])
 
     # --- scoring -------------------------------------------------------------------------------------
     def chunk_nll(self, context: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:

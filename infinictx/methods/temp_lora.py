@@ -125,7 +125,7 @@ class TempLoraSession(Session):
 
     def absorb(self, chunk: torch.Tensor):
         context = self._train_context()
-        super().absorb(chunk)
+        self.add_context(chunk)
         if len(context) + len(chunk) >= 2:  # a lone first token has nothing to predict
             self._train(context, chunk.cpu(), self.config.steps)
         self.chunks_trained += 1
@@ -142,7 +142,7 @@ class TempLoraSession(Session):
             raise InfinictxError(f"the model produced a non-finite NLL at token {len(self.history)}")
         with self.meter.phase("training"):
             self._backward_and_step(nll, len(context) + len(chunk) - 1)
-        Session.absorb(self, chunk)
+        self.add_context(chunk)
         if self.config.steps > 1:
             self._train(context, chunk.cpu(), self.config.steps - 1)
         self.chunks_trained += 1
