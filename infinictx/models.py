@@ -64,10 +64,14 @@ def embedded_gguf() -> Path:
 
 
 def _file_key(path: Path) -> str:
-    """Cheap identity of a file for the conversion cache: resolved path, size and mtime."""
-    st = path.stat()
-    raw = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()
-    return hashlib.sha256(raw).hexdigest()[:16]
+    """Identity of a file's content for the conversion cache, cheap enough for every load: its size plus its
+    first and last 4 MiB. The same GGUF installed in two places (two virtualenvs) maps to one conversion."""
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(4 << 20))
+        f.seek(max(0, path.stat().st_size - (4 << 20)))
+        h.update(f.read())
+    return h.hexdigest()[:16]
 
 
 def convert_gguf(gguf: Path) -> Path:
