@@ -124,6 +124,8 @@ def streaming_perplexity(session: Session, ids: torch.Tensor, compare_base: bool
         from tqdm.auto import tqdm
         bar = tqdm(total=n_chunks, initial=start // chunk, unit="chunk", desc=f"{session.method} ppl",
                    dynamic_ncols=True)
+    nll_sum = float(nll[:max(start - 1, 0)].sum(dtype=np.float64))  # covers tokens restored from a checkpoint
+    base_sum = float(base_nll[:max(start - 1, 0)].sum(dtype=np.float64)) if compare_base else 0.0
     t0 = time.perf_counter()
     done_since_ckpt = 0
     try:
@@ -137,10 +139,12 @@ def streaming_perplexity(session: Session, ids: torch.Tensor, compare_base: bool
                 base_nll[lo:end - 1] = chunk_base.numpy()
             start = end
             done_since_ckpt += 1
-            if bar is not None:
-                post = {"ppl": f"{perplexity(nll[:end - 1]):.2f}"}
+            if bar is not None:  # running sums: recomputing over all past tokens each chunk is O(N²/Δ)
+                nll_sum += float(chunk_nll.double().sum())
+                post = {"ppl": f"{np.exp(nll_sum / (end - 1)):.2f}"}
                 if compare_base:
-                    post["base"] = f"{perplexity(base_nll[:end - 1]):.2f}"
+                    base_sum += float(chunk_base.double().sum())
+                    post["base"] = f"{np.exp(base_sum / (end - 1)):.2f}"
                 bar.set_postfix(post)
                 bar.update(1)
             if ckpt and done_since_ckpt >= checkpoint_every and start < len(ids):

@@ -66,10 +66,11 @@ def embedded_gguf() -> Path:
 def _file_key(path: Path) -> str:
     """Identity of a file's content for the conversion cache, cheap enough for every load: its size plus its
     first and last 4 MiB. The same GGUF installed in two places (two virtualenvs) maps to one conversion."""
-    h = hashlib.sha256(str(path.stat().st_size).encode())
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
     with open(path, "rb") as f:
         h.update(f.read(4 << 20))
-        f.seek(max(0, path.stat().st_size - (4 << 20)))
+        f.seek(max(0, size - (4 << 20)))
         h.update(f.read())
     return h.hexdigest()[:16]
 
