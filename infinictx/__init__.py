@@ -3,12 +3,12 @@
 from .errors import InfinictxError
 from .evaluate import PerplexityResult, streaming_perplexity
 from .generate import GenerationResult, generate_long
-from .methods import METHODS, TempLoraConfig, WindowConfig
+from .methods import METHODS, MemoryConfig, TempLoraConfig, WindowConfig
 from .models import LoadedModel, load_model, weights_fingerprint
 from .session import Sampler, Session
 from .texts import read_text
 
 __version__ = "0.1.0"
-__all__ = ["InfinictxError", "LoadedModel", "METHODS", "GenerationResult", "PerplexityResult", "Sampler",
+__all__ = ["InfinictxError", "LoadedModel", "METHODS", "GenerationResult", "MemoryConfig", "PerplexityResult", "Sampler",
            "Session", "TempLoraConfig", "WindowConfig", "generate_long", "load_model", "read_text",
            "streaming_perplexity", "weights_fingerprint"]

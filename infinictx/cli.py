@@ -1,8 +1,9 @@
 """`infinictx` command line: a thin layer over the library.
 
-  infinictx ppl [FILE] --method {window,temp-lora} --window W --chunk D ...   streaming perplexity
-  infinictx generate --prompt TEXT --tokens N ...                            long generation
-  infinictx fetch                                                            cache the default model and book
+  infinictx ppl [FILE] --method {window,temp-lora,memory} --window W --chunk D ...   streaming perplexity
+  infinictx generate --prompt TEXT --tokens N ...                                   long generation
+  infinictx passkey --method {window,memory,temp-lora} --lengths 1k,4k --trials N   retrieval accuracy
+  infinictx fetch                                                                   cache the default model and book
 """
 
 from __future__ import annotations
@@ -14,10 +15,14 @@ from pathlib import Path
 from .errors import InfinictxError
 
 
-def _add_common(p: argparse.ArgumentParser):
-    p.add_argument("--method", choices=["window", "temp-lora"], default="temp-lora")
-    p.add_argument("--window", "-W", type=int, default=512, help="W: tokens the model sees at once (512)")
-    p.add_argument("--chunk", "-D", type=int, default=256, help="Δ: tokens per chunk (256)")
+METHOD_NAMES = ["window", "temp-lora", "memory"]
+
+
+def _add_common(p: argparse.ArgumentParser, default_method: str = "temp-lora", default_window: int = 512):
+    p.add_argument("--method", choices=METHOD_NAMES, default=default_method)
+    p.add_argument("--window", "-W", type=int, default=None,
+                   help=f"W: tokens the model sees at once ({default_window}; memory: local window)")
+    p.add_argument("--chunk", "-D", type=int, default=None, help="Δ: tokens per chunk (256; memory: W/2)")
     p.add_argument("--train-context", type=int, default=None, help="L_T: context tokens per training sample (W−Δ)")
     p.add_argument("--lr", type=float, default=None, help="Temp-Lora learning rate (3e-4)")
     p.add_argument("--steps", type=int, default=None, help="Temp-Lora optimizer steps per chunk (2)")
@@ -25,6 +30,16 @@ def _add_common(p: argparse.ArgumentParser):
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (64)")
     p.add_argument("--no-fuse", action="store_true", help="do not fuse scoring with the first training step")
     p.add_argument("--save-adapter", default=None, help="directory to save the final adapter to")
+    m = p.add_argument_group("memory method (Focused Transformer)")
+    m.add_argument("--mem-layers", default=None, help="memory layer indices, e.g. 8,15,22 (default: the "
+                   "checkpoint's, else 3 layers spread over the depth)")
+    m.add_argument("--positionals", choices=["first", "distance", "window", "none"], default=None,
+                   help="RoPE of memory keys: as if first in the window (default), at distance W, ...")
+    m.add_argument("--lookup", choices=["dense", "topk"], default="dense", help="all memory entries or the top k")
+    m.add_argument("--topk", type=int, default=128, help="k of the top-k lookup (128)")
+    m.add_argument("--mem-dtype", default=None, help="dtype of the stored memory (default: the model's)")
+    m.add_argument("--grouping", default=None, metavar="HEADS,QUERIES",
+                   help="memory attention in blocks of query heads × queries (bounds peak memory)")
     p.add_argument("--model", default=None, help="HF model directory or .gguf file (default: embedded SmolLM2)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
@@ -64,20 +79,47 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--out", default=None, help="write the generated text to this file")
 
+    pk = sub.add_parser("passkey", help="retrieval accuracy against prompt length (passkey or key-value lookup)")
+    _add_common(pk, default_method="window", default_window=1024)
+    pk.add_argument("--task", choices=["passkey", "kv"], default="passkey")
+    pk.add_argument("--lengths", default="1k,2k,4k", help="prompt lengths in tokens, e.g. 1k,2k,4k,...,64k")
+    pk.add_argument("--trials", type=int, default=20, help="trials per length, needle depths spread evenly (20)")
+    pk.add_argument("--seed", type=int, default=0)
+    pk.add_argument("--plot", default=None, metavar="OUT.png", help="plot accuracy against length")
+
     fetch = sub.add_parser("fetch", help="download and cache the embedded model and the default book")
     fetch.add_argument("--debug", action="store_true")
     return parser
 
 
-def method_config(args):
-    """The method's config dataclass from the arguments (validates W, Δ, L_T)."""
-    from .methods import TempLoraConfig, WindowConfig
+def _int_list(text: str | None, what: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InfinictxError(f"{what} must be comma-separated integers, got {text!r}")
 
+
+def method_config(args, default_window: int = 512):
+    """The method's config dataclass from the arguments (validates W, Δ, L_T; a memory config is validated
+    against the model when the session is made)."""
+    from .methods import MemoryConfig, TempLoraConfig, WindowConfig
+
+    if args.method == "memory":
+        grouping = _int_list(args.grouping, "--grouping")
+        if grouping is not None and len(grouping) != 2:
+            raise InfinictxError("--grouping takes two numbers: HEADS,QUERIES")
+        return MemoryConfig(window=args.window, chunk=args.chunk, mem_layers=_int_list(args.mem_layers, "--mem-layers"),
+                            positionals=args.positionals, lookup=args.lookup, topk=args.topk,
+                            mem_dtype=args.mem_dtype, grouping=grouping)
+    window = default_window if args.window is None else args.window
+    chunk = min(256, window // 2) if args.chunk is None else args.chunk
     if args.method == "window":
-        return WindowConfig(window=args.window, chunk=args.chunk)
+        return WindowConfig(window=window, chunk=chunk)
     extra = {k: getattr(args, k) for k in ("train_context", "lr", "steps", "rank", "alpha")
              if getattr(args, k) is not None}
-    return TempLoraConfig(window=args.window, chunk=args.chunk, fuse_first_step=not args.no_fuse,
+    return TempLoraConfig(window=window, chunk=chunk, fuse_first_step=not args.no_fuse,
                           save_adapter=args.save_adapter, **extra)
 
 
@@ -95,8 +137,8 @@ def cmd_ppl(args) -> int:
     from .texts import read_text
 
     config = method_config(args)  # validates W, Δ, L_T before any heavy work
-    if args.max_tokens is not None and args.max_tokens <= args.window:
-        raise InfinictxError(f"--max-tokens {args.max_tokens} must be larger than the window W={args.window}")
+    if args.max_tokens is not None and config.window and args.max_tokens <= config.window:
+        raise InfinictxError(f"--max-tokens {args.max_tokens} must be larger than the window W={config.window}")
     text, text_name = read_text(args.file, record=args.record)
     _setup_torch(args)
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -169,6 +211,43 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_passkey(args) -> int:
+    from .models import load_model, weights_fingerprint
+    from .report import accuracy_markdown, atomic_write, plot_accuracy, write_json
+    from .retrieval import parse_lengths, run_retrieval
+
+    config = method_config(args, default_window=1024)
+    lengths = parse_lengths(args.lengths)
+    if args.trials < 1:
+        raise InfinictxError("--trials must be >= 1")
+    _setup_torch(args)
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    config.make_session(lm).close()  # validate the method's settings against the model before the first trial
+    before = weights_fingerprint(lm.model)
+    partial = Path(args.json).with_suffix(".partial.json") if args.json else None
+
+    def save_partial(result):  # a long run leaves its finished lengths behind if it is stopped
+        if partial:
+            write_json(result.summary() | {"model": lm.name, "complete": False}, partial)
+
+    result = run_retrieval(lambda: config.make_session(lm), lm.tokenizer, args.task, lengths, args.trials,
+                           seed=args.seed, progress=not args.no_progress, on_length_done=save_partial)
+    if weights_fingerprint(lm.model) != before:
+        raise InfinictxError("internal check failed: the base model's weights changed during the run")
+    result.meta = {"model": lm.name, "seed": args.seed, "device": str(lm.device), "base_weights_unchanged": True}
+    summary = result.summary()
+    md = accuracy_markdown(summary)
+    print(md)
+    if args.json:
+        write_json(summary, args.json)
+        atomic_write(Path(args.json).with_suffix(".md"), md)
+        if partial and partial.exists():
+            partial.unlink()
+    if args.plot:
+        plot_accuracy([summary], args.plot)
+    return 0
+
+
 def cmd_fetch(args) -> int:
     from .models import embedded_gguf, resolve_model_path
     from .texts import default_book_path
@@ -181,7 +260,7 @@ def cmd_fetch(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"ppl": cmd_ppl, "generate": cmd_generate, "fetch": cmd_fetch}[args.command]
+    handler = {"ppl": cmd_ppl, "generate": cmd_generate, "passkey": cmd_passkey, "fetch": cmd_fetch}[args.command]
     try:
         return handler(args)
     except InfinictxError as exc:

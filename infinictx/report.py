@@ -109,3 +109,51 @@ def plot_ppl(s: dict, path: str | Path, points: int = 20, nll=None, base_nll=Non
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def _length_label(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def accuracy_markdown(s: dict) -> str:
+    """Retrieval accuracy per prompt length."""
+    c = s["config"]
+    settings = ", ".join(f"{k}={v}" for k, v in c.items() if v is not None)
+    lines = [f"## {s['task']} retrieval: {s['method']} ({settings}) — {s.get('model', '')}", "",
+             "| length (tokens) | accuracy | correct / trials | s per trial | KV bytes held | full KV bytes |",
+             "|---|---|---|---|---|---|"]
+    for r in s["results"]:
+        held = f"{r['kv_bytes'] / 2**20:.1f} MiB" if r.get("kv_bytes") is not None else "–"
+        lines.append(f"| {_length_label(r['length'])} | {100 * r['accuracy']:.0f}% | {r['correct']} / {r['trials']} "
+                     f"| {r['s_per_trial']:.1f} | {held} | {r['kv_bytes_full'] / 2**20:.1f} MiB |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy(summaries: list[dict], path: str | Path, title: str | None = None):
+    """Accuracy against prompt length (log scale), one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    for s in summaries:
+        xs = [r["length"] for r in s["results"]]
+        label = s.get("label") or f"{s['method']} (W={s['config'].get('window')})"
+        ax.plot(xs, [100 * r["accuracy"] for r in s["results"]], "o-", label=label)
+    ax.set_xscale("log", base=2)
+    lengths = sorted({r["length"] for s in summaries for r in s["results"]})
+    ax.set_xticks(lengths, [_length_label(n) for n in lengths])
+    ax.set_ylim(-5, 105)
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel(f"{summaries[0]['task']} accuracy (%)")
+    ax.set_title(title or summaries[0].get("model", ""), fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)

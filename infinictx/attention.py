@@ -1,0 +1,138 @@
+"""A Llama-family decoder forward whose attention is done by the method, one layer at a time.
+
+transformers' own forward applies RoPE at absolute positions and keeps one KV cache for every head alike. The
+methods that reshape attention (a retrieval memory, KV-cache selection with re-positioning, per-head
+compression) need the keys and values *before* RoPE and need to choose, per layer, what each query sees. So
+this module runs the model's own modules (embeddings, norms, projections, MLPs, LM head: any adapter wrapped
+around them, e.g. a Temp-Lora LoRA, keeps working) and hands each layer's pre-RoPE queries, keys and values
+to an `attend(layer_idx, attn_module, q, k, v)` callback chosen by the method.
+
+Supported: decoders shaped like Llama (Llama, Mistral, Qwen2, Qwen3 with its q/k norms, SmolLM, LongLLaMA
+checkpoints loaded as Llama)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InfinictxError
+
+SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
+
+# attend(layer_idx, attention_module, q (B, Hq, T, D), k (B, Hkv, T, D), v (B, Hkv, T, D)) -> (B, Hq, T, D)
+Attend = Callable[[int, torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def base_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers CausalLM under any peft wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def check_supported(model: torch.nn.Module):
+    kind = getattr(base_causal_lm(model).config, "model_type", None)
+    if kind not in SUPPORTED:
+        raise InfinictxError(f"this method needs a Llama-family decoder ({', '.join(sorted(SUPPORTED))}); "
+                             f"the model is {kind!r}")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Rope:
+    """RoPE at chosen positions, from the model's own rotary module (so scaled RoPE variants work too).
+
+    rotate(x, start) rotates x (..., T, D) as if its tokens sat at positions start .. start+T−1;
+    rotate_at(x, positions) takes explicit positions (T,). Tables grow on demand."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype):
+        self.rotary = base_causal_lm(model).model.rotary_emb
+        self.device, self.dtype = device, dtype
+        self.cos = self.sin = None
+
+    def _table(self, n: int):
+        if self.cos is None or self.cos.shape[0] < n:
+            size = max(n, 256, 2 * (0 if self.cos is None else self.cos.shape[0]))
+            probe = torch.empty(0, device=self.device, dtype=self.dtype)
+            cos, sin = self.rotary(probe, torch.arange(size, device=self.device)[None])
+            self.cos, self.sin = cos[0], sin[0]
+
+    def rotate(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        n = x.shape[-2]
+        self._table(start + n)
+        cos, sin = self.cos[start:start + n], self.sin[start:start + n]
+        return x * cos + rotate_half(x) * sin
+
+    def rotate_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self._table(int(positions.max()) + 1)
+        cos, sin = self.cos[positions], self.sin[positions]
+        return x * cos + rotate_half(x) * sin
+
+
+def causal_mask(n_queries: int, n_keys: int, device) -> torch.Tensor | None:
+    """Boolean mask (True = may attend) for queries that are the last `n_queries` of `n_keys` positions."""
+    if n_queries == 1:
+        return None
+    q = torch.arange(n_keys - n_queries, n_keys, device=device)[:, None]
+    return torch.arange(n_keys, device=device)[None, :] <= q
+
+
+def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of T queries (already rotated) over L ≥ T keys, the queries being the last T of them."""
+    mask = causal_mask(q.shape[2], k.shape[2], q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+def decoder_forward(model: torch.nn.Module, input_ids: torch.Tensor, attend: Attend,
+                    logits_to_keep: int | None = None) -> torch.Tensor:
+    """Logits (B, T or logits_to_keep, V) of `input_ids` (B, T), with each layer's attention done by `attend`."""
+    lm = base_causal_lm(model)
+    inner = lm.model
+    h = inner.embed_tokens(input_ids)
+    B, T = input_ids.shape
+    for i, layer in enumerate(inner.layers):
+        a = layer.self_attn
+        x = layer.input_layernorm(h)
+        shape = (B, T, -1, a.head_dim)
+        q, k, v = a.q_proj(x).view(shape), a.k_proj(x).view(shape), a.v_proj(x).view(shape)
+        if hasattr(a, "q_norm"):  # Qwen3 normalises queries and keys per head before RoPE
+            q, k = a.q_norm(q), a.k_norm(k)
+        out = attend(i, a, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        h = h + a.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    if logits_to_keep:
+        h = h[:, -logits_to_keep:]
+    return lm.lm_head(inner.norm(h))
+
+
+class LocalKV:
+    """A layer's recent keys and values, kept *before* RoPE so that they can be rotated at positions counted
+    from the start of the local window (0 .. L−1) on every use: positions then never exceed the window the
+    model was trained on, however long the stream."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def __len__(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def with_new(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k is None:
+            return k, v
+        return torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+
+    def set(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+
+    def pop_oldest(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Remove and return the oldest n tokens' keys and values."""
+        old = (self.k[:, :, :n], self.v[:, :, :n])
+        self.k, self.v = self.k[:, :, n:].contiguous(), self.v[:, :, n:].contiguous()
+        return old
+
+    def nbytes(self) -> int:
+        return 0 if self.k is None else self.k.nbytes + self.v.nbytes

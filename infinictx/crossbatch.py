@@ -1,0 +1,276 @@
+"""CrossBatch fine-tuning (Focused Transformer, arXiv 2307.03170 §2.2): teach memory layers to use memory.
+
+A batch is made of document groups: a group holds p+1 consecutive local contexts (rows of T tokens) of one
+document. In a memory layer, every query attends in ONE differentiable softmax to its own causal local context
+and to the keys and values of other rows: the earlier rows of its own document (positives: what a memory would
+hold) and rows of other documents (negatives: distractors a memory would also hold). Keys from other rows are
+rotated "as if first" (position 0), as at inference (`positionals="first"`). Other layers see only their row.
+
+The (positives, negatives) mix per group follows LongLLaMA-3B: ¼(0,0), ¼(1,1), ¼(2,1), ¼(3,0); the number of
+negatives grows during training ("start with d ≤ 8, then more": `negative_growth`).
+
+Beyond the paper (say so when reporting): `needle_rate` of the groups with positives carry a synthetic fact —
+"Remember: the secret code of NAME is NNNNNN." in their first row, and "The secret code of NAME is NNNNNN." again
+in their last row — so that the loss on the repeated number can only be lowered by reading memory. Natural text
+rarely repeats long numbers across contexts; a 135M model trained for an hour on a CPU needs the signal. The
+wording differs from the passkey evaluation's.
+
+What is trained: a LoRA (peft) on all linear layers but the LM head, merged into the weights when saved. The
+result is saved as a LongLLaMA-format checkpoint (config fields mem_layers, last_context_length, ...) that
+`load_model` reads back and the `memory` method uses with its settings."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .attention import Rope, decoder_forward
+from .errors import InfinictxError
+from .models import LoadedModel
+
+NAMES = ["Adam", "Belial", "Cassio", "Desdemona", "Edmund", "Falstaff", "Gonzalo", "Horatio", "Iago", "Juliet",
+         "Kent", "Lear", "Miranda", "Nerissa", "Orsino", "Portia", "Quince", "Rosalind", "Sebastian", "Titania",
+         "Ursula", "Viola", "Warwick", "Yorick"]
+
+
+@dataclass
+class CrossBatchConfig:
+    context: int = 256                       # T: tokens per local context (one batch row)
+    mix: tuple = ((0, 0), (1, 1), (2, 1), (3, 0))   # (positives, negatives) per document group (LongLLaMA-3B)
+    negative_growth: tuple = ((0.0, 1), (0.5, 3))   # (training fraction, multiplier of the mix's negatives)
+    mem_layers: tuple | list | None = None   # default: 3 layers spread over the depth (as the memory method)
+    needle_rate: float = 0.5                 # share of groups with positives that carry a synthetic fact
+    steps: int = 300
+    time_budget_s: float | None = None       # stop early (and save) when training has used this much wall time
+    lr: float = 3e-4
+    warmup: int = 10
+    weight_decay: float = 0.0
+    rank: int = 32
+    alpha: float = 32
+    clip: float = 1.0
+    seed: int = 0
+    last_context_length: int = 1024          # saved in the checkpoint: the local window W inference uses
+
+    def __post_init__(self):
+        if self.context < 16:
+            raise InfinictxError("CrossBatch context must be >= 16 tokens")
+        if not self.mix or any(p < 0 or n < 0 for p, n in self.mix):
+            raise InfinictxError("the (positives, negatives) mix needs non-negative pairs")
+        if not 0 <= self.needle_rate <= 1:
+            raise InfinictxError("needle_rate must be within [0, 1]")
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor            # (B, T)
+    memory_rows: torch.Tensor    # (B, S) row indices each row's memory layers may attend to; -1 = none
+    groups: list = field(default_factory=list)   # (document, positives, negatives) per group, for logging
+    needles: list = field(default_factory=list)  # (row, start, end): the repeated code's tokens in a last row
+
+
+def negatives_multiplier(cfg: CrossBatchConfig, progress: float) -> int:
+    mult = 1
+    for start, m in cfg.negative_growth:
+        if progress >= start:
+            mult = m
+    return mult
+
+
+def make_batch(docs: list[torch.Tensor], cfg: CrossBatchConfig, rng: random.Random, tokenizer,
+               progress: float = 0.0) -> Batch:
+    """One CrossBatch batch: a group per entry of `cfg.mix` (consecutive contexts of a random document)."""
+    T = cfg.context
+    rows, owner, groups, needles = [], [], [], []
+    for g, (pos, neg) in enumerate(cfg.mix):
+        n_rows = pos + 1
+        candidates = [i for i, d in enumerate(docs) if len(d) > n_rows * T + 1]
+        if not candidates:
+            raise InfinictxError(f"no training document is longer than {n_rows * T} tokens")
+        d = rng.choice(candidates)
+        start = rng.randrange(0, len(docs[d]) - n_rows * T)
+        chunks = [docs[d][start + i * T:start + (i + 1) * T].tolist() for i in range(n_rows)]
+        if pos > 0 and rng.random() < cfg.needle_rate:
+            name, code = rng.choice(NAMES), str(rng.randint(100000, 999999))
+            first = tokenizer(f" Remember: the secret code of {name} is {code}.", add_special_tokens=False).input_ids
+            again = tokenizer(f" The secret code of {name} is {code}.", add_special_tokens=False).input_ids
+            at = rng.randrange(0, T - len(first))
+            chunks[0] = (chunks[0][:at] + first + chunks[0][at:])[:T]
+            at = rng.randrange(T // 4, T - len(again))
+            chunks[-1] = (chunks[-1][:at] + again + chunks[-1][at:])[:T]
+            prefix = tokenizer(f" The secret code of {name} is", add_special_tokens=False).input_ids
+            if again[:len(prefix)] == prefix:  # where the code's tokens sit, for the memory probe
+                needles.append((len(rows) + n_rows - 1, at + len(prefix), at + len(again) - 1))
+        groups.append((d, pos, neg))
+        for c in chunks:
+            rows.append(c)
+            owner.append((g, len([o for o in owner if o[0] == g])))
+    mult = negatives_multiplier(cfg, progress)
+    memory = []
+    for r, (g, c) in enumerate(owner):
+        positives = [i for i, (g2, c2) in enumerate(owner) if g2 == g and c2 < c]
+        others = [i for i, (g2, _) in enumerate(owner) if g2 != g]
+        n_neg = min(len(others), cfg.mix[g][1] * mult) if c > 0 or cfg.mix[g][0] == 0 else 0
+        memory.append(positives + rng.sample(others, n_neg))
+    width = max(1, max(len(m) for m in memory))
+    memory_rows = torch.full((len(rows), width), -1, dtype=torch.long)
+    for r, m in enumerate(memory):
+        memory_rows[r, :len(m)] = torch.tensor(m, dtype=torch.long)
+    return Batch(ids=torch.tensor(rows, dtype=torch.long), memory_rows=memory_rows, groups=groups, needles=needles)
+
+
+def crossbatch_attention(q, k, v, memory_rows, rope: Rope, scale: float) -> torch.Tensor:
+    """q (B, Hq, T, D), k/v (B, Hkv, T, D) before RoPE. Each row attends causally to itself (RoPE at 0..T−1)
+    and, in the same softmax, to every token of the rows listed in memory_rows (keys at position 0)."""
+    B, Hkv, T, D = k.shape
+    qr, kr = rope.rotate(q, 0), rope.rotate(k, 0)
+    S = memory_rows.shape[1]
+    safe = memory_rows.clamp(min=0)
+    k_mem = k[safe].permute(0, 2, 1, 3, 4).reshape(B, Hkv, S * T, D)   # (B, S, Hkv, T, D) -> (B, Hkv, S·T, D)
+    v_mem = v[safe].permute(0, 2, 1, 3, 4).reshape(B, Hkv, S * T, D)
+    mem_ok = (memory_rows >= 0)[:, :, None].expand(B, S, T).reshape(B, 1, 1, S * T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()[None, None]
+    mask = torch.cat([mem_ok.expand(B, 1, T, S * T), causal.expand(B, 1, T, T)], dim=-1)
+    return F.scaled_dot_product_attention(qr, torch.cat([k_mem, kr], 2), torch.cat([v_mem, v], 2), attn_mask=mask,
+                                          scale=scale, enable_gqa=q.shape[1] != Hkv)
+
+
+def crossbatch_logits(model, batch: Batch, mem_layers: set[int], rope: Rope) -> torch.Tensor:
+    from .attention import local_attention
+
+    rows = batch.memory_rows.to(batch.ids.device)
+
+    def attend(i, a, q, k, v):
+        if i in mem_layers:
+            return crossbatch_attention(q, k, v, rows, rope, a.scaling)
+        return local_attention(rope.rotate(q, 0), rope.rotate(k, 0), v, a.scaling)
+
+    return decoder_forward(model, batch.ids, attend)
+
+
+def crossbatch_loss(model, batch: Batch, mem_layers: set[int], rope: Rope) -> torch.Tensor:
+    """Mean next-token loss over every row, with the memory layers attending across the batch."""
+    logits = crossbatch_logits(model, batch, mem_layers, rope)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.ids[:, 1:].flatten())
+
+
+@torch.no_grad()
+def memory_probe(model, batches: list[Batch], mem_layers: set[int], rope: Rope) -> dict:
+    """How much the memory carries: NLL and exact-match of the repeated secret codes (whose first mention is
+    only in memory), with the memory rows and with them removed."""
+    out = {}
+    for name, use in (("with_memory", True), ("without_memory", False)):
+        nll, hits, n = 0.0, 0, 0
+        for b in batches:
+            bb = b if use else Batch(ids=b.ids, memory_rows=torch.full_like(b.memory_rows, -1))
+            logits = crossbatch_logits(model, bb, mem_layers, rope).float()
+            for row, s, e in b.needles:
+                pred = logits[row, s - 1:e - 1]
+                target = b.ids[row, s:e].to(pred.device)
+                nll += F.cross_entropy(pred, target, reduction="sum").item()
+                hits += int(bool((pred.argmax(-1) == target).all()))
+                n += 1
+        out[name] = {"code_nll_per_token": nll / max(1, sum(e - s for b in batches for _, s, e in b.needles)),
+                     "codes_exact": hits / max(1, n), "codes": n}
+    return out
+
+
+def save_longllama_checkpoint(lm: LoadedModel, out: Path, mem_layers: list[int], last_context_length: int,
+                              extra: dict | None = None):
+    """Save the (merged) model as a LongLLaMA-format directory: Llama weights, config.json with LongLLaMA's
+    memory fields, the tokenizer. Written to a temporary folder and renamed: complete or absent."""
+    import os
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_model
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    try:
+        config = lm.model.config.to_dict()
+        config.update({"architectures": ["LongLlamaForCausalLM"], "model_type": "longllama",
+                       "mem_layers": list(mem_layers), "last_context_length": last_context_length,
+                       "mem_positionals": True, "mem_dtype": str(lm.dtype).split(".")[-1],
+                       "mem_attention_grouping": None})
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        lm.tokenizer.save_pretrained(tmp)
+        save_model(lm.model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if extra:
+            (tmp / "infinictx-training.json").write_text(json.dumps(extra, indent=2, default=str))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def train_crossbatch(lm: LoadedModel, docs: list[torch.Tensor], cfg: CrossBatchConfig, out: Path | None = None,
+                     log=print, progress: bool = True) -> dict:
+    """Fine-tune `lm` in place (LoRA, merged at the end) with CrossBatch; save a LongLLaMA-format checkpoint to
+    `out` if given. Returns the training log."""
+    from peft import LoraConfig, get_peft_model
+
+    from .methods.memory import default_mem_layers
+
+    n_layers = lm.model.config.num_hidden_layers
+    mem_layers = sorted(set(cfg.mem_layers if cfg.mem_layers is not None else default_mem_layers(n_layers)))
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    model = get_peft_model(lm.model, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0,
+                                                target_modules="all-linear"))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
+    rope = Rope(model, lm.device, lm.dtype)
+    history, t0 = [], time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.steps, unit="step", desc="crossbatch", dynamic_ncols=True)
+    step = 0
+    try:
+        for step in range(cfg.steps):
+            elapsed = time.perf_counter() - t0
+            if cfg.time_budget_s and elapsed > cfg.time_budget_s:
+                log(f"time budget of {cfg.time_budget_s:.0f} s reached after {step} steps")
+                break
+            batch = make_batch(docs, cfg, rng, lm.tokenizer, progress=step / cfg.steps)
+            batch.ids = batch.ids.to(lm.device)
+            loss = crossbatch_loss(model, batch, set(mem_layers), rope)
+            if not torch.isfinite(loss):
+                raise InfinictxError(f"CrossBatch training produced a non-finite loss at step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+            opt.step()
+            sched.step()
+            history.append({"step": step, "loss": round(loss.item(), 4), "rows": int(batch.ids.shape[0]),
+                            "memory_rows": int(batch.memory_rows.shape[1]),
+                            "s": round(time.perf_counter() - t0, 1)})
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss.item():.3f}", mem=batch.memory_rows.shape[1])
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    model.eval()
+    merged = model.merge_and_unload()
+    merged.requires_grad_(False)
+    lm.model = merged
+    result = {"config": asdict(cfg), "mem_layers": mem_layers, "steps_done": len(history),
+              "train_s": round(time.perf_counter() - t0, 1), "history": history}
+    if out is not None:
+        save_longllama_checkpoint(lm, out, mem_layers, cfg.last_context_length, extra=result)
+    return result

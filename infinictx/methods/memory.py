@@ -1,0 +1,427 @@
+"""Focused Transformer memory (LongLLaMA, arXiv 2307.03170): a few "memory layers" attend to the whole past.
+
+Every layer keeps a local window of at most W recent tokens (keys and values before RoPE, rotated at positions
+0..L−1 of the window on every use). When new tokens need room, the oldest local tokens leave the window: the
+memory layers append their keys and values to an external memory (per layer, per KV head, in `mem_dtype`);
+the other layers drop them. So the past is always split exactly in two: local window + memory.
+
+In a memory layer each query attends to its causal local context and to the memory in ONE softmax (no gate),
+over every memory entry ("dense", what the released LongLLaMA does) or over the k best by q·k ("topk", the
+paper's kNN; exact, with faiss for large memories, torch for small). Memory keys are rotated
+
+  first     as if at position 0, the first position of the local window (LongLLaMA's `mem_positionals`)
+  distance  as if at distance W from every query (InfLLM: the query is rotated at W, the key at 0)
+  window    with the rotation they had at their last local position in the window
+  none      no RoPE at all in the memory layers (LongLLaMA's mem_positionals=False, its small-model setting)
+
+Peak memory is bounded by computing the memory attention in blocks of query heads × queries (LongLLaMA's
+`mem_attention_grouping`); by default the block size keeps the score matrix under ~256 MiB.
+
+Scoring a chunk sees: W−Δ local tokens (exactly what the `window` method sees) plus the memory, so
+`--compare-base` (the plain window, same inputs) measures what the memory adds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..attention import LocalKV, Rope, base_causal_lm, causal_mask, check_supported, decoder_forward, local_attention
+from ..errors import InfinictxError
+from ..models import DTYPES, LoadedModel
+from ..session import Sampler, Session
+
+POSITIONALS = ("first", "distance", "window", "none")
+LOOKUPS = ("dense", "topk")
+SCORE_BUDGET_BYTES = 256 << 20
+
+
+def default_mem_layers(n_layers: int) -> list[int]:
+    """Three memory layers spread over the depth, as LongLLaMA-3B (layers 6, 12, 18 of 26)."""
+    return sorted({min(n_layers - 1, round(n_layers * j / 4)) for j in (1, 2, 3)})
+
+
+@dataclass
+class MemoryConfig:
+    window: int | None = None          # W: local window (tokens); default: the checkpoint's last_context_length or 1024
+    chunk: int | None = None           # Δ: tokens processed per step; default W/2
+    mem_layers: tuple | list | None = None   # memory layer indices; default: the checkpoint's, else 3 spread layers
+    positionals: str | None = None     # first | distance | window (default: first, or the checkpoint's)
+    lookup: str = "dense"              # dense | topk
+    topk: int = 128                    # k of the top-k lookup (the paper's value)
+    mem_dtype: str | None = None       # dtype of stored memory (default: the model's, or the checkpoint's)
+    grouping: tuple | list | None = None   # (query heads, queries) per memory-attention block; None = automatic
+    faiss_min: int = 16384             # top-k via faiss from this memory size on (exact inner-product search)
+
+    def resolved(self, lm: LoadedModel) -> "MemoryConfig":
+        """Fill the unset fields from the checkpoint (a LongLLaMA config) or the defaults, and validate."""
+        ckpt = getattr(lm, "memory", None) or {}
+        n_layers = base_causal_lm(lm.model).config.num_hidden_layers
+        window = self.window if self.window is not None else ckpt.get("last_context_length") or 1024
+        cfg = MemoryConfig(
+            window=window, chunk=self.chunk if self.chunk is not None else max(1, window // 2),
+            mem_layers=list(self.mem_layers if self.mem_layers is not None
+                            else ckpt.get("mem_layers", default_mem_layers(n_layers))),
+            positionals=self.positionals or ckpt.get("positionals", "first"), lookup=self.lookup, topk=self.topk,
+            mem_dtype=self.mem_dtype or ckpt.get("mem_dtype") or str(lm.dtype).split(".")[-1],
+            grouping=self.grouping if self.grouping is not None else ckpt.get("grouping"),
+            faiss_min=self.faiss_min)
+        bad = [i for i in cfg.mem_layers if not 0 <= int(i) < n_layers]
+        if bad:
+            raise InfinictxError(f"memory layers {bad} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+        cfg.mem_layers = sorted({int(i) for i in cfg.mem_layers})
+        if cfg.positionals not in POSITIONALS:
+            raise InfinictxError(f"unknown memory positionals {cfg.positionals!r}; choose one of {', '.join(POSITIONALS)}")
+        if cfg.lookup not in LOOKUPS:
+            raise InfinictxError(f"unknown memory lookup {cfg.lookup!r}; choose one of {', '.join(LOOKUPS)}")
+        if cfg.topk < 1:
+            raise InfinictxError(f"top-k must be >= 1 (got {cfg.topk})")
+        if cfg.mem_dtype not in DTYPES:
+            raise InfinictxError(f"unknown memory dtype {cfg.mem_dtype!r}; choose one of {', '.join(DTYPES)}")
+        if cfg.grouping is not None:
+            g = tuple(int(x) for x in cfg.grouping)
+            if len(g) != 2 or min(g) < 1:
+                raise InfinictxError(f"memory attention grouping must be two positive numbers (heads, queries); got {cfg.grouping}")
+            cfg.grouping = g
+        return cfg
+
+    def make_session(self, lm: LoadedModel) -> "MemorySession":
+        return MemorySession(lm, self.resolved(lm))
+
+
+class Memory:
+    """One memory layer's external memory: keys and values (B, Hkv, M, D) of every token that left the local
+    window, in a buffer that grows by doubling. For top-k lookups on large memories (batch 1) it also keeps one
+    exact inner-product faiss index per KV head, built once the memory reaches `faiss_min` entries."""
+
+    def __init__(self, dtype: torch.dtype, faiss_min: int | None = 16384):
+        self.dtype, self.faiss_min = dtype, faiss_min
+        self.k = self.v = None
+        self.size = 0
+        self.indexes = None
+
+    def __len__(self) -> int:
+        return self.size
+
+    def append(self, k: torch.Tensor, v: torch.Tensor):
+        n = k.shape[2]
+        if self.k is None or self.size + n > self.k.shape[2]:
+            cap = max(self.size + n, 2 * (0 if self.k is None else self.k.shape[2]), 256)
+            new_k = k.new_empty(*k.shape[:2], cap, k.shape[3], dtype=self.dtype)
+            new_v = v.new_empty(*v.shape[:2], cap, v.shape[3], dtype=self.dtype)
+            if self.size:
+                new_k[:, :, :self.size] = self.k[:, :, :self.size]
+                new_v[:, :, :self.size] = self.v[:, :, :self.size]
+            self.k, self.v = new_k, new_v
+        self.k[:, :, self.size:self.size + n] = k
+        self.v[:, :, self.size:self.size + n] = v
+        self.size += n
+        if self.indexes is not None:
+            self._index_add(self.size - n, self.size)
+        elif self.faiss_min is not None and self.size >= self.faiss_min and k.shape[0] == 1:
+            self._build_indexes()
+
+    def keys(self) -> torch.Tensor:
+        return self.k[:, :, :self.size]
+
+    def values(self) -> torch.Tensor:
+        return self.v[:, :, :self.size]
+
+
+    def nbytes(self) -> int:
+        return 0 if self.k is None else 2 * self.k[:, :, :self.size].nelement() * self.k.element_size()
+
+    def copy(self) -> "Memory":
+        """An independent copy (appends to one do not show in the other)."""
+        other = Memory(self.dtype, self.faiss_min)
+        if self.k is not None:
+            other.k, other.v = self.k[:, :, :self.size].clone(), self.v[:, :, :self.size].clone()
+            other.size = self.size
+        if self.indexes is not None:
+            import faiss
+
+            other.indexes = [faiss.clone_index(ix) for ix in self.indexes]
+        return other
+
+    def _build_indexes(self):
+        import faiss
+
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        self.indexes = [faiss.IndexFlatIP(self.k.shape[3]) for _ in range(self.k.shape[1])]
+        self._index_add(0, self.size)
+
+    def _index_add(self, start: int, end: int):
+        # faiss holds float32 copies of the keys as stored (after the mem_dtype rounding), so both lookups agree.
+        for h, index in enumerate(self.indexes):
+            index.add(np.ascontiguousarray(self.k[0, h, start:end].float().cpu().numpy()))
+
+    def top_k(self, q: torch.Tensor, h0: int, h1: int, k: int, scale: float):
+        """Best k entries by q·k for queries q (B, h1−h0, R, D) of KV heads h0..h1−1: (scaled scores, indices),
+        both (B, h1−h0, R, k)."""
+        if self.indexes is not None and q.shape[0] == 1:
+            scores, idx = [], []
+            for j, h in enumerate(range(h0, h1)):
+                s, i = self.indexes[h].search(np.ascontiguousarray(q[0, j].float().cpu().numpy()), k)
+                scores.append(torch.from_numpy(s))
+                idx.append(torch.from_numpy(i))
+            return ((torch.stack(scores)[None] * scale).to(q.device, q.dtype), torch.stack(idx)[None].to(q.device))
+        s = q @ self.keys()[:, h0:h1].to(q.dtype).transpose(-1, -2)
+        vals, idx = s.topk(k, dim=-1)
+        return vals * scale, idx
+
+
+def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_mem: torch.Tensor, memory: Memory,
+                     scale: float, lookup: str = "dense", topk: int = 128, grouping: tuple | None = None) -> torch.Tensor:
+    """One softmax over [memory ‖ causal local context].
+
+    q (B, Hq, T, D): queries rotated at their local positions; q_mem: the queries as rotated for memory keys;
+    k, v (B, Hkv, L, D): local keys (rotated) and values, the queries being the last T of the L positions.
+    Computed in blocks of (query heads, queries) so the score matrix stays bounded. Returns (B, Hq, T, D)."""
+    B, Hq, T, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    M = len(memory)
+    kk = min(topk, M)
+    width = (kk if lookup == "topk" else M) + L
+    if grouping is None:  # automatic: the whole head set, as many queries as fit the budget
+        heads_per_block = Hkv
+        q_per_block = max(1, min(T, SCORE_BUDGET_BYTES // (4 * B * Hq * max(width + (M if lookup == "topk" else 0), 1))))
+    else:
+        heads_per_block = max(1, grouping[0] // g)
+        q_per_block = grouping[1]
+    mask = causal_mask(T, L, q.device)
+    qv, qmv = q.view(B, Hkv, g, T, D), q_mem.view(B, Hkv, g, T, D)
+    out = q.new_empty(B, Hkv, g, T, D)
+    for h0 in range(0, Hkv, heads_per_block):
+        h1 = min(Hkv, h0 + heads_per_block)
+        nh = h1 - h0
+        k_loc, v_loc = k[:, h0:h1], v[:, h0:h1]
+        if lookup == "dense":
+            k_mem = memory.keys()[:, h0:h1].to(q.dtype)
+            v_mem = memory.values()[:, h0:h1].to(q.dtype)
+        for t0 in range(0, T, q_per_block):
+            t1 = min(T, t0 + q_per_block)
+            tq = t1 - t0
+            qq = qv[:, h0:h1, :, t0:t1].reshape(B, nh, g * tq, D)
+            qm = qmv[:, h0:h1, :, t0:t1].reshape(B, nh, g * tq, D)
+            s_loc = (qq @ k_loc.transpose(-1, -2)) * scale
+            if mask is not None:  # rows are (query head in group, query): the same mask for each head
+                s_loc = s_loc.masked_fill(~mask[t0:t1].repeat(g, 1), float("-inf"))
+            if lookup == "dense":
+                s_mem = (qm @ k_mem.transpose(-1, -2)) * scale
+            else:
+                s_mem, idx = memory.top_k(qm, h0, h1, kk, scale)
+            p = torch.softmax(torch.cat([s_mem, s_loc], dim=-1).float(), dim=-1).to(q.dtype)
+            p_mem, p_loc = p[..., :s_mem.shape[-1]], p[..., s_mem.shape[-1]:]
+            o = p_loc @ v_loc
+            if lookup == "dense":
+                o = o + p_mem @ v_mem
+            else:
+                bi = torch.arange(B, device=q.device)[:, None, None, None]
+                hi = torch.arange(h0, h1, device=q.device)[None, :, None, None]
+                v_sel = memory.v[bi, hi, idx].to(q.dtype)            # (B, nh, R, k, D)
+                o = o + (p_mem.unsqueeze(-2) @ v_sel).squeeze(-2)
+            out[:, h0:h1, :, t0:t1] = o.view(B, nh, g, tq, D)
+    return out.view(B, Hq, T, D)
+
+
+class MemorySession(Session):
+    """A stream read through a local window of W tokens plus a FoT memory in the memory layers."""
+
+    method = "memory"
+    has_base_variant = True  # base = the plain sliding window over the same W−Δ local tokens
+
+    def __init__(self, lm: LoadedModel, config: MemoryConfig):
+        super().__init__(lm, config.window, config.chunk)
+        check_supported(lm.model)
+        self.config = config
+        cfg = base_causal_lm(self.model).config
+        self.n_layers = cfg.num_hidden_layers
+        self.mem_dtype = DTYPES[config.mem_dtype]
+        self.rope = Rope(self.model, lm.device, lm.dtype)
+        self.local = [LocalKV() for _ in range(self.n_layers)]
+        self.memory = {i: self._new_memory() for i in config.mem_layers}
+        self._last_logits = None   # logits after the last processed token: they predict the next one
+        self._ahead = 0            # generated tokens already processed but not yet absorbed into the history
+        self.kv_bytes_peak = 0
+
+    def _new_memory(self) -> Memory:
+        # faiss only serves top-k lookups; a dense lookup reads every entry anyway
+        return Memory(self.mem_dtype, self.config.faiss_min if self.config.lookup == "topk" else None)
+
+    # --- the forward over new tokens --------------------------------------------------------------------
+    def _make_room(self, n_new: int):
+        """Move the oldest local tokens out so that the window holds W − n_new of them: to memory in the memory
+        layers, dropped elsewhere."""
+        n_out = len(self.local[0]) + n_new - self.window
+        if n_out <= 0:
+            return
+        for i, local in enumerate(self.local):
+            k_old, v_old = local.pop_oldest(n_out)
+            if i in self.memory:
+                if self.config.positionals == "window":
+                    k_old = self.rope.rotate(k_old, 0)
+                self.memory[i].append(k_old, v_old)
+
+    def _process(self, tokens: torch.Tensor, commit: bool, all_logits: bool) -> torch.Tensor:
+        """Run `tokens` (≤ W − 1 of them) after everything processed so far; return their logits (T, V), or
+        only the last position's (1, V). With commit=False nothing about the past changes (except that tokens
+        may move from the local window into memory, which does not change what the past is)."""
+        T = len(tokens)
+        self._make_room(T)
+        cached = len(self.local[0])
+        cfg = self.config
+
+        def attend(i, a, q, k, v):
+            k_all, v_all = self.local[i].with_new(k, v)
+            n = k_all.shape[2]
+            memory = self.memory.get(i)
+            if memory is not None and cfg.positionals == "none":
+                qr, kr = q, k_all
+            else:
+                qr, kr = self.rope.rotate(q, n - T), self.rope.rotate(k_all, 0)
+            if memory is not None and len(memory):
+                if cfg.positionals == "distance":
+                    qm = self.rope.rotate_at(q, torch.full((T,), self.window, device=q.device))
+                else:
+                    qm = qr
+                out = memory_attention(qr, kr, v_all, qm, memory, a.scaling, cfg.lookup, cfg.topk, cfg.grouping)
+            else:
+                out = local_attention(qr, kr, v_all, a.scaling)
+            if commit:
+                self.local[i].set(k_all, v_all)
+            return out
+
+        logits = decoder_forward(self.model, tokens.to(self.device)[None], attend,
+                                 logits_to_keep=None if all_logits else 1)[0]
+        self._account(T, cached, T if all_logits else 1)
+        if commit:
+            self._last_logits = logits[-1].float()
+        return logits
+
+    def _account(self, n: int, cached: int, n_logits: int):
+        self.meter.add_forward(n, cached, n_logits, self.lora_rank)
+        s = self.meter.shape
+        for memory in self.memory.values():
+            m = len(memory)
+            looked_up = min(self.config.topk, m) if self.config.lookup == "topk" else m
+            # scores against every entry (top-k still scores all of them), weighted sum over those looked up
+            flops = 2 * n * s.heads * s.head_dim * (m + looked_up)
+            self.meter.flops["forward"] += flops
+            self.meter.flops["attention"] += flops
+        self.kv_bytes_peak = max(self.kv_bytes_peak, self.kv_bytes())
+
+    def kv_bytes(self) -> int:
+        """Bytes of keys and values held: every layer's local window plus the memories."""
+        return sum(x.nbytes() for x in self.local) + sum(m.nbytes() for m in self.memory.values())
+
+    def _scored(self, chunk: torch.Tensor, commit: bool) -> torch.Tensor:
+        """Per-token NLL of `chunk` after everything processed so far (processing it, committed or not)."""
+        previous = self._last_logits  # predicts chunk[0]; _process replaces it when it commits
+        logits = self._process(chunk, commit=commit, all_logits=True)
+        chunk = chunk.to(logits.device)
+        if previous is None:  # stream start: the first token has no prediction
+            return F.cross_entropy(logits[:-1].float(), chunk[1:], reduction="none")
+        preds = torch.cat([previous[None].to(logits.dtype), logits[:-1]])
+        return F.cross_entropy(preds.float(), chunk, reduction="none")
+
+    # --- the session interface --------------------------------------------------------------------------
+    @torch.no_grad()
+    def score(self, chunk: torch.Tensor, base: bool = False) -> torch.Tensor:
+        if base:
+            return super().score(chunk, base=True)
+        with self.meter.phase("scoring"):
+            nll = self._scored(chunk, commit=False).cpu()
+        self._check(nll)
+        return nll
+
+    def _check(self, nll: torch.Tensor):
+        if not torch.isfinite(nll).all():
+            raise InfinictxError(f"the model produced a non-finite NLL at token {len(self.history)}")
+
+    @torch.no_grad()
+    def score_and_absorb(self, chunk: torch.Tensor, compare_base: bool = False):
+        base = super().score(chunk, base=True) if compare_base else None
+        with self.meter.phase("scoring"):
+            nll = self._scored(chunk, commit=True).cpu()
+        self._check(nll)
+        self.history = torch.cat([self.history, chunk.cpu()])
+        return nll, base
+
+    @torch.no_grad()
+    def absorb(self, chunk: torch.Tensor):
+        chunk = chunk.cpu()
+        skip = min(self._ahead, len(chunk))  # generated tokens were processed while they were generated
+        self._ahead -= skip
+        self.history = torch.cat([self.history, chunk])
+        rest = chunk[skip:]
+        with self.meter.phase("absorbing"):
+            for s in range(0, len(rest), self.chunk):
+                self._process(rest[s:s + self.chunk], commit=True, all_logits=False)
+
+    def add_context(self, tokens: torch.Tensor):
+        self.absorb(tokens)  # the memory has to see everything it is to remember
+
+    @torch.no_grad()
+    def generate_chunk(self, n: int, context_len: int, sampler: Sampler, cache_reuse: bool = True) -> torch.Tensor:
+        """Sample n tokens after everything absorbed so far (local window + memory; `context_len` and
+        `cache_reuse` do not apply: the local cache is always reused, and tokens leaving it go to memory)."""
+        if self._last_logits is None:
+            raise InfinictxError("generation needs a non-empty prompt")
+        out = []
+        recent = self.history[-self.window:]
+        with self.meter.phase("generation"):
+            for _ in range(n):
+                token = sampler(self._last_logits, torch.cat([recent, torch.tensor(out, dtype=torch.long)]),
+                                self.eos_ids)
+                out.append(token)
+                self._process(torch.tensor([token]), commit=True, all_logits=False)
+        self._ahead += n
+        self.meter.tokens["generated"] += n
+        return torch.tensor(out, dtype=torch.long)
+
+    def fork(self) -> "MemorySession":
+        """An independent session in the same state: both can go on reading different continuations (the
+        retrieval harness reads a shared prompt prefix once). Local caches are shared (never modified in
+        place); memories are copied."""
+        import copy
+
+        other = MemorySession.__new__(MemorySession)
+        other.__dict__.update(self.__dict__)
+        other.meter = copy.deepcopy(self.meter)
+        other.local = [LocalKV() for _ in range(self.n_layers)]
+        for mine, theirs in zip(other.local, self.local):
+            mine.set(theirs.k, theirs.v)
+        other.memory = {i: m.copy() for i, m in self.memory.items()}
+        other.history = self.history.clone()
+        return other
+
+    # --- resume and clean-up -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"meter": self.meter.state_dict(), "ahead": self._ahead, "last_logits": self._last_logits,
+                "local": [(x.k, x.v) for x in self.local],
+                "memory": {i: (m.keys().clone(), m.values().clone()) if len(m) else None
+                           for i, m in self.memory.items()}}
+
+    def load_state_dict(self, state: dict, history: torch.Tensor):
+        super().load_state_dict(state, history)
+        self._ahead, self._last_logits = state["ahead"], state["last_logits"]
+        for local, (k, v) in zip(self.local, state["local"]):
+            local.set(k, v)
+        for i, kv in state["memory"].items():
+            self.memory[i] = self._new_memory()
+            if kv is not None:
+                self.memory[i].append(*kv)
+
+    def describe(self) -> dict:
+        c = self.config
+        return {"window": c.window, "chunk": c.chunk, "mem_layers": c.mem_layers, "positionals": c.positionals,
+                "lookup": c.lookup, "topk": c.topk if c.lookup == "topk" else None, "mem_dtype": c.mem_dtype,
+                "grouping": list(c.grouping) if c.grouping else None}
+
+    def close(self):
+        super().close()
+        self.local = [LocalKV() for _ in range(self.n_layers)]
+        self.memory = {}

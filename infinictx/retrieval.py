@@ -1,0 +1,231 @@
+"""Retrieval evaluations every method is judged on: find one fact planted deep in a long input.
+
+  passkey  the Landmark / LongLLaMA prompt: a task line, filler sentences ("The grass is green. ..."), the
+           needle "The pass key is NNNNN. Remember it. NNNNN is the pass key." at a chosen depth, more filler,
+           then "What is the pass key? The pass key is"; greedy decoding; exact match of the number.
+  kv       a long dictionary of random 6-digit keys and values, one line each; the question names one key
+           (at a chosen depth) and the answer is its value, exact match. Whole lines only: the prompt is at
+           most the asked length (a few tokens shorter).
+
+The prompt is built from token pieces (task, repeated filler or dictionary lines, needle, question), so its
+length is exact in tokens. Trials are seeded: trial t at one length puts the needle at depth t/(trials−1)
+(0 = start, 1 = just before the question), with a fresh random passkey (or dictionary) each time. Every trial
+runs a fresh session: the prompt is absorbed chunk by chunk (a memory stores it, Temp-Lora trains on it, the
+window only keeps it as history) and the answer is generated greedily."""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .errors import InfinictxError
+from .session import Sampler, Session
+
+TASKS = ("passkey", "kv")
+PASSKEY_TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+                "I will quiz you about the important information there.")
+PASSKEY_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY_NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
+PASSKEY_QUESTION = " What is the pass key? The pass key is"
+KV_TASK = "Below is a long list of keys and their values. Remember the value of every key.\n"
+KV_LINE = "key {key}: value {value}.\n"
+KV_QUESTION = "\nWhat is the value of key {key}? The value of key {key} is"
+ANSWER_TOKENS = 12
+
+
+def parse_lengths(text: str) -> list[int]:
+    """'1k,2k,4096' -> [1024, 2048, 4096]."""
+    out = []
+    for part in str(text).split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)(k?)", part)
+        if not m:
+            raise InfinictxError(f"bad length {part!r}: use numbers of tokens like 4096 or 4k")
+        out.append(int(float(m.group(1)) * (1024 if m.group(2) else 1)))
+    if not out or min(out) < 1:
+        raise InfinictxError("give at least one positive length, e.g. --lengths 1k,2k,4k")
+    return out
+
+
+@dataclass
+class Trial:
+    ids: torch.Tensor       # the prompt
+    answer: str             # expected answer (digits)
+    depth: float            # where the needle sits, 0..1
+
+
+def _tok(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def passkey_trial(tokenizer, length: int, depth: float, rng: random.Random) -> Trial:
+    key = str(rng.randint(10000, 99999))
+    task, filler = _tok(tokenizer, PASSKEY_TASK), _tok(tokenizer, PASSKEY_FILLER)
+    needle, question = _tok(tokenizer, PASSKEY_NEEDLE.format(key=key)), _tok(tokenizer, PASSKEY_QUESTION)
+    room = length - len(task) - len(needle) - len(question)
+    if room < 0:
+        raise InfinictxError(f"length {length} is too short for the passkey prompt "
+                             f"(needs at least {length - room} tokens)")
+    n_fill, rest = divmod(room, len(filler))
+    before = round(depth * n_fill)
+    ids = task + filler * before + needle + filler * (n_fill - before) + filler[:rest] + question
+    return Trial(torch.tensor(ids), key, depth)
+
+
+def kv_trial(tokenizer, length: int, depth: float, rng: random.Random) -> Trial:
+    task = _tok(tokenizer, KV_TASK)
+    # room for the question: its length with the widest key, plus a margin for tokenizer merges
+    question_room = max(len(_tok(tokenizer, KV_QUESTION.format(key=k))) for k in (100000, 555555, 999999)) + 4
+    lines, used, total = [], set(), len(task) + question_room
+    while True:
+        key, value = rng.randint(100000, 999999), rng.randint(100000, 999999)
+        if key in used:
+            continue
+        line = _tok(tokenizer, KV_LINE.format(key=key, value=value))
+        if total + len(line) > length and lines:
+            break
+        used.add(key)
+        lines.append((key, value, line))
+        total += len(line)
+    pick = min(len(lines) - 1, round(depth * (len(lines) - 1)))
+    key, value, _ = lines[pick]
+    ids = task + [t for _, _, line in lines for t in line] + _tok(tokenizer, KV_QUESTION.format(key=key))
+    if len(ids) > length:
+        raise InfinictxError(f"length {length} is too short for the key-value prompt")
+    return Trial(torch.tensor(ids), str(value), depth)
+
+
+TRIAL_BUILDERS = {"passkey": passkey_trial, "kv": kv_trial}
+
+
+def full_cache_bytes(model, tokens: int, dtype: torch.dtype) -> int:
+    """Bytes of a full KV cache over `tokens` tokens: layers × KV heads × head dim × (K and V) × tokens."""
+    from .cost import ModelShape
+
+    s = ModelShape.from_config(model.config)
+    return s.layers * s.kv_heads * s.head_dim * 2 * tokens * torch.empty(0, dtype=dtype).element_size()
+
+
+def answer_of(text: str) -> str:
+    m = re.search(r"\d+", text)
+    return m.group(0) if m else ""
+
+
+def ask(session: Session, prompt: torch.Tensor, n_tokens: int = ANSWER_TOKENS,
+        start: int = 0) -> tuple[torch.Tensor, int | None]:
+    """Absorb the prompt chunk by chunk, then answer greedily (no repetition penalty: the answer repeats
+    digits of the prompt on purpose). Returns the answer tokens and the KV bytes the session held once the
+    prompt was in (None for a session that keeps no cache between steps). `start` tokens of the prompt were
+    absorbed already (a forked session); `prompt` is the rest."""
+    for s in range(0, len(prompt), session.chunk):
+        session.absorb(prompt[s:s + session.chunk])
+    kv_bytes = session.kv_bytes() if hasattr(session, "kv_bytes") else None
+    context = min(start + len(prompt), session.window - n_tokens)
+    return session.generate_chunk(n_tokens, context, Sampler(repetition_penalty=1.0, ban_eos=False)), kv_bytes
+
+
+def _start(make_session, shared, trial: Trial, built: list, t: int, depths: list):
+    """A session for `trial`. Sessions that can fork (deterministic state from the tokens read) read the
+    prefix that all trials with a deeper needle share only once: trials run in order of depth, a shared
+    session reads ahead chunk by chunk up to this trial's needle, and each trial continues from a fork of it.
+    Returns (session, the shared session to keep or None)."""
+    probe = shared or make_session()
+    if not hasattr(probe, "fork"):
+        return probe, None
+    shared = probe
+    later = [built[u] for u in range(len(built)) if depths[u] >= depths[t]]
+    # tokens all remaining trials agree on
+    common = len(trial.ids)
+    for other in later:
+        n = min(common, len(other.ids))
+        same = (trial.ids[:n] == other.ids[:n]).int()
+        common = n if bool(same.all()) else int(same.argmin())
+    have = len(shared.history)
+    if not torch.equal(shared.history, trial.ids[:have]):  # should not happen; start over to be safe
+        shared.close()
+        shared, have = make_session(), 0
+    while have + shared.chunk <= common - 1:  # leave at least one token for the trial itself
+        shared.absorb(trial.ids[have:have + shared.chunk])
+        have += shared.chunk
+    return shared.fork(), shared
+
+
+@dataclass
+class RetrievalResult:
+    task: str
+    method: str
+    config: dict
+    results: list = field(default_factory=list)
+    wall_s: float = 0.0
+    meta: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return {"task": self.task, "method": self.method, **self.meta, "window": self.config.get("window"),
+                "config": self.config, "results": self.results, "wall_s": round(self.wall_s, 3)}
+
+
+def run_retrieval(make_session: Callable[[], Session], tokenizer, task: str, lengths: list[int], trials: int,
+                  seed: int = 0, progress: bool = True, on_length_done: Callable | None = None) -> RetrievalResult:
+    """Accuracy per length over `trials` seeded trials with the needle at evenly spread depths."""
+    if task not in TRIAL_BUILDERS:
+        raise InfinictxError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if trials < 1:
+        raise InfinictxError("--trials must be >= 1")
+    build = TRIAL_BUILDERS[task]
+    t0 = time.perf_counter()
+    result = None
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(lengths) * trials, unit="trial", desc=task, dynamic_ncols=True)
+    try:
+        for length in lengths:
+            rng = random.Random(f"{seed}-{task}-{length}")
+            depths = [t / (trials - 1) if trials > 1 else 0.5 for t in range(trials)]
+            built = [build(tokenizer, length, depth, rng) for depth in depths]
+            correct, rows = 0, [None] * trials
+            length_t0 = time.perf_counter()
+            kv_bytes = []
+            shared = None  # a session that has read the prompt prefix common to the remaining trials
+            for t in sorted(range(trials), key=lambda t: depths[t]):
+                trial = built[t]
+                session, prefix = _start(make_session, shared, trial, built, t, depths)
+                if result is None:
+                    result = RetrievalResult(task=task, method=session.method, config=session.describe())
+                if prefix is not None:
+                    shared = prefix
+                with session:
+                    out, held = ask(session, trial.ids[len(session.history):], start=len(session.history))
+                if held is not None:
+                    kv_bytes.append(held)
+                text = tokenizer.decode(out.tolist())
+                ok = answer_of(text) == trial.answer
+                correct += ok
+                rows[t] = {"depth": round(depths[t], 3), "ok": bool(ok), "answer": trial.answer,
+                           "output": text.strip()[:40]}
+                if bar is not None:
+                    bar.set_postfix(length=length, acc=f"{correct}/{sum(r is not None for r in rows)}")
+                    bar.update(1)
+            if shared is not None:
+                shared.close()
+            row = {"length": length, "accuracy": correct / trials, "trials": trials, "correct": correct,
+                   "prompt_tokens": len(trial.ids), "s_per_trial": round((time.perf_counter() - length_t0) / trials, 3),
+                   "per_trial": rows}
+            if kv_bytes:
+                row["kv_bytes"] = int(sum(kv_bytes) / len(kv_bytes))
+            row["kv_bytes_full"] = full_cache_bytes(session.model, len(trial.ids), session.lm.dtype)
+            result.results.append(row)
+            if on_length_done is not None:
+                on_length_done(result)
+    finally:
+        if bar is not None:
+            bar.close()
+    result.wall_s = time.perf_counter() - t0
+    return result

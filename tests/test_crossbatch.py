@@ -1,0 +1,97 @@
+"""CrossBatch training on a tiny random Llama: memory layers really read other rows (positives and negatives)
+in one softmax, with gradients; no memory = plain causal attention; training lowers the loss; the result saves
+as a LongLLaMA-format checkpoint that loads back with its memory settings."""
+
+import random
+
+import torch
+
+from infinictx import MemoryConfig, load_model, streaming_perplexity, weights_fingerprint
+from infinictx.attention import Rope, local_attention
+from infinictx.crossbatch import (Batch, CrossBatchConfig, crossbatch_attention, crossbatch_loss, make_batch,
+                                  train_crossbatch)
+
+
+def test_no_memory_rows_is_plain_causal_attention(tiny):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 4, 10, 16), torch.randn(3, 2, 10, 16), torch.randn(3, 2, 10, 16)
+    rope = Rope(tiny.model, tiny.device, tiny.dtype)
+    rows = torch.full((3, 2), -1)
+    out = crossbatch_attention(q, k, v, rows, rope, 0.25)
+    ref = local_attention(rope.rotate(q, 0), rope.rotate(k, 0), v, 0.25)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_memory_rows_are_read_with_gradient(tiny):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 300, (3, 12))
+    rope = Rope(tiny.model, tiny.device, tiny.dtype)
+    with_memory = Batch(ids=ids, memory_rows=torch.tensor([[-1, -1], [0, 2], [-1, -1]]))
+    # row 1 reads rows 0 (positive) and 2 (negative) in memory layer 1: changing row 0 changes row 1's loss
+    model = tiny.model
+    emb = model.get_input_embeddings().weight
+    emb.requires_grad_(True)
+    loss = crossbatch_loss(model, with_memory, {1}, rope)
+    loss.backward()
+    assert emb.grad is not None and emb.grad[ids[0]].abs().sum() > 0
+    emb.requires_grad_(False)
+
+    def row1_logits(batch):
+        from infinictx.attention import decoder_forward
+
+        def attend(i, a, q, k, v):
+            if i == 1:
+                return crossbatch_attention(q, k, v, batch.memory_rows, rope, a.scaling)
+            return local_attention(rope.rotate(q, 0), rope.rotate(k, 0), v, a.scaling)
+        with torch.no_grad():
+            return decoder_forward(model, batch.ids, attend)[1]
+
+    changed = ids.clone()
+    changed[0] = torch.randint(0, 300, (12,))
+    a = row1_logits(with_memory)
+    assert not torch.allclose(a, row1_logits(Batch(ids=changed, memory_rows=with_memory.memory_rows)))
+    no_mem = torch.full((3, 2), -1)
+    assert torch.allclose(row1_logits(Batch(ids=ids, memory_rows=no_mem)),
+                          row1_logits(Batch(ids=changed, memory_rows=no_mem)))
+
+
+def test_batch_layout_follows_the_mix(tiny):
+    docs = [torch.randint(0, 300, (400,)) for _ in range(5)]
+    cfg = CrossBatchConfig(context=16, mix=((0, 0), (1, 1), (2, 1), (3, 0)), negative_growth=((0.0, 1), (0.5, 2)),
+                           needle_rate=0.0)
+    b = make_batch(docs, cfg, random.Random(0), tiny.tokenizer, progress=0.0)
+    assert b.ids.shape == (10, 16)
+    mem = [[r for r in row if r >= 0] for row in b.memory_rows.tolist()]
+    # groups occupy rows [0], [1,2], [3,4,5], [6,7,8,9]
+    assert mem[0] == [] and mem[1] == [] and mem[2][0] == 1 and len(mem[2]) == 2 and mem[2][1] not in (1, 2)
+    assert mem[5][:2] == [3, 4] and len(mem[5]) == 3
+    assert mem[9] == [6, 7, 8]
+    # consecutive rows of a group are consecutive text
+    late = make_batch(docs, cfg, random.Random(0), tiny.tokenizer, progress=0.9)
+    assert len([r for r in late.memory_rows[2].tolist() if r >= 0]) == 3  # 1 positive + 1×2 negatives
+
+
+def test_training_lowers_loss_and_saves_a_loadable_longllama_checkpoint(tiny_model_dir, tmp_path):
+    lm = load_model(tiny_model_dir, device="cpu", dtype="float32")
+    before = weights_fingerprint(lm.model)
+    torch.manual_seed(0)
+    docs = [torch.randint(0, 300, (300,)) for _ in range(4)]
+    cfg = CrossBatchConfig(context=16, steps=25, lr=3e-3, mem_layers=[1], needle_rate=0.0, warmup=1,
+                           last_context_length=48)
+    fixed = make_batch(docs, cfg, random.Random(5), lm.tokenizer)
+    rope = Rope(lm.model, lm.device, lm.dtype)
+    with torch.no_grad():
+        start = crossbatch_loss(lm.model, fixed, {1}, rope).item()
+    log = train_crossbatch(lm, docs, cfg, out=tmp_path / "fot", progress=False)
+    with torch.no_grad():
+        end = crossbatch_loss(lm.model, fixed, {1}, rope).item()
+    assert log["steps_done"] == 25 and end < start
+    assert weights_fingerprint(lm.model) != before  # fine-tuning (unlike Temp-Lora) changes the weights: merged
+    assert not any("lora" in n for n, _ in lm.model.named_parameters())
+    back = load_model(tmp_path / "fot", device="cpu", dtype="float32")
+    assert back.memory["mem_layers"] == [1] and back.memory["last_context_length"] == 48
+    assert weights_fingerprint(back.model) == weights_fingerprint(lm.model)
+    with MemoryConfig().make_session(back) as s:
+        assert s.window == 48 and list(s.memory) == [1]
+        res = streaming_perplexity(s, torch.randint(0, 300, (120,)), progress=False)
+    assert res.summary()["ppl"] > 0
