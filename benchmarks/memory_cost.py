@@ -30,8 +30,6 @@ p.add_argument("--child", default=None, help=argparse.SUPPRESS)
 args = p.parse_args()
 
 if args.child:  # one grouping measurement in a fresh process: peak RSS of one memory-attention call
-    import resource
-
     from infinictx.methods.memory import Memory, memory_attention
 
     torch.manual_seed(0)
@@ -40,12 +38,19 @@ if args.child:  # one grouping measurement in a fresh process: peak RSS of one m
     mem = Memory(torch.float32)
     mem.append(torch.randn(1, 3, M, 64), torch.randn(1, 3, M, 64))
     q, k, v = torch.randn(1, 9, T, 64), torch.randn(1, 3, L, 64), torch.randn(1, 3, L, 64)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def status(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak-RSS mark (VmHWM) to the current RSS
+        f.write("5")
+    base = status("VmRSS:")
     t0 = time.perf_counter()
     memory_attention(q, k, v, q, mem, 0.125, grouping=grouping)
     dt = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"grouping": args.child, "extra_peak_bytes": peak - base, "s": dt}))
+    print(json.dumps({"grouping": args.child, "extra_peak_bytes": status("VmHWM:") - base, "s": dt}))
     sys.exit(0)
 
 lm, ids, book = setup()
@@ -57,6 +62,7 @@ for lookup in ("dense", "topk"):
         # real keys/values: absorb a window of the book once, then grow each memory by copying its own entries
         s.absorb(ids[:2 * args.window])
         for size in sizes:
+            size = max(size, len(next(iter(s.memory.values()))))
             for m in s.memory.values():
                 while len(m) < size:
                     n = min(len(m), size - len(m))
@@ -66,7 +72,7 @@ for lookup in ("dense", "topk"):
             s.generate_chunk(args.tokens, 0, Sampler())
             dt = (time.perf_counter() - t0) / args.tokens
             m0 = next(iter(s.memory.values()))
-            rows.append({"lookup": lookup, "memory_entries": len(m0), "ms_per_token": round(1000 * dt, 2),
+            rows.append({"lookup": lookup, "size": size, "memory_entries": len(m0), "ms_per_token": round(1000 * dt, 2),
                          "faiss": m0.indexes is not None, "memory_bytes": sum(m.nbytes() for m in s.memory.values())})
             print(rows[-1], flush=True)
 # the same without memory layers: the plain local-window cost per token
@@ -89,8 +95,8 @@ md = [f"## FoT memory lookup cost: {lm.name}, W={args.window}, 3 memory layers",
       "| memory entries per layer | dense ms/token | top-128 ms/token | top-k backend | memory MiB (3 layers) |",
       "|---|---|---|---|---|"]
 for size in sizes:
-    d = next(r for r in rows if r["lookup"] == "dense" and r["memory_entries"] == size)
-    t = next(r for r in rows if r["lookup"] == "topk" and r["memory_entries"] == size)
+    d = next(r for r in rows if r["lookup"] == "dense" and r["size"] == size)
+    t = next(r for r in rows if r["lookup"] == "topk" and r["size"] == size)
     md.append(f"| {size:,} | {d['ms_per_token']} | {t['ms_per_token']} | {'faiss' if t['faiss'] else 'torch'} "
               f"| {d['memory_bytes'] / 2**20:.0f} |")
 md += ["", f"Peak extra memory of one memory-attention call: 512 queries × 9 heads over {args.peak_memory_size:,} "

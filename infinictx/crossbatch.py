@@ -9,7 +9,10 @@ rotated "as if first" (position 0), as at inference (`positionals="first"`). Oth
 The (positives, negatives) mix per group follows LongLLaMA-3B: ¼(0,0), ¼(1,1), ¼(2,1), ¼(3,0); the number of
 negatives grows during training ("start with d ≤ 8, then more": `negative_growth`).
 
-Beyond the paper (say so when reporting): `needle_rate` of the groups with positives carry a synthetic fact —
+Beyond the paper (say so when reporting): `extra_negatives` keeps the memory-layer keys and values of the last
+batches (detached, as Memorizing Transformer's memory) and shows them to every row with a memory as further
+negatives: thousands of distractors per query for a fraction of a step's cost, where the batch alone offers a
+few hundred. And `needle_rate` of the groups with positives carry a synthetic fact —
 "Remember: the secret code of NAME is NNNNNN." in their first row, and "The secret code of NAME is NNNNNN." again
 in their last row — so that the loss on the repeated number can only be lowered by reading memory. Natural text
 rarely repeats long numbers across contexts; a 135M model trained for an hour on a CPU needs the signal. The
@@ -47,6 +50,8 @@ class CrossBatchConfig:
     negative_growth: tuple = ((0.0, 1), (0.5, 3))   # (training fraction, multiplier of the mix's negatives)
     mem_layers: tuple | list | None = None   # default: 3 layers spread over the depth (as the memory method)
     needle_rate: float = 0.5                 # share of groups with positives that carry a synthetic fact
+    extra_negatives: int = 0                 # detached K/V tokens from earlier batches, more distractors (0 = off)
+    needle_weight: float = 0.0               # extra weight of the repeated codes' loss
     steps: int = 300
     time_budget_s: float | None = None       # stop early (and save) when training has used this much wall time
     lr: float = 3e-4
@@ -125,39 +130,62 @@ def make_batch(docs: list[torch.Tensor], cfg: CrossBatchConfig, rng: random.Rand
     return Batch(ids=torch.tensor(rows, dtype=torch.long), memory_rows=memory_rows, groups=groups, needles=needles)
 
 
-def crossbatch_attention(q, k, v, memory_rows, rope: Rope, scale: float) -> torch.Tensor:
+def crossbatch_attention(q, k, v, memory_rows, rope: Rope, scale: float, extra=None) -> torch.Tensor:
     """q (B, Hq, T, D), k/v (B, Hkv, T, D) before RoPE. Each row attends causally to itself (RoPE at 0..T−1)
-    and, in the same softmax, to every token of the rows listed in memory_rows (keys at position 0)."""
+    and, in the same softmax, to every token of the rows listed in memory_rows (keys at position 0).
+    `extra` = (k, v) of shape (1, Hkv, E, D): detached entries from earlier batches, seen as further
+    negatives by every row that has a memory."""
     B, Hkv, T, D = k.shape
     qr, kr = rope.rotate(q, 0), rope.rotate(k, 0)
     S = memory_rows.shape[1]
     safe = memory_rows.clamp(min=0)
-    k_mem = k[safe].permute(0, 2, 1, 3, 4).reshape(B, Hkv, S * T, D)   # (B, S, Hkv, T, D) -> (B, Hkv, S·T, D)
-    v_mem = v[safe].permute(0, 2, 1, 3, 4).reshape(B, Hkv, S * T, D)
-    mem_ok = (memory_rows >= 0)[:, :, None].expand(B, S, T).reshape(B, 1, 1, S * T)
+    keys = [k[safe].permute(0, 2, 1, 3, 4).reshape(B, Hkv, S * T, D)]   # (B, S, Hkv, T, D) -> (B, Hkv, S·T, D)
+    values = [v[safe].permute(0, 2, 1, 3, 4).reshape(B, Hkv, S * T, D)]
+    has_memory = memory_rows >= 0
+    masks = [has_memory[:, :, None].expand(B, S, T).reshape(B, 1, 1, S * T).expand(B, 1, T, S * T)]
+    if extra is not None and extra[0].shape[2]:
+        E = extra[0].shape[2]
+        keys.append(extra[0].expand(B, -1, -1, -1))
+        values.append(extra[1].expand(B, -1, -1, -1))
+        masks.append(has_memory.any(1)[:, None, None, None].expand(B, 1, T, E))
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()[None, None]
-    mask = torch.cat([mem_ok.expand(B, 1, T, S * T), causal.expand(B, 1, T, T)], dim=-1)
-    return F.scaled_dot_product_attention(qr, torch.cat([k_mem, kr], 2), torch.cat([v_mem, v], 2), attn_mask=mask,
+    mask = torch.cat(masks + [causal.expand(B, 1, T, T)], dim=-1)
+    return F.scaled_dot_product_attention(qr, torch.cat(keys + [kr], 2), torch.cat(values + [v], 2), attn_mask=mask,
                                           scale=scale, enable_gqa=q.shape[1] != Hkv)
 
 
-def crossbatch_logits(model, batch: Batch, mem_layers: set[int], rope: Rope) -> torch.Tensor:
+def crossbatch_logits(model, batch: Batch, mem_layers: set[int], rope: Rope, extra: dict | None = None,
+                      capture: dict | None = None) -> torch.Tensor:
+    """Logits of every row. `extra[layer]` = detached (k, v) further negatives; `capture`, if given, receives
+    each memory layer's detached (k, v) of this batch (to become later batches' extra negatives)."""
     from .attention import local_attention
 
     rows = batch.memory_rows.to(batch.ids.device)
 
     def attend(i, a, q, k, v):
         if i in mem_layers:
-            return crossbatch_attention(q, k, v, rows, rope, a.scaling)
+            if capture is not None:
+                B, H, T, D = k.shape
+                capture[i] = tuple(x.detach().permute(1, 0, 2, 3).reshape(1, H, B * T, D) for x in (k, v))
+            return crossbatch_attention(q, k, v, rows, rope, a.scaling, extra=(extra or {}).get(i))
         return local_attention(rope.rotate(q, 0), rope.rotate(k, 0), v, a.scaling)
 
     return decoder_forward(model, batch.ids, attend)
 
 
-def crossbatch_loss(model, batch: Batch, mem_layers: set[int], rope: Rope) -> torch.Tensor:
-    """Mean next-token loss over every row, with the memory layers attending across the batch."""
-    logits = crossbatch_logits(model, batch, mem_layers, rope)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.ids[:, 1:].flatten())
+def crossbatch_loss(model, batch: Batch, mem_layers: set[int], rope: Rope, extra: dict | None = None,
+                    capture: dict | None = None, needle_weight: float = 0.0) -> torch.Tensor:
+    """Mean next-token loss over every row, with the memory layers attending across the batch; plus
+    `needle_weight` × the mean loss on the repeated codes (a dozen tokens among thousands: unweighted, their
+    gradient is lost in the language-modelling loss)."""
+    logits = crossbatch_logits(model, batch, mem_layers, rope, extra, capture)
+    B, T = batch.ids.shape
+    per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.ids[:, 1:].flatten(),
+                                reduction="none").view(B, T - 1)
+    loss = per_token.mean()
+    if needle_weight and batch.needles:
+        loss = loss + needle_weight * torch.cat([per_token[r, s - 1:e - 1] for r, s, e in batch.needles]).mean()
+    return loss
 
 
 @torch.no_grad()
@@ -234,6 +262,7 @@ def train_crossbatch(lm: LoadedModel, docs: list[torch.Tensor], cfg: CrossBatchC
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
     rope = Rope(model, lm.device, lm.dtype)
+    extra = {}
     history, t0 = [], time.perf_counter()
     bar = None
     if progress:
@@ -248,7 +277,8 @@ def train_crossbatch(lm: LoadedModel, docs: list[torch.Tensor], cfg: CrossBatchC
                 break
             batch = make_batch(docs, cfg, rng, lm.tokenizer, progress=step / cfg.steps)
             batch.ids = batch.ids.to(lm.device)
-            loss = crossbatch_loss(model, batch, set(mem_layers), rope)
+            capture = {} if cfg.extra_negatives else None
+            loss = crossbatch_loss(model, batch, set(mem_layers), rope, extra, capture, cfg.needle_weight)
             if not torch.isfinite(loss):
                 raise InfinictxError(f"CrossBatch training produced a non-finite loss at step {step}")
             opt.zero_grad(set_to_none=True)
@@ -256,6 +286,9 @@ def train_crossbatch(lm: LoadedModel, docs: list[torch.Tensor], cfg: CrossBatchC
             torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             opt.step()
             sched.step()
+            if capture:  # keep the newest `extra_negatives` tokens of every memory layer
+                extra = {i: tuple(torch.cat([extra[i][j], kv[j]], 2)[:, :, -cfg.extra_negatives:] if i in extra else
+                                  kv[j][:, :, -cfg.extra_negatives:] for j in (0, 1)) for i, kv in capture.items()}
             history.append({"step": step, "loss": round(loss.item(), 4), "rows": int(batch.ids.shape[0]),
                             "memory_rows": int(batch.memory_rows.shape[1]),
                             "s": round(time.perf_counter() - t0, 1)})

@@ -4,7 +4,7 @@ corpus (37 Shakespeare plays, Milton's shorter poems, two Canterbury texts; Para
 Saves a LongLLaMA-format checkpoint to the cache, usable as `--model smollm2-fot`, and the training log with a
 before/after memory probe to benchmarks/results/crossbatch_train.{json,md}.
 
-  .venv/bin/python recipes/crossbatch_finetune.py [--time-budget 3000] [--steps 400] [--context 256] [--lr 3e-4]"""
+  .venv/bin/python recipes/crossbatch_finetune.py [--time-budget 2700] [--steps 220] [--context 256] [--lr 3e-4]"""
 
 import argparse
 import random
@@ -25,17 +25,20 @@ from infinictx.report import atomic_write, write_json  # noqa: E402
 from infinictx.texts import training_corpus  # noqa: E402
 
 p = argparse.ArgumentParser()
-p.add_argument("--steps", type=int, default=400)
-p.add_argument("--time-budget", type=float, default=3000, help="seconds of training before it stops and saves")
+p.add_argument("--steps", type=int, default=220, help="optimizer steps (the LR schedule's length)")
+p.add_argument("--time-budget", type=float, default=2700, help="seconds of training before it stops and saves")
 p.add_argument("--context", type=int, default=256)
 p.add_argument("--lr", type=float, default=3e-4)
 p.add_argument("--rank", type=int, default=32)
-p.add_argument("--needle-rate", type=float, default=0.5)
+p.add_argument("--needle-rate", type=float, default=0.75)
+p.add_argument("--needle-weight", type=float, default=0.0, help="extra loss weight on the repeated codes")
+p.add_argument("--extra-negatives", type=int, default=4096, help="detached K/V tokens of earlier batches as negatives")
 p.add_argument("--mem-layers", default=None, help="e.g. 8,15,22 (default: 3 spread layers)")
 p.add_argument("--window", type=int, default=1024, help="local window W saved as last_context_length")
 p.add_argument("--out", default=None, help=f"checkpoint folder (default {fot_model_dir()})")
 p.add_argument("--threads", type=int, default=None)
 p.add_argument("--seed", type=int, default=0)
+p.add_argument("--name", default="crossbatch_train", help="results file name under benchmarks/results/")
 args = p.parse_args()
 if args.threads:
     torch.set_num_threads(args.threads)
@@ -46,6 +49,7 @@ docs = [lm.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_
 print(f"corpus: {len(docs)} documents, {sum(len(d) for d in docs):,} tokens")
 cfg = CrossBatchConfig(context=args.context, steps=args.steps, time_budget_s=args.time_budget, lr=args.lr,
                        rank=args.rank, alpha=args.rank, needle_rate=args.needle_rate, seed=args.seed,
+                       extra_negatives=args.extra_negatives, needle_weight=args.needle_weight,
                        mem_layers=[int(x) for x in args.mem_layers.split(",")] if args.mem_layers else None,
                        last_context_length=args.window)
 from infinictx.methods.memory import default_mem_layers  # noqa: E402
@@ -61,17 +65,18 @@ out = Path(args.out) if args.out else fot_model_dir()
 log = train_crossbatch(lm, docs, cfg, out=out)
 after = memory_probe(lm.model, probe, mem_layers, rope)
 print("memory probe after:", after)
-result = {"benchmark": "crossbatch_train", "checkpoint": str(out), "model": "SmolLM2-135M-Instruct",
+result = {"benchmark": args.name, "checkpoint": str(out), "model": "SmolLM2-135M-Instruct",
           "corpus_documents": len(docs), "corpus_tokens": int(sum(len(d) for d in docs)),
           "probe_before": before, "probe_after": after, "wall_s": round(time.time() - t0, 1), **log}
 results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-write_json(result, results / "crossbatch_train.json")
+write_json(result, results / f"{args.name}.json")
 hist = log["history"]
 first, last = hist[:20], hist[-20:]
 mean = lambda rows: sum(r["loss"] for r in rows) / max(1, len(rows))  # noqa: E731
 md = [f"## CrossBatch fine-tuning of SmolLM2-135M-Instruct ({log['steps_done']} steps, {log['train_s']:.0f} s)", "",
       f"Memory layers {sorted(mem_layers)}, context {cfg.context} tokens per row, LoRA r={cfg.rank} merged, "
-      f"lr {cfg.lr}, mix {list(cfg.mix)}, negatives ×{list(cfg.negative_growth)}, needle rate {cfg.needle_rate}.",
+      f"lr {cfg.lr}, mix {list(cfg.mix)}, negatives ×{list(cfg.negative_growth)}, needle rate {cfg.needle_rate}, "
+      f"{cfg.extra_negatives} detached extra negatives per memory layer.",
       f"Training loss: first 20 steps {mean(first):.3f} → last 20 steps {mean(last):.3f}.", "",
       "Memory probe (repeated secret codes whose first mention is only reachable through memory):", "",
       "| | code NLL/token with memory | without memory | codes exact with memory | without |", "|---|---|---|---|---|"]
@@ -79,6 +84,7 @@ for name, pr in (("before", before), ("after", after)):
     md.append(f"| {name} | {pr['with_memory']['code_nll_per_token']:.3f} | {pr['without_memory']['code_nll_per_token']:.3f} "
               f"| {100 * pr['with_memory']['codes_exact']:.0f}% | {100 * pr['without_memory']['codes_exact']:.0f}% |")
 md += ["", f"Command: `.venv/bin/python recipes/crossbatch_finetune.py --time-budget {args.time_budget:.0f} "
-       f"--steps {args.steps} --context {args.context} --lr {args.lr} --rank {args.rank}`", ""]
-atomic_write(results / "crossbatch_train.md", "\n".join(md))
+       f"--steps {args.steps} --context {args.context} --lr {args.lr} --rank {args.rank} --needle-rate {args.needle_rate} "
+       f"--extra-negatives {args.extra_negatives} --needle-weight {args.needle_weight}`", ""]
+atomic_write(results / f"{args.name}.md", "\n".join(md))
 print("\n".join(md))

@@ -112,3 +112,17 @@ def test_passkey_bad_input(tiny_model_dir, tmp_path, args, message):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("infinictx:")]
     assert len(lines) == 1 and message in lines[0], proc.stderr
     assert not out.exists()
+
+
+def test_memory_method_ppl_and_generate(tiny_model_dir, book, tmp_path):
+    out = tmp_path / "m.json"
+    assert main(["ppl", str(book), "--model", str(tiny_model_dir), "--method", "memory", "-W", "64", "-D", "16",
+                 "--mem-layers", "1", "--lookup", "topk", "--topk", "8", "--compare-base", "--json", str(out),
+                 "--no-progress"]) == 0
+    res = json.loads(out.read_text())
+    assert res["method"] == "memory" and res["config"]["mem_layers"] == [1] and res["base_ppl"] > 0
+    assert res["ppl"] != res["base_ppl"]
+    gen = tmp_path / "g.json"
+    assert main(["generate", "--prompt", SAMPLE, "--model", str(tiny_model_dir), "--method", "memory", "-W", "64",
+                 "--tokens", "30", "--json", str(gen), "--no-progress"]) == 0
+    assert json.loads(gen.read_text())["generated_tokens"] == 30

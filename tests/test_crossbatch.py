@@ -22,6 +22,17 @@ def test_no_memory_rows_is_plain_causal_attention(tiny):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_extra_negatives_reach_rows_with_memory_only(tiny):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 6, 16), torch.randn(2, 2, 6, 16), torch.randn(2, 2, 6, 16)
+    rope = Rope(tiny.model, tiny.device, tiny.dtype)
+    rows = torch.tensor([[1], [-1]])  # row 0 reads row 1; row 1 has no memory
+    extra = (torch.randn(1, 2, 5, 16) * 3, torch.randn(1, 2, 5, 16))
+    a = crossbatch_attention(q, k, v, rows, rope, 0.25)
+    b = crossbatch_attention(q, k, v, rows, rope, 0.25, extra=extra)
+    assert not torch.allclose(a[0], b[0]) and torch.allclose(a[1], b[1])
+
+
 def test_memory_rows_are_read_with_gradient(tiny):
     torch.manual_seed(0)
     ids = torch.randint(0, 300, (3, 12))
@@ -77,7 +88,7 @@ def test_training_lowers_loss_and_saves_a_loadable_longllama_checkpoint(tiny_mod
     torch.manual_seed(0)
     docs = [torch.randint(0, 300, (300,)) for _ in range(4)]
     cfg = CrossBatchConfig(context=16, steps=25, lr=3e-3, mem_layers=[1], needle_rate=0.0, warmup=1,
-                           last_context_length=48)
+                           last_context_length=48, extra_negatives=40)
     fixed = make_batch(docs, cfg, random.Random(5), lm.tokenizer)
     rope = Rope(lm.model, lm.device, lm.dtype)
     with torch.no_grad():
@@ -95,3 +106,28 @@ def test_training_lowers_loss_and_saves_a_loadable_longllama_checkpoint(tiny_mod
         assert s.window == 48 and list(s.memory) == [1]
         res = streaming_perplexity(s, torch.randint(0, 300, (120,)), progress=False)
     assert res.summary()["ppl"] > 0
+
+
+def test_needles_mark_the_repeated_code_and_weight_its_loss(tiny):
+    """The recorded needle spans hold the repeated code (a character tokenizer makes them easy to read), and
+    needle_weight adds their loss to the language-modelling loss."""
+
+    class CharTokenizer:  # one token per character
+        def __call__(self, text, add_special_tokens=False):
+            return type("Enc", (), {"input_ids": [ord(c) % 256 for c in text]})()
+
+    docs = [torch.randint(0, 256, (2000,)) for _ in range(3)]
+    cfg = CrossBatchConfig(context=120, mix=((1, 0), (2, 1)), needle_rate=1.0)
+    b = make_batch(docs, cfg, random.Random(3), CharTokenizer())
+    assert len(b.needles) == 2
+    for row, s, e in b.needles:
+        code = "".join(chr(t) for t in b.ids[row, s:e].tolist())
+        assert code.strip().isdigit() and len(code.strip()) == 6
+        assert "".join(chr(t) for t in b.ids[row, :s].tolist()).endswith(" is")
+        first = "".join(chr(t) for t in b.ids[row - (1 if row == 1 else 2)].tolist())
+        assert f"is {code.strip()}." in first  # the first mention sits in the group's first row
+    rope = Rope(tiny.model, tiny.device, tiny.dtype)
+    with torch.no_grad():
+        plain = crossbatch_loss(tiny.model, b, {1}, rope).item()
+        weighted = crossbatch_loss(tiny.model, b, {1}, rope, needle_weight=5.0).item()
+    assert weighted > plain

@@ -37,3 +37,25 @@ def test_temp_lora_remembers_a_passage_that_left_the_window(smol):
     second = slice(256, 383)
     assert res.nll[second].mean() < 0.9 * res.base_nll[second].mean()
     assert weights_fingerprint(smol.model) == before
+
+
+def test_layerwise_forward_and_memory_session_match_the_real_model(smol):
+    """The forward the memory method runs equals transformers' on the real model, and with nothing yet in
+    memory the memory session scores like full attention."""
+    from infinictx import MemoryConfig
+    from infinictx.attention import Rope, decoder_forward, local_attention
+
+    text, _ = read_text(None)
+    ids = smol.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0][:96]
+    rope = Rope(smol.model, smol.device, smol.dtype)
+
+    def attend(i, a, q, k, v):
+        return local_attention(rope.rotate(q, 0), rope.rotate(k, 0), v, a.scaling)
+
+    with torch.no_grad():
+        ref = smol.model(ids[None]).logits
+        torch.testing.assert_close(decoder_forward(smol.model, ids[None], attend), ref, rtol=1e-4, atol=1e-4)
+    with MemoryConfig(window=96, chunk=32).make_session(smol) as s:
+        nll = torch.cat([s.score_and_absorb(ids[i:i + 32])[0] for i in range(0, 96, 32)])
+    full = torch.nn.functional.cross_entropy(ref[0, :-1], ids[1:], reduction="none")
+    torch.testing.assert_close(nll, full, rtol=1e-4, atol=1e-4)

@@ -78,6 +78,22 @@ def test_topk_with_k_equal_memory_size_equals_dense(faiss_min):
     torch.testing.assert_close(topk, dense, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("lookup, faiss_min", [("dense", None), ("topk", None), ("topk", 1)])
+def test_a_planted_key_is_retrieved(lookup, faiss_min):
+    """One memory entry among 2000 matches the query: the output is (nearly) its value."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 1, 16)
+    k, v = torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 16)
+    mk, mv = torch.randn(1, 1, 2000, 16), torch.randn(1, 1, 2000, 16)
+    planted = 1234
+    mk[0, 0, planted] = 4 * (q[0, 0, 0] + q[0, 1, 0])  # both query heads of the KV group match it
+    mv[0, 0, planted] = torch.full((16,), 7.0)
+    memory = Memory(torch.float32, faiss_min=faiss_min)
+    memory.append(mk, mv)
+    out = memory_attention(q, k, v, q, memory, 0.25, lookup=lookup, topk=4)
+    torch.testing.assert_close(out, torch.full_like(out, 7.0), rtol=0, atol=0.05)
+
+
 def test_faiss_and_torch_topk_pick_the_same_entries():
     q, k, v, mk, mv = random_qkv(M=500)
     mem_torch, mem_faiss = Memory(torch.float32), Memory(torch.float32, faiss_min=1)
@@ -159,7 +175,9 @@ def test_resume_reproduces_uninterrupted_run(tiny, stream, tmp_path):
 def test_bad_memory_settings_are_clear_errors(tiny):
     for bad, msg in [({"mem_layers": [5]}, "out of range"), ({"positionals": "middle"}, "positionals"),
                      ({"lookup": "ann"}, "lookup"), ({"topk": 0}, "top-k"), ({"mem_dtype": "int8"}, "dtype"),
-                     ({"grouping": (0, 4)}, "grouping"), ({"window": 16, "chunk": 16}, "smaller than the window")]:
+                     ({"grouping": (0, 4)}, "grouping"), ({"window": 16, "chunk": 16}, "smaller than the window"),
+                     ({"window": 0}, "must be >= 2"), ({"window": -5, "chunk": 1}, "must be >= 2"),
+                     ({"topk": -3}, "top-k")]:
         with pytest.raises(InfinictxError, match=msg):
             MemoryConfig(**bad).make_session(tiny)
 
