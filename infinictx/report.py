@@ -103,12 +103,7 @@ def plot_ppl(s: dict, path: str | Path, points: int = 20, nll=None, base_nll=Non
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save_figure(fig, path)
 
 
 def _length_label(n: int) -> str:
@@ -151,6 +146,13 @@ def plot_accuracy(summaries: list[dict], path: str | Path, title: str | None = N
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def _save_figure(fig, path: str | Path):
+    """Write a figure atomically (a temporary file renamed into place) and close it."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
