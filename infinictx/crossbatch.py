@@ -113,9 +113,9 @@ def make_batch(docs: list[torch.Tensor], cfg: CrossBatchConfig, rng: random.Rand
             if again[:len(prefix)] == prefix:  # where the code's tokens sit, for the memory probe
                 needles.append((len(rows) + n_rows - 1, at + len(prefix), at + len(again) - 1))
         groups.append((d, pos, neg))
-        for c in chunks:
+        for index, c in enumerate(chunks):
             rows.append(c)
-            owner.append((g, len([o for o in owner if o[0] == g])))
+            owner.append((g, index))
     mult = negatives_multiplier(cfg, progress)
     memory = []
     for r, (g, c) in enumerate(owner):

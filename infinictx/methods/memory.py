@@ -245,7 +245,6 @@ class MemorySession(Session):
         self.memory = {i: self._new_memory() for i in config.mem_layers}
         self._last_logits = None   # logits after the last processed token: they predict the next one
         self._ahead = 0            # generated tokens already processed but not yet absorbed into the history
-        self.kv_bytes_peak = 0
 
     def _new_memory(self) -> Memory:
         # faiss only serves top-k lookups; a dense lookup reads every entry anyway
@@ -311,7 +310,6 @@ class MemorySession(Session):
             flops = 2 * n * s.heads * s.head_dim * (m + looked_up)
             self.meter.flops["forward"] += flops
             self.meter.flops["attention"] += flops
-        self.kv_bytes_peak = max(self.kv_bytes_peak, self.kv_bytes())
 
     def kv_bytes(self) -> int:
         """Bytes of keys and values held: every layer's local window plus the memories."""
