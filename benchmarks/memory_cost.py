@@ -24,6 +24,7 @@ p = argparse.ArgumentParser()
 p.add_argument("--sizes", default="4096,8192,16384,32768,65536")
 p.add_argument("--tokens", type=int, default=32, help="tokens generated per measurement")
 p.add_argument("--window", type=int, default=1024)
+p.add_argument("--mem-layers", default="spread", help="'spread' (3 layers, as the committed results), 'auto[:N]' or indices")
 p.add_argument("--groupings", default="auto;9,512;3,512;3,128;1,64")
 p.add_argument("--peak-memory-size", type=int, default=65536)
 p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -54,10 +55,12 @@ if args.child:  # one grouping measurement in a fresh process: peak RSS of one m
     sys.exit(0)
 
 lm, ids, book = setup()
+mem_layers = (args.mem_layers if args.mem_layers.split(":")[0] in ("auto", "spread")
+              else [int(x) for x in args.mem_layers.split(",")])
 sizes = [int(x) for x in args.sizes.split(",")]
 rows = []
 for lookup in ("dense", "topk"):
-    cfg = MemoryConfig(window=args.window, chunk=args.window // 2, lookup=lookup, topk=128)
+    cfg = MemoryConfig(window=args.window, chunk=args.window // 2, lookup=lookup, topk=128, mem_layers=mem_layers)
     with cfg.make_session(lm) as s:
         # real keys/values: absorb a window of the book once, then grow each memory by copying its own entries
         s.absorb(ids[:2 * args.window])
@@ -90,7 +93,7 @@ for g in args.groupings.split(";"):
     peaks.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(peaks[-1], flush=True)
 
-md = [f"## FoT memory lookup cost: {lm.name}, W={args.window}, 3 memory layers", "",
+md = [f"## FoT memory lookup cost: {lm.name}, W={args.window}, memory layers {args.mem_layers}", "",
       f"Generation, ms per token (mean of {args.tokens}); local window only (no memory layers): {no_memory_ms} ms.", "",
       "| memory entries per layer | dense ms/token | top-128 ms/token | top-k backend | memory MiB (3 layers) |",
       "|---|---|---|---|---|"]

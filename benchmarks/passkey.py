@@ -7,6 +7,7 @@ Methods (pick with --configs, comma-separated):
   mem-distance-topk   memory keys at distance W (InfLLM's placement), top-k
   fot-first-topk      the CrossBatch fine-tuned model (`--model smollm2-fot`), top-k
   fot-first-dense     the same, dense
+  ...-spread / -auto:N  a 4th part picks the memory layers (default: the checkpoint's, else auto = retrieval layers)
 
 Results are saved after every (config, length), and a rerun skips what is done (delete the JSON to start over).
 
@@ -47,13 +48,13 @@ def config(spec: str):
     global fot
     if spec == "window":
         return lm, WindowConfig(window=args.window, chunk=args.window // 2)
-    family, positionals, lookup = spec.split("-")
+    family, positionals, lookup, *layers = spec.split("-")
     model = lm
     if family == "fot":
         fot = fot or load_model("smollm2-fot")
         model = fot
     return model, MemoryConfig(window=args.window, chunk=args.window // 2, positionals=positionals, lookup=lookup,
-                               topk=args.topk)
+                               topk=args.topk, mem_layers=layers[0] if layers else None)
 
 
 for spec in args.configs.split(","):
@@ -86,7 +87,8 @@ for spec, run in runs.items():
     sec = {r["length"]: f"{r['s_per_trial']:.0f}" for r in run["results"]}
     md.append(f"| {spec} | " + " | ".join(sec.get(n, "–") for n in all_lengths) + " |")
 md += ["", f"Command: `.venv/bin/python benchmarks/passkey.py --lengths {args.lengths} --trials {args.trials} "
-       f"--window {args.window} --configs {args.configs} --task {args.task}`"]
+       f"--window {args.window} --configs {args.configs} --task {args.task} --name {name}` (rows of earlier runs kept "
+       "in the JSON come from their own commands)"]
 save(name, {"task": args.task, "window": args.window, "trials": args.trials, "seed": args.seed, "runs": runs},
      "\n".join(md) + "\n")
 plot_accuracy([{**run, "task": args.task} for run in runs.values() if run.get("results")], RESULTS / f"{name}.png",

@@ -31,8 +31,9 @@ def _add_common(p: argparse.ArgumentParser, default_method: str = "temp-lora", d
     p.add_argument("--no-fuse", action="store_true", help="do not fuse scoring with the first training step")
     p.add_argument("--save-adapter", default=None, help="directory to save the final adapter to")
     m = p.add_argument_group("memory method (Focused Transformer)")
-    m.add_argument("--mem-layers", default=None, help="memory layer indices, e.g. 8,15,22 (default: the "
-                   "checkpoint's, else 3 layers spread over the depth)")
+    m.add_argument("--mem-layers", default=None, help="memory layer indices (e.g. 8,15,22), 'auto[:N]' (the N layers "
+                   "with the strongest retrieval heads; N = 40%% of layers) or 'spread' (3 layers, LongLLaMA); default: "
+                   "the checkpoint's, else auto")
     m.add_argument("--positionals", choices=["first", "distance", "window", "none"], default=None,
                    help="RoPE of memory keys: as if first in the window (default), at distance W, ...")
     m.add_argument("--lookup", choices=["dense", "topk"], default="dense", help="all memory entries or the top k")
@@ -101,6 +102,12 @@ def _int_list(text: str | None, what: str) -> list[int] | None:
         raise InfinictxError(f"{what} must be comma-separated integers, got {text!r}")
 
 
+def _mem_layers(text: str | None):
+    if text is not None and text.split(":")[0] in ("auto", "spread"):
+        return text
+    return _int_list(text, "--mem-layers")
+
+
 def method_config(args, default_window: int = 512):
     """The method's config dataclass from the arguments (validates W, Δ, L_T; a memory config is validated
     against the model when the session is made)."""
@@ -110,7 +117,7 @@ def method_config(args, default_window: int = 512):
         grouping = _int_list(args.grouping, "--grouping")
         if grouping is not None and len(grouping) != 2:
             raise InfinictxError("--grouping takes two numbers: HEADS,QUERIES")
-        return MemoryConfig(window=args.window, chunk=args.chunk, mem_layers=_int_list(args.mem_layers, "--mem-layers"),
+        return MemoryConfig(window=args.window, chunk=args.chunk, mem_layers=_mem_layers(args.mem_layers),
                             positionals=args.positionals, lookup=args.lookup, topk=args.topk,
                             mem_dtype=args.mem_dtype, grouping=grouping)
     window = default_window if args.window is None else args.window

@@ -48,7 +48,7 @@ class CrossBatchConfig:
     context: int = 256                       # T: tokens per local context (one batch row)
     mix: tuple = ((0, 0), (1, 1), (2, 1), (3, 0))   # (positives, negatives) per document group (LongLLaMA-3B)
     negative_growth: tuple = ((0.0, 1), (0.5, 3))   # (training fraction, multiplier of the mix's negatives)
-    mem_layers: tuple | list | None = None   # default: 3 layers spread over the depth (as the memory method)
+    mem_layers: tuple | list | str | None = None   # as the memory method: indices, "auto[:N]", "spread" (default auto)
     needle_rate: float = 0.5                 # share of groups with positives that carry a synthetic fact
     extra_negatives: int = 0                 # detached K/V tokens from earlier batches, more distractors (0 = off)
     needle_weight: float = 0.0               # extra weight of the repeated codes' loss
@@ -248,10 +248,9 @@ def train_crossbatch(lm: LoadedModel, docs: list[torch.Tensor], cfg: CrossBatchC
     `out` if given. Returns the training log."""
     from peft import LoraConfig, get_peft_model
 
-    from .methods.memory import default_mem_layers
+    from .methods.memory import resolve_mem_layers
 
-    n_layers = lm.model.config.num_hidden_layers
-    mem_layers = sorted(set(cfg.mem_layers if cfg.mem_layers is not None else default_mem_layers(n_layers)))
+    mem_layers = sorted(set(resolve_mem_layers(cfg.mem_layers if cfg.mem_layers is not None else "auto", lm)))
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     model = get_peft_model(lm.model, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0,

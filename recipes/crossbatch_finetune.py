@@ -2,9 +2,11 @@
 corpus (37 Shakespeare plays, Milton's shorter poems, two Canterbury texts; Paradise Lost held out), on a CPU.
 
 Saves a LongLLaMA-format checkpoint to the cache, usable as `--model smollm2-fot`, and the training log with a
-before/after memory probe to benchmarks/results/crossbatch_train.{json,md}.
+before/after memory probe to benchmarks/results/crossbatch_auto.{json,md}. The defaults are the run behind
+`smollm2-fot`: 12 retrieval layers as memory layers, ~100 steps in 30 minutes, needle weight 1, in-batch negatives
+only. (`crossbatch_train.*` is the first run: LongLLaMA's 3 spread layers, 4096 extra negatives, no gain.)
 
-  .venv/bin/python recipes/crossbatch_finetune.py [--time-budget 2700] [--steps 220] [--context 256] [--lr 3e-4]"""
+  .venv/bin/python recipes/crossbatch_finetune.py [--time-budget 1800] [--steps 110] [--mem-layers auto] [--lr 3e-4]"""
 
 import argparse
 import random
@@ -25,20 +27,20 @@ from infinictx.report import atomic_write, write_json  # noqa: E402
 from infinictx.texts import training_corpus  # noqa: E402
 
 p = argparse.ArgumentParser()
-p.add_argument("--steps", type=int, default=220, help="optimizer steps (the LR schedule's length)")
-p.add_argument("--time-budget", type=float, default=2700, help="seconds of training before it stops and saves")
+p.add_argument("--steps", type=int, default=110, help="optimizer steps (the LR schedule's length)")
+p.add_argument("--time-budget", type=float, default=1800, help="seconds of training before it stops and saves")
 p.add_argument("--context", type=int, default=256)
 p.add_argument("--lr", type=float, default=3e-4)
 p.add_argument("--rank", type=int, default=32)
 p.add_argument("--needle-rate", type=float, default=0.75)
-p.add_argument("--needle-weight", type=float, default=0.0, help="extra loss weight on the repeated codes")
-p.add_argument("--extra-negatives", type=int, default=4096, help="detached K/V tokens of earlier batches as negatives")
-p.add_argument("--mem-layers", default=None, help="e.g. 8,15,22 (default: 3 spread layers)")
+p.add_argument("--needle-weight", type=float, default=1.0, help="extra loss weight on the repeated codes")
+p.add_argument("--extra-negatives", type=int, default=0, help="detached K/V tokens of earlier batches as negatives")
+p.add_argument("--mem-layers", default="auto", help="e.g. 8,15,22, 'auto[:N]' (retrieval layers, default) or 'spread'")
 p.add_argument("--window", type=int, default=1024, help="local window W saved as last_context_length")
 p.add_argument("--out", default=None, help=f"checkpoint folder (default {fot_model_dir()})")
 p.add_argument("--threads", type=int, default=None)
 p.add_argument("--seed", type=int, default=0)
-p.add_argument("--name", default="crossbatch_train", help="results file name under benchmarks/results/")
+p.add_argument("--name", default="crossbatch_auto", help="results file name under benchmarks/results/")
 args = p.parse_args()
 if args.threads:
     torch.set_num_threads(args.threads)
@@ -50,11 +52,13 @@ print(f"corpus: {len(docs)} documents, {sum(len(d) for d in docs):,} tokens")
 cfg = CrossBatchConfig(context=args.context, steps=args.steps, time_budget_s=args.time_budget, lr=args.lr,
                        rank=args.rank, alpha=args.rank, needle_rate=args.needle_rate, seed=args.seed,
                        extra_negatives=args.extra_negatives, needle_weight=args.needle_weight,
-                       mem_layers=[int(x) for x in args.mem_layers.split(",")] if args.mem_layers else None,
+                       mem_layers=(args.mem_layers if args.mem_layers.split(":")[0] in ("auto", "spread")
+                                   else [int(x) for x in args.mem_layers.split(",")]),
                        last_context_length=args.window)
-from infinictx.methods.memory import default_mem_layers  # noqa: E402
+from infinictx.methods.memory import resolve_mem_layers  # noqa: E402
 
-mem_layers = set(cfg.mem_layers or default_mem_layers(lm.model.config.num_hidden_layers))
+mem_layers = set(resolve_mem_layers(cfg.mem_layers, lm))
+print("memory layers:", sorted(mem_layers))
 probe_cfg = CrossBatchConfig(**{**asdict(cfg), "needle_rate": 1.0, "mix": ((1, 0), (1, 3), (2, 1), (3, 0))})
 probe_rng = random.Random(12345)
 probe = [make_batch(docs, probe_cfg, probe_rng, lm.tokenizer, progress=1.0) for _ in range(6)]
@@ -85,6 +89,7 @@ for name, pr in (("before", before), ("after", after)):
               f"| {100 * pr['with_memory']['codes_exact']:.0f}% | {100 * pr['without_memory']['codes_exact']:.0f}% |")
 md += ["", f"Command: `.venv/bin/python recipes/crossbatch_finetune.py --time-budget {args.time_budget:.0f} "
        f"--steps {args.steps} --context {args.context} --lr {args.lr} --rank {args.rank} --needle-rate {args.needle_rate} "
-       f"--extra-negatives {args.extra_negatives} --needle-weight {args.needle_weight}`", ""]
+       f"--extra-negatives {args.extra_negatives} --needle-weight {args.needle_weight} --mem-layers {args.mem_layers} "
+       f"--name {args.name}`", ""]
 atomic_write(results / f"{args.name}.md", "\n".join(md))
 print("\n".join(md))

@@ -102,6 +102,7 @@ def test_passkey_cli_json_and_plot(tiny_model_dir, tmp_path, method, task):
     (["--trials", "0"], "--trials must be"),
     (["--lengths", "20"], "too short for the passkey prompt"),
     (["--method", "memory", "--mem-layers", "7"], "out of range"),
+    (["--method", "memory", "--mem-layers", "auto:9"], "auto:N"),
     (["--method", "memory", "--grouping", "4"], "two numbers"),
 ])
 def test_passkey_bad_input(tiny_model_dir, tmp_path, args, message):
