@@ -6,17 +6,18 @@ earlier in the sequence. An *echo* head attends to those copies; an *induction* 
 its mean attention mass on those positions over every query of the repeats after the first.
 
 Used to choose the memory layers of the Focused-Transformer memory (`mem_layers="auto"`: the layers holding the
-strongest induction heads read memory) and by KV-cache policies that keep full caches only for retrieval heads."""
+strongest echo or induction heads read memory) and by KV-cache policies that keep full caches only for retrieval heads."""
 
 from __future__ import annotations
 
-import torch
-
 import weakref
+
+import torch
 
 from .attention import Rope, base_causal_lm, decoder_forward, local_attention
 
-_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> scores of the default probe
+# model -> scores of the default probe (computed once per model object: re-probe by hand after changing weights)
+_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 @torch.no_grad()
