@@ -19,6 +19,7 @@ import torch
 from common import save, setup
 
 from infinictx import MemoryConfig, Sampler
+from infinictx.methods.memory import parse_mem_layers
 
 p = argparse.ArgumentParser()
 p.add_argument("--sizes", default="4096,8192,16384,32768,65536")
@@ -55,8 +56,7 @@ if args.child:  # one grouping measurement in a fresh process: peak RSS of one m
     sys.exit(0)
 
 lm, ids, book = setup()
-mem_layers = (args.mem_layers if args.mem_layers.split(":")[0] in ("auto", "spread")
-              else [int(x) for x in args.mem_layers.split(",")])
+mem_layers = parse_mem_layers(args.mem_layers)
 sizes = [int(x) for x in args.sizes.split(",")]
 rows = []
 for lookup in ("dense", "topk"):

@@ -102,22 +102,17 @@ def _int_list(text: str | None, what: str) -> list[int] | None:
         raise InfinictxError(f"{what} must be comma-separated integers, got {text!r}")
 
 
-def _mem_layers(text: str | None):
-    if text is not None and text.split(":")[0] in ("auto", "spread"):
-        return text
-    return _int_list(text, "--mem-layers")
-
-
 def method_config(args, default_window: int = 512):
     """The method's config dataclass from the arguments (validates W, Δ, L_T; a memory config is validated
     against the model when the session is made)."""
     from .methods import MemoryConfig, TempLoraConfig, WindowConfig
+    from .methods.memory import parse_mem_layers
 
     if args.method == "memory":
         grouping = _int_list(args.grouping, "--grouping")
         if grouping is not None and len(grouping) != 2:
             raise InfinictxError("--grouping takes two numbers: HEADS,QUERIES")
-        return MemoryConfig(window=args.window, chunk=args.chunk, mem_layers=_mem_layers(args.mem_layers),
+        return MemoryConfig(window=args.window, chunk=args.chunk, mem_layers=parse_mem_layers(args.mem_layers),
                             positionals=args.positionals, lookup=args.lookup, topk=args.topk,
                             mem_dtype=args.mem_dtype, grouping=grouping)
     window = default_window if args.window is None else args.window

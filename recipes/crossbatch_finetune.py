@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from infinictx import load_model  # noqa: E402
 from infinictx.attention import Rope  # noqa: E402
 from infinictx.crossbatch import CrossBatchConfig, make_batch, memory_probe, train_crossbatch  # noqa: E402
+from infinictx.methods.memory import parse_mem_layers, resolve_mem_layers  # noqa: E402
 from infinictx.models import fot_model_dir  # noqa: E402
 from infinictx.report import atomic_write, write_json  # noqa: E402
 from infinictx.texts import training_corpus  # noqa: E402
@@ -52,10 +53,8 @@ print(f"corpus: {len(docs)} documents, {sum(len(d) for d in docs):,} tokens")
 cfg = CrossBatchConfig(context=args.context, steps=args.steps, time_budget_s=args.time_budget, lr=args.lr,
                        rank=args.rank, alpha=args.rank, needle_rate=args.needle_rate, seed=args.seed,
                        extra_negatives=args.extra_negatives, needle_weight=args.needle_weight,
-                       mem_layers=(args.mem_layers if args.mem_layers.split(":")[0] in ("auto", "spread")
-                                   else [int(x) for x in args.mem_layers.split(",")]),
+                       mem_layers=parse_mem_layers(args.mem_layers),
                        last_context_length=args.window)
-from infinictx.methods.memory import resolve_mem_layers  # noqa: E402
 
 mem_layers = set(resolve_mem_layers(cfg.mem_layers, lm))
 print("memory layers:", sorted(mem_layers))

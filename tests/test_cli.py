@@ -103,6 +103,7 @@ def test_passkey_cli_json_and_plot(tiny_model_dir, tmp_path, method, task):
     (["--lengths", "20"], "too short for the passkey prompt"),
     (["--method", "memory", "--mem-layers", "7"], "out of range"),
     (["--method", "memory", "--mem-layers", "auto:9"], "auto:N"),
+    (["--method", "memory", "--mem-layers", "8,x"], "comma-separated integers"),
     (["--method", "memory", "--grouping", "4"], "two numbers"),
 ])
 def test_passkey_bad_input(tiny_model_dir, tmp_path, args, message):

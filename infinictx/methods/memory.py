@@ -50,6 +50,16 @@ def spread_mem_layers(n_layers: int) -> list[int]:
     return sorted({min(n_layers - 1, round(n_layers * j / 4)) for j in (1, 2, 3)})
 
 
+def parse_mem_layers(text: str | None):
+    """A command-line memory-layer spec: None, "auto[:N]" / "spread" (kept as text), or comma-separated indices."""
+    if text is None or text.split(":")[0] in ("auto", "spread"):
+        return text
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InfinictxError(f"--mem-layers must be comma-separated integers, 'auto[:N]' or 'spread'; got {text!r}")
+
+
 def resolve_mem_layers(spec, lm: LoadedModel) -> list[int]:
     """Memory layer indices from a spec: a list of indices, "spread" (LongLLaMA's three layers), or "auto" /
     "auto:N" (default N = 40% of the layers): the N layers holding the strongest echo/induction heads
