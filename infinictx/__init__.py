@@ -3,12 +3,13 @@
 from .errors import InfinictxError
 from .evaluate import PerplexityResult, streaming_perplexity
 from .generate import GenerationResult, generate_long
-from .methods import METHODS, MemoryConfig, TempLoraConfig, WindowConfig
+from .methods import (METHODS, FullConfig, LongCacheConfig, MemoryConfig, RazorConfig, StreamingConfig, TempLoraConfig,
+                      WindowConfig)
 from .models import LoadedModel, load_model, weights_fingerprint
 from .session import Sampler, Session
 from .texts import read_text
 
 __version__ = "0.1.0"
-__all__ = ["InfinictxError", "LoadedModel", "METHODS", "GenerationResult", "MemoryConfig", "PerplexityResult", "Sampler",
-           "Session", "TempLoraConfig", "WindowConfig", "generate_long", "load_model", "read_text",
+__all__ = ["InfinictxError", "LoadedModel", "METHODS", "FullConfig", "GenerationResult", "LongCacheConfig", "MemoryConfig",
+           "PerplexityResult", "RazorConfig", "Sampler", "Session", "StreamingConfig", "TempLoraConfig", "WindowConfig", "generate_long", "load_model", "read_text",
            "streaming_perplexity", "weights_fingerprint"]

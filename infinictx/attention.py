@@ -136,3 +136,52 @@ class LocalKV:
 
     def nbytes(self) -> int:
         return 0 if self.k is None else self.k.nbytes + self.v.nbytes
+
+
+class KVBuffer:
+    """Keys and values (B, H, N, D) of a growing token sequence, in a buffer that grows by doubling, so appending
+    a chunk costs the chunk, not the whole past. Stored in `dtype`; `nbytes` counts the tokens held."""
+
+    def __init__(self, dtype: torch.dtype | None = None):
+        self.dtype = dtype
+        self.k = self.v = None
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def append(self, k: torch.Tensor, v: torch.Tensor):
+        n = k.shape[2]
+        if self.k is None or self.size + n > self.k.shape[2]:
+            cap = max(self.size + n, 2 * (0 if self.k is None else self.k.shape[2]), 256)
+            dtype = self.dtype or k.dtype
+            new_k = k.new_empty(*k.shape[:2], cap, k.shape[3], dtype=dtype)
+            new_v = v.new_empty(*v.shape[:2], cap, v.shape[3], dtype=dtype)
+            if self.size:
+                new_k[:, :, :self.size] = self.k[:, :, :self.size]
+                new_v[:, :, :self.size] = self.v[:, :, :self.size]
+            self.k, self.v = new_k, new_v
+        self.k[:, :, self.size:self.size + n] = k
+        self.v[:, :, self.size:self.size + n] = v
+        self.size += n
+
+    def truncate(self, n: int):
+        """Forget every token after the first n (e.g. the new tokens of an uncommitted forward)."""
+        self.size = min(self.size, n)
+
+    def keys(self) -> torch.Tensor:
+        return self.k[:, :, :self.size]
+
+    def values(self) -> torch.Tensor:
+        return self.v[:, :, :self.size]
+
+    def nbytes(self) -> int:
+        return 0 if self.k is None else 2 * self.k[:, :, :self.size].nelement() * self.k.element_size()
+
+    def copy(self) -> "KVBuffer":
+        """An independent copy (appends to one do not show in the other)."""
+        other = type(self).__new__(type(self))
+        other.__dict__.update(self.__dict__)
+        if self.k is not None:
+            other.k, other.v = self.k[:, :, :self.size].clone(), self.v[:, :, :self.size].clone()
+        return other

@@ -2,7 +2,8 @@
 
   infinictx ppl [FILE] --method {window,temp-lora,memory} --window W --chunk D ...   streaming perplexity
   infinictx generate --prompt TEXT --tokens N ...                                   long generation
-  infinictx passkey --method {window,memory,temp-lora} --lengths 1k,4k --trials N   retrieval accuracy
+  infinictx passkey --method {window,memory,temp-lora,full,streaming,longcache,razor} --lengths 1k,4k --trials N
+                                                                                    retrieval accuracy
   infinictx fetch                                                                   cache the default model and book
 """
 
@@ -15,7 +16,8 @@ from pathlib import Path
 from .errors import InfinictxError
 
 
-METHOD_NAMES = ["window", "temp-lora", "memory"]
+METHOD_NAMES = ["window", "temp-lora", "memory", "full", "streaming", "longcache", "razor"]
+KV_POLICIES = ("full", "streaming", "longcache", "razor")
 
 
 def _add_common(p: argparse.ArgumentParser, default_method: str = "temp-lora", default_window: int = 512):
@@ -41,6 +43,24 @@ def _add_common(p: argparse.ArgumentParser, default_method: str = "temp-lora", d
     m.add_argument("--mem-dtype", default=None, help="dtype of the stored memory (default: the model's)")
     m.add_argument("--grouping", default=None, metavar="HEADS,QUERIES",
                    help="memory attention in blocks of query heads × queries (bounds peak memory)")
+    kv = p.add_argument_group("KV-cache policies (full, streaming, longcache, razor)")
+    kv.add_argument("--temp-lora", action="store_true", help="train Temp-Lora on top of the policy (uses --lr, "
+                    "--steps, --rank, --alpha, --train-context)")
+    kv.add_argument("--sinks", type=int, default=4, help="attention-sink tokens every head keeps (streaming, razor: 4)")
+    kv.add_argument("--global-tokens", type=int, default=32, help="longcache: first tokens always attended (32)")
+    kv.add_argument("--span", type=int, default=32, help="longcache: tokens recalled around each selected one (32)")
+    kv.add_argument("--recall-clip", type=int, default=None, help="longcache: spans recalled per step "
+                    "(default: half of what W leaves after global tokens and Δ)")
+    kv.add_argument("--select-topk", type=int, default=4, help="longcache: positions each query and head votes for (4)")
+    kv.add_argument("--keep-ratio", type=float, default=0.0625, help="razor: 1/C, share of tokens a non-retrieval "
+                    "head keeps (1/16)")
+    kv.add_argument("--min-window", type=int, default=256, help="razor: S0, recent tokens a non-retrieval head "
+                    "keeps at least (256)")
+    kv.add_argument("--induction-ratio", type=float, default=0.14, help="razor: share of KV heads kept whole as "
+                    "induction heads (0.14)")
+    kv.add_argument("--echo-ratio", type=float, default=0.10, help="razor: ... as echo heads (0.10; paper 0.01)")
+    kv.add_argument("--compensation", choices=["weighted", "mean", "none"], default="weighted",
+                    help="razor: compensation token weighted by the dropped count (paper), plain mean, or none")
     p.add_argument("--model", default=None, help="HF model directory or .gguf file (default: embedded SmolLM2)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
@@ -115,14 +135,44 @@ def method_config(args, default_window: int = 512):
         return MemoryConfig(window=args.window, chunk=args.chunk, mem_layers=parse_mem_layers(args.mem_layers),
                             positionals=args.positionals, lookup=args.lookup, topk=args.topk,
                             mem_dtype=args.mem_dtype, grouping=grouping)
+    extra = {k: getattr(args, k) for k in ("train_context", "lr", "steps", "rank", "alpha")
+             if getattr(args, k) is not None}
+    if args.method in KV_POLICIES:
+        return _policy_config(args, extra)
+    if args.temp_lora:
+        raise InfinictxError("--temp-lora goes with a KV-cache policy (--method full|streaming|longcache|razor)")
     window = default_window if args.window is None else args.window
     chunk = min(256, window // 2) if args.chunk is None else args.chunk
     if args.method == "window":
         return WindowConfig(window=window, chunk=chunk)
-    extra = {k: getattr(args, k) for k in ("train_context", "lr", "steps", "rank", "alpha")
-             if getattr(args, k) is not None}
     return TempLoraConfig(window=window, chunk=chunk, fuse_first_step=not args.no_fuse,
                           save_adapter=args.save_adapter, **extra)
+
+
+def _policy_config(args, temp_lora_extra: dict):
+    """The config of a KV-cache policy, with Temp-Lora on top if asked (W and Δ are validated when the session
+    is made)."""
+    from .methods import FullConfig, LongCacheConfig, RazorConfig, StreamingConfig, TempLoraConfig
+
+    window = 1024 if args.window is None else args.window
+    if args.window is not None and args.window <= 0:
+        raise InfinictxError(f"--window must be > 0 (got {args.window})")
+    chunk = args.chunk
+    temp_lora = None
+    if args.temp_lora:
+        scope = window if args.method in ("streaming", "longcache") else 1024
+        tl_chunk = min(256, scope // 2) if chunk is None else min(chunk, scope // 2)
+        temp_lora = TempLoraConfig(window=scope, chunk=tl_chunk, save_adapter=args.save_adapter, **temp_lora_extra)
+    if args.method == "full":
+        return FullConfig(chunk=chunk or 512, temp_lora=temp_lora)
+    if args.method == "streaming":
+        return StreamingConfig(window=window, sinks=args.sinks, chunk=chunk, temp_lora=temp_lora)
+    if args.method == "longcache":
+        return LongCacheConfig(window=window, chunk=chunk, global_tokens=args.global_tokens, span=args.span,
+                               recall_clip=args.recall_clip, topk=args.select_topk, temp_lora=temp_lora)
+    return RazorConfig(chunk=chunk or 512, keep_ratio=args.keep_ratio, min_window=args.min_window, sinks=args.sinks,
+                       induction_ratio=args.induction_ratio, echo_ratio=args.echo_ratio,
+                       compensation=args.compensation, temp_lora=temp_lora)
 
 
 def _setup_torch(args):
@@ -139,8 +189,9 @@ def cmd_ppl(args) -> int:
     from .texts import read_text
 
     config = method_config(args)  # validates W, Δ, L_T before any heavy work
-    if args.max_tokens is not None and config.window and args.max_tokens <= config.window:
-        raise InfinictxError(f"--max-tokens {args.max_tokens} must be larger than the window W={config.window}")
+    window = getattr(config, "window", None)
+    if args.max_tokens is not None and window and args.max_tokens <= window:
+        raise InfinictxError(f"--max-tokens {args.max_tokens} must be larger than the window W={window}")
     text, text_name = read_text(args.file, record=args.record)
     _setup_torch(args)
     lm = load_model(args.model, device=args.device, dtype=args.dtype)

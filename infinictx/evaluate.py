@@ -96,8 +96,8 @@ def streaming_perplexity(session: Session, ids: torch.Tensor, compare_base: bool
     ids = ids.to(torch.long).cpu()
     if ids.dim() != 1:
         raise InfinictxError("expected a 1-D token stream")
-    if len(ids) <= session.window:
-        raise InfinictxError(f"the text has {len(ids)} tokens, not more than the window W={session.window}: "
+    if len(ids) <= session.min_text_tokens:
+        raise InfinictxError(f"the text has {len(ids)} tokens, not more than the window W={session.min_text_tokens}: "
                              "streaming perplexity needs a text longer than the window")
     if bucket_size < 1:
         raise InfinictxError(f"bucket size must be >= 1 (got {bucket_size})")

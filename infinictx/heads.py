@@ -70,13 +70,33 @@ def head_scores(model, block: int = 64, repeats: int = 4, seed: int = 0, bos_id:
             "echo_kv": echo_t.view(L, -1, group).amax(-1), "induction_kv": induction_t.view(L, -1, group).amax(-1)}
 
 
+def cached_head_scores(model, bos_id: int | None = None) -> dict[str, torch.Tensor]:
+    """`head_scores` with the default probe, computed once per model object."""
+    if model not in _CACHE:
+        _CACHE[model] = head_scores(model, bos_id=bos_id)
+    return _CACHE[model]
+
+
 def retrieval_layers(model, n: int, bos_id: int | None = None) -> list[int]:
     """The n layers whose strongest head scores highest as echo or induction head, in layer order. Those are
     where a copying circuit reads the past: the layers that should read a memory. Scores are cached per model."""
     if n <= 0:
         return []
-    if model not in _CACHE:
-        _CACHE[model] = head_scores(model, bos_id=bos_id)
-    s = _CACHE[model]
+    s = cached_head_scores(model, bos_id)
     best = torch.maximum(s["echo"], s["induction"]).amax(-1)
     return sorted(best.topk(min(n, best.numel())).indices.tolist())
+
+
+def retrieval_heads(model, induction_ratio: float = 0.14, echo_ratio: float = 0.01,
+                    bos_id: int | None = None) -> dict[int, list[int]]:
+    """RazorAttention's retrieval heads: of all (layer, KV head) pairs, the top `induction_ratio` by induction
+    score and the top `echo_ratio` by echo score (a KV head scores as its best query head), as
+    {layer: [KV heads]} (every layer listed, possibly empty). A ratio above 0 keeps at least one head."""
+    s = cached_head_scores(model, bos_id)
+    n_layers, n_kv = s["induction_kv"].shape
+    chosen = set()
+    for key, ratio in (("induction_kv", induction_ratio), ("echo_kv", echo_ratio)):
+        n = min(n_layers * n_kv, max(1, round(ratio * n_layers * n_kv))) if ratio > 0 else 0
+        if n:
+            chosen.update(s[key].flatten().topk(n).indices.tolist())
+    return {i: sorted(j % n_kv for j in chosen if j // n_kv == i) for i in range(n_layers)}

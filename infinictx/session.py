@@ -85,6 +85,11 @@ class Session:
     # --- what a method changes -------------------------------------------------------------------------
     has_base_variant = False  # True when `score(..., base=True)` differs from `score(...)`
 
+    @property
+    def min_text_tokens(self) -> int:
+        """A stream must be longer than this for streaming perplexity to mean anything: the window."""
+        return self.window
+
     def base_model_context(self):
         """Context manager under which forwards run the unmodified base model."""
         return nullcontext()
@@ -191,3 +196,94 @@ class Session:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+class StatefulSession(Session):
+    """A session that keeps its own per-layer state of the past (a FoT memory, a KV cache under a policy) and
+    runs every token through the model once. Subclasses implement `_process(tokens, commit, all_logits)`: run
+    `tokens` after everything processed so far and return their logits (all, or the last position's); with
+    commit=False the state of the past stays as it was. Scoring, absorbing and generation are built on it here."""
+
+    def __init__(self, lm: LoadedModel, window: int, chunk: int):
+        super().__init__(lm, window, chunk)
+        self._last_logits = None   # logits after the last processed token: they predict the next one
+        self._ahead = 0            # generated tokens already processed but not yet absorbed into the history
+
+    def _process(self, tokens: torch.Tensor, commit: bool, all_logits: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _scored(self, chunk: torch.Tensor, commit: bool) -> torch.Tensor:
+        """Per-token NLL of `chunk` after everything processed so far (processing it, committed or not)."""
+        previous = self._last_logits  # predicts chunk[0]; _process replaces it when it commits
+        logits = self._process(chunk, commit=commit, all_logits=True)
+        if commit:
+            self._last_logits = logits[-1].float()
+        chunk = chunk.to(logits.device)
+        if previous is None:  # stream start: the first token has no prediction
+            return F.cross_entropy(logits[:-1].float(), chunk[1:], reduction="none")
+        preds = torch.cat([previous[None].to(logits.dtype), logits[:-1]])
+        return F.cross_entropy(preds.float(), chunk, reduction="none")
+
+    def _check(self, nll: torch.Tensor):
+        if not torch.isfinite(nll).all():
+            raise InfinictxError(f"the model produced a non-finite NLL at token {len(self.history)}")
+
+    @torch.no_grad()
+    def score(self, chunk: torch.Tensor, base: bool = False) -> torch.Tensor:
+        if base:
+            return super().score(chunk, base=True)
+        with self.meter.phase("scoring"):
+            nll = self._scored(chunk, commit=False).cpu()
+        self._check(nll)
+        return nll
+
+    @torch.no_grad()
+    def score_and_absorb(self, chunk: torch.Tensor, compare_base: bool = False):
+        base = super().score(chunk, base=True) if compare_base and self.has_base_variant else None
+        with self.meter.phase("scoring"):
+            nll = self._scored(chunk, commit=True).cpu()
+        self._check(nll)
+        self.history = torch.cat([self.history, chunk.cpu()])
+        if compare_base and base is None:
+            base = nll.clone()
+        return nll, base
+
+    @torch.no_grad()
+    def absorb(self, chunk: torch.Tensor):
+        chunk = chunk.cpu()
+        skip = min(self._ahead, len(chunk))  # generated tokens were processed while they were generated
+        self._ahead -= skip
+        self.history = torch.cat([self.history, chunk])
+        rest = chunk[skip:]
+        with self.meter.phase("absorbing"):
+            for s in range(0, len(rest), self.chunk):
+                logits = self._process(rest[s:s + self.chunk], commit=True, all_logits=False)
+                self._last_logits = logits[-1].float()
+
+    def add_context(self, tokens: torch.Tensor):
+        self.absorb(tokens)  # the state has to see everything it is to remember
+
+    @torch.no_grad()
+    def generate_chunk(self, n: int, context_len: int, sampler: Sampler, cache_reuse: bool = True) -> torch.Tensor:
+        """Sample n tokens after everything absorbed so far (`context_len` and `cache_reuse` do not apply: the
+        session's own state is always reused)."""
+        if self._last_logits is None:
+            raise InfinictxError("generation needs a non-empty prompt")
+        out = []
+        recent = self.history[-self.window:]
+        with self.meter.phase("generation"):
+            for _ in range(n):
+                token = sampler(self._last_logits, torch.cat([recent, torch.tensor(out, dtype=torch.long)]),
+                                self.eos_ids)
+                out.append(token)
+                self._last_logits = self._process(torch.tensor([token]), commit=True, all_logits=False)[-1].float()
+        self._ahead += n
+        self.meter.tokens["generated"] += n
+        return torch.tensor(out, dtype=torch.long)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "ahead": self._ahead, "last_logits": self._last_logits}
+
+    def load_state_dict(self, state: dict, history: torch.Tensor):
+        super().load_state_dict(state, history)
+        self._ahead, self._last_logits = state["ahead"], state["last_logits"]

@@ -32,13 +32,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..attention import LocalKV, Rope, base_causal_lm, causal_mask, check_supported, decoder_forward, local_attention
+from ..attention import (KVBuffer, LocalKV, Rope, base_causal_lm, causal_mask, check_supported, decoder_forward,
+                         local_attention)
 from ..errors import InfinictxError
 from ..heads import retrieval_layers
 from ..models import DTYPES, LoadedModel
-from ..session import Sampler, Session
+from ..session import StatefulSession
 
 POSITIONALS = ("first", "distance", "window", "none")
 LOOKUPS = ("dense", "topk")
@@ -132,54 +132,26 @@ class MemoryConfig:
         return MemorySession(lm, self.resolved(lm))
 
 
-class Memory:
+class Memory(KVBuffer):
     """One memory layer's external memory: keys and values (B, Hkv, M, D) of every token that left the local
-    window, in a buffer that grows by doubling. For top-k lookups on large memories (batch 1) it also keeps one
-    exact inner-product faiss index per KV head, built once the memory reaches `faiss_min` entries."""
+    window (a growing `KVBuffer`). For top-k lookups on large memories (batch 1) it also keeps one exact
+    inner-product faiss index per KV head, built once the memory reaches `faiss_min` entries."""
 
     def __init__(self, dtype: torch.dtype, faiss_min: int | None = 16384):
-        self.dtype, self.faiss_min = dtype, faiss_min
-        self.k = self.v = None
-        self.size = 0
+        super().__init__(dtype)
+        self.faiss_min = faiss_min
         self.indexes = None
 
-    def __len__(self) -> int:
-        return self.size
-
     def append(self, k: torch.Tensor, v: torch.Tensor):
+        super().append(k, v)
         n = k.shape[2]
-        if self.k is None or self.size + n > self.k.shape[2]:
-            cap = max(self.size + n, 2 * (0 if self.k is None else self.k.shape[2]), 256)
-            new_k = k.new_empty(*k.shape[:2], cap, k.shape[3], dtype=self.dtype)
-            new_v = v.new_empty(*v.shape[:2], cap, v.shape[3], dtype=self.dtype)
-            if self.size:
-                new_k[:, :, :self.size] = self.k[:, :, :self.size]
-                new_v[:, :, :self.size] = self.v[:, :, :self.size]
-            self.k, self.v = new_k, new_v
-        self.k[:, :, self.size:self.size + n] = k
-        self.v[:, :, self.size:self.size + n] = v
-        self.size += n
         if self.indexes is not None:
             self._index_add(self.size - n, self.size)
         elif self.faiss_min is not None and self.size >= self.faiss_min and k.shape[0] == 1:
             self._build_indexes()
 
-    def keys(self) -> torch.Tensor:
-        return self.k[:, :, :self.size]
-
-    def values(self) -> torch.Tensor:
-        return self.v[:, :, :self.size]
-
-
-    def nbytes(self) -> int:
-        return 0 if self.k is None else 2 * self.k[:, :, :self.size].nelement() * self.k.element_size()
-
     def copy(self) -> "Memory":
-        """An independent copy (appends to one do not show in the other)."""
-        other = Memory(self.dtype, self.faiss_min)
-        if self.k is not None:
-            other.k, other.v = self.k[:, :, :self.size].clone(), self.v[:, :, :self.size].clone()
-            other.size = self.size
+        other = super().copy()
         if self.indexes is not None:
             import faiss
 
@@ -268,7 +240,7 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_mem: t
     return out.view(B, Hq, T, D)
 
 
-class MemorySession(Session):
+class MemorySession(StatefulSession):
     """A stream read through a local window of W tokens plus a FoT memory in the memory layers."""
 
     method = "memory"
@@ -284,8 +256,6 @@ class MemorySession(Session):
         self.rope = Rope(self.model, lm.device, lm.dtype)
         self.local = [LocalKV() for _ in range(self.n_layers)]
         self.memory = {i: self._new_memory() for i in config.mem_layers}
-        self._last_logits = None   # logits after the last processed token: they predict the next one
-        self._ahead = 0            # generated tokens already processed but not yet absorbed into the history
 
     def _new_memory(self) -> Memory:
         # faiss only serves top-k lookups; a dense lookup reads every entry anyway
@@ -337,8 +307,6 @@ class MemorySession(Session):
         logits = decoder_forward(self.model, tokens.to(self.device)[None], attend,
                                  logits_to_keep=None if all_logits else 1)[0]
         self._account(T, cached, T if all_logits else 1)
-        if commit:
-            self._last_logits = logits[-1].float()
         return logits
 
     def _account(self, n: int, cached: int, n_logits: int):
@@ -355,71 +323,6 @@ class MemorySession(Session):
     def kv_bytes(self) -> int:
         """Bytes of keys and values held: every layer's local window plus the memories."""
         return sum(x.nbytes() for x in self.local) + sum(m.nbytes() for m in self.memory.values())
-
-    def _scored(self, chunk: torch.Tensor, commit: bool) -> torch.Tensor:
-        """Per-token NLL of `chunk` after everything processed so far (processing it, committed or not)."""
-        previous = self._last_logits  # predicts chunk[0]; _process replaces it when it commits
-        logits = self._process(chunk, commit=commit, all_logits=True)
-        chunk = chunk.to(logits.device)
-        if previous is None:  # stream start: the first token has no prediction
-            return F.cross_entropy(logits[:-1].float(), chunk[1:], reduction="none")
-        preds = torch.cat([previous[None].to(logits.dtype), logits[:-1]])
-        return F.cross_entropy(preds.float(), chunk, reduction="none")
-
-    # --- the session interface --------------------------------------------------------------------------
-    @torch.no_grad()
-    def score(self, chunk: torch.Tensor, base: bool = False) -> torch.Tensor:
-        if base:
-            return super().score(chunk, base=True)
-        with self.meter.phase("scoring"):
-            nll = self._scored(chunk, commit=False).cpu()
-        self._check(nll)
-        return nll
-
-    def _check(self, nll: torch.Tensor):
-        if not torch.isfinite(nll).all():
-            raise InfinictxError(f"the model produced a non-finite NLL at token {len(self.history)}")
-
-    @torch.no_grad()
-    def score_and_absorb(self, chunk: torch.Tensor, compare_base: bool = False):
-        base = super().score(chunk, base=True) if compare_base else None
-        with self.meter.phase("scoring"):
-            nll = self._scored(chunk, commit=True).cpu()
-        self._check(nll)
-        self.history = torch.cat([self.history, chunk.cpu()])
-        return nll, base
-
-    @torch.no_grad()
-    def absorb(self, chunk: torch.Tensor):
-        chunk = chunk.cpu()
-        skip = min(self._ahead, len(chunk))  # generated tokens were processed while they were generated
-        self._ahead -= skip
-        self.history = torch.cat([self.history, chunk])
-        rest = chunk[skip:]
-        with self.meter.phase("absorbing"):
-            for s in range(0, len(rest), self.chunk):
-                self._process(rest[s:s + self.chunk], commit=True, all_logits=False)
-
-    def add_context(self, tokens: torch.Tensor):
-        self.absorb(tokens)  # the memory has to see everything it is to remember
-
-    @torch.no_grad()
-    def generate_chunk(self, n: int, context_len: int, sampler: Sampler, cache_reuse: bool = True) -> torch.Tensor:
-        """Sample n tokens after everything absorbed so far (local window + memory; `context_len` and
-        `cache_reuse` do not apply: the local cache is always reused, and tokens leaving it go to memory)."""
-        if self._last_logits is None:
-            raise InfinictxError("generation needs a non-empty prompt")
-        out = []
-        recent = self.history[-self.window:]
-        with self.meter.phase("generation"):
-            for _ in range(n):
-                token = sampler(self._last_logits, torch.cat([recent, torch.tensor(out, dtype=torch.long)]),
-                                self.eos_ids)
-                out.append(token)
-                self._process(torch.tensor([token]), commit=True, all_logits=False)
-        self._ahead += n
-        self.meter.tokens["generated"] += n
-        return torch.tensor(out, dtype=torch.long)
 
     def fork(self) -> "MemorySession":
         """An independent session in the same state: both can go on reading different continuations (the
@@ -439,14 +342,12 @@ class MemorySession(Session):
 
     # --- resume and clean-up -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"meter": self.meter.state_dict(), "ahead": self._ahead, "last_logits": self._last_logits,
-                "local": [(x.k, x.v) for x in self.local],
+        return {**super().state_dict(), "local": [(x.k, x.v) for x in self.local],
                 "memory": {i: (m.keys().clone(), m.values().clone()) if len(m) else None
                            for i, m in self.memory.items()}}
 
     def load_state_dict(self, state: dict, history: torch.Tensor):
         super().load_state_dict(state, history)
-        self._ahead, self._last_logits = state["ahead"], state["last_logits"]
         for local, (k, v) in zip(self.local, state["local"]):
             local.set(k, v)
         for i, kv in state["memory"].items():

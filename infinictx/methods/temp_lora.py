@@ -64,36 +64,29 @@ class TempLoraConfig:
         return TempLoraSession(lm, self)
 
 
-class TempLoraSession(Session):
-    method = "temp-lora"
-    has_base_variant = True
+class TempLora:
+    """The temporary adapter and its optimizer: what Temp-Lora adds to a session. `TempLoraSession` is a sliding
+    window with it; a KV-policy session can carry it too (Temp-Lora on top of LongCache or RazorAttention).
+    peft wraps the linear layers of lm.model in place; `close` takes them out again without merging."""
 
     def __init__(self, lm: LoadedModel, config: TempLoraConfig):
         from peft import LoraConfig, get_peft_model
 
-        super().__init__(lm, config.window, config.chunk)
         self.config = config
-        self.lora_rank = config.rank
         lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
                           target_modules="all-linear", task_type="CAUSAL_LM")  # all-linear skips the LM head
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            # get_peft_model wraps the linear layers of lm.model in place; close() takes them out again.
             self.model = get_peft_model(lm.model, lora)
         self.params = [p for n, p in self.model.named_parameters() if "lora_" in n]
         for p in self.params:
             p.requires_grad_(True)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, eps=1e-7, betas=(0.9, 0.999),
                                            weight_decay=config.weight_decay)
-        self.fused = (config.fuse_first_step and config.train_context == config.window - config.chunk
-                      and config.dropout == 0)
         self.chunks_trained = 0
 
-    def base_model_context(self):
-        return self.model.disable_adapter()
-
     @contextmanager
-    def _train_mode(self):
+    def train_mode(self):
         # Only LoRA dropout depends on the mode (Llama itself has none); keep eval mode otherwise.
         if self.config.dropout:
             self.model.train()
@@ -102,20 +95,71 @@ class TempLoraSession(Session):
         finally:
             self.model.eval()
 
-    def _backward_and_step(self, nll: torch.Tensor, n_inputs: int):
+    def backward_and_step(self, nll: torch.Tensor, where: int):
+        """One optimizer step on the mean of `nll` (a graph); `where` (a token index) is named in the error."""
         loss = nll.mean()
         if not torch.isfinite(loss):
-            raise InfinictxError(f"Temp-Lora training loss became {loss.item()} at token {len(self.history)} "
+            raise InfinictxError(f"Temp-Lora training loss became {loss.item()} at token {where} "
                                  f"(chunk {self.chunks_trained}); try a lower --lr")
         loss.backward()
-        self.meter.add_backward(n_inputs, 0, len(nll), self.lora_rank)
         torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def state_dict(self) -> dict:
+        from peft import get_peft_model_state_dict
+
+        return {"adapter": {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.model).items()},
+                "optimizer": self.optimizer.state_dict(), "chunks_trained": self.chunks_trained}
+
+    def load_state_dict(self, state: dict):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.model, state["adapter"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.chunks_trained = state["chunks_trained"]
+
+    def close(self):
+        """Discard the adapter (saving it first if asked): the base model is back as it was."""
+        if self.config.save_adapter:
+            Path(self.config.save_adapter).mkdir(parents=True, exist_ok=True)
+            self.model.save_pretrained(self.config.save_adapter)
+        self.model.unload()  # removes the LoRA layers without merging them into the base weights
+        self.optimizer = None
+        self.params = []
+
+
+class TempLoraSession(Session):
+    method = "temp-lora"
+    has_base_variant = True
+
+    def __init__(self, lm: LoadedModel, config: TempLoraConfig):
+        super().__init__(lm, config.window, config.chunk)
+        self.config = config
+        self.lora_rank = config.rank
+        self.lora = TempLora(lm, config)
+        self.model = self.lora.model
+        self.fused = (config.fuse_first_step and config.train_context == config.window - config.chunk
+                      and config.dropout == 0)
+
+    @property
+    def params(self) -> list:
+        return self.lora.params
+
+    @property
+    def chunks_trained(self) -> int:
+        return self.lora.chunks_trained
+
+    def base_model_context(self):
+        return self.model.disable_adapter()
+
+    def _backward_and_step(self, nll: torch.Tensor, n_inputs: int):
+        self.lora.backward_and_step(nll, len(self.history))
+        self.meter.add_backward(n_inputs, 0, len(nll), self.lora_rank)
+
     def _train(self, context: torch.Tensor, chunk: torch.Tensor, steps: int):
         n_inputs = len(context) + len(chunk) - 1
-        with self.meter.phase("training"), self._train_mode():
+        with self.meter.phase("training"), self.lora.train_mode():
             for _ in range(steps):
                 self._backward_and_step(self.chunk_nll(context, chunk), n_inputs)
 
@@ -128,7 +172,7 @@ class TempLoraSession(Session):
         self.add_context(chunk)
         if len(context) + len(chunk) >= 2:  # a lone first token has nothing to predict
             self._train(context, chunk.cpu(), self.config.steps)
-        self.chunks_trained += 1
+        self.lora.chunks_trained += 1
 
     def score_and_absorb(self, chunk: torch.Tensor, compare_base: bool = False):
         if not self.fused or len(self.history) + len(chunk) < 2:
@@ -145,25 +189,15 @@ class TempLoraSession(Session):
         self.add_context(chunk)
         if self.config.steps > 1:
             self._train(context, chunk.cpu(), self.config.steps - 1)
-        self.chunks_trained += 1
+        self.lora.chunks_trained += 1
         return scored, base
 
     def state_dict(self) -> dict:
-        from peft import get_peft_model_state_dict
-
-        state = super().state_dict()
-        state["adapter"] = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.model).items()}
-        state["optimizer"] = self.optimizer.state_dict()
-        state["chunks_trained"] = self.chunks_trained
-        return state
+        return {**super().state_dict(), **self.lora.state_dict()}
 
     def load_state_dict(self, state: dict, history: torch.Tensor):
-        from peft import set_peft_model_state_dict
-
         super().load_state_dict(state, history)
-        set_peft_model_state_dict(self.model, state["adapter"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.chunks_trained = state["chunks_trained"]
+        self.lora.load_state_dict(state)
 
     def describe(self) -> dict:
         d = asdict(self.config)
@@ -177,10 +211,5 @@ class TempLoraSession(Session):
         super().close()
         if getattr(self, "model", None) is None or self.model is self.lm.model:
             return
-        if self.config.save_adapter:
-            Path(self.config.save_adapter).mkdir(parents=True, exist_ok=True)
-            self.model.save_pretrained(self.config.save_adapter)
-        self.model.unload()  # removes the LoRA layers without merging them into the base weights
-        self.optimizer = None
-        self.params = []
+        self.lora.close()
         self.model = self.lm.model

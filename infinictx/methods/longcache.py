@@ -1,0 +1,134 @@
+"""LongCache / ReAttention (Liu et al., arXiv 2407.15176): infinite context through a finite attention scope.
+
+Every layer keeps the **full** cache, keys stored **before** RoPE. The past splits into the first `global_tokens`
+(attention sinks), the most recent tokens (local), and the middle. For each query chunk (a prefill chunk of Δ
+tokens, or the decode token) the middle is scored by q·k *without* RoPE (position-agnostic); each query and
+head votes for its `topk` best positions; the `recall_clip` positions with most votes are widened to spans of
+`span` contiguous tokens (centred, clamped to the middle), merged, and kept in their original order. The layer
+then attends over [global ‖ selected spans ‖ local ‖ new] with RoPE at contiguous positions 0..L−1: positions
+never exceed the scope W, however long the input, so the model needs no length extrapolation.
+
+Budgets: W = global + recall_clip × span + local + Δ; the local part takes what the others leave (for a decode
+token, Δ = 1: the local part grows by Δ − 1). The selection is shared by all heads of a layer (as in the
+official code). The cache itself is not compressed: LongCache bounds what attention sees, not what is stored."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..attention import KVBuffer, local_attention
+from ..errors import InfinictxError
+from ..models import LoadedModel
+from ..session import check_window
+from .kv_cache import KVCacheSession, KVPolicy, _temp_lora_for, check_positive
+from .temp_lora import TempLoraConfig
+
+SCORE_BUDGET_BYTES = 256 << 20
+
+
+class LongCachePolicy(KVPolicy):
+    name = "longcache"
+
+    def __init__(self, window: int, global_tokens: int = 32, span: int = 32, recall_clip: int = 8, topk: int = 4):
+        self.scope, self.global_tokens, self.span, self.recall_clip, self.topk = (
+            window, global_tokens, span, recall_clip, topk)
+        self._flops = 0
+
+    def start(self, n_layers: int):
+        self.layers = [KVBuffer() for _ in range(n_layers)]
+        self.selected = [0] * n_layers   # tokens recalled from the middle at the last step, per layer
+
+    def local_size(self, n_new: int) -> int:
+        return self.scope - self.global_tokens - self.recall_clip * self.span - n_new
+
+    def attend(self, i, a, q, k, v, past, rope, commit):
+        T = q.shape[2]
+        buf = self.layers[i]
+        buf.append(k, v)
+        keys, values = buf.keys(), buf.values()
+        mid_start, mid_end = self.global_tokens, past - self.local_size(T)
+        if mid_end > mid_start:
+            picked = self.select(q, keys[:, :, mid_start:mid_end]) + mid_start
+            self.selected[i] = len(picked)
+            idx = torch.cat([torch.arange(mid_start, device=q.device), picked,
+                             torch.arange(mid_end, past + T, device=q.device)])
+            keys, values = keys[:, :, idx], values[:, :, idx]
+        L = keys.shape[2]
+        out = local_attention(rope.rotate(q, L - T), rope.rotate(keys, 0), values, a.scaling)
+        if not commit:
+            buf.truncate(past)
+        return out
+
+    @torch.no_grad()
+    def select(self, q: torch.Tensor, k_mid: torch.Tensor) -> torch.Tensor:
+        """Positions (sorted) of the middle to attend to: q (1, Hq, T, D) and k_mid (1, Hkv, M, D), both before
+        RoPE. Each (query, head) votes for its top-k keys by q·k; the most voted `recall_clip` positions become
+        spans."""
+        B, Hq, T, D = q.shape
+        Hkv, M = k_mid.shape[1], k_mid.shape[2]
+        rows = q.reshape(B, Hkv, (Hq // Hkv) * T, D)   # query heads of one KV head, then queries
+        k_top = min(self.topk, M)
+        votes = torch.zeros(M, dtype=torch.long, device=q.device)
+        block = max(1, SCORE_BUDGET_BYTES // (4 * B * Hkv * M))
+        kt = k_mid.transpose(-1, -2)
+        for r0 in range(0, rows.shape[2], block):
+            idx = (rows[:, :, r0:r0 + block] @ kt).topk(k_top, dim=-1).indices
+            votes += torch.bincount(idx.flatten(), minlength=M)
+        self._flops += 2 * Hq * T * M * D
+        n_pick = min(self.recall_clip, int((votes > 0).sum()))
+        centres = votes.topk(n_pick).indices
+        span = min(self.span, M)
+        starts = (centres - span // 2).clamp(0, M - span)
+        keep = torch.zeros(M, dtype=torch.bool, device=q.device)
+        keep[(starts[:, None] + torch.arange(span, device=q.device)[None]).flatten()] = True
+        return keep.nonzero().squeeze(1)
+
+    def keys_seen(self, past: int, n_new: int) -> int:
+        return min(past, self.scope - n_new)
+
+    def extra_flops(self) -> int:
+        flops, self._flops = self._flops, 0
+        return flops
+
+    def nbytes(self) -> int:
+        return sum(b.nbytes() for b in self.layers)
+
+    def describe(self) -> dict:
+        return {"global_tokens": self.global_tokens, "span": self.span, "recall_clip": self.recall_clip,
+                "topk": self.topk, "local": self.local_size(0)}
+
+
+@dataclass
+class LongCacheConfig:
+    window: int = 1024                # W: the attention scope (keys one query sees), inside the trained window
+    chunk: int | None = None          # Δ: tokens per prefill forward (default W/8: fewer filler queries outvote
+                                      # the question's; passkey at 4K, 4 trials: 2/4 with W/4, 3/4 = full with W/8)
+    global_tokens: int = 32           # first tokens always attended (sinks)
+    span: int = 32                    # contiguous tokens recalled around each selected position
+    recall_clip: int | None = None    # positions (spans) recalled per step; default: half of what W leaves
+    topk: int = 4                     # positions each query and head votes for
+    temp_lora: TempLoraConfig | bool | None = None
+
+    def policy(self) -> tuple[LongCachePolicy, int]:
+        check_positive(window=self.window, span=self.span, topk=self.topk)
+        chunk = self.chunk if self.chunk is not None else max(1, self.window // 8)
+        check_window(self.window, chunk)
+        if self.global_tokens < 0:
+            raise InfinictxError(f"global tokens must be >= 0 (got {self.global_tokens})")
+        clip = self.recall_clip
+        if clip is None:
+            clip = max(1, (self.window - self.global_tokens - chunk) // (2 * self.span))
+        if clip < 0:
+            raise InfinictxError(f"recall clip must be >= 0 (got {clip})")
+        policy = LongCachePolicy(self.window, self.global_tokens, self.span, clip, self.topk)
+        if policy.local_size(chunk) < 1:
+            raise InfinictxError(
+                f"LongCache budgets exceed the scope: global {self.global_tokens} + recall {clip}×{self.span} + "
+                f"chunk {chunk} must be < W={self.window}")
+        return policy, chunk
+
+    def make_session(self, lm: LoadedModel) -> KVCacheSession:
+        policy, chunk = self.policy()
+        return KVCacheSession(lm, policy, chunk, _temp_lora_for(self.temp_lora, self.window, chunk))
