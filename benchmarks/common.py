@@ -29,6 +29,21 @@ def setup(threads: int | None = None):
     return lm, ids, name
 
 
+def venv_python(name: str, packages: list[str]) -> Path:
+    """The python of a separate virtualenv in the cache (for a package whose pins clash with ours), created and
+    filled with `packages` on first use. torch is pinned in `packages` by the caller (an unpinned one is CUDA)."""
+    import subprocess
+
+    from infinictx.fetch import cache_dir
+
+    venv = cache_dir() / name
+    py = venv / "bin" / "python"
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", *packages], check=True)
+    return py
+
+
 def machine() -> dict:
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
             "machine": platform.machine(), "date": time.strftime("%Y-%m-%d")}

@@ -11,10 +11,9 @@ import sys
 from pathlib import Path
 
 import torch
-from common import save, setup
+from common import save, setup, venv_python
 
 from infinictx import Sampler, TempLoraConfig, generate_long
-from infinictx.fetch import cache_dir
 from infinictx.models import resolve_model_path
 
 p = argparse.ArgumentParser()
@@ -42,13 +41,8 @@ for reuse in (True, False):
 
 
 def pipeline_venv() -> Path:
-    venv = cache_dir() / "venv-tlp"
-    py = venv / "bin" / "python"
-    if not py.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "torch==2.13.0", "transformers==4.38.2",
-                        "peft==0.8.2", "accelerate==0.27.2", "temp-lora-pipeline==0.0.1"], check=True)
-    return py
+    return venv_python("venv-tlp", ["torch==2.13.0", "transformers==4.38.2", "peft==0.8.2", "accelerate==0.27.2",
+                                    "temp-lora-pipeline==0.0.1"])
 
 
 if not args.skip_pipeline:

@@ -81,18 +81,28 @@ def test_bad_input_one_line_error_nonzero_exit_nothing_written(tiny_model_dir, t
     assert list(tmp_path.glob("out*")) == [] and not (tmp_path / "p.png").exists()
 
 
-@pytest.mark.parametrize("method, task", [("window", "passkey"), ("memory", "kv")])
+POLICY_ARGS = {"memory": ["--mem-layers", "1", "--lookup", "topk", "--topk", "8"],
+               "longcache": ["--global-tokens", "4", "--span", "4", "--recall-clip", "4", "-D", "8"],
+               "streaming": ["-D", "16"], "razor": ["--min-window", "16", "--induction-ratio", "0.25", "-D", "32"],
+               "full": ["-D", "64"]}
+
+
+@pytest.mark.parametrize("method, task", [("window", "passkey"), ("memory", "kv"), ("full", "passkey"),
+                                          ("streaming", "passkey"), ("longcache", "kv"), ("razor", "passkey")])
 def test_passkey_cli_json_and_plot(tiny_model_dir, tmp_path, method, task):
     out, plot = tmp_path / "pk.json", tmp_path / "pk.png"
     assert main(["passkey", "--model", str(tiny_model_dir), "--method", method, "--task", task, "-W", "64",
                  "--lengths", "200,300", "--trials", "2", "--json", str(out), "--plot", str(plot),
-                 "--no-progress"] + (["--mem-layers", "1", "--lookup", "topk", "--topk", "8"] if method == "memory"
-                                     else [])) == 0
+                 "--no-progress"] + POLICY_ARGS.get(method, [])) == 0
     res = json.loads(out.read_text())
     assert res["method"] == method and res["task"] == task and res["base_weights_unchanged"] is True
     assert [(r["length"], r["trials"]) for r in res["results"]] == [(200, 2), (300, 2)]
     assert all(0 <= r["accuracy"] <= 1 and r["kv_bytes_full"] > 0 for r in res["results"])
-    assert ("kv_bytes" in res["results"][0]) == (method == "memory")
+    assert ("kv_bytes" in res["results"][0]) == (method != "window")
+    if method in ("full", "longcache"):      # both hold the whole cache
+        assert all(r["kv_bytes"] == r["kv_bytes_full"] for r in res["results"])
+    if method in ("streaming", "razor"):     # both hold less
+        assert all(r["kv_bytes"] < r["kv_bytes_full"] for r in res["results"])
     assert plot.stat().st_size > 1000 and out.with_suffix(".md").exists()
     assert not out.with_suffix(".partial.json").exists()
 
@@ -105,6 +115,12 @@ def test_passkey_cli_json_and_plot(tiny_model_dir, tmp_path, method, task):
     (["--method", "memory", "--mem-layers", "auto:9"], "auto:N"),
     (["--method", "memory", "--mem-layers", "8,x"], "comma-separated integers"),
     (["--method", "memory", "--grouping", "4"], "two numbers"),
+    (["--method", "razor", "--keep-ratio", "1.5"], "must be in (0, 1)"),
+    (["--method", "razor", "--keep-ratio", "0"], "must be in (0, 1)"),
+    (["--method", "streaming", "-W", "0"], "must be > 0"),
+    (["--method", "longcache", "--recall-clip", "8", "--span", "32"], "budgets exceed the scope"),
+    (["--method", "longcache", "--select-dtype", "int8"], "unknown selection dtype"),
+    (["--method", "window", "--temp-lora"], "--temp-lora goes with a KV-cache policy"),
 ])
 def test_passkey_bad_input(tiny_model_dir, tmp_path, args, message):
     out = tmp_path / "out.json"
@@ -128,3 +144,12 @@ def test_memory_method_ppl_and_generate(tiny_model_dir, book, tmp_path):
     assert main(["generate", "--prompt", SAMPLE, "--model", str(tiny_model_dir), "--method", "memory", "-W", "64",
                  "--tokens", "30", "--json", str(gen), "--no-progress"]) == 0
     assert json.loads(gen.read_text())["generated_tokens"] == 30
+
+
+def test_policy_with_temp_lora_on_top_ppl(tiny_model_dir, book, tmp_path):
+    out = tmp_path / "r.json"
+    assert main(["ppl", str(book), "--model", str(tiny_model_dir), "--method", "razor", "--temp-lora", "-D", "32",
+                 "--min-window", "16", "--lr", "1e-3", "--rank", "4", "--json", str(out), "--no-progress"]) == 0
+    res = json.loads(out.read_text())
+    assert res["method"] == "razor+temp-lora" and res["base_weights_unchanged"] is True
+    assert res["config"]["temp_lora"]["rank"] == 4 and res["wall_s_by_phase"]["training"] > 0

@@ -12,7 +12,10 @@ as the Huawei code does, "none" drops it).
 Defaults differ from the paper's (induction 14%, echo 1%, C set per model) where the embedded 135M model
 needed it: passkey at 4K tokens, 4 trials (full cache: 3/4) was 1/4 with 14% + 1% heads, 2/4 with 30% + 5%, and
 3/4 with 14% induction + 10% echo heads (its echo heads in layers 7, 8, 14, 15 carry the needle); with C = 16 the
-cache is then 72% smaller at 4K. So: echo_ratio 0.10, keep_ratio 1/16, S0 = 256.
+cache is then 72% smaller at 4K. So: echo_ratio 0.10, keep_ratio 1/16, S0 = 256. Measured limits
+(`benchmarks/results/kv_policies.md`): passkey fails at 8K (full: 3/6), and perplexity on 8K tokens of the book
+rises 9% (7% without the log-n weighting): the compression happens chunk by chunk during prefill, so the
+non-retrieval heads of later tokens never saw the early context (kvpress compresses after a dense prefill).
 
 Keys are cached after RoPE at their true positions, as in the paper: this compresses a cache inside the model's
 trained window, it does not extend it. The saving is real: the non-retrieval heads' caches are separate,
