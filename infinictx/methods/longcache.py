@@ -88,9 +88,6 @@ class LongCachePolicy(KVPolicy):
         keep[(starts[:, None] + torch.arange(span, device=q.device)[None]).flatten()] = True
         return keep.nonzero().squeeze(1)
 
-    def keys_seen(self, past: int, n_new: int) -> int:
-        return min(past, self.scope - n_new)
-
     def extra_flops(self) -> int:
         flops, self._flops = self._flops, 0
         return flops
