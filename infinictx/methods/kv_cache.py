@@ -138,7 +138,8 @@ class StreamingPolicy(KVPolicy):
 
 
 class KVCacheSession(StatefulSession):
-    """A stream read under a KV-cache policy, chunk by chunk, optionally with Temp-Lora on top."""
+    """A stream read under a KV-cache policy, chunk by chunk, optionally with Temp-Lora on top. No base variant
+    (`has_base_variant` stays False): the reference, a full cache, is another policy: compare sessions."""
 
     def __init__(self, lm: LoadedModel, policy: KVPolicy, chunk: int, temp_lora: TempLoraConfig | None = None):
         cfg = base_causal_lm(lm.model).config
@@ -162,10 +163,6 @@ class KVCacheSession(StatefulSession):
     @property
     def min_text_tokens(self) -> int:
         return self.policy.scope or self.chunk  # a full cache has no window: one chunk is enough
-
-    @property
-    def has_base_variant(self) -> bool:
-        return False  # the reference (full cache) is another policy: compare sessions, not a switch
 
     def _process(self, tokens: torch.Tensor, commit: bool, all_logits: bool) -> torch.Tensor:
         T, past = len(tokens), self.processed
