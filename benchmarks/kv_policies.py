@@ -4,12 +4,15 @@ PyPI package kvpress (its own virtualenv, transformers < 5.3) on the very same p
 Parts (--parts, comma-separated; each result is saved as soon as it is done, a rerun skips what is there):
   passkey   accuracy against prompt length per policy, KV bytes held after the prompt (--configs, --lengths)
   ppl       streaming perplexity of the first --ppl-tokens tokens of the default book, KV bytes at the end
+  ppl-prompt  perplexity of the tokens after a --prompt-tokens prompt (up to --ppl-tokens), scored chunk by
+            chunk once the prompt has ended (razor-dense compresses there: the decode-time cache, as in the paper)
   speed     prefill seconds and ms per generated token after a --speed-tokens prompt
   kvpress   kvpress presses (StreamingLLM, SnapKV, Knorm, DuoAttention-style) on the passkey prompts, at the
             compression ratio RazorAttention reached at that length
 
 Configs: full | streaming | longcache (bf16 selection scores) | razor | razor-paper (the paper's 14% + 1% heads, C = 8) |
-razor-mean / razor-none (compensation token unweighted / left out) | ...+tl
+razor-mean / razor-none (compensation token unweighted / left out) | razor-dense (prompt read with full caches,
+compressed when it ends) | ...+tl
 (Temp-Lora on top: lr 3e-4, 2 steps, r 64, trained on each chunk with the W−Δ tokens before it).
 
   .venv/bin/python benchmarks/kv_policies.py --parts passkey --lengths 1k,2k,4k,8k --trials 10 \\
@@ -42,6 +45,7 @@ p.add_argument("--lengths", default="1k,2k,4k,8k")
 p.add_argument("--trials", type=int, default=10)
 p.add_argument("--window", type=int, default=1024, help="attention scope W of streaming and longcache")
 p.add_argument("--ppl-tokens", type=int, default=8192)
+p.add_argument("--prompt-tokens", type=int, default=4096)
 p.add_argument("--speed-tokens", type=int, default=4096)
 p.add_argument("--presses", default="streaming_llm,snapkv,knorm,duo")
 p.add_argument("--seed", type=int, default=0)
@@ -50,7 +54,7 @@ args = p.parse_args()
 
 path = RESULTS / f"{args.name}.json"
 data = json.loads(path.read_text()) if path.exists() else {}
-for part in ("passkey", "ppl", "speed", "kvpress"):
+for part in ("passkey", "ppl", "ppl-prompt", "speed", "kvpress"):
     data.setdefault(part, {})
 lm, book, book_name = setup()
 
@@ -69,6 +73,8 @@ def config(spec: str):
         return RazorConfig(temp_lora=tl)
     if name == "razor-paper":
         return RazorConfig(echo_ratio=0.01, keep_ratio=0.125, temp_lora=tl)
+    if name == "razor-dense":  # prompt read with full caches, compressed when it ends (paper, kvpress)
+        return RazorConfig(prefill="dense", temp_lora=tl)
     if name in ("razor-mean", "razor-none"):  # the compensation token unweighted, or none
         return RazorConfig(compensation=name.split("-")[1], temp_lora=tl)
     raise SystemExit(f"unknown config {spec!r}")
@@ -111,6 +117,14 @@ def markdown() -> str:
         for spec, r in data["ppl"].items():
             rel = f"{r['ppl'] / full - 1:+.2%}" if full else "–"
             md.append(f"| {spec} | {r['ppl']:.3f} | {rel} | {mib(r['kv_bytes'])} | {r['wall_s']:.0f} |")
+    if data["ppl-prompt"]:
+        md += ["", f"## Perplexity of tokens {args.prompt_tokens}..{args.ppl_tokens} of {book_name}, scored after a "
+               f"{args.prompt_tokens}-token prompt", "",
+               "| policy | PPL | vs full | KV MiB at the end |", "|---|---|---|---|"]
+        full = data["ppl-prompt"].get("full", {}).get("ppl")
+        for spec, r in data["ppl-prompt"].items():
+            rel = f"{r['ppl'] / full - 1:+.2%}" if full else "–"
+            md.append(f"| {spec} | {r['ppl']:.3f} | {rel} | {mib(r['kv_bytes'])} |")
     if data["speed"]:
         md += ["", f"## Speed after a {args.speed_tokens}-token prompt", "",
                "| policy | prefill s | ms / generated token | KV MiB held |", "|---|---|---|---|"]
@@ -144,6 +158,23 @@ def run_ppl():
             data["ppl"][spec] = {"ppl": r.summary()["ppl"], "kv_bytes": session.kv_bytes(), "wall_s": r.wall_s,
                                  "tokens": len(ids), "config": session.describe()}
         print(spec, data["ppl"][spec]["ppl"], flush=True)
+        save()
+
+
+def run_ppl_prompt():
+    prompt, rest = book[:args.prompt_tokens], book[args.prompt_tokens:args.ppl_tokens]
+    for spec in args.configs.split(","):
+        if spec in data["ppl-prompt"]:
+            continue
+        with config(spec).make_session(lm) as session:
+            for s in range(0, len(prompt), session.chunk):
+                session.absorb(prompt[s:s + session.chunk])
+            session.end_prompt()
+            nll = torch.cat([session.score_and_absorb(rest[s:s + session.chunk])[0]
+                             for s in range(0, len(rest), session.chunk)])
+            data["ppl-prompt"][spec] = {"ppl": float(nll.double().mean().exp()), "kv_bytes": session.kv_bytes(),
+                                        "prompt_tokens": len(prompt), "scored_tokens": len(nll)}
+        print(spec, data["ppl-prompt"][spec]["ppl"], flush=True)
         save()
 
 
@@ -220,5 +251,6 @@ def run_kvpress():
 
 
 for part in args.parts.split(","):
-    {"passkey": run_passkey, "ppl": run_ppl, "speed": run_speed, "kvpress": run_kvpress}[part]()
+    {"passkey": run_passkey, "ppl": run_ppl, "ppl-prompt": run_ppl_prompt, "speed": run_speed,
+     "kvpress": run_kvpress}[part]()
 print(markdown())

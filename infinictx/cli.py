@@ -32,6 +32,8 @@ def _add_common(p: argparse.ArgumentParser, default_method: str = "temp-lora", d
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (64)")
     p.add_argument("--no-fuse", action="store_true", help="do not fuse scoring with the first training step")
     p.add_argument("--save-adapter", default=None, help="directory to save the final adapter to")
+    p.add_argument("--mst", action="store_true", help="Mini-Sequence training for Temp-Lora steps: the same updates "
+                   "in a fraction of the memory (long W)")
     m = p.add_argument_group("memory method (Focused Transformer)")
     m.add_argument("--mem-layers", default=None, help="memory layer indices (e.g. 8,15,22), 'auto[:N]' (the N layers "
                    "with the strongest retrieval heads; N = 40%% of layers) or 'spread' (3 layers, LongLLaMA); default: "
@@ -63,6 +65,9 @@ def _add_common(p: argparse.ArgumentParser, default_method: str = "temp-lora", d
     kv.add_argument("--echo-ratio", type=float, default=0.10, help="razor: ... as echo heads (0.10; paper 0.01)")
     kv.add_argument("--compensation", choices=["weighted", "mean", "none"], default="weighted",
                     help="razor: compensation token weighted by the dropped count (paper), plain mean, or none")
+    kv.add_argument("--prefill", choices=["chunked", "dense"], default="chunked",
+                    help="razor: compress after every chunk (bounded while reading) or once the prompt is in "
+                    "(as the paper and kvpress; passkey/generate only: perplexity never ends a prompt)")
     p.add_argument("--model", default=None, help="HF model directory or .gguf file (default: embedded SmolLM2)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
@@ -130,6 +135,9 @@ def method_config(args, default_window: int = 512):
     from .methods import MemoryConfig, TempLoraConfig, WindowConfig
     from .methods.memory import parse_mem_layers
 
+    if args.mst and (args.method in ("window", "memory") or
+                                         (args.method in KV_POLICIES and not args.temp_lora)):
+        raise InfinictxError("--mst applies to Temp-Lora training (--method temp-lora, or a policy with --temp-lora)")
     if args.method == "memory":
         grouping = _int_list(args.grouping, "--grouping")
         if grouping is not None and len(grouping) != 2:
@@ -139,6 +147,8 @@ def method_config(args, default_window: int = 512):
                             mem_dtype=args.mem_dtype, grouping=grouping)
     extra = {k: getattr(args, k) for k in ("train_context", "lr", "steps", "rank", "alpha")
              if getattr(args, k) is not None}
+    if args.mst:
+        extra["mst"] = True
     if args.method in KV_POLICIES:
         return _policy_config(args, extra)
     if args.temp_lora:
@@ -175,7 +185,7 @@ def _policy_config(args, temp_lora_extra: dict):
                                temp_lora=temp_lora)
     return RazorConfig(chunk=chunk or 512, keep_ratio=args.keep_ratio, min_window=args.min_window, sinks=args.sinks,
                        induction_ratio=args.induction_ratio, echo_ratio=args.echo_ratio,
-                       compensation=args.compensation, temp_lora=temp_lora)
+                       compensation=args.compensation, prefill=args.prefill, temp_lora=temp_lora)
 
 
 def _setup_torch(args):

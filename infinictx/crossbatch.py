@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .attention import Rope, decoder_forward
+from .attention import Rope, base_causal_lm, decoder_forward, decoder_hidden
+from .mst import MSTConfig, token_nll
 from .errors import InfinictxError
 from .models import LoadedModel
 
@@ -62,6 +63,7 @@ class CrossBatchConfig:
     clip: float = 1.0
     seed: int = 0
     last_context_length: int = 1024          # saved in the checkpoint: the local window W inference uses
+    mst: bool = False                        # Mini-Sequence training (infinictx.mst): long rows in less memory
 
     def __post_init__(self):
         if self.context < 16:
@@ -154,10 +156,7 @@ def crossbatch_attention(q, k, v, memory_rows, rope: Rope, scale: float, extra=N
                                           scale=scale, enable_gqa=q.shape[1] != Hkv)
 
 
-def crossbatch_logits(model, batch: Batch, mem_layers: set[int], rope: Rope, extra: dict | None = None,
-                      capture: dict | None = None) -> torch.Tensor:
-    """Logits of every row. `extra[layer]` = detached (k, v) further negatives; `capture`, if given, receives
-    each memory layer's detached (k, v) of this batch (to become later batches' extra negatives)."""
+def _crossbatch_attend(batch: Batch, mem_layers: set[int], rope: Rope, extra: dict | None, capture: dict | None):
     from .attention import local_attention
 
     rows = batch.memory_rows.to(batch.ids.device)
@@ -170,18 +169,36 @@ def crossbatch_logits(model, batch: Batch, mem_layers: set[int], rope: Rope, ext
             return crossbatch_attention(q, k, v, rows, rope, a.scaling, extra=(extra or {}).get(i))
         return local_attention(rope.rotate(q, 0), rope.rotate(k, 0), v, a.scaling)
 
-    return decoder_forward(model, batch.ids, attend)
+    return attend
+
+
+def crossbatch_logits(model, batch: Batch, mem_layers: set[int], rope: Rope, extra: dict | None = None,
+                      capture: dict | None = None) -> torch.Tensor:
+    """Logits of every row. `extra[layer]` = detached (k, v) further negatives; `capture`, if given, receives
+    each memory layer's detached (k, v) of this batch (to become later batches' extra negatives)."""
+    return decoder_forward(model, batch.ids, _crossbatch_attend(batch, mem_layers, rope, extra, capture))
 
 
 def crossbatch_loss(model, batch: Batch, mem_layers: set[int], rope: Rope, extra: dict | None = None,
-                    capture: dict | None = None, needle_weight: float = 0.0) -> torch.Tensor:
+                    capture: dict | None = None, needle_weight: float = 0.0, mst: MSTConfig | None = None) -> torch.Tensor:
     """Mean next-token loss over every row, with the memory layers attending across the batch; plus
     `needle_weight` × the mean loss on the repeated codes (a dozen tokens among thousands: unweighted, their
-    gradient is lost in the language-modelling loss)."""
-    logits = crossbatch_logits(model, batch, mem_layers, rope, extra, capture)
+    gradient is lost in the language-modelling loss). With `mst`, the Mini-Sequence way (`infinictx.mst`):
+    same loss and gradients, never all logits at once."""
     B, T = batch.ids.shape
-    per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.ids[:, 1:].flatten(),
-                                reduction="none").view(B, T - 1)
+    targets = batch.ids[:, 1:]
+    attend = _crossbatch_attend(batch, mem_layers, rope, extra, capture)
+    if mst is not None:
+        lm_head = base_causal_lm(model).lm_head
+        head_chunks, _ = mst.chunks_for(B * (T - 1), base_causal_lm(model).config)
+        _, mlp_chunks = mst.chunks_for(T, base_causal_lm(model).config)
+        hidden = decoder_hidden(model, batch.ids, attend, mst.checkpoint, mlp_chunks)[:, :-1]
+        per_token = token_nll(lm_head, hidden.reshape(B * (T - 1), -1), targets.reshape(-1), head_chunks)
+        per_token = per_token.view(B, T - 1)
+    else:
+        logits = decoder_forward(model, batch.ids, attend)
+        per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                    reduction="none").view(B, T - 1)
     loss = per_token.mean()
     if needle_weight and batch.needles:
         loss = loss + needle_weight * torch.cat([per_token[r, s - 1:e - 1] for r, s, e in batch.needles]).mean()
@@ -277,7 +294,8 @@ def train_crossbatch(lm: LoadedModel, docs: list[torch.Tensor], cfg: CrossBatchC
             batch = make_batch(docs, cfg, rng, lm.tokenizer, progress=step / cfg.steps)
             batch.ids = batch.ids.to(lm.device)
             capture = {} if cfg.extra_negatives else None
-            loss = crossbatch_loss(model, batch, set(mem_layers), rope, extra, capture, cfg.needle_weight)
+            loss = crossbatch_loss(model, batch, set(mem_layers), rope, extra, capture, cfg.needle_weight,
+                                   MSTConfig() if cfg.mst else None)
             if not torch.isfinite(loss):
                 raise InfinictxError(f"CrossBatch training produced a non-finite loss at step {step}")
             opt.zero_grad(set_to_none=True)

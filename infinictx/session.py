@@ -69,6 +69,7 @@ class Session:
 
     method = "window"
     lora_rank = 0  # rank of any adapter active in forwards, for FLOP accounting
+    mst = None     # an MSTConfig: training forwards (with gradients) run the Mini-Sequence way
 
     def __init__(self, lm: LoadedModel, window: int, chunk: int):
         check_window(window, chunk)
@@ -98,6 +99,9 @@ class Session:
         """Append `chunk` to the past; a method may also learn from it."""
         self.add_context(chunk)
 
+    def end_prompt(self):
+        """The prompt is in and answering starts (a policy that compresses after a dense prefill does it now)."""
+
     def add_context(self, tokens: torch.Tensor):
         """Append tokens to the past without learning from them (e.g. a prompt that fits in the window)."""
         self.history = torch.cat([self.history, tokens.cpu()])
@@ -111,8 +115,12 @@ class Session:
         ids = torch.cat([context, chunk]).to(self.device)
         n_targets = len(chunk) if len(context) else len(chunk) - 1
         inputs = ids[:-1][None]
-        logits = self.model(input_ids=inputs, logits_to_keep=n_targets, use_cache=False).logits[0]
         self.meter.add_forward(inputs.shape[1], 0, n_targets, self.lora_rank)
+        if self.mst is not None and torch.is_grad_enabled():
+            from .mst import causal_lm_nll  # same NLLs and gradients, never all logits or MLP activations at once
+
+            return causal_lm_nll(self.model, inputs, ids[-n_targets:][None], self.mst)[0]
+        logits = self.model(input_ids=inputs, logits_to_keep=n_targets, use_cache=False).logits[0]
         return F.cross_entropy(logits.float(), ids[-n_targets:], reduction="none")
 
     def score_context(self) -> torch.Tensor:
@@ -269,6 +277,7 @@ class StatefulSession(Session):
         session's own state is always reused)."""
         if self._last_logits is None:
             raise InfinictxError("generation needs a non-empty prompt")
+        self.end_prompt()
         out = []
         recent = self.history[-self.window:]
         with self.meter.phase("generation"):

@@ -121,6 +121,7 @@ def test_passkey_cli_json_and_plot(tiny_model_dir, tmp_path, method, task):
     (["--method", "longcache", "--recall-clip", "8", "--span", "32"], "budgets exceed the scope"),
     (["--method", "longcache", "--select-dtype", "int8"], "unknown selection dtype"),
     (["--method", "window", "--temp-lora"], "--temp-lora goes with a KV-cache policy"),
+    (["--method", "razor", "--mst"], "--mst applies to Temp-Lora training"),
 ])
 def test_passkey_bad_input(tiny_model_dir, tmp_path, args, message):
     out = tmp_path / "out.json"
@@ -153,3 +154,16 @@ def test_policy_with_temp_lora_on_top_ppl(tiny_model_dir, book, tmp_path):
     res = json.loads(out.read_text())
     assert res["method"] == "razor+temp-lora" and res["base_weights_unchanged"] is True
     assert res["config"]["temp_lora"]["rank"] == 4 and res["wall_s_by_phase"]["training"] > 0
+
+
+def test_temp_lora_with_mst_ppl(tiny_model_dir, book, tmp_path):
+    """--mst gives the same numbers as without it (the same training steps, the Mini-Sequence way)."""
+    ppl = []
+    for extra in ([], ["--mst"]):
+        out = tmp_path / f"t{len(extra)}.json"
+        assert main(["ppl", str(book), "--model", str(tiny_model_dir), "-W", "64", "-D", "32", "--lr", "1e-3",
+                     "--rank", "4", "--json", str(out), "--no-progress", *extra]) == 0
+        res = json.loads(out.read_text())
+        assert res["config"]["mst"] == bool(extra) and res["base_weights_unchanged"] is True
+        ppl.append(res["ppl"])
+    assert ppl[1] == pytest.approx(ppl[0], rel=1e-5)

@@ -130,6 +130,22 @@ def test_razor_keeping_everything_equals_full_and_compressing_holds_fewer_bytes(
         assert s.kv_bytes() == per_token_head * (retrieval * 200 + 3 * kept)
 
 
+def test_razor_dense_prefill_reads_like_full_then_compresses(tiny, stream):
+    ids = stream[:200]
+    cfg = RazorConfig(chunk=32, keep_ratio=0.1, min_window=16, sinks=4, induction_ratio=0.25, echo_ratio=0,
+                      prefill="dense")
+    with cfg.make_session(tiny) as s, FullConfig(chunk=32).make_session(tiny) as full:
+        # while the prompt is read every head sees everything: the stock model's numbers
+        torch.testing.assert_close(streamed_nll(s, ids), stock_nll(tiny, ids), rtol=1e-5, atol=1e-5)
+        streamed_nll(full, ids)
+        assert s.kv_bytes() == full.kv_bytes()
+        s.end_prompt()
+        kept = 4 + 1 + max(16, math.ceil(200 * 0.1))
+        assert s.kv_bytes() == 2 * 16 * 4 * (1 * 200 + 3 * kept)
+        out = s.generate_chunk(3, 200, Sampler(repetition_penalty=1.0))
+        assert len(out) == 3 and s.kv_bytes() == 2 * 16 * 4 * (1 * 203 + 3 * (4 + 1 + max(16, math.ceil(203 * 0.1))))
+
+
 def induction_model():
     """A tiny Llama with one induction head planted in layer 1 (KV head 0). Layer 0's head 0 attends to the
     previous token: query and key come from a constant direction of the embeddings, in the two RoPE pairs that
@@ -197,6 +213,7 @@ def test_the_probe_finds_a_planted_induction_head():
     (lambda: RazorConfig(induction_ratio=-0.1), r"induction ratio must be in \[0, 1\]"),
     (lambda: RazorConfig(min_window=0), "min window must be > 0"),
     (lambda: RazorConfig(compensation="max"), "unknown compensation"),
+    (lambda: RazorConfig(prefill="lazy"), "unknown prefill"),
     (lambda: FullConfig(chunk=0), "chunk must be > 0"),
 ])
 def test_invalid_budgets_are_clear_errors(tiny, make, message):

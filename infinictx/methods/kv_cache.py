@@ -64,6 +64,9 @@ class KVPolicy:
         """Bytes of keys and values held (all layers)."""
         raise NotImplementedError
 
+    def end_prompt(self):
+        """The prompt is in: a policy that reads it with a dense cache compresses now."""
+
     def keys_seen(self, past: int, n_new: int) -> int:
         """Keys before the new tokens that a query attends to (for FLOP accounting)."""
         return past if self.scope is None else min(past, self.scope - n_new)
@@ -159,6 +162,7 @@ class KVCacheSession(StatefulSession):
             self.lora = TempLora(lm, temp_lora)
             self.model = self.lora.model
             self.lora_rank = temp_lora.rank
+            self.mst = temp_lora.mst_config()
 
     @property
     def min_text_tokens(self) -> int:
@@ -182,6 +186,9 @@ class KVCacheSession(StatefulSession):
 
     def kv_bytes(self) -> int:
         return self.policy.nbytes()
+
+    def end_prompt(self):
+        self.policy.end_prompt()
 
     # --- Temp-Lora on top -------------------------------------------------------------------------------
     def _train_on_last(self, n: int):

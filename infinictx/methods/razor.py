@@ -12,10 +12,15 @@ as the Huawei code does, "none" drops it).
 Defaults differ from the paper's (induction 14%, echo 1%, C set per model) where the embedded 135M model
 needed it: passkey at 4K tokens, 4 trials (full cache: 3/4) was 1/4 with 14% + 1% heads, 2/4 with 30% + 5%, and
 3/4 with 14% induction + 10% echo heads (its echo heads in layers 7, 8, 14, 15 carry the needle); with C = 16 the
-cache is then 72% smaller at 4K. So: echo_ratio 0.10, keep_ratio 1/16, S0 = 256. Measured limits
-(`benchmarks/results/kv_policies.md`): passkey fails at 8K (full: 3/6), and perplexity on 8K tokens of the book
-rises 9% (7% without the log-n weighting): the compression happens chunk by chunk during prefill, so the
-non-retrieval heads of later tokens never saw the early context (kvpress compresses after a dense prefill).
+cache is then 72% smaller at 4K. So: echo_ratio 0.10, keep_ratio 1/16, S0 = 256.
+
+When to compress (`prefill`): "dense" reads the prompt with every head's full cache and compresses when it ends
+(`end_prompt`, called by the passkey harness and before generating), as the paper and kvpress do: the cache
+is bounded while answering, not while reading. "chunked" (default, the only way a stream that never ends,
+like streaming perplexity, gets a bounded cache) compresses after every chunk, so the non-retrieval heads of
+later tokens never saw the early context. Measured (`benchmarks/results/kv_policies.md`, 6 trials): passkey with
+dense prefill equals the full cache at 1K-8K (83/100/83/50%) with 57/67/72/72% fewer bytes; chunked fails at
+8K (0%) and raises perplexity on 8K tokens of the book by 9% (7% without the log-n weighting).
 
 Keys are cached after RoPE at their true positions, as in the paper: this compresses a cache inside the model's
 trained window, it does not extend it. The saving is real: the non-retrieval heads' caches are separate,
@@ -37,6 +42,7 @@ from .kv_cache import KVCacheSession, KVPolicy, _temp_lora_for, check_positive, 
 from .temp_lora import TempLoraConfig
 
 COMPENSATIONS = ("weighted", "mean", "none")
+PREFILLS = ("chunked", "dense")
 
 
 class _Layer:
@@ -52,6 +58,7 @@ class _Layer:
         self.full = KVBuffer()
         self.sink_k = self.sink_v = self.recent_k = self.recent_v = self.comp_k = self.comp_v = None
         self.dropped = 0
+        self.seen = 0   # tokens this layer has read
 
     def tensors(self):
         return [t for t in (self.sink_k, self.sink_v, self.recent_k, self.recent_v, self.comp_k, self.comp_v)
@@ -66,12 +73,22 @@ class RazorPolicy(KVPolicy):
     name = "razor"
 
     def __init__(self, heads: dict[int, list[int]], n_kv: int, group: int, keep_ratio: float = 0.0625,
-                 min_window: int = 256, sinks: int = 4, compensation: str = "weighted"):
+                 min_window: int = 256, sinks: int = 4, compensation: str = "weighted", prefill: str = "chunked"):
         self.heads, self.n_kv, self.group = heads, n_kv, group
         self.keep_ratio, self.min_window, self.sinks, self.compensation = keep_ratio, min_window, sinks, compensation
+        self.prefill = prefill
 
     def start(self, n_layers: int):
         self.layers = [_Layer(self.heads.get(i, []), self.n_kv, self.group) for i in range(n_layers)]
+        # "dense": the prompt is read with every head's full cache, compressed once it ends (as the paper and
+        # kvpress do); "chunked": compressed after every chunk, so the cache stays bounded while reading
+        self.compressing = self.prefill == "chunked"
+
+    def end_prompt(self):
+        if not self.compressing:
+            self.compressing = True
+            for st in self.layers:
+                self._compress(st, st.seen)
 
     def attend(self, i, a, q, k, v, past, rope, commit):
         st = self.layers[i]
@@ -97,21 +114,27 @@ class RazorPolicy(KVPolicy):
             out[:, st.qo] = F.scaled_dot_product_attention(qr[:, st.qo], keys, values, attn_mask=bias,
                                                            scale=a.scaling, enable_gqa=self.group > 1)
             if commit:
-                self._store(st, k_new, v_new, past + T)
+                self._store(st, k_new, v_new)
+                st.seen = past + T
+                if self.compressing:
+                    self._compress(st, st.seen)
         return out
 
     def window(self, n_tokens: int) -> int:
         """Recent tokens a non-retrieval head keeps after n_tokens: max(S0, N/C)."""
         return max(self.min_window, math.ceil(n_tokens * self.keep_ratio))
 
-    def _store(self, st: _Layer, k: torch.Tensor, v: torch.Tensor, n_tokens: int):
+    def _store(self, st: _Layer, k: torch.Tensor, v: torch.Tensor):
         have = 0 if st.sink_k is None else st.sink_k.shape[2]
         if have < self.sinks:  # the stream's first tokens become the sinks
             take = self.sinks - have
             st.sink_k, st.sink_v = _cat(st.sink_k, k[:, :, :take]), _cat(st.sink_v, v[:, :, :take])
             k, v = k[:, :, take:], v[:, :, take:]
         st.recent_k, st.recent_v = _cat(st.recent_k, k), _cat(st.recent_v, v)
-        drop = st.recent_k.shape[2] - self.window(n_tokens)
+
+    def _compress(self, st: _Layer, n_tokens: int):
+        """Keep the last max(S0, N/C) recent tokens; fold the dropped ones into the compensation token."""
+        drop = 0 if st.recent_k is None else st.recent_k.shape[2] - self.window(n_tokens)
         if drop > 0:
             if self.compensation != "none":  # running mean of everything dropped so far
                 n = st.dropped
@@ -129,12 +152,13 @@ class RazorPolicy(KVPolicy):
     def keys_seen(self, past: int, n_new: int) -> int:
         # mean over KV heads and layers of the keys a query attends to
         n_heads = len(self.layers) * self.n_kv
-        held = sum(len(st.r) * past + len(st.o) * min(past, self.sinks + 1 + self.window(past)) for st in self.layers)
+        kept = self.sinks + 1 + self.window(past) if self.compressing else past
+        held = sum(len(st.r) * past + len(st.o) * min(past, kept) for st in self.layers)
         return held // max(1, n_heads)
 
     def describe(self) -> dict:
         return {"keep_ratio": self.keep_ratio, "min_window": self.min_window, "sinks": self.sinks,
-                "compensation": self.compensation, "retrieval_heads": sum(len(h) for h in self.heads.values()),
+                "compensation": self.compensation, "prefill": self.prefill, "retrieval_heads": sum(len(h) for h in self.heads.values()),
                 "kv_heads": len(self.layers) * self.n_kv if hasattr(self, "layers") else None,
                 "heads": {str(i): h for i, h in self.heads.items() if h}}
 
@@ -148,6 +172,7 @@ class RazorConfig:
     induction_ratio: float = 0.14     # share of KV heads kept whole for their induction score
     echo_ratio: float = 0.10          # ... and for their echo score (paper: 0.01; see the module docstring)
     compensation: str = "weighted"    # weighted (eq. 5: + log n) | mean | none
+    prefill: str = "chunked"          # chunked (bounded while reading) | dense (compress when the prompt ends)
     temp_lora: TempLoraConfig | bool | None = None
 
     def make_session(self, lm: LoadedModel) -> KVCacheSession:
@@ -159,10 +184,12 @@ class RazorConfig:
             raise InfinictxError(f"sinks must be >= 0 (got {self.sinks})")
         if self.compensation not in COMPENSATIONS:
             raise InfinictxError(f"unknown compensation {self.compensation!r}; choose one of {', '.join(COMPENSATIONS)}")
+        if self.prefill not in PREFILLS:
+            raise InfinictxError(f"unknown prefill {self.prefill!r}; choose one of {', '.join(PREFILLS)}")
         model = base_causal_lm(lm.model)
         cfg = model.config
         n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         heads = retrieval_heads(model, self.induction_ratio, self.echo_ratio, bos_id=lm.tokenizer.bos_token_id)
         policy = RazorPolicy(heads, n_kv, cfg.num_attention_heads // n_kv, self.keep_ratio, self.min_window,
-                             self.sinks, self.compensation)
+                             self.sinks, self.compensation, self.prefill)
         return KVCacheSession(lm, policy, self.chunk, _temp_lora_for(self.temp_lora, 1024, self.chunk))

@@ -13,7 +13,9 @@ leave little to regularise).
 
 Beyond the paper: when L_T = W − Δ the scoring forward and the first training step see the same tokens and the
 same weights, so one forward with gradients serves both (`fuse_first_step`). The NLLs and the adapter updates
-equal those of the unfused order (tests check it to float tolerance)."""
+equal those of the unfused order (tests check it to float tolerance). With `mst` the training forwards run the
+Mini-Sequence way (`infinictx.mst`): the same NLLs and updates, without all logits and MLP activations at once
+(what a long window W needs)."""
 
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ class TempLoraConfig:
     fuse_first_step: bool = True      # used when L_T = W − Δ and dropout = 0
     seed: int = 0                     # LoRA A initialisation
     save_adapter: str | None = None   # directory to save the final adapter to (optional)
+    mst: bool = False                 # Mini-Sequence training steps (infinictx.mst): same updates, less memory
 
     def __post_init__(self):
         check_window(self.window, self.chunk)
@@ -59,6 +62,11 @@ class TempLoraConfig:
             raise InfinictxError(f"LoRA rank must be >= 1 (got {self.rank})")
         if not 0 <= self.dropout < 1:
             raise InfinictxError(f"LoRA dropout must be in [0, 1) (got {self.dropout})")
+
+    def mst_config(self):
+        from ..mst import MSTConfig
+
+        return MSTConfig() if self.mst else None
 
     def make_session(self, lm: LoadedModel) -> "TempLoraSession":
         return TempLoraSession(lm, self)
@@ -139,6 +147,7 @@ class TempLoraSession(Session):
         self.lora_rank = config.rank
         self.lora = TempLora(lm, config)
         self.model = self.lora.model
+        self.mst = config.mst_config()
         self.fused = (config.fuse_first_step and config.train_context == config.window - config.chunk
                       and config.dropout == 0)
 

@@ -1,0 +1,139 @@
+"""Mini-Sequence Transformer (Luo et al., arXiv 2407.15892): train on long sequences at a fraction of the memory.
+
+In a Llama step the biggest activations are the widest ones: the logits (tokens × vocabulary, 49K words here)
+and the MLP's intermediate (tokens × 2.7 hidden). MST runs both over **mini-sequences** (chunks of tokens):
+
+- LM head + cross-entropy (`token_nll`): each chunk's logits are computed, turned into per-token NLLs and freed;
+  backward recomputes them chunk by chunk (`torch.utils.checkpoint`, so gradients flow through autograd into
+  the LM-head weight, the one of the tied input embedding included: no hand-written `.grad`). The loss is the
+  sum over valid (label ≠ −100) tokens divided by their number in the whole batch (or `num_items`, for gradient
+  accumulation), as transformers does. Chunks whose labels are all masked skip the LM head.
+- MLP (`attention.decoder_hidden`): post-attention norm + MLP per chunk of tokens, each recomputed in backward.
+- Activation checkpointing: each layer's attention block is recomputed in backward from its input. A layer
+  then keeps two hidden-size tensors (its input and the MLP's input) instead of all its activations; nothing
+  is computed twice beyond what checkpointing alone recomputes, apart from the LM head (one more forward).
+
+Chunk counts are automatic (the paper's rule: ceil(vocab / hidden) chunks for the LM head and
+ceil(intermediate / hidden) for the MLP, so a chunk's wide activation is no bigger than the sequence's hidden
+states) but never below `min_chunk_tokens` tokens per chunk; `head_chunks` / `mlp_chunks` override them.
+
+Bugs of the public MST code that are regression tests here (`tests/test_mst.py`): tokens dropped when the length
+is not divisible by the chunk count; zero loss when the sequence is shorter than the chunk count; the LM-head
+gradient doubled when the first chunk has unmasked labels. Training only: the attention function given to
+`decoder_hidden` must be free of side effects, since checkpointing calls it again in backward."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .attention import Rope, base_causal_lm, check_supported, decoder_hidden, local_attention
+from .errors import InfinictxError
+
+IGNORE = -100
+
+
+@dataclass
+class MSTConfig:
+    head_chunks: int | None = None     # LM head + CE mini-sequences (None: automatic)
+    mlp_chunks: int | None = None      # MLP mini-sequences (None: automatic)
+    checkpoint: bool = True            # recompute each layer's attention block in backward
+    min_chunk_tokens: int = 256        # automatic counts never make chunks shorter than this
+
+    def __post_init__(self):
+        for name in ("head_chunks", "mlp_chunks"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InfinictxError(f"MST {name.replace('_', ' ')} must be >= 1 (got {value})")
+        if self.min_chunk_tokens < 1:
+            raise InfinictxError(f"MST min chunk tokens must be >= 1 (got {self.min_chunk_tokens})")
+
+    def chunks_for(self, n_tokens: int, config) -> tuple[int, int]:
+        """(LM-head chunks, MLP chunks) for a sequence of n_tokens under model config `config`."""
+        hidden = config.hidden_size
+        head = self.head_chunks or auto_chunks(n_tokens, config.vocab_size, hidden, self.min_chunk_tokens)
+        mlp = self.mlp_chunks or auto_chunks(n_tokens, config.intermediate_size, hidden, self.min_chunk_tokens)
+        return head, mlp
+
+
+def auto_chunks(n_tokens: int, wide: int, hidden: int, min_chunk_tokens: int = 256) -> int:
+    """ceil(wide / hidden) chunks, fewer if chunks would get shorter than min_chunk_tokens, at least 1."""
+    return max(1, min(math.ceil(wide / hidden), n_tokens // min_chunk_tokens))
+
+
+def spans(n: int, chunks: int) -> list[tuple[int, int]]:
+    """`chunks` contiguous (start, end) ranges covering 0..n exactly (sizes differ by at most one; never empty:
+    fewer ranges when n < chunks)."""
+    chunks = max(1, min(chunks, n))
+    size, extra = divmod(n, chunks)
+    out, start = [], 0
+    for c in range(chunks):
+        end = start + size + (c < extra)
+        out.append((start, end))
+        start = end
+    return out
+
+
+def _chunk_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               targets: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(hidden, weight, bias).float()  # NLL in float32 whatever the model's dtype, as HF does
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="none")
+
+
+def token_nll(lm_head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor,
+              chunks: int = 1) -> torch.Tensor:
+    """Per-token NLL (N,) of `targets` (N,) given final hidden states (N, H); 0 where the target is −100. With
+    chunks > 1 (and gradients on) the logits are never held for more than one chunk, in forward or backward."""
+    if chunks <= 1:
+        return _chunk_nll(hidden, lm_head.weight, lm_head.bias, targets)
+    pieces = []
+    for s, e in spans(len(targets), chunks):
+        t = targets[s:e]
+        if not bool((t != IGNORE).any()):  # nothing to learn here: no LM head at all
+            pieces.append(torch.zeros(e - s, dtype=torch.float32, device=hidden.device))
+        elif torch.is_grad_enabled():
+            pieces.append(checkpoint(_chunk_nll, hidden[s:e], lm_head.weight, lm_head.bias, t, use_reentrant=False))
+        else:
+            pieces.append(_chunk_nll(hidden[s:e], lm_head.weight, lm_head.bias, t))
+    return torch.cat(pieces)
+
+
+def causal_attention(rope: Rope):
+    """The stock model's attention for `decoder_hidden`: RoPE at positions 0..T−1, causal."""
+    def attend(i, a, q, k, v):
+        return local_attention(rope.rotate(q, 0), rope.rotate(k, 0), v, a.scaling)
+    return attend
+
+
+def causal_lm_nll(model: torch.nn.Module, input_ids: torch.Tensor, targets: torch.Tensor,
+                  mst: MSTConfig | None = None, rope: Rope | None = None) -> torch.Tensor:
+    """Per-token NLL (B, n) of `targets` (B, n), the tokens after the last n positions of `input_ids` (B, T):
+    HF's logits[:, -n:] against targets, computed the MST way (targets of −100 give 0)."""
+    check_supported(model)
+    lm = base_causal_lm(model)
+    mst = mst or MSTConfig()
+    B, n = targets.shape
+    head_chunks = mst.chunks_for(B * n, lm.config)[0]
+    mlp_chunks = mst.chunks_for(input_ids.shape[1], lm.config)[1]
+    rope = rope or Rope(model, input_ids.device, lm.lm_head.weight.dtype)
+    hidden = decoder_hidden(model, input_ids, causal_attention(rope), mst.checkpoint, mlp_chunks)[:, -n:]
+    nll = token_nll(lm.lm_head, hidden.reshape(B * n, -1), targets.reshape(B * n), head_chunks)
+    return nll.view(B, n)
+
+
+def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                   mst: MSTConfig | None = None, num_items: int | torch.Tensor | None = None) -> torch.Tensor:
+    """transformers' causal-LM loss (labels = input_ids by default, shifted inside, −100 ignored, summed and
+    divided by the number of valid labels in the batch, or by `num_items` for gradient accumulation), computed
+    the MST way."""
+    labels = input_ids if labels is None else labels
+    targets = labels[:, 1:]
+    valid = int((targets != IGNORE).sum()) if num_items is None else num_items
+    if not valid:
+        raise InfinictxError("every label is masked (-100): there is nothing to train on")
+    nll = causal_lm_nll(model, input_ids[:, :-1], targets, mst)
+    return nll.sum() / valid
