@@ -59,7 +59,8 @@ def worker(mode: str, n: int, grads_out: str, threads: int):
     lora.optimizer.step()
     step_s = time.perf_counter() - t0
     torch.save(grads, grads_out)
-    head, mlp = MSTConfig().chunks_for(n, base_causal_lm(model).config)
+    config = base_causal_lm(model).config
+    head, mlp = MSTConfig().head_chunks_for(n - 1, config), MSTConfig().mlp_chunks_for(n - 1, config)
     print(json.dumps({"mode": mode, "seq_len": n, "loss": loss.item(), "step_s": round(step_s, 2),
                       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                       "rss_after_load_bytes": rss_loaded, "threads": torch.get_num_threads(),

@@ -135,8 +135,8 @@ def method_config(args, default_window: int = 512):
     from .methods import MemoryConfig, TempLoraConfig, WindowConfig
     from .methods.memory import parse_mem_layers
 
-    if args.mst and (args.method in ("window", "memory") or
-                                         (args.method in KV_POLICIES and not args.temp_lora)):
+    trains_temp_lora = args.method == "temp-lora" or (args.method in KV_POLICIES and args.temp_lora)
+    if args.mst and not trains_temp_lora:
         raise InfinictxError("--mst applies to Temp-Lora training (--method temp-lora, or a policy with --temp-lora)")
     if args.method == "memory":
         grouping = _int_list(args.grouping, "--grouping")

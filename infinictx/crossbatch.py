@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .attention import Rope, base_causal_lm, decoder_forward, decoder_hidden
-from .mst import MSTConfig, token_nll
+from .attention import Rope, decoder_forward
+from .mst import MSTConfig, mst_hidden, mst_nll
 from .errors import InfinictxError
 from .models import LoadedModel
 
@@ -189,12 +189,7 @@ def crossbatch_loss(model, batch: Batch, mem_layers: set[int], rope: Rope, extra
     targets = batch.ids[:, 1:]
     attend = _crossbatch_attend(batch, mem_layers, rope, extra, capture)
     if mst is not None:
-        lm_head = base_causal_lm(model).lm_head
-        head_chunks, _ = mst.chunks_for(B * (T - 1), base_causal_lm(model).config)
-        _, mlp_chunks = mst.chunks_for(T, base_causal_lm(model).config)
-        hidden = decoder_hidden(model, batch.ids, attend, mst.checkpoint, mlp_chunks)[:, :-1]
-        per_token = token_nll(lm_head, hidden.reshape(B * (T - 1), -1), targets.reshape(-1), head_chunks)
-        per_token = per_token.view(B, T - 1)
+        per_token = mst_nll(model, mst_hidden(model, batch.ids, attend, mst)[:, :-1], targets, mst)
     else:
         logits = decoder_forward(model, batch.ids, attend)
         per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),

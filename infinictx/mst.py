@@ -52,12 +52,14 @@ class MSTConfig:
         if self.min_chunk_tokens < 1:
             raise InfinictxError(f"MST min chunk tokens must be >= 1 (got {self.min_chunk_tokens})")
 
-    def chunks_for(self, n_tokens: int, config) -> tuple[int, int]:
-        """(LM-head chunks, MLP chunks) for a sequence of n_tokens under model config `config`."""
-        hidden = config.hidden_size
-        head = self.head_chunks or auto_chunks(n_tokens, config.vocab_size, hidden, self.min_chunk_tokens)
-        mlp = self.mlp_chunks or auto_chunks(n_tokens, config.intermediate_size, hidden, self.min_chunk_tokens)
-        return head, mlp
+    def head_chunks_for(self, n_tokens: int, config) -> int:
+        """LM-head chunks for n_tokens scored under model config `config`."""
+        return self.head_chunks or auto_chunks(n_tokens, config.vocab_size, config.hidden_size, self.min_chunk_tokens)
+
+    def mlp_chunks_for(self, n_tokens: int, config) -> int:
+        """MLP chunks for a sequence of n_tokens under model config `config`."""
+        return self.mlp_chunks or auto_chunks(n_tokens, config.intermediate_size, config.hidden_size,
+                                              self.min_chunk_tokens)
 
 
 def auto_chunks(n_tokens: int, wide: int, hidden: int, min_chunk_tokens: int = 256) -> int:
@@ -109,20 +111,29 @@ def causal_attention(rope: Rope):
     return attend
 
 
+def mst_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attend, mst: MSTConfig) -> torch.Tensor:
+    """`attention.decoder_hidden` with the MST settings: checkpointed layers, MLP over mini-sequences."""
+    mlp_chunks = mst.mlp_chunks_for(input_ids.shape[1], base_causal_lm(model).config)
+    return decoder_hidden(model, input_ids, attend, mst.checkpoint, mlp_chunks)
+
+
+def mst_nll(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, mst: MSTConfig) -> torch.Tensor:
+    """Per-token NLL (B, n) of `targets` (B, n) from final hidden states (B, n, H), LM head over mini-sequences."""
+    lm = base_causal_lm(model)
+    B, n = targets.shape
+    chunks = mst.head_chunks_for(B * n, lm.config)
+    return token_nll(lm.lm_head, hidden.reshape(B * n, -1), targets.reshape(B * n), chunks).view(B, n)
+
+
 def causal_lm_nll(model: torch.nn.Module, input_ids: torch.Tensor, targets: torch.Tensor,
                   mst: MSTConfig | None = None, rope: Rope | None = None) -> torch.Tensor:
     """Per-token NLL (B, n) of `targets` (B, n), the tokens after the last n positions of `input_ids` (B, T):
     HF's logits[:, -n:] against targets, computed the MST way (targets of −100 give 0)."""
     check_supported(model)
-    lm = base_causal_lm(model)
     mst = mst or MSTConfig()
-    B, n = targets.shape
-    head_chunks = mst.chunks_for(B * n, lm.config)[0]
-    mlp_chunks = mst.chunks_for(input_ids.shape[1], lm.config)[1]
-    rope = rope or Rope(model, input_ids.device, lm.lm_head.weight.dtype)
-    hidden = decoder_hidden(model, input_ids, causal_attention(rope), mst.checkpoint, mlp_chunks)[:, -n:]
-    nll = token_nll(lm.lm_head, hidden.reshape(B * n, -1), targets.reshape(B * n), head_chunks)
-    return nll.view(B, n)
+    rope = rope or Rope(model, input_ids.device, base_causal_lm(model).lm_head.weight.dtype)
+    hidden = mst_hidden(model, input_ids, causal_attention(rope), mst)
+    return mst_nll(model, hidden[:, -targets.shape[1]:], targets, mst)
 
 
 def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None,

@@ -122,8 +122,8 @@ def ask(session: Session, prompt: torch.Tensor, n_tokens: int = ANSWER_TOKENS,
         start: int = 0) -> tuple[torch.Tensor, int | None]:
     """Absorb the prompt chunk by chunk, then answer greedily (no repetition penalty: the answer repeats
     digits of the prompt on purpose). Returns the answer tokens and the KV bytes the session held once the
-    prompt was in (and compressed, for a policy that compresses at its end) (None for a session that keeps no cache between steps). `start` tokens of the prompt were
-    absorbed already (a forked session); `prompt` is the rest."""
+    prompt was in and `end_prompt` had run (a policy may compress there; None for a session that keeps no cache
+    between steps). `start` tokens of the prompt were absorbed already (a forked session); `prompt` is the rest."""
     for s in range(0, len(prompt), session.chunk):
         session.absorb(prompt[s:s + session.chunk])
     session.end_prompt()
