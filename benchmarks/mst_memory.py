@@ -6,6 +6,8 @@ on the first N tokens of the default book, the embedded model in float32, per mo
   checkpointing  the same with transformers' gradient checkpointing (non-reentrant)
   mst            infinictx.mst: LM head + cross-entropy and MLP over mini-sequences, recomputed in backward,
                  with checkpointing (automatic chunk counts)
+  mst-sa         the same with MSTConfig(save_attention=True): the attention kernel's output is kept, not
+                 recomputed in backward (one more hidden-size tensor per layer)
 Each (mode, length) runs in a fresh process, so its peak RSS (ru_maxrss) is its own; runs go one after another,
 with glibc's mmap threshold fixed (--mmap-threshold) so that freed activations really leave the RSS.
 A run whose peak, doubled from the previous length of its mode, would pass --max-rss-gib is skipped (recorded
@@ -25,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-MODES = ("standard", "checkpointing", "mst")
+MODES = ("standard", "checkpointing", "mst", "mst-sa")
 GIB = 2**30
 
 
@@ -48,23 +50,25 @@ def worker(mode: str, n: int, grads_out: str, threads: int):
         base_causal_lm(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()  # transformers checkpoints only in train mode; Llama has no dropout, LoRA dropout is 0
     rss_loaded = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    t0 = time.perf_counter()
-    if mode == "mst":
-        loss = causal_lm_loss(model, ids, mst=MSTConfig())
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    mst = MSTConfig(save_attention=mode == "mst-sa")
+    if mode.startswith("mst"):
+        loss = causal_lm_loss(model, ids, mst=mst)
     else:
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
     loss.backward()
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
     torch.nn.utils.clip_grad_norm_(lora.params, 1.0)
     lora.optimizer.step()
-    step_s = time.perf_counter() - t0
+    step_s, step_cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
     torch.save(grads, grads_out)
     config = base_causal_lm(model).config
-    head, mlp = MSTConfig().head_chunks_for(n - 1, config), MSTConfig().mlp_chunks_for(n - 1, config)
+    head, mlp = mst.head_chunks_for(n - 1, config), mst.mlp_chunks_for(n - 1, config)
     print(json.dumps({"mode": mode, "seq_len": n, "loss": loss.item(), "step_s": round(step_s, 2),
+                      "step_cpu_s": round(step_cpu_s, 2),
                       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                       "rss_after_load_bytes": rss_loaded, "threads": torch.get_num_threads(),
-                      **({"head_chunks": head, "mlp_chunks": mlp} if mode == "mst" else {})}))
+                      **({"head_chunks": head, "mlp_chunks": mlp} if mode.startswith("mst") else {})}))
 
 
 def max_diff(a: str, b: str) -> float:
@@ -102,29 +106,36 @@ def summary(data: dict) -> dict:
         out["mst_tokens_at_standard_peak"] = {"standard_seq_len": top["seq_len"],
                                               "peak_rss_bytes": top["peak_rss_bytes"], "mst_seq_len": same_peak,
                                               "ratio": round(same_peak / top["seq_len"], 2)}
-    ratios = {}
-    for r in by_mode["mst"]:
-        c = next((x for x in by_mode["checkpointing"] if x["seq_len"] == r["seq_len"]), None)
-        if c:
-            ratios[str(r["seq_len"])] = round(r["step_s"] / c["step_s"], 3)
-    out["mst_time_vs_checkpointing"] = ratios
+    for mode, key in ((m, k) for m in ("mst", "mst-sa") for k in ("step_s", "step_cpu_s")):
+        name = f"{mode.replace('-', '_')}_{'cpu_' if key == 'step_cpu_s' else ''}time_vs_checkpointing"
+        ratios = {}
+        for r in by_mode[mode]:
+            c = next((x for x in by_mode["checkpointing"] if x["seq_len"] == r["seq_len"]), None)
+            if c and key in r and key in c:
+                ratios[str(r["seq_len"])] = round(r[key] / c[key], 3)
+        out[name] = ratios
     return out
 
 
 def markdown(data: dict) -> str:
     s = data.get("summary", {})
     md = ["# Mini-Sequence training: one LoRA step on N tokens (SmolLM2-135M, fp32, 2-core CPU)", "",
-          "| N | mode | peak RSS GiB | step s | ms / token | max grad diff (vs) |", "|---|---|---|---|---|---|"]
+          "| N | mode | peak RSS GiB | step s (runs) | CPU s | ms / token | max grad diff (vs) |",
+          "|---|---|---|---|---|---|---|"]
     for r in sorted(data["runs"], key=lambda r: (r["seq_len"], MODES.index(r["mode"]))):
         if "skipped" in r:
-            md.append(f"| {r['seq_len']} | {r['mode']} | skipped: {r['skipped']} | | | |")
+            md.append(f"| {r['seq_len']} | {r['mode']} | skipped: {r['skipped']} | | | | |")
             continue
         diff = f"{r['max_grad_diff']:.1e} ({r['reference']})" if "max_grad_diff" in r else "reference"
-        md.append(f"| {r['seq_len']} | {r['mode']} | {r['peak_rss_bytes'] / GIB:.2f} | {r['step_s']:.1f} | "
-                  f"{1000 * r['step_s'] / r['seq_len']:.2f} | {diff} |")
+        times = r.get("step_s_runs", [])
+        runs = ", ".join(f"{t:.1f}" for t in times) if len(times) > 1 else ""
+        cpu = f"{r['step_cpu_s']:.1f}" if "step_cpu_s" in r else "–"
+        md.append(f"| {r['seq_len']} | {r['mode']} | {r['peak_rss_bytes'] / GIB:.2f} | {r['step_s']:.1f}"
+                  f"{f' ({runs})' if runs else ''} | {cpu} | {1000 * r['step_s'] / r['seq_len']:.2f} | {diff} |")
     md += ["", "Summary (longest-in-8-GiB values are extrapolated linearly through each mode's two longest runs):", "",
            "```", json.dumps(s, indent=2), "```", "",
-           f"Command: `.venv/bin/python benchmarks/mst_memory.py {' '.join(data.get('argv', []))}`"]
+           "Commands (rows are kept across runs):", "",
+           *(f"    .venv/bin/python benchmarks/mst_memory.py {c}" for c in data.get("commands", []))]
     return "\n".join(md) + "\n"
 
 
@@ -149,7 +160,10 @@ def main():
 
     out = Path(args.json) if args.json else RESULTS / "mst_memory.json"
     data = json.loads(out.read_text()) if out.exists() else {"runs": []}
-    data["argv"] = sys.argv[1:]
+    # every command that added rows to this file, oldest first
+    commands = data.get("commands", []) + ([" ".join(data.pop("argv"))] if "argv" in data else [])
+    command = " ".join(sys.argv[1:])
+    data["commands"] = [c for c in commands if c != command] + [command]
     lengths = [int(x) for x in args.seq_lens.split(",")]
     modes = [m for m in args.modes.split(",") if m]
     if not set(modes) <= set(MODES):
@@ -206,7 +220,9 @@ def main():
                 data["runs"].append(runs[mode][-1])
                 continue
             times = [r["step_s"] for r in runs[mode]]
+            cpu = [r["step_cpu_s"] for r in runs[mode]]
             row = {**runs[mode][0], "step_s": statistics.median(times), "step_s_runs": times,
+                   "step_cpu_s": statistics.median(cpu), "step_cpu_s_runs": cpu,
                    "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs[mode])}
             for ref in ("standard", "checkpointing"):
                 ref_grads = grads_dir / f"{ref}-{n}.pt"

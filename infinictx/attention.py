@@ -105,25 +105,49 @@ def _mlp_block(layer, h: torch.Tensor) -> torch.Tensor:
     return layer.mlp(layer.post_attention_layernorm(h))
 
 
-def _maybe_checkpoint(on: bool, fn, *args):
+def _maybe_checkpoint(on: bool, fn, *args, context_fn=None):
     from torch.utils.checkpoint import checkpoint
 
-    return checkpoint(fn, *args, use_reentrant=False) if on else fn(*args)
+    if not on:
+        return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=False, **({"context_fn": context_fn} if context_fn else {}))
+
+
+def _fused_attention_ops() -> set:
+    """The aten kernels behind F.scaled_dot_product_attention (CPU flash, CUDA flash / efficient / cuDNN)."""
+    names = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+    return {getattr(torch.ops.aten, n).default for n in names if hasattr(torch.ops.aten, n)}
+
+
+def _keep_attention_outputs():
+    """Selective checkpointing context: backward recomputes an attention block's projections and RoPE but takes
+    the fused attention kernel's outputs (output and log-sum-exp: one hidden-size tensor per layer) from forward,
+    so the O(T²) attention runs once, not twice. Any other op is recomputed as in plain checkpointing."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    keep = _fused_attention_ops()
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE
+    return create_selective_checkpoint_contexts(policy)
 
 
 def decoder_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attend: Attend, checkpoint_layers: bool = False,
-                   mlp_chunks: int = 1) -> torch.Tensor:
+                   mlp_chunks: int = 1, save_attention: bool = False) -> torch.Tensor:
     """Final normalised hidden states (B, T, H) of `input_ids`, each layer's attention done by
     `attend(i, attn_module, q, k, v)` (projections before RoPE). Training memory savers (`infinictx.mst`), active
-    with gradients on: `checkpoint_layers` recomputes each attention block and MLP in backward from its input;
-    `mlp_chunks` > 1 runs the MLP over that many mini-sequences of tokens, each recomputed in backward. With
-    either, `attend` must be free of side effects: backward calls it again."""
+    with gradients on: `checkpoint_layers` recomputes each attention block and MLP in backward from its input
+    (`save_attention`: except the fused attention kernel, whose outputs are kept); `mlp_chunks` > 1 runs the MLP
+    over that many mini-sequences of tokens, each recomputed in backward. With either, `attend` must be free of
+    side effects: backward calls it again."""
     inner = base_causal_lm(model).model
     h = inner.embed_tokens(input_ids)
     training = torch.is_grad_enabled()
     ckpt = checkpoint_layers and training
+    context_fn = _keep_attention_outputs if save_attention else None
     for i, layer in enumerate(inner.layers):
-        h = _maybe_checkpoint(ckpt, _attention_block, layer, h, i, attend)
+        h = _maybe_checkpoint(ckpt, _attention_block, layer, h, i, attend, context_fn=context_fn)
         if mlp_chunks > 1:
             from .mst import spans
 

@@ -34,6 +34,8 @@ def _add_common(p: argparse.ArgumentParser, default_method: str = "temp-lora", d
     p.add_argument("--save-adapter", default=None, help="directory to save the final adapter to")
     p.add_argument("--mst", action="store_true", help="Mini-Sequence training for Temp-Lora steps: the same updates "
                    "in a fraction of the memory (long W)")
+    p.add_argument("--mst-save-attention", action="store_true", help="--mst, keeping each layer's attention output "
+                   "instead of recomputing it in backward: faster, one more hidden-size tensor per layer")
     m = p.add_argument_group("memory method (Focused Transformer)")
     m.add_argument("--mem-layers", default=None, help="memory layer indices (e.g. 8,15,22), 'auto[:N]' (the N layers "
                    "with the strongest retrieval heads; N = 40%% of layers) or 'spread' (3 layers, LongLLaMA); default: "
@@ -136,7 +138,7 @@ def method_config(args, default_window: int = 512):
     from .methods.memory import parse_mem_layers
 
     trains_temp_lora = args.method == "temp-lora" or (args.method in KV_POLICIES and args.temp_lora)
-    if args.mst and not trains_temp_lora:
+    if (args.mst or args.mst_save_attention) and not trains_temp_lora:
         raise InfinictxError("--mst applies to Temp-Lora training (--method temp-lora, or a policy with --temp-lora)")
     if args.method == "memory":
         grouping = _int_list(args.grouping, "--grouping")
@@ -147,8 +149,8 @@ def method_config(args, default_window: int = 512):
                             mem_dtype=args.mem_dtype, grouping=grouping)
     extra = {k: getattr(args, k) for k in ("train_context", "lr", "steps", "rank", "alpha")
              if getattr(args, k) is not None}
-    if args.mst:
-        extra["mst"] = True
+    if args.mst or args.mst_save_attention:
+        extra.update(mst=True, mst_save_attention=args.mst_save_attention)
     if args.method in KV_POLICIES:
         return _policy_config(args, extra)
     if args.temp_lora:

@@ -64,6 +64,7 @@ class CrossBatchConfig:
     seed: int = 0
     last_context_length: int = 1024          # saved in the checkpoint: the local window W inference uses
     mst: bool = False                        # Mini-Sequence training (infinictx.mst): long rows in less memory
+    mst_save_attention: bool = False         # ... keeping attention outputs (MSTConfig.save_attention); implies mst
 
     def __post_init__(self):
         if self.context < 16:
@@ -290,7 +291,8 @@ def train_crossbatch(lm: LoadedModel, docs: list[torch.Tensor], cfg: CrossBatchC
             batch.ids = batch.ids.to(lm.device)
             capture = {} if cfg.extra_negatives else None
             loss = crossbatch_loss(model, batch, set(mem_layers), rope, extra, capture, cfg.needle_weight,
-                                   MSTConfig() if cfg.mst else None)
+                                   MSTConfig(save_attention=cfg.mst_save_attention)
+                                   if cfg.mst or cfg.mst_save_attention else None)
             if not torch.isfinite(loss):
                 raise InfinictxError(f"CrossBatch training produced a non-finite loss at step {step}")
             opt.zero_grad(set_to_none=True)

@@ -12,6 +12,9 @@ and the MLP's intermediate (tokens × 2.7 hidden). MST runs both over **mini-seq
 - Activation checkpointing: each layer's attention block is recomputed in backward from its input. A layer
   then keeps two hidden-size tensors (its input and the MLP's input) instead of all its activations; nothing
   is computed twice beyond what checkpointing alone recomputes, apart from the LM head (one more forward).
+  `save_attention` keeps the fused attention kernel's output (and log-sum-exp) of each layer, so backward
+  recomputes the projections but not the O(T²) attention: one more hidden-size tensor per layer, less time
+  (selective checkpointing, `torch.utils.checkpoint.create_selective_checkpoint_contexts`).
 
 Chunk counts are automatic (the paper's rule: ceil(vocab / hidden) chunks for the LM head and
 ceil(intermediate / hidden) for the MLP, so a chunk's wide activation is no bigger than the sequence's hidden
@@ -42,6 +45,7 @@ class MSTConfig:
     head_chunks: int | None = None     # LM head + CE mini-sequences (None: automatic)
     mlp_chunks: int | None = None      # MLP mini-sequences (None: automatic)
     checkpoint: bool = True            # recompute each layer's attention block in backward
+    save_attention: bool = False       # ... but keep the attention kernel's output: faster, +1 hidden-size / layer
     min_chunk_tokens: int = 256        # automatic counts never make chunks shorter than this
 
     def __post_init__(self):
@@ -114,7 +118,7 @@ def causal_attention(rope: Rope):
 def mst_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attend, mst: MSTConfig) -> torch.Tensor:
     """`attention.decoder_hidden` with the MST settings: checkpointed layers, MLP over mini-sequences."""
     mlp_chunks = mst.mlp_chunks_for(input_ids.shape[1], base_causal_lm(model).config)
-    return decoder_hidden(model, input_ids, attend, mst.checkpoint, mlp_chunks)
+    return decoder_hidden(model, input_ids, attend, mst.checkpoint, mlp_chunks, mst.save_attention)
 
 
 def mst_nll(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, mst: MSTConfig) -> torch.Tensor:

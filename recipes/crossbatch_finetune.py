@@ -41,6 +41,8 @@ p.add_argument("--window", type=int, default=1024, help="local window W saved as
 p.add_argument("--out", default=None, help=f"checkpoint folder (default {fot_model_dir()})")
 p.add_argument("--mst", action="store_true", help="Mini-Sequence training: the same gradients in less memory "
                "(long --context)")
+p.add_argument("--mst-save-attention", action="store_true", help="--mst, keeping attention outputs: faster, "
+               "one more hidden-size tensor per layer")
 p.add_argument("--threads", type=int, default=None)
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--name", default="crossbatch_auto", help="results file name under benchmarks/results/")
@@ -56,7 +58,7 @@ cfg = CrossBatchConfig(context=args.context, steps=args.steps, time_budget_s=arg
                        rank=args.rank, alpha=args.rank, needle_rate=args.needle_rate, seed=args.seed,
                        extra_negatives=args.extra_negatives, needle_weight=args.needle_weight,
                        mem_layers=parse_mem_layers(args.mem_layers),
-                       last_context_length=args.window, mst=args.mst)
+                       last_context_length=args.window, mst=args.mst, mst_save_attention=args.mst_save_attention)
 
 mem_layers = set(resolve_mem_layers(cfg.mem_layers, lm))
 print("memory layers:", sorted(mem_layers))

@@ -122,6 +122,7 @@ def test_passkey_cli_json_and_plot(tiny_model_dir, tmp_path, method, task):
     (["--method", "longcache", "--select-dtype", "int8"], "unknown selection dtype"),
     (["--method", "window", "--temp-lora"], "--temp-lora goes with a KV-cache policy"),
     (["--method", "razor", "--mst"], "--mst applies to Temp-Lora training"),
+    (["--method", "window", "--mst-save-attention"], "--mst applies to Temp-Lora training"),
 ])
 def test_passkey_bad_input(tiny_model_dir, tmp_path, args, message):
     out = tmp_path / "out.json"
@@ -157,13 +158,15 @@ def test_policy_with_temp_lora_on_top_ppl(tiny_model_dir, book, tmp_path):
 
 
 def test_temp_lora_with_mst_ppl(tiny_model_dir, book, tmp_path):
-    """--mst gives the same numbers as without it (the same training steps, the Mini-Sequence way)."""
+    """--mst and --mst-save-attention give the same numbers as without them (the same training steps, the
+    Mini-Sequence way)."""
     ppl = []
-    for extra in ([], ["--mst"]):
-        out = tmp_path / f"t{len(extra)}.json"
+    for i, extra in enumerate(([], ["--mst"], ["--mst-save-attention"])):
+        out = tmp_path / f"t{i}.json"
         assert main(["ppl", str(book), "--model", str(tiny_model_dir), "-W", "64", "-D", "32", "--lr", "1e-3",
                      "--rank", "4", "--json", str(out), "--no-progress", *extra]) == 0
         res = json.loads(out.read_text())
         assert res["config"]["mst"] == bool(extra) and res["base_weights_unchanged"] is True
+        assert res["config"]["mst_save_attention"] == (extra == ["--mst-save-attention"])
         ppl.append(res["ppl"])
-    assert ppl[1] == pytest.approx(ppl[0], rel=1e-5)
+    assert ppl[1] == pytest.approx(ppl[0], rel=1e-5) and ppl[2] == pytest.approx(ppl[0], rel=1e-5)

@@ -124,6 +124,36 @@ def test_logits_are_never_held_whole():
     assert largest_saved(lambda: causal_lm_loss(model, ids, mst=mst)) < (n - 1) * vocab // 4
 
 
+def test_save_attention_runs_the_attention_kernel_once_with_the_same_gradients():
+    """save_attention: backward recomputes the projections but reuses the fused attention kernel's outputs, so
+    the kernel runs once per layer in the whole step instead of twice (forward + recompute); the same gradients."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from infinictx.attention import _fused_attention_ops
+
+    class CountAttention(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += func in _fused_attention_ops()
+            return func(*args, **(kwargs or {}))
+
+    model = llama(True)
+    ids = ids_of(48, batch=2)
+    ref = grads(model, lambda: hf_loss(model, ids, ids))
+    calls = {}
+    for save in (False, True):
+        mst = MSTConfig(head_chunks=3, mlp_chunks=2, save_attention=save)
+        with CountAttention() as counter:
+            got = grads(model, lambda: causal_lm_loss(model, ids, mst=mst))
+        assert_same(ref, got)
+        calls[save] = counter.calls
+    layers = model.config.num_hidden_layers
+    assert calls == {False: 2 * layers, True: layers}
+
+
 def test_all_labels_masked_is_a_clear_error():
     model = llama(True)
     ids = ids_of(10)

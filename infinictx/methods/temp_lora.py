@@ -46,6 +46,7 @@ class TempLoraConfig:
     seed: int = 0                     # LoRA A initialisation
     save_adapter: str | None = None   # directory to save the final adapter to (optional)
     mst: bool = False                 # Mini-Sequence training steps (infinictx.mst): same updates, less memory
+    mst_save_attention: bool = False  # ... keeping attention outputs (MSTConfig.save_attention); implies mst
 
     def __post_init__(self):
         check_window(self.window, self.chunk)
@@ -66,7 +67,7 @@ class TempLoraConfig:
     def mst_config(self):
         from ..mst import MSTConfig
 
-        return MSTConfig() if self.mst else None
+        return MSTConfig(save_attention=self.mst_save_attention) if self.mst or self.mst_save_attention else None
 
     def make_session(self, lm: LoadedModel) -> "TempLoraSession":
         return TempLoraSession(lm, self)
