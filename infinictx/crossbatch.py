@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import Rope, decoder_forward
-from .mst import MSTConfig, mst_hidden, mst_nll
+from .mst import MSTConfig, from_switches, mst_hidden, mst_nll
 from .errors import InfinictxError
 from .models import LoadedModel
 
@@ -291,8 +291,7 @@ def train_crossbatch(lm: LoadedModel, docs: list[torch.Tensor], cfg: CrossBatchC
             batch.ids = batch.ids.to(lm.device)
             capture = {} if cfg.extra_negatives else None
             loss = crossbatch_loss(model, batch, set(mem_layers), rope, extra, capture, cfg.needle_weight,
-                                   MSTConfig(save_attention=cfg.mst_save_attention)
-                                   if cfg.mst or cfg.mst_save_attention else None)
+                                   from_switches(cfg.mst, cfg.mst_save_attention))
             if not torch.isfinite(loss):
                 raise InfinictxError(f"CrossBatch training produced a non-finite loss at step {step}")
             opt.zero_grad(set_to_none=True)

@@ -66,6 +66,12 @@ class MSTConfig:
                                               self.min_chunk_tokens)
 
 
+def from_switches(mst: bool, save_attention: bool = False) -> MSTConfig | None:
+    """The MSTConfig that the `mst` / `mst_save_attention` config fields (--mst, --mst-save-attention) ask for;
+    None when both are off (save_attention implies MST)."""
+    return MSTConfig(save_attention=save_attention) if mst or save_attention else None
+
+
 def auto_chunks(n_tokens: int, wide: int, hidden: int, min_chunk_tokens: int = 256) -> int:
     """ceil(wide / hidden) chunks, fewer if chunks would get shorter than min_chunk_tokens, at least 1."""
     return max(1, min(math.ceil(wide / hidden), n_tokens // min_chunk_tokens))

@@ -65,9 +65,9 @@ class TempLoraConfig:
             raise InfinictxError(f"LoRA dropout must be in [0, 1) (got {self.dropout})")
 
     def mst_config(self):
-        from ..mst import MSTConfig
+        from ..mst import from_switches
 
-        return MSTConfig(save_attention=self.mst_save_attention) if self.mst or self.mst_save_attention else None
+        return from_switches(self.mst, self.mst_save_attention)
 
     def make_session(self, lm: LoadedModel) -> "TempLoraSession":
         return TempLoraSession(lm, self)
