@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .errors import InfinictxError
 
@@ -105,9 +106,20 @@ def _mlp_block(layer, h: torch.Tensor) -> torch.Tensor:
     return layer.mlp(layer.post_attention_layernorm(h))
 
 
-def _maybe_checkpoint(on: bool, fn, *args, context_fn=None):
-    from torch.utils.checkpoint import checkpoint
+def spans(n: int, chunks: int) -> list[tuple[int, int]]:
+    """`chunks` contiguous (start, end) ranges covering 0..n exactly (sizes differ by at most one; never empty:
+    fewer ranges when n < chunks)."""
+    chunks = max(1, min(chunks, n))
+    size, extra = divmod(n, chunks)
+    out, start = [], 0
+    for c in range(chunks):
+        end = start + size + (c < extra)
+        out.append((start, end))
+        start = end
+    return out
 
+
+def _maybe_checkpoint(on: bool, fn, *args, context_fn=None):
     if not on:
         return fn(*args)
     return checkpoint(fn, *args, use_reentrant=False, **({"context_fn": context_fn} if context_fn else {}))
@@ -124,8 +136,6 @@ def _keep_attention_outputs():
     """Selective checkpointing context: backward recomputes an attention block's projections and RoPE but takes
     the fused attention kernel's outputs (output and log-sum-exp: one hidden-size tensor per layer) from forward,
     so the O(T²) attention runs once, not twice. Any other op is recomputed as in plain checkpointing."""
-    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
-
     keep = _fused_attention_ops()
 
     def policy(ctx, op, *args, **kwargs):
@@ -149,8 +159,6 @@ def decoder_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attend: Atte
     for i, layer in enumerate(inner.layers):
         h = _maybe_checkpoint(ckpt, _attention_block, layer, h, i, attend, context_fn=context_fn)
         if mlp_chunks > 1:
-            from .mst import spans
-
             h = h + torch.cat([_maybe_checkpoint(training, _mlp_block, layer, h[:, s:e])
                                for s, e in spans(h.shape[1], mlp_chunks)], dim=1)
         else:

@@ -186,15 +186,9 @@ def crossbatch_loss(model, batch: Batch, mem_layers: set[int], rope: Rope, extra
     `needle_weight` × the mean loss on the repeated codes (a dozen tokens among thousands: unweighted, their
     gradient is lost in the language-modelling loss). With `mst`, the Mini-Sequence way (`infinictx.mst`):
     same loss and gradients, never all logits at once."""
-    B, T = batch.ids.shape
-    targets = batch.ids[:, 1:]
+    mst = mst or MSTConfig(head_chunks=1, mlp_chunks=1, checkpoint=False)  # off: the plain forward and loss
     attend = _crossbatch_attend(batch, mem_layers, rope, extra, capture)
-    if mst is not None:
-        per_token = mst_nll(model, mst_hidden(model, batch.ids, attend, mst)[:, :-1], targets, mst)
-    else:
-        logits = decoder_forward(model, batch.ids, attend)
-        per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                                    reduction="none").view(B, T - 1)
+    per_token = mst_nll(model, mst_hidden(model, batch.ids, attend, mst)[:, :-1], batch.ids[:, 1:], mst)
     loss = per_token.mean()
     if needle_weight and batch.needles:
         loss = loss + needle_weight * torch.cat([per_token[r, s - 1:e - 1] for r, s, e in batch.needles]).mean()

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import Rope, base_causal_lm, check_supported, decoder_hidden, local_attention
+from .attention import Rope, base_causal_lm, check_supported, decoder_hidden, local_attention, spans  # noqa: F401
 from .errors import InfinictxError
 
 IGNORE = -100
@@ -75,19 +75,6 @@ def from_switches(mst: bool, save_attention: bool = False) -> MSTConfig | None:
 def auto_chunks(n_tokens: int, wide: int, hidden: int, min_chunk_tokens: int = 256) -> int:
     """ceil(wide / hidden) chunks, fewer if chunks would get shorter than min_chunk_tokens, at least 1."""
     return max(1, min(math.ceil(wide / hidden), n_tokens // min_chunk_tokens))
-
-
-def spans(n: int, chunks: int) -> list[tuple[int, int]]:
-    """`chunks` contiguous (start, end) ranges covering 0..n exactly (sizes differ by at most one; never empty:
-    fewer ranges when n < chunks)."""
-    chunks = max(1, min(chunks, n))
-    size, extra = divmod(n, chunks)
-    out, start = [], 0
-    for c in range(chunks):
-        end = start + size + (c < extra)
-        out.append((start, end))
-        start = end
-    return out
 
 
 def _chunk_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
