@@ -15,9 +15,33 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from infinictx import load_model, read_text  # noqa: E402
-from infinictx.report import atomic_write, write_json  # noqa: E402
+from infinictx.core.files import atomic_write, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+# KV-cache policy configurations by label (kv_policies.py, reproduce.py): registry specs, {W} = the scope;
+# "label+tl" puts Temp-Lora on top (W = the scope, Δ = W/4)
+KV_PRESETS = {
+    "full": "full:chunk=512",
+    "streaming": "streaming:window={W}",
+    "longcache": "longcache:window={W}:select_dtype=bfloat16",
+    "razor": "razor",
+    "razor-paper": "razor:echo_ratio=0.01:keep_ratio=0.125",   # the paper's 14% + 1% heads, C = 8
+    "razor-dense": "razor:prefill=dense",   # prompt read with full caches, compressed when it ends (paper, kvpress)
+    "razor-mean": "razor:compensation=mean",   # the compensation token unweighted
+    "razor-none": "razor:compensation=none",   # ... or left out
+}
+
+
+def kv_config(label: str, window: int = 1024):
+    """The config a KV-policy label names (see KV_PRESETS)."""
+    from infinictx.core.registry import method_from_spec
+
+    name, _, extra = label.partition("+")
+    if name not in KV_PRESETS or extra not in ("", "tl"):
+        raise SystemExit(f"unknown config {label!r}; choose from {', '.join(KV_PRESETS)} (with +tl for Temp-Lora)")
+    temp_lora = {"window": window, "chunk": window // 4} if extra == "tl" else None
+    return method_from_spec(KV_PRESETS[name].format(W=window), temp_lora=temp_lora)
 
 
 def setup(threads: int | None = None):
@@ -34,7 +58,7 @@ def venv_python(name: str, packages: list[str]) -> Path:
     filled with `packages` on first use. torch is pinned in `packages` by the caller (an unpinned one is CUDA)."""
     import subprocess
 
-    from infinictx.fetch import cache_dir
+    from infinictx.data.fetch import cache_dir
 
     venv = cache_dir() / name
     py = venv / "bin" / "python"

@@ -7,8 +7,8 @@ import argparse
 
 from common import save, setup
 
-from infinictx import TempLoraConfig, streaming_perplexity
-from infinictx.evaluate import perplexity
+from infinictx import method_config, streaming_perplexity
+from infinictx.tasks.perplexity import perplexity
 
 p = argparse.ArgumentParser()
 p.add_argument("--tokens", type=int, default=32768)
@@ -20,7 +20,7 @@ lm, ids, book = setup()
 ids = ids[:args.tokens]
 rows = []
 for d in [int(x) for x in args.deltas.split(",")]:
-    with TempLoraConfig(window=args.window, chunk=d).make_session(lm) as s:
+    with method_config("temp-lora", window=args.window, chunk=d).make_session(lm) as s:
         r = streaming_perplexity(s, ids, compare_base=True, progress=True)
     rows.append({"chunk": d, "ppl": perplexity(r.nll), "base_ppl": perplexity(r.base_nll),
                  "ratio": perplexity(r.nll) / perplexity(r.base_nll), "wall_s": r.wall_s,

@@ -8,8 +8,8 @@ import argparse
 
 from common import save, setup
 
-from infinictx import TempLoraConfig, WindowConfig, streaming_perplexity
-from infinictx.evaluate import perplexity
+from infinictx import method_config, streaming_perplexity
+from infinictx.tasks.perplexity import perplexity
 
 p = argparse.ArgumentParser()
 p.add_argument("--tokens", type=int, default=32768)
@@ -21,11 +21,8 @@ ids = ids[:args.tokens]
 runs = [("temp-lora", 512, 256), ("window", 1024, 256), ("window", 2048, 256), ("window", 2048, 1024)]
 rows = []
 for method, w, d in runs:
-    if method == "temp-lora":
-        cfg = TempLoraConfig(window=w, chunk=d, **({"lr": args.lr} if args.lr else {}))
-    else:
-        cfg = WindowConfig(window=w, chunk=d)
-    with cfg.make_session(lm) as s:
+    lr = {"lr": args.lr} if args.lr and method == "temp-lora" else {}
+    with method_config(method, window=w, chunk=d, **lr).make_session(lm) as s:
         r = streaming_perplexity(s, ids, progress=True)
     rows.append({"method": method, "window": w, "chunk": d, "ppl": perplexity(r.nll), "wall_s": r.wall_s,
                  "flops": r.cost["flops"], "peak_rss_bytes": r.cost["peak_rss_bytes"],

@@ -9,8 +9,8 @@ import statistics
 
 from common import save, setup
 
-from infinictx import TempLoraConfig, streaming_perplexity
-from infinictx.evaluate import perplexity
+from infinictx import method_config, streaming_perplexity
+from infinictx.tasks.perplexity import perplexity
 
 p = argparse.ArgumentParser()
 p.add_argument("--tokens", type=int, default=2048)
@@ -26,7 +26,7 @@ ppl, flops, max_diff = {}, {}, 0.0
 nll = {}
 for _ in range(args.repeats):
     for fuse in (False, True):
-        cfg = TempLoraConfig(window=args.window, chunk=args.chunk, fuse_first_step=fuse)
+        cfg = method_config("temp-lora", window=args.window, chunk=args.chunk, fuse_first_step=fuse)
         with cfg.make_session(lm) as s:
             r = streaming_perplexity(s, ids, progress=True)
         runs[fuse].append(r.wall_s)

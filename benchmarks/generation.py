@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from common import save, setup, venv_python
 
-from infinictx import Sampler, TempLoraConfig, generate_long
-from infinictx.models import resolve_model_path
+from infinictx import Sampler, generate_long, method_config
+from infinictx.core.models import resolve_model_path
 
 p = argparse.ArgumentParser()
 p.add_argument("--tokens", type=int, default=1024)
@@ -28,10 +28,10 @@ args = p.parse_args()
 
 lm, ids, book = setup()
 prompt = ids[:args.prompt_tokens]
-cfg = dict(window=args.window, chunk=args.chunk)
+cfg = method_config("temp-lora", window=args.window, chunk=args.chunk)
 rows = []
 for reuse in (True, False):
-    with TempLoraConfig(**cfg).make_session(lm) as s:
+    with cfg.make_session(lm) as s:
         r = generate_long(s, prompt, args.tokens, context_len=args.context, sampler=Sampler(), cache_reuse=reuse,
                           progress=True)
     summ = r.summary()
@@ -46,10 +46,9 @@ def pipeline_venv() -> Path:
 
 
 if not args.skip_pipeline:
-    t = TempLoraConfig(**cfg)
     job = {"model_dir": str(resolve_model_path(None)[0]), "prompt_ids": prompt.tolist(), "window": args.window,
-           "chunk": args.chunk, "tokens": args.tokens, "lr": t.lr, "steps": t.steps, "rank": t.rank,
-           "alpha": t.alpha, "threads": torch.get_num_threads()}
+           "chunk": args.chunk, "tokens": args.tokens, "lr": cfg.lr, "steps": cfg.steps, "rank": cfg.rank,
+           "alpha": cfg.alpha, "threads": torch.get_num_threads()}
     proc = subprocess.run([str(pipeline_venv()), str(Path(__file__).with_name("tlp_runner.py")), json.dumps(job)],
                           capture_output=True, text=True)
     if proc.returncode != 0:

@@ -28,15 +28,14 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, machine, setup, venv_python
+from common import RESULTS, kv_config, machine, setup, venv_python
 
-from infinictx import FullConfig, LongCacheConfig, RazorConfig, StreamingConfig, TempLoraConfig
-from infinictx.evaluate import streaming_perplexity
-from infinictx.models import resolve_model_path
-from infinictx.report import atomic_write, write_json
-from infinictx.retrieval import (PASSKEY_QUESTION, TRIAL_BUILDERS, answer_of, full_cache_bytes, parse_lengths,
-                                 run_retrieval)
-from infinictx.session import Sampler
+from infinictx import Sampler, method_config, streaming_perplexity
+from infinictx.analysis.heads import retrieval_heads
+from infinictx.core.files import atomic_write, write_json
+from infinictx.core.models import resolve_model_path
+from infinictx.tasks.retrieval import (PASSKEY_QUESTION, TRIAL_BUILDERS, answer_of, full_cache_bytes, parse_lengths,
+                                       run_retrieval, tokens_of)
 
 p = argparse.ArgumentParser()
 p.add_argument("--parts", default="passkey")
@@ -59,25 +58,8 @@ for part in ("passkey", "ppl", "ppl-prompt", "speed", "kvpress"):
 lm, book, book_name = setup()
 
 
-def config(spec: str):
-    name, _, extra = spec.partition("+")
-    W = args.window
-    tl = TempLoraConfig(window=W, chunk=W // 4) if extra == "tl" else None
-    if name == "full":
-        return FullConfig(chunk=512, temp_lora=tl)
-    if name == "streaming":
-        return StreamingConfig(window=W, temp_lora=tl)
-    if name == "longcache":
-        return LongCacheConfig(window=W, select_dtype="bfloat16", temp_lora=tl)
-    if name == "razor":
-        return RazorConfig(temp_lora=tl)
-    if name == "razor-paper":
-        return RazorConfig(echo_ratio=0.01, keep_ratio=0.125, temp_lora=tl)
-    if name == "razor-dense":  # prompt read with full caches, compressed when it ends (paper, kvpress)
-        return RazorConfig(prefill="dense", temp_lora=tl)
-    if name in ("razor-mean", "razor-none"):  # the compensation token unweighted, or none
-        return RazorConfig(compensation=name.split("-")[1], temp_lora=tl)
-    raise SystemExit(f"unknown config {spec!r}")
+def config(label: str):
+    return kv_config(label, args.window)
 
 
 def save():
@@ -205,12 +187,9 @@ def kvpress_python() -> Path:
 
 def run_kvpress():
     """The same seeded prompts as the passkey part; the press sees the context (everything before the question)."""
-    from infinictx.heads import retrieval_heads
-    from infinictx.retrieval import _tok
-
-    question = _tok(lm.tokenizer, PASSKEY_QUESTION)
-    heads = retrieval_heads(lm.model, RazorConfig.induction_ratio, RazorConfig.echo_ratio,
-                            bos_id=lm.tokenizer.bos_token_id)
+    question = tokens_of(lm.tokenizer, PASSKEY_QUESTION)
+    defaults = method_config("razor")
+    heads = retrieval_heads(lm.model, defaults.induction_ratio, defaults.echo_ratio, bos_id=lm.tokenizer.bos_token_id)
     razor = data["passkey"].get("razor", {})
     for n in parse_lengths(args.lengths):
         if str(n) not in razor:

@@ -7,8 +7,8 @@ import argparse
 
 from common import save, setup
 
-from infinictx import TempLoraConfig, WindowConfig, streaming_perplexity
-from infinictx.evaluate import perplexity
+from infinictx import method_config, streaming_perplexity
+from infinictx.tasks.perplexity import perplexity
 
 p = argparse.ArgumentParser()
 p.add_argument("--tokens", type=int, default=6144)
@@ -19,12 +19,12 @@ args = p.parse_args()
 
 lm, ids, book = setup()
 ids = ids[:args.tokens]
-with WindowConfig(args.window, args.chunk).make_session(lm) as s:
+with method_config("window", window=args.window, chunk=args.chunk).make_session(lm) as s:
     base = streaming_perplexity(s, ids, progress=True)
 half = len(base.nll) // 2
 rows = []
 for lr in [float(x) for x in args.lrs.split(",")]:
-    with TempLoraConfig(window=args.window, chunk=args.chunk, lr=lr).make_session(lm) as s:
+    with method_config("temp-lora", window=args.window, chunk=args.chunk, lr=lr).make_session(lm) as s:
         r = streaming_perplexity(s, ids, progress=True)
     rows.append({"lr": lr, "ppl": perplexity(r.nll), "ppl_second_half": perplexity(r.nll[half:]),
                  "ratio_vs_base": perplexity(r.nll) / perplexity(base.nll),

@@ -18,7 +18,7 @@ import time
 import torch
 from common import save, setup
 
-from infinictx import MemoryConfig, Sampler
+from infinictx import Sampler, method_config
 from infinictx.methods.memory import parse_mem_layers
 
 p = argparse.ArgumentParser()
@@ -60,7 +60,8 @@ mem_layers = parse_mem_layers(args.mem_layers)
 sizes = [int(x) for x in args.sizes.split(",")]
 rows = []
 for lookup in ("dense", "topk"):
-    cfg = MemoryConfig(window=args.window, chunk=args.window // 2, lookup=lookup, topk=128, mem_layers=mem_layers)
+    cfg = method_config("memory", window=args.window, chunk=args.window // 2, lookup=lookup, topk=128,
+                        mem_layers=mem_layers)
     with cfg.make_session(lm) as s:
         # real keys/values: absorb a window of the book once, then grow each memory by copying its own entries
         s.absorb(ids[:2 * args.window])
@@ -79,7 +80,7 @@ for lookup in ("dense", "topk"):
                          "faiss": m0.indexes is not None, "memory_bytes": sum(m.nbytes() for m in s.memory.values())})
             print(rows[-1], flush=True)
 # the same without memory layers: the plain local-window cost per token
-with MemoryConfig(window=args.window, chunk=args.window // 2, mem_layers=[]).make_session(lm) as s:
+with method_config("memory", window=args.window, chunk=args.window // 2, mem_layers=[]).make_session(lm) as s:
     s.absorb(ids[:2 * args.window])
     s.generate_chunk(2, 0, Sampler())
     t0 = time.perf_counter()

@@ -1,10 +1,10 @@
-"""Mini-Sequence training (infinictx.mst) against standard and checkpointing-only LoRA steps on long sequences.
+"""Mini-Sequence training (infinictx.training.mst) against standard and checkpointing-only LoRA steps on long sequences.
 
 One training step (forward, backward, AdamW) of a Temp-Lora adapter (r 64, every linear layer but the LM head)
 on the first N tokens of the default book, the embedded model in float32, per mode:
   standard       transformers' forward with labels (all logits, every activation kept)
   checkpointing  the same with transformers' gradient checkpointing (non-reentrant)
-  mst            infinictx.mst: LM head + cross-entropy and MLP over mini-sequences, recomputed in backward,
+  mst            infinictx.training.mst: LM head + cross-entropy and MLP over mini-sequences, recomputed in backward,
                  with checkpointing (automatic chunk counts)
   mst-sa         the same with MSTConfig(save_attention=True): the attention kernel's output is kept, not
                  recomputed in backward (one more hidden-size tensor per layer)
@@ -37,14 +37,13 @@ def worker(mode: str, n: int, grads_out: str, threads: int):
     import torch
     from common import setup
 
-    from infinictx import TempLoraConfig
-    from infinictx.attention import base_causal_lm
-    from infinictx.methods.temp_lora import TempLora
-    from infinictx.mst import MSTConfig, causal_lm_loss
+    from infinictx import TempLora, method_config
+    from infinictx.core.attention import base_causal_lm
+    from infinictx.training.mst import MSTConfig, causal_lm_loss
 
     lm, book, _ = setup(threads)
     ids = book.repeat((n + len(book) - 1) // len(book))[:n][None]
-    lora = TempLora(lm, TempLoraConfig(window=n, chunk=n // 2))
+    lora = TempLora(lm, method_config("temp-lora", window=n, chunk=n // 2))
     model = lora.model
     if mode == "checkpointing":
         base_causal_lm(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -156,7 +155,7 @@ def main():
         return
     from common import RESULTS, machine
 
-    from infinictx.report import atomic_write, write_json
+    from infinictx.core.files import atomic_write, write_json
 
     out = Path(args.json) if args.json else RESULTS / "mst_memory.json"
     data = json.loads(out.read_text()) if out.exists() else {"runs": []}
@@ -168,7 +167,7 @@ def main():
     modes = [m for m in args.modes.split(",") if m]
     if not set(modes) <= set(MODES):
         raise SystemExit(f"unknown mode in {args.modes!r}; choose from {', '.join(MODES)}")
-    from infinictx.fetch import cache_dir
+    from infinictx.data.fetch import cache_dir
 
     grads_dir = cache_dir() / "bench" / "mst-grads"  # kept, so that a resumed run still compares gradients
     grads_dir.mkdir(parents=True, exist_ok=True)

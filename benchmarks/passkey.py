@@ -20,9 +20,10 @@ import time
 
 from common import RESULTS, save, setup
 
-from infinictx import MemoryConfig, WindowConfig, load_model
-from infinictx.report import plot_accuracy
-from infinictx.retrieval import parse_lengths, run_retrieval
+from infinictx import load_model, method_config
+from infinictx.methods.memory import parse_mem_layers
+from infinictx.tasks.report import plot_accuracy
+from infinictx.tasks.retrieval import parse_lengths, run_retrieval
 
 p = argparse.ArgumentParser()
 p.add_argument("--lengths", default="1k,2k,4k,8k")
@@ -41,20 +42,20 @@ done = json.loads(path.read_text()) if path.exists() else {"runs": {}}
 runs = done["runs"]
 lengths = parse_lengths(args.lengths)
 lm, _, _ = setup()
-fot = None
+models = {"mem": lm}
 
 
-def config(spec: str):
-    global fot
-    if spec == "window":
-        return lm, WindowConfig(window=args.window, chunk=args.window // 2)
-    family, positionals, lookup, *layers = spec.split("-")
-    model = lm
-    if family == "fot":
-        fot = fot or load_model("smollm2-fot")
-        model = fot
-    return model, MemoryConfig(window=args.window, chunk=args.window // 2, positionals=positionals, lookup=lookup,
-                               topk=args.topk, mem_layers=layers[0] if layers else None)
+def config(label: str):
+    """The model and method a label names: "window", or "<mem|fot>-<positionals>-<lookup>[-<memory layers>]"
+    (fot = the CrossBatch fine-tuned model `smollm2-fot`)."""
+    if label == "window":
+        return lm, method_config("window", window=args.window, chunk=args.window // 2)
+    family, positionals, lookup, *layers = label.split("-")
+    if family == "fot" and "fot" not in models:
+        models["fot"] = load_model("smollm2-fot")
+    return models[family], method_config("memory", window=args.window, chunk=args.window // 2,
+                                         positionals=positionals, lookup=lookup, topk=args.topk,
+                                         mem_layers=parse_mem_layers(layers[0]) if layers else None)
 
 
 for spec in args.configs.split(","):

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from infinictx.cli import main
+from infinictx.fronts.cli import main
 from conftest import SAMPLE
 
 
@@ -120,9 +120,10 @@ def test_passkey_cli_json_and_plot(tiny_model_dir, tmp_path, method, task):
     (["--method", "streaming", "-W", "0"], "must be > 0"),
     (["--method", "longcache", "--recall-clip", "8", "--span", "32"], "budgets exceed the scope"),
     (["--method", "longcache", "--select-dtype", "int8"], "unknown selection dtype"),
-    (["--method", "window", "--temp-lora"], "--temp-lora goes with a KV-cache policy"),
+    (["--method", "window", "--lookup", "topk"], "--lookup is not a setting of --method window"),
     (["--method", "razor", "--mst"], "--mst applies to Temp-Lora training"),
-    (["--method", "window", "--mst-save-attention"], "--mst applies to Temp-Lora training"),
+    (["--method", "window", "--mst-save-attention"], "--mst-save-attention applies to Temp-Lora training"),
+    (["--method", "window", "--lr", "1e-3"], "--lr applies to Temp-Lora training"),
 ])
 def test_passkey_bad_input(tiny_model_dir, tmp_path, args, message):
     out = tmp_path / "out.json"

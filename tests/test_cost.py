@@ -3,7 +3,7 @@
 import torch
 
 from infinictx import TempLoraConfig
-from infinictx.cost import ModelShape
+from infinictx.core.cost import ModelShape
 
 
 def test_dense_flops_count_every_linear_weight(tiny):
@@ -19,7 +19,7 @@ def test_dense_flops_count_every_linear_weight(tiny):
 def test_lora_flops_match_trainable_parameters(tiny):
     shape = ModelShape.from_config(tiny.model.config)
     with TempLoraConfig(window=32, chunk=16, rank=8).make_session(tiny) as s:
-        trainable = sum(p.numel() for p in s.params)
+        trainable = sum(p.numel() for p in s.learner.params)
     assert shape.forward_flops(n=1, lora_rank=8)["lora"] == 2 * trainable
 
 

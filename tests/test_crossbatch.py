@@ -7,8 +7,8 @@ import random
 import torch
 
 from infinictx import MemoryConfig, load_model, streaming_perplexity, weights_fingerprint
-from infinictx.attention import Rope, local_attention
-from infinictx.crossbatch import (Batch, CrossBatchConfig, crossbatch_attention, crossbatch_loss, make_batch,
+from infinictx.core.attention import Rope, local_attention
+from infinictx.methods.memory.crossbatch import (Batch, CrossBatchConfig, crossbatch_attention, crossbatch_loss, make_batch,
                                   train_crossbatch)
 
 
@@ -48,7 +48,7 @@ def test_memory_rows_are_read_with_gradient(tiny):
     emb.requires_grad_(False)
 
     def row1_logits(batch):
-        from infinictx.attention import decoder_forward
+        from infinictx.core.attention import decoder_forward
 
         def attend(i, a, q, k, v):
             if i == 1:

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from infinictx import InfinictxError
-from infinictx.heads import head_scores, retrieval_layers
+from infinictx.analysis.heads import head_scores, retrieval_layers
 from infinictx.methods.memory import resolve_mem_layers, spread_mem_layers
 
 

@@ -16,7 +16,7 @@ def smol():
 def test_converted_gguf_matches_direct_gguf_load(smol):
     from transformers import AutoModelForCausalLM
 
-    from infinictx.models import embedded_gguf
+    from infinictx.core.models import embedded_gguf
 
     gguf = embedded_gguf()
     direct = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -43,7 +43,7 @@ def test_layerwise_forward_and_memory_session_match_the_real_model(smol):
     """The forward the memory method runs equals transformers' on the real model, and with nothing yet in
     memory the memory session scores like full attention."""
     from infinictx import MemoryConfig
-    from infinictx.attention import Rope, decoder_forward, local_attention
+    from infinictx.core.attention import Rope, decoder_forward, local_attention
 
     text, _ = read_text(None)
     ids = smol.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0][:96]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from infinictx import InfinictxError, MemoryConfig, Sampler, WindowConfig, load_model, streaming_perplexity
-from infinictx.attention import Rope, decoder_forward, local_attention
+from infinictx.core.attention import Rope, decoder_forward, local_attention
 from infinictx.methods.memory import Memory, memory_attention
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from infinictx import InfinictxError, TempLoraConfig
-from infinictx.mst import IGNORE, MSTConfig, auto_chunks, causal_lm_loss, spans
+from infinictx.training.mst import IGNORE, MSTConfig, auto_chunks, causal_lm_loss, spans
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -129,7 +129,7 @@ def test_save_attention_runs_the_attention_kernel_once_with_the_same_gradients()
     the kernel runs once per layer in the whole step instead of twice (forward + recompute); the same gradients."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from infinictx.attention import _fused_attention_ops
+    from infinictx.core.attention import _fused_attention_ops
 
     class CountAttention(TorchDispatchMode):
         def __init__(self):
@@ -174,8 +174,8 @@ def test_chunk_counts_and_spans():
 
 
 def test_temp_lora_with_mst_makes_the_same_updates(tiny, stream):
-    from infinictx.evaluate import streaming_perplexity
-    from infinictx.models import weights_fingerprint
+    from infinictx.tasks.perplexity import streaming_perplexity
+    from infinictx.core.models import weights_fingerprint
 
     before = weights_fingerprint(tiny.model)
     results = []
@@ -183,7 +183,7 @@ def test_temp_lora_with_mst_makes_the_same_updates(tiny, stream):
         cfg = TempLoraConfig(window=64, chunk=32, steps=2, rank=4, mst=mst)
         with cfg.make_session(tiny) as s:
             r = streaming_perplexity(s, stream[:160], progress=False)
-            results.append((torch.from_numpy(r.nll), [p.detach().clone() for p in s.params]))
+            results.append((torch.from_numpy(r.nll), [p.detach().clone() for p in s.learner.params]))
     (nll_ref, lora_ref), (nll, lora) = results
     torch.testing.assert_close(nll, nll_ref, **TOL)   # scores after MST-trained chunks are the same
     for a, b in zip(lora_ref, lora):
@@ -194,8 +194,8 @@ def test_temp_lora_with_mst_makes_the_same_updates(tiny, stream):
 def test_crossbatch_loss_with_mst_equals_without(tiny):
     import random
 
-    from infinictx.attention import Rope
-    from infinictx.crossbatch import CrossBatchConfig, crossbatch_loss, make_batch
+    from infinictx.core.attention import Rope
+    from infinictx.methods.memory.crossbatch import CrossBatchConfig, crossbatch_loss, make_batch
 
     docs = [torch.randint(0, 300, (400,)) for _ in range(3)]
     batch = make_batch(docs, CrossBatchConfig(context=32, needle_rate=0), random.Random(0), tiny.tokenizer)

@@ -3,7 +3,7 @@
 import random
 
 
-from infinictx.retrieval import answer_of, kv_trial, parse_lengths, passkey_trial
+from infinictx.tasks.retrieval import answer_of, kv_trial, parse_lengths, passkey_trial
 
 
 def test_parse_lengths():
@@ -39,14 +39,17 @@ def test_answer_parsing():
 
 
 def test_shared_prefix_forks_give_the_same_answers_as_fresh_sessions(tiny):
+    from dataclasses import replace
+
     from infinictx import MemoryConfig
-    from infinictx.retrieval import run_retrieval
+    from infinictx.tasks.retrieval import run_retrieval
 
     cfg = MemoryConfig(window=64, chunk=32, mem_layers=[1], lookup="topk", topk=8)
 
-    class NoFork:  # the same session without `fork`: every trial reads its whole prompt
+    class NoFork:  # the same session declaring no `fork`: every trial reads its whole prompt
         def __init__(self):
             self.s = cfg.make_session(tiny)
+            self.capabilities = replace(self.s.capabilities, fork=False)
 
         def __getattr__(self, name):
             if name == "fork":

@@ -71,7 +71,7 @@ def test_fused_first_step_equals_unfused_order(tiny_model_dir, stream):
         lm = load_model(tiny_model_dir, device="cpu", dtype="float32")
         cfg = TempLoraConfig(window=48, chunk=16, lr=5e-3, fuse_first_step=fuse)
         with cfg.make_session(lm) as s:
-            assert s.fused is fuse
+            assert s.describe()["fused_first_step"] is fuse
             res = streaming_perplexity(s, stream, progress=False)
             adapter = {k: v.clone() for k, v in s.state_dict()["adapter"].items()}
             flops = s.meter.flops["forward"]
@@ -85,7 +85,7 @@ def test_fused_first_step_equals_unfused_order(tiny_model_dir, stream):
 def test_train_context_shorter_than_window_is_not_fused(tiny, stream):
     cfg = TempLoraConfig(window=48, chunk=16, train_context=8)
     with cfg.make_session(tiny) as s:
-        assert not s.fused
+        assert not s.describe()["fused_first_step"]
         res = streaming_perplexity(s, stream[:100], progress=False)
     assert np.isfinite(res.nll).all()
 

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from infinictx import InfinictxError, read_text
-from infinictx.texts import strip_gutenberg
+from infinictx.data.texts import strip_gutenberg
 
 
 def test_plain_txt_and_crlf(tmp_path):

@@ -1,14 +1,19 @@
-"""Methods: each turns a loaded model into a session. One file per method, its config a dataclass."""
+"""Methods: each turns a loaded model into a session. One file (or subpackage) per method, its config a dataclass
+of settings (`core.registry.setting`) registered under the method's name; `temp_lora=` puts Temp-Lora on top of
+any of them. Importing this package registers them all:
 
-from .kv_cache import FullConfig, KVCacheSession, StreamingConfig
-from .longcache import LongCacheConfig
+  temp-lora  the window with a Temp-Lora learner               ../learners/temp_lora.py
+  window     the plain sliding window (the baseline)           window.py
+  memory     Focused Transformer memory (LongLLaMA)            memory/
+  full, streaming, longcache, razor   KV-cache policies        kv/
+"""
+
+from ..core.registry import METHODS, method_config
+from ..learners.temp_lora import TempLoraConfig
+from .base import MethodConfig
+from .kv import FullConfig, KVCacheSession, LongCacheConfig, RazorConfig, StreamingConfig
 from .memory import MemoryConfig, MemorySession
-from .razor import RazorConfig
-from .temp_lora import TempLoraConfig, TempLoraSession
 from .window import WindowConfig
 
-METHODS = {"window": WindowConfig, "temp-lora": TempLoraConfig, "memory": MemoryConfig, "full": FullConfig,
-           "streaming": StreamingConfig, "longcache": LongCacheConfig, "razor": RazorConfig}
-
 __all__ = ["METHODS", "FullConfig", "KVCacheSession", "LongCacheConfig", "MemoryConfig", "MemorySession",
-           "RazorConfig", "StreamingConfig", "TempLoraConfig", "TempLoraSession", "WindowConfig"]
+           "MethodConfig", "RazorConfig", "StreamingConfig", "TempLoraConfig", "WindowConfig", "method_config"]

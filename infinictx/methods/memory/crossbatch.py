@@ -24,7 +24,6 @@ result is saved as a LongLLaMA-format checkpoint (config fields mem_layers, last
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -34,10 +33,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .attention import Rope, decoder_forward
-from .mst import MSTConfig, from_switches, mst_hidden, mst_nll
-from .errors import InfinictxError
-from .models import LoadedModel
+from ...core.attention import Rope, decoder_forward, local_attention
+from ...core.errors import InfinictxError, check_finite
+from ...core.models import LoadedModel
+from ...core.progress import progress_bar
+from ...training.lora import add_lora
+from ...training.mst import MSTConfig, from_switches, mst_hidden, mst_nll
+from .longllama import save_longllama_checkpoint
+from .session import resolve_mem_layers
 
 NAMES = ["Adam", "Belial", "Cassio", "Desdemona", "Edmund", "Falstaff", "Gonzalo", "Horatio", "Iago", "Juliet",
          "Kent", "Lear", "Miranda", "Nerissa", "Orsino", "Portia", "Quince", "Rosalind", "Sebastian", "Titania",
@@ -158,8 +161,6 @@ def crossbatch_attention(q, k, v, memory_rows, rope: Rope, scale: float, extra=N
 
 
 def _crossbatch_attend(batch: Batch, mem_layers: set[int], rope: Rope, extra: dict | None, capture: dict | None):
-    from .attention import local_attention
-
     rows = batch.memory_rows.to(batch.ids.device)
 
     def attend(i, a, q, k, v):
@@ -216,66 +217,22 @@ def memory_probe(model, batches: list[Batch], mem_layers: set[int], rope: Rope) 
     return out
 
 
-def save_longllama_checkpoint(lm: LoadedModel, out: Path, mem_layers: list[int], last_context_length: int,
-                              extra: dict | None = None):
-    """Save the (merged) model as a LongLLaMA-format directory: Llama weights, config.json with LongLLaMA's
-    memory fields, the tokenizer. Written to a temporary folder and renamed: complete or absent."""
-    import os
-    import shutil
-    import tempfile
-
-    from safetensors.torch import save_model
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
-    try:
-        config = lm.model.config.to_dict()
-        config.update({"architectures": ["LongLlamaForCausalLM"], "model_type": "longllama",
-                       "mem_layers": list(mem_layers), "last_context_length": last_context_length,
-                       "mem_positionals": True, "mem_dtype": str(lm.dtype).split(".")[-1],
-                       "mem_attention_grouping": None})
-        config.pop("quantization_config", None)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        lm.tokenizer.save_pretrained(tmp)
-        save_model(lm.model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if extra:
-            (tmp / "infinictx-training.json").write_text(json.dumps(extra, indent=2, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
 def train_crossbatch(lm: LoadedModel, docs: list[torch.Tensor], cfg: CrossBatchConfig, out: Path | None = None,
                      log=print, progress: bool = True) -> dict:
     """Fine-tune `lm` in place (LoRA, merged at the end) with CrossBatch; save a LongLLaMA-format checkpoint to
     `out` if given. Returns the training log."""
-    from peft import LoraConfig, get_peft_model
-
-    from .methods.memory import resolve_mem_layers
-
     mem_layers = sorted(set(resolve_mem_layers(cfg.mem_layers if cfg.mem_layers is not None else "auto", lm)))
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    model = get_peft_model(lm.model, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0,
-                                                target_modules="all-linear"))
+    model, params = add_lora(lm.model, cfg.rank, cfg.alpha)   # A initialised from the seeded global RNG
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
     rope = Rope(model, lm.device, lm.dtype)
     extra = {}
     history, t0 = [], time.perf_counter()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.steps, unit="step", desc="crossbatch", dynamic_ncols=True)
-    step = 0
-    try:
+    with progress_bar(progress, cfg.steps, "step", "crossbatch") as bar:
         for step in range(cfg.steps):
             elapsed = time.perf_counter() - t0
             if cfg.time_budget_s and elapsed > cfg.time_budget_s:
@@ -286,8 +243,7 @@ def train_crossbatch(lm: LoadedModel, docs: list[torch.Tensor], cfg: CrossBatchC
             capture = {} if cfg.extra_negatives else None
             loss = crossbatch_loss(model, batch, set(mem_layers), rope, extra, capture, cfg.needle_weight,
                                    from_switches(cfg.mst, cfg.mst_save_attention))
-            if not torch.isfinite(loss):
-                raise InfinictxError(f"CrossBatch training produced a non-finite loss at step {step}")
+            check_finite(loss, f"CrossBatch training produced a non-finite loss at step {step}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.clip)
@@ -299,12 +255,8 @@ def train_crossbatch(lm: LoadedModel, docs: list[torch.Tensor], cfg: CrossBatchC
             history.append({"step": step, "loss": round(loss.item(), 4), "rows": int(batch.ids.shape[0]),
                             "memory_rows": int(batch.memory_rows.shape[1]),
                             "s": round(time.perf_counter() - t0, 1)})
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss.item():.3f}", mem=batch.memory_rows.shape[1])
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+            bar.set_postfix(loss=f"{loss.item():.3f}", mem=batch.memory_rows.shape[1])
+            bar.update(1)
     model.eval()
     merged = model.merge_and_unload()
     merged.requires_grad_(False)

@@ -15,7 +15,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .errors import InfinictxError
+from ..core.errors import InfinictxError
 
 
 def cache_dir() -> Path:

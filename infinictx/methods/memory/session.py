@@ -15,7 +15,7 @@ paper's kNN; exact, with faiss for large memories, torch for small). Memory keys
   none      no RoPE at all in the memory layers (LongLLaMA's mem_positionals=False, its small-model setting)
 
 Which layers read memory: a checkpoint's own `mem_layers`, else "auto": the 40% of layers whose strongest head
-is an echo or induction head by RazorAttention's probe (`infinictx/heads.py`). LongLLaMA's three spread layers
+is an echo or induction head by RazorAttention's probe (`infinictx/analysis/heads.py`). LongLLaMA's three spread layers
 (`"spread"`) suit a model trained with them; a small model copies from memory only where its copying heads
 are (SmolLM2-135M: passkey 0% beyond the window with layers 8, 15, 22, even after CrossBatch; with its 12
 retrieval layers and 30 minutes of CrossBatch, 100% up to 16K tokens).
@@ -24,7 +24,11 @@ Peak memory is bounded by computing the memory attention in blocks of query head
 `mem_attention_grouping`); by default the block size keeps the score matrix under ~256 MiB.
 
 Scoring a chunk sees: W−Δ local tokens (exactly what the `window` method sees) plus the memory, so
-`--compare-base` (the plain window, same inputs) measures what the memory adds."""
+`--compare-base` (the plain window, same inputs) measures what the memory adds. Temp-Lora goes on top like on any
+method (`temp_lora=`): the memory keeps the past's keys and values, the adapter learns from each chunk.
+
+LongLLaMA checkpoints load with their memory settings (`longllama.py`); CrossBatch fine-tuning teaches a model to
+use the memory (`crossbatch.py`)."""
 
 from __future__ import annotations
 
@@ -33,12 +37,22 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..attention import (KVBuffer, LocalKV, Rope, base_causal_lm, causal_mask, check_supported, decoder_forward,
-                         local_attention)
-from ..errors import InfinictxError
-from ..heads import retrieval_layers
-from ..models import DTYPES, LoadedModel
-from ..session import StatefulSession
+from ...analysis.heads import retrieval_layers
+from ...core.attention import (
+    KVBuffer,
+    LocalKV,
+    Rope,
+    base_causal_lm,
+    causal_mask,
+    check_supported,
+    decoder_forward,
+    local_attention,
+)
+from ...core.errors import InfinictxError
+from ...core.models import DTYPES, LoadedModel
+from ...core.registry import register_method, setting
+from ...core.session import Capabilities, StatefulSession, check_window
+from ..base import MethodConfig
 
 POSITIONALS = ("first", "distance", "window", "none")
 LOOKUPS = ("dense", "topk")
@@ -51,13 +65,24 @@ def spread_mem_layers(n_layers: int) -> list[int]:
 
 
 def parse_mem_layers(text: str | None):
-    """A command-line memory-layer spec: None, "auto[:N]" / "spread" (kept as text), or comma-separated indices."""
+    """A memory-layer spec as typed: None, "auto[:N]" / "spread" (kept as text), or comma-separated indices."""
     if text is None or text.split(":")[0] in ("auto", "spread"):
         return text
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise InfinictxError(f"--mem-layers must be comma-separated integers, 'auto[:N]' or 'spread'; got {text!r}")
+
+
+def parse_grouping(text: str) -> tuple[int, int]:
+    """"HEADS,QUERIES" -> (heads, queries)."""
+    try:
+        grouping = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        grouping = ()
+    if len(grouping) != 2:
+        raise InfinictxError("--grouping takes two numbers: HEADS,QUERIES")
+    return grouping
 
 
 def resolve_mem_layers(spec, lm: LoadedModel) -> list[int]:
@@ -84,20 +109,55 @@ def resolve_mem_layers(spec, lm: LoadedModel) -> list[int]:
     return list(spec)
 
 
+@register_method("memory")
 @dataclass
-class MemoryConfig:
-    window: int | None = None          # W: local window (tokens); default: the checkpoint's last_context_length or 1024
-    chunk: int | None = None           # Δ: tokens processed per step; default W/2
-    mem_layers: tuple | list | str | None = None   # indices, "auto[:N]" or "spread"; default: the checkpoint's, else auto
-    positionals: str | None = None     # first | distance | window (default: first, or the checkpoint's)
-    lookup: str = "dense"              # dense | topk
-    topk: int = 128                    # k of the top-k lookup (the paper's value)
-    mem_dtype: str | None = None       # dtype of stored memory (default: the model's, or the checkpoint's)
-    grouping: tuple | list | None = None   # (query heads, queries) per memory-attention block; None = automatic
-    faiss_min: int = 16384             # top-k via faiss from this memory size on (exact inner-product search)
+class MemoryConfig(MethodConfig):
+    window: int | None = setting(None, "W: local window (default: the checkpoint's last_context_length, else 1024)",
+                                 short="-W")
+    chunk: int | None = setting(None, "Δ: tokens processed per step (default W/2)", short="-D")
+    mem_layers: tuple | list | str | None = setting(
+        None, "memory layer indices (e.g. 8,15,22), 'auto[:N]' (the N layers with the strongest retrieval heads; "
+        "N = 40% of layers) or 'spread' (3 layers, LongLLaMA) (default: the checkpoint's, else auto)",
+        parse=parse_mem_layers)
+    positionals: str | None = setting(None, "RoPE of memory keys: as if first in the window, at distance W, as "
+                                      "last rotated in the window, or none (default: the checkpoint's, else first)",
+                                      choices=POSITIONALS)
+    lookup: str = setting("dense", "all memory entries or the top k", choices=LOOKUPS)
+    topk: int = setting(128, "k of the top-k lookup (the paper's value)")
+    mem_dtype: str | None = setting(None, "dtype of the stored memory (default: the model's, or the checkpoint's)")
+    grouping: tuple | list | None = setting(None, "HEADS,QUERIES: memory attention in blocks of query heads × "
+                                            "queries, bounding peak memory (default automatic)", parse=parse_grouping)
+    faiss_min: int = setting(16384, "top-k via faiss from this memory size on (exact inner-product search)")
+
+    def validate(self):
+        if self.window is not None:
+            check_window(self.window, self.chunk if self.chunk is not None else max(1, self.window // 2))
+        elif self.chunk is not None and self.chunk < 1:
+            raise InfinictxError(f"chunk ({self.chunk}) must be >= 1")
+        if isinstance(self.mem_layers, str):
+            name, _, count = self.mem_layers.partition(":")
+            if name not in ("auto", "spread") or (name == "spread" and count):
+                raise InfinictxError(f"memory layers must be indices (e.g. 8,15,22), 'spread' or 'auto[:N]'; "
+                                     f"got {self.mem_layers!r}")
+        if self.positionals is not None and self.positionals not in POSITIONALS:
+            raise InfinictxError(f"unknown memory positionals {self.positionals!r}; choose one of "
+                                 f"{', '.join(POSITIONALS)}")
+        if self.lookup not in LOOKUPS:
+            raise InfinictxError(f"unknown memory lookup {self.lookup!r}; choose one of {', '.join(LOOKUPS)}")
+        if self.topk < 1:
+            raise InfinictxError(f"top-k must be >= 1 (got {self.topk})")
+        if self.mem_dtype is not None and self.mem_dtype not in DTYPES:
+            raise InfinictxError(f"unknown memory dtype {self.mem_dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.grouping is not None:
+            g = tuple(int(x) for x in self.grouping)
+            if len(g) != 2 or min(g) < 1:
+                raise InfinictxError(f"memory attention grouping must be two positive numbers (heads, queries); "
+                                     f"got {self.grouping}")
+            self.grouping = g
 
     def resolved(self, lm: LoadedModel) -> "MemoryConfig":
-        """Fill the unset fields from the checkpoint (a LongLLaMA config) or the defaults, and validate."""
+        """Fill the unset fields from the checkpoint (a LongLLaMA config) or the defaults, and validate the
+        settings that depend on the model."""
         ckpt = getattr(lm, "memory", None) or {}
         n_layers = base_causal_lm(lm.model).config.num_hidden_layers
         window = self.window if self.window is not None else ckpt.get("last_context_length") or 1024
@@ -108,27 +168,15 @@ class MemoryConfig:
             positionals=self.positionals or ckpt.get("positionals", "first"), lookup=self.lookup, topk=self.topk,
             mem_dtype=self.mem_dtype or ckpt.get("mem_dtype") or str(lm.dtype).split(".")[-1],
             grouping=self.grouping if self.grouping is not None else ckpt.get("grouping"),
-            faiss_min=self.faiss_min)
+            faiss_min=self.faiss_min, temp_lora=self.temp_lora)
         bad = [i for i in cfg.mem_layers if not 0 <= int(i) < n_layers]
         if bad:
-            raise InfinictxError(f"memory layers {bad} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+            raise InfinictxError(f"memory layers {bad} out of range: the model has {n_layers} layers "
+                                 f"(0..{n_layers - 1})")
         cfg.mem_layers = sorted({int(i) for i in cfg.mem_layers})
-        if cfg.positionals not in POSITIONALS:
-            raise InfinictxError(f"unknown memory positionals {cfg.positionals!r}; choose one of {', '.join(POSITIONALS)}")
-        if cfg.lookup not in LOOKUPS:
-            raise InfinictxError(f"unknown memory lookup {cfg.lookup!r}; choose one of {', '.join(LOOKUPS)}")
-        if cfg.topk < 1:
-            raise InfinictxError(f"top-k must be >= 1 (got {cfg.topk})")
-        if cfg.mem_dtype not in DTYPES:
-            raise InfinictxError(f"unknown memory dtype {cfg.mem_dtype!r}; choose one of {', '.join(DTYPES)}")
-        if cfg.grouping is not None:
-            g = tuple(int(x) for x in cfg.grouping)
-            if len(g) != 2 or min(g) < 1:
-                raise InfinictxError(f"memory attention grouping must be two positive numbers (heads, queries); got {cfg.grouping}")
-            cfg.grouping = g
         return cfg
 
-    def make_session(self, lm: LoadedModel) -> "MemorySession":
+    def new_session(self, lm: LoadedModel) -> "MemorySession":
         return MemorySession(lm, self.resolved(lm))
 
 
@@ -243,19 +291,20 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_mem: t
 class MemorySession(StatefulSession):
     """A stream read through a local window of W tokens plus a FoT memory in the memory layers."""
 
-    method = "memory"
-    has_base_variant = True  # base = the plain sliding window over the same W−Δ local tokens
-
     def __init__(self, lm: LoadedModel, config: MemoryConfig):
-        super().__init__(lm, config.window, config.chunk)
+        super().__init__(lm, config, config.window, config.chunk)
         check_supported(lm.model)
-        self.config = config
         cfg = base_causal_lm(self.model).config
         self.n_layers = cfg.num_hidden_layers
         self.mem_dtype = DTYPES[config.mem_dtype]
         self.rope = Rope(self.model, lm.device, lm.dtype)
         self.local = [LocalKV() for _ in range(self.n_layers)]
         self.memory = {i: self._new_memory() for i in config.mem_layers}
+
+    @property
+    def capabilities(self) -> Capabilities:
+        # base = the plain sliding window over the same W−Δ local tokens
+        return Capabilities(kv_bytes=True, fork=self.learner is None, base_variant=True)
 
     def _new_memory(self) -> Memory:
         # faiss only serves top-k lookups; a dense lookup reads every entry anyway
@@ -324,21 +373,12 @@ class MemorySession(StatefulSession):
         """Bytes of keys and values held: every layer's local window plus the memories."""
         return sum(x.nbytes() for x in self.local) + sum(m.nbytes() for m in self.memory.values())
 
-    def fork(self) -> "MemorySession":
-        """An independent session in the same state: both can go on reading different continuations (the
-        retrieval harness reads a shared prompt prefix once). Local caches are shared (never modified in
-        place); memories are copied."""
-        import copy
-
-        other = MemorySession.__new__(MemorySession)
-        other.__dict__.update(self.__dict__)
-        other.meter = copy.deepcopy(self.meter)
+    def _fork_state(self, other: "MemorySession"):
+        # local caches are shared (never modified in place); memories are copied
         other.local = [LocalKV() for _ in range(self.n_layers)]
         for mine, theirs in zip(other.local, self.local):
             mine.set(theirs.k, theirs.v)
         other.memory = {i: m.copy() for i, m in self.memory.items()}
-        other.history = self.history.clone()
-        return other
 
     # --- resume and clean-up -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -354,12 +394,6 @@ class MemorySession(StatefulSession):
             self.memory[i] = self._new_memory()
             if kv is not None:
                 self.memory[i].append(*kv)
-
-    def describe(self) -> dict:
-        c = self.config
-        return {"window": c.window, "chunk": c.chunk, "mem_layers": c.mem_layers, "positionals": c.positionals,
-                "lookup": c.lookup, "topk": c.topk if c.lookup == "topk" else None, "mem_dtype": c.mem_dtype,
-                "grouping": list(c.grouping) if c.grouping else None}
 
     def close(self):
         super().close()

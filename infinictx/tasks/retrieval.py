@@ -11,7 +11,9 @@ The prompt is built from token pieces (task, repeated filler or dictionary lines
 length is exact in tokens. Trials are seeded: trial t at one length puts the needle at depth t/(trials−1)
 (0 = start, 1 = just before the question), with a fresh random passkey (or dictionary) each time. Every trial
 runs a fresh session: the prompt is absorbed chunk by chunk (a memory stores it, Temp-Lora trains on it, the
-window only keeps it as history) and the answer is generated greedily."""
+window only keeps it as history) and the answer is generated greedily. A session that declares the `question`
+capability (RAG: it retrieves with the question) is handed the question separately; the others read it as the
+end of the prompt. A session that can `fork` reads the prefix its trials share only once."""
 
 from __future__ import annotations
 
@@ -19,12 +21,18 @@ import random
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .errors import InfinictxError
-from .session import Sampler, Session
+from ..core.cost import ModelShape
+from ..core.errors import InfinictxError
+from ..core.files import atomic_write, write_json
+from ..core.progress import progress_bar
+from ..core.registry import setting
+from ..core.session import Sampler, Session
+from .base import Outputs, Result, Task
 
 TASKS = ("passkey", "kv")
 PASSKEY_TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -36,8 +44,6 @@ KV_TASK = "Below is a long list of keys and their values. Remember the value of 
 KV_LINE = "key {key}: value {value}.\n"
 KV_QUESTION = "\nWhat is the value of key {key}? The value of key {key} is"
 ANSWER_TOKENS = 12
-
-
 def parse_lengths(text: str) -> list[int]:
     """'1k,2k,4096' -> [1024, 2048, 4096]."""
     out = []
@@ -59,16 +65,17 @@ class Trial:
     ids: torch.Tensor       # the prompt
     answer: str             # expected answer (digits)
     depth: float            # where the needle sits, 0..1
+    question_start: int     # where the question begins in `ids`
 
 
-def _tok(tokenizer, text: str) -> list[int]:
+def tokens_of(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
 def passkey_trial(tokenizer, length: int, depth: float, rng: random.Random) -> Trial:
     key = str(rng.randint(10000, 99999))
-    task, filler = _tok(tokenizer, PASSKEY_TASK), _tok(tokenizer, PASSKEY_FILLER)
-    needle, question = _tok(tokenizer, PASSKEY_NEEDLE.format(key=key)), _tok(tokenizer, PASSKEY_QUESTION)
+    task, filler = tokens_of(tokenizer, PASSKEY_TASK), tokens_of(tokenizer, PASSKEY_FILLER)
+    needle, question = tokens_of(tokenizer, PASSKEY_NEEDLE.format(key=key)), tokens_of(tokenizer, PASSKEY_QUESTION)
     room = length - len(task) - len(needle) - len(question)
     if room < 0:
         raise InfinictxError(f"length {length} is too short for the passkey prompt "
@@ -76,19 +83,19 @@ def passkey_trial(tokenizer, length: int, depth: float, rng: random.Random) -> T
     n_fill, rest = divmod(room, len(filler))
     before = round(depth * n_fill)
     ids = task + filler * before + needle + filler * (n_fill - before) + filler[:rest] + question
-    return Trial(torch.tensor(ids), key, depth)
+    return Trial(torch.tensor(ids), key, depth, len(ids) - len(question))
 
 
 def kv_trial(tokenizer, length: int, depth: float, rng: random.Random) -> Trial:
-    task = _tok(tokenizer, KV_TASK)
+    task = tokens_of(tokenizer, KV_TASK)
     # room for the question: its length with the widest key, plus a margin for tokenizer merges
-    question_room = max(len(_tok(tokenizer, KV_QUESTION.format(key=k))) for k in (100000, 555555, 999999)) + 4
+    question_room = max(len(tokens_of(tokenizer, KV_QUESTION.format(key=k))) for k in (100000, 555555, 999999)) + 4
     lines, used, total = [], set(), len(task) + question_room
     while True:
         key, value = rng.randint(100000, 999999), rng.randint(100000, 999999)
         if key in used:
             continue
-        line = _tok(tokenizer, KV_LINE.format(key=key, value=value))
+        line = tokens_of(tokenizer, KV_LINE.format(key=key, value=value))
         if total + len(line) > length and lines:
             break
         used.add(key)
@@ -96,10 +103,11 @@ def kv_trial(tokenizer, length: int, depth: float, rng: random.Random) -> Trial:
         total += len(line)
     pick = min(len(lines) - 1, round(depth * (len(lines) - 1)))
     key, value, _ = lines[pick]
-    ids = task + [t for _, _, line in lines for t in line] + _tok(tokenizer, KV_QUESTION.format(key=key))
+    question = tokens_of(tokenizer, KV_QUESTION.format(key=key))
+    ids = task + [t for _, _, line in lines for t in line] + question
     if len(ids) > length:
         raise InfinictxError(f"length {length} is too short for the key-value prompt")
-    return Trial(torch.tensor(ids), str(value), depth)
+    return Trial(torch.tensor(ids), str(value), depth, len(ids) - len(question))
 
 
 TRIAL_BUILDERS = {"passkey": passkey_trial, "kv": kv_trial}
@@ -107,8 +115,6 @@ TRIAL_BUILDERS = {"passkey": passkey_trial, "kv": kv_trial}
 
 def full_cache_bytes(model, tokens: int, dtype: torch.dtype) -> int:
     """Bytes of a full KV cache over `tokens` tokens: layers × KV heads × head dim × (K and V) × tokens."""
-    from .cost import ModelShape
-
     s = ModelShape.from_config(model.config)
     return s.layers * s.kv_heads * s.head_dim * 2 * tokens * torch.empty(0, dtype=dtype).element_size()
 
@@ -118,16 +124,22 @@ def answer_of(text: str) -> str:
     return m.group(0) if m else ""
 
 
-def ask(session: Session, prompt: torch.Tensor, n_tokens: int = ANSWER_TOKENS,
-        start: int = 0) -> tuple[torch.Tensor, int | None]:
+def ask(session: Session, prompt: torch.Tensor, n_tokens: int = ANSWER_TOKENS, start: int = 0,
+        question_at: int | None = None) -> tuple[torch.Tensor, int | None]:
     """Absorb the prompt chunk by chunk, then answer greedily (no repetition penalty: the answer repeats
     digits of the prompt on purpose). Returns the answer tokens and the KV bytes the session held once the
     prompt was in and `end_prompt` had run (a policy may compress there; None for a session that keeps no cache
-    between steps). `start` tokens of the prompt were absorbed already (a forked session); `prompt` is the rest."""
-    for s in range(0, len(prompt), session.chunk):
-        session.absorb(prompt[s:s + session.chunk])
+    between steps). `start` tokens of the prompt were absorbed already (a forked session); `prompt` is the rest.
+    `question_at`: where the question begins in `prompt`; a session with the `question` capability gets it
+    through `session.question`, any other reads it as the rest of the prompt."""
+    caps = session.capabilities
+    split = question_at if caps.question and question_at is not None else len(prompt)
+    for s in range(0, split, session.chunk):
+        session.absorb(prompt[s:min(split, s + session.chunk)])
+    if split < len(prompt):
+        session.question(prompt[split:])
     session.end_prompt()
-    kv_bytes = session.kv_bytes() if hasattr(session, "kv_bytes") else None
+    kv_bytes = session.kv_bytes() if caps.kv_bytes else None
     context = min(start + len(prompt), session.window - n_tokens)
     return session.generate_chunk(n_tokens, context, Sampler(repetition_penalty=1.0, ban_eos=False)), kv_bytes
 
@@ -138,12 +150,12 @@ def _start(make_session, shared, trial: Trial, built: list, t: int, depths: list
     session reads ahead chunk by chunk up to this trial's needle, and each trial continues from a fork of it.
     Returns (session, the shared session to keep or None)."""
     probe = shared or make_session()
-    if not hasattr(probe, "fork"):
+    if not probe.capabilities.fork:
         return probe, None
     shared = probe
     later = [built[u] for u in range(len(built)) if depths[u] >= depths[t]]
-    # tokens all remaining trials agree on
-    common = len(trial.ids)
+    # tokens all remaining trials agree on (short of the question, for a session that reads it as a question)
+    common = trial.question_start if probe.capabilities.question else len(trial.ids)
     for other in later:
         n = min(common, len(other.ids))
         same = (trial.ids[:n] == other.ids[:n]).int()
@@ -182,11 +194,7 @@ def run_retrieval(make_session: Callable[[], Session], tokenizer, task: str, len
     build = TRIAL_BUILDERS[task]
     t0 = time.perf_counter()
     result = None
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(lengths) * trials, unit="trial", desc=task, dynamic_ncols=True)
-    try:
+    with progress_bar(progress, len(lengths) * trials, "trial", task) as bar:
         for length in lengths:
             rng = random.Random(f"{seed}-{task}-{length}")
             depths = [t / (trials - 1) if trials > 1 else 0.5 for t in range(trials)]
@@ -203,7 +211,8 @@ def run_retrieval(make_session: Callable[[], Session], tokenizer, task: str, len
                 if prefix is not None:
                     shared = prefix
                 with session:
-                    out, held = ask(session, trial.ids[len(session.history):], start=len(session.history))
+                    start = len(session.history)
+                    out, held = ask(session, trial.ids[start:], start=start, question_at=trial.question_start - start)
                 if held is not None:
                     kv_bytes.append(held)
                 text = tokenizer.decode(out.tolist())
@@ -211,9 +220,8 @@ def run_retrieval(make_session: Callable[[], Session], tokenizer, task: str, len
                 correct += ok
                 rows[t] = {"depth": round(depths[t], 3), "ok": bool(ok), "answer": trial.answer,
                            "output": text.strip()[:40]}
-                if bar is not None:
-                    bar.set_postfix(length=length, acc=f"{correct}/{sum(r is not None for r in rows)}")
-                    bar.update(1)
+                bar.set_postfix(length=length, acc=f"{correct}/{sum(r is not None for r in rows)}")
+                bar.update(1)
             if shared is not None:
                 shared.close()
             row = {"length": length, "accuracy": correct / trials, "trials": trials, "correct": correct,
@@ -225,8 +233,57 @@ def run_retrieval(make_session: Callable[[], Session], tokenizer, task: str, len
             result.results.append(row)
             if on_length_done is not None:
                 on_length_done(result)
-    finally:
-        if bar is not None:
-            bar.close()
     result.wall_s = time.perf_counter() - t0
     return result
+
+
+@dataclass
+class RetrievalTask(Task):
+    """retrieval accuracy against prompt length (passkey or key-value lookup)"""
+
+    task: str = setting("passkey", "what to retrieve: a passkey in filler text, or a value in a key-value list",
+                        choices=TASKS)
+    lengths: str | list = setting("1k,2k,4k", "prompt lengths in tokens, e.g. 1k,2k,4k,...,64k",
+                                  parse=parse_lengths)
+    trials: int = setting(20, "trials per length, needle depths spread evenly")
+    seed: int = setting(0, "seed of the prompts (passkeys, dictionaries)")
+
+    name = "passkey"
+    default_method = "window"
+    method_defaults = {"window": {"window": 1024}, "temp-lora": {"window": 1024}}
+
+    def check(self, config):
+        if self.task not in TRIAL_BUILDERS:
+            raise InfinictxError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        self.lengths = parse_lengths(self.lengths) if isinstance(self.lengths, str) else list(self.lengths)
+        if not self.lengths or min(self.lengths) < 1:
+            raise InfinictxError("give at least one positive length, e.g. --lengths 1k,2k,4k")
+        if self.trials < 1:
+            raise InfinictxError("--trials must be >= 1")
+
+    def run(self, lm, config, inputs, outputs: Outputs, progress: bool) -> Result:
+        from .report import accuracy_markdown
+
+        partial = Path(outputs.json).with_suffix(".partial.json") if outputs.json else None
+
+        def save_partial(result):  # a long run leaves its finished lengths behind if it is stopped
+            if partial:
+                write_json(result.summary() | {"model": lm.name, "complete": False}, partial)
+
+        result = run_retrieval(lambda: config.make_session(lm), lm.tokenizer, self.task, self.lengths, self.trials,
+                               seed=self.seed, progress=progress, on_length_done=save_partial)
+        result.meta = {"model": lm.name, "seed": self.seed}
+        summary = result.summary()
+        return Result(summary=summary, stdout=accuracy_markdown(summary), data=result)
+
+    def write(self, result: Result, outputs: Outputs):
+        from .report import plot_accuracy
+
+        if outputs.json:
+            write_json(result.summary, outputs.json)
+            atomic_write(Path(outputs.json).with_suffix(".md"), result.stdout)
+            partial = Path(outputs.json).with_suffix(".partial.json")
+            if partial.exists():
+                partial.unlink()
+        if outputs.plot:
+            plot_accuracy([result.summary], outputs.plot)

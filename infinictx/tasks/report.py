@@ -1,33 +1,10 @@
-"""Reports: a Markdown table (also printed), a JSON file and a PPL-vs-position plot. Files are written
-atomically (temporary file, then rename), so an interrupted run never leaves half a report."""
+"""Reports: Markdown tables (also printed) and plots of the tasks' summaries. Figures are written atomically
+(temporary file, then rename), so an interrupted run never leaves half a plot."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-
-
-def atomic_write(path: str | Path, data: str | bytes):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    mode = "wb" if isinstance(data, bytes) else "w"
-    with open(tmp, mode) as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def write_json(summary: dict, path: str | Path):
-    atomic_write(path, json.dumps(summary, indent=2, default=_jsonable) + "\n")
-
-
-def _jsonable(x):
-    if hasattr(x, "item"):
-        return x.item()
-    if hasattr(x, "tolist"):
-        return x.tolist()
-    return str(x)
 
 
 def _fmt_gflops(flops) -> str:
@@ -36,10 +13,11 @@ def _fmt_gflops(flops) -> str:
 
 def ppl_markdown(s: dict) -> str:
     has_base = "base_ppl" in s
+    # Temp-Lora's settings: the config itself (the temp-lora method) or its learner on top of another method
+    tl = s["config"] if s["method"] == "temp-lora" else s["config"].get("temp_lora")
     lines = [f"## Streaming perplexity: {s['method']} on {s.get('text', 'text')} ({s['tokens']} tokens)", "",
              f"model `{s.get('model', '?')}`, W={s['window']}, Δ={s['chunk']}"
-             + (f", L_T={s['config']['train_context']}, lr={s['config']['lr']}, steps={s['config']['steps']}, "
-                f"r={s['config']['rank']}" if s["method"] == "temp-lora" else ""), ""]
+             + (f", L_T={tl['train_context']}, lr={tl['lr']}, steps={tl['steps']}, r={tl['rank']}" if tl else ""), ""]
     head = "| tokens | PPL |" + (" base PPL | ratio |" if has_base else "")
     lines += [head, "|---|---|" + ("---|---|" if has_base else "")]
     for b in s["buckets"]:
@@ -78,8 +56,9 @@ def plot_ppl(s: dict, path: str | Path, points: int = 20, nll=None, base_nll=Non
 
     buckets = s["buckets"]
     if len(buckets) < 4 and nll is not None:
-        from .evaluate import perplexity
         import numpy as np
+
+        from .perplexity import perplexity
 
         size = max(s["chunk"], (len(nll) // points) // s["chunk"] * s["chunk"] or s["chunk"])
         pos = np.arange(1, len(nll) + 1)

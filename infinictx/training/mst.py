@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import Rope, base_causal_lm, check_supported, decoder_hidden, local_attention, spans  # noqa: F401
-from .errors import InfinictxError
+from ..core.attention import Rope, base_causal_lm, check_supported, decoder_hidden, local_attention, spans  # noqa: F401
+from ..core.errors import InfinictxError
 
 IGNORE = -100
 

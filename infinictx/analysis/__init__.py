@@ -1,0 +1,1 @@
+"""Analyses of a model: `heads.py` finds its retrieval (echo / induction) heads, RazorAttention's probe."""
