@@ -142,7 +142,8 @@ def parse_settings(cls, argv=None, description: str | None = None):
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
 
 
-def _method_flags(cls) -> dict[str, str]:
+def _flag_fields(cls) -> dict[str, str]:
+    """dest -> field name, for the settings of a method or task class that have flags."""
     return {_dest(f): f.name for f in _cli_fields(cls)}
 
 
@@ -150,16 +151,16 @@ def spec_from_args(args):
     """The run spec the parsed flags describe (every setting validated; no model loaded)."""
     given = vars(args)
     method = args.method
-    own = _method_flags(METHODS[method])
-    learner = {d: n for d, n in _method_flags(TempLoraConfig).items() if n not in COMMON}
-    shared = {}
+    own = _flag_fields(METHODS[method])
+    learner = {d: n for d, n in _flag_fields(TempLoraConfig).items() if n not in COMMON}
+    owners = {}   # dest -> the methods with that setting
     for name, cls in METHODS.items():
-        for dest in _method_flags(cls):
-            shared.setdefault(dest, []).append(name)
-    task_flags = _method_flags(TASKS[args.command])
+        for dest in _flag_fields(cls):
+            owners.setdefault(dest, []).append(name)
+    task_flags = _flag_fields(TASKS[args.command])
     settings, learner_settings = {}, {}
     for dest, value in given.items():
-        if dest in task_flags or dest not in shared:
+        if dest in task_flags or dest not in owners:
             continue
         flag = "--" + dest.replace("_", "-")
         if dest in own:
@@ -171,7 +172,7 @@ def spec_from_args(args):
             learner_settings[learner[dest]] = value
         elif dest not in COMMON:   # -W / -D: a method without a window or chunk of its own ignores them
             raise InfinictxError(f"{flag} is not a setting of --method {method} (it belongs to "
-                                 f"{', '.join(shared[dest])})")
+                                 f"{', '.join(owners[dest])})")
     task_settings = {task_flags[d]: v for d, v in given.items() if d in task_flags}
     outputs = {f: given.get(f"out_{f}") for f, *_ in OUTPUTS[args.command]}
     return make_spec(args.command, method, settings, temp_lora=(learner_settings or True) if args.temp_lora else None,

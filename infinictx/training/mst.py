@@ -8,7 +8,7 @@ and the MLP's intermediate (tokens × 2.7 hidden). MST runs both over **mini-seq
   the LM-head weight, the one of the tied input embedding included: no hand-written `.grad`). The loss is the
   sum over valid (label ≠ −100) tokens divided by their number in the whole batch (or `num_items`, for gradient
   accumulation), as transformers does. Chunks whose labels are all masked skip the LM head.
-- MLP (`attention.decoder_hidden`): post-attention norm + MLP per chunk of tokens, each recomputed in backward.
+- MLP (`core.attention.decoder_hidden`): post-attention norm + MLP per chunk of tokens, each recomputed in backward.
 - Activation checkpointing: each layer's attention block is recomputed in backward from its input. A layer
   then keeps two hidden-size tensors (its input and the MLP's input) instead of all its activations; nothing
   is computed twice beyond what checkpointing alone recomputes, apart from the LM head (one more forward).
@@ -109,7 +109,7 @@ def causal_attention(rope: Rope):
 
 
 def mst_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attend, mst: MSTConfig) -> torch.Tensor:
-    """`attention.decoder_hidden` with the MST settings: checkpointed layers, MLP over mini-sequences."""
+    """`core.attention.decoder_hidden` with the MST settings: checkpointed layers, MLP over mini-sequences."""
     mlp_chunks = mst.mlp_chunks_for(input_ids.shape[1], base_causal_lm(model).config)
     return decoder_hidden(model, input_ids, attend, mst.checkpoint, mlp_chunks, mst.save_attention)
 

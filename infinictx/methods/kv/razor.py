@@ -1,6 +1,6 @@
 """RazorAttention (Tang et al., arXiv 2407.15891): full cache for retrieval heads only.
 
-Offline, once per model, a probe (BOS + random tokens repeated; `infinictx/heads.py`) scores every KV head as
+Offline, once per model, a probe (BOS + random tokens repeated; `infinictx/analysis/heads.py`) scores every KV head as
 echo head (attends to earlier copies of the current token) and induction head (attends to the token that
 followed them). The top `induction_ratio` of (layer, KV head) pairs by induction score and the top `echo_ratio`
 by echo score are **retrieval heads**: they keep the full cache. Every other head keeps the first `sinks`

@@ -66,7 +66,7 @@ class CrossBatchConfig:
     clip: float = 1.0
     seed: int = 0
     last_context_length: int = 1024          # saved in the checkpoint: the local window W inference uses
-    mst: bool = False                        # Mini-Sequence training (infinictx.mst): long rows in less memory
+    mst: bool = False                        # Mini-Sequence training (infinictx.training.mst): long rows in less memory
     mst_save_attention: bool = False         # ... keeping attention outputs (MSTConfig.save_attention); implies mst
 
     def __post_init__(self):
@@ -185,7 +185,7 @@ def crossbatch_loss(model, batch: Batch, mem_layers: set[int], rope: Rope, extra
                     capture: dict | None = None, needle_weight: float = 0.0, mst: MSTConfig | None = None) -> torch.Tensor:
     """Mean next-token loss over every row, with the memory layers attending across the batch; plus
     `needle_weight` × the mean loss on the repeated codes (a dozen tokens among thousands: unweighted, their
-    gradient is lost in the language-modelling loss). With `mst`, the Mini-Sequence way (`infinictx.mst`):
+    gradient is lost in the language-modelling loss). With `mst`, the Mini-Sequence way (`infinictx.training.mst`):
     same loss and gradients, never all logits at once."""
     mst = mst or MSTConfig(head_chunks=1, mlp_chunks=1, checkpoint=False)  # off: the plain forward and loss
     attend = _crossbatch_attend(batch, mem_layers, rope, extra, capture)
