@@ -246,3 +246,17 @@ def test_the_harness_asks_capabilities_not_attributes(tiny):
         s.__class__ = Asker
         ask(s, prompt, n_tokens=4, question_at=44)
         assert Asker.questions == [list(range(54, 60))] and torch.equal(s.history, prompt)
+
+
+def test_a_method_named_in_one_line_of_text():
+    from infinictx.core.registry import method_from_spec
+
+    cfg = method_from_spec("memory:mem_layers=8,15,22:lookup=topk:window=2048:mem_dtype=none", temp_lora={"lr": 1e-3})
+    assert (cfg.mem_layers, cfg.lookup, cfg.window, cfg.mem_dtype) == ([8, 15, 22], "topk", 2048, None)
+    assert cfg.temp_lora.window == 2048 and cfg.temp_lora.chunk == 256 and cfg.temp_lora.lr == 1e-3
+    assert method_from_spec("temp-lora:fuse_first_step=false:lr=1e-3").fuse_first_step is False
+    for bad, message in [("nomethod", "unknown method"), ("razor:sinks", "setting=value"),
+                         ("razor:window=64", "setting=value"), ("razor:sinks=many", "takes int"),
+                         ("temp-lora:mst=maybe", "true or false")]:
+        with pytest.raises(InfinictxError, match=message):
+            method_from_spec(bad)

@@ -72,10 +72,6 @@ def build(cls: type, settings: dict, owner: str | None = None):
     return cls(**{k: _checked(owner, known[k], v) for k, v in settings.items()})
 
 
-def defaults_of(cls: type) -> dict:
-    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
-
-
 def _plain(value):
     if is_dataclass(value) and not isinstance(value, type):
         return settings_of(value)
