@@ -45,6 +45,19 @@ def tiny(tiny_model_dir):
     return load_model(tiny_model_dir, device="cpu", dtype="float32")
 
 
+def stop_after(session, chunks: int):
+    """Make `session` raise KeyboardInterrupt (as Ctrl-C would) when asked to read chunk number `chunks` + 1."""
+    original, calls = session.score_and_absorb, {"n": 0}
+
+    def score_and_absorb(chunk, compare_base=False):
+        calls["n"] += 1
+        if calls["n"] > chunks:
+            raise KeyboardInterrupt
+        return original(chunk, compare_base)
+
+    session.score_and_absorb = score_and_absorb
+
+
 @pytest.fixture
 def stream():
     torch.manual_seed(1)

@@ -12,6 +12,7 @@ import torch
 
 from infinictx import (METHODS, InfinictxError, Sampler, TempLoraConfig, make_spec, method_config,
                        streaming_perplexity, weights_fingerprint)
+from conftest import stop_after
 from infinictx.tasks.retrieval import ask
 
 # settings that fit the tiny model (2 layers, 200-token streams) for every registered method
@@ -69,14 +70,7 @@ def test_checkpoint_and_resume_give_identical_results(tiny, stream, tmp_path, me
         full = streaming_perplexity(s, stream, compare_base=True, progress=False)
     ckpt = tmp_path / "run.ckpt"
     with cfg.make_session(tiny) as s:   # a run stopped after 96 tokens leaves its checkpoint
-        original = s.score_and_absorb
-
-        def stop_at_96(chunk, compare_base=False):
-            if len(s.history) >= 96:
-                raise KeyboardInterrupt
-            return original(chunk, compare_base)
-
-        s.score_and_absorb = stop_at_96
+        stop_after(s, 96 // s.chunk)
         with pytest.raises(KeyboardInterrupt):
             streaming_perplexity(s, stream, compare_base=True, progress=False, checkpoint=ckpt, checkpoint_every=1)
     assert ckpt.exists()
@@ -93,7 +87,8 @@ def test_checkpoint_and_resume_give_identical_results(tiny, stream, tmp_path, me
     assert resumed.config == full.config and not ckpt.exists()
 
 
-@pytest.mark.parametrize("method, temp_lora, extra", [(m, tl, {}) for m, tl in CASES] + [("razor", False, {"prefill": "dense"})],
+@pytest.mark.parametrize("method, temp_lora, extra",
+                         [(m, tl, {}) for m, tl in CASES] + [("razor", False, {"prefill": "dense"})],
                          ids=IDS + ["razor-dense"])
 def test_declared_capabilities_hold(tiny, stream, method, temp_lora, extra):
     cfg = config(method, temp_lora, **extra)

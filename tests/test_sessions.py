@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import stop_after
 from infinictx import (InfinictxError, Sampler, TempLoraConfig, WindowConfig, generate_long, streaming_perplexity,
                        weights_fingerprint)
 
@@ -134,16 +135,7 @@ def test_resume_after_interrupt_reproduces_uninterrupted_run(tiny_model_dir, str
     ckpt = tmp_path / "run.ckpt"
     lm = load_model(tiny_model_dir, device="cpu", dtype="float32")
     with TempLoraConfig(**cfg).make_session(lm) as s:
-        original = s.score_and_absorb
-        calls = {"n": 0}
-
-        def interrupt_at_7(chunk, compare_base=False):
-            calls["n"] += 1
-            if calls["n"] == 7:
-                raise KeyboardInterrupt
-            return original(chunk, compare_base)
-
-        s.score_and_absorb = interrupt_at_7
+        stop_after(s, 6)   # interrupted while reading the 7th chunk
         with pytest.raises(KeyboardInterrupt):
             streaming_perplexity(s, stream, compare_base=True, progress=False, checkpoint=ckpt, checkpoint_every=2)
     assert ckpt.exists()

@@ -146,7 +146,7 @@ def _keep_attention_outputs():
 def decoder_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attend: Attend, checkpoint_layers: bool = False,
                    mlp_chunks: int = 1, save_attention: bool = False) -> torch.Tensor:
     """Final normalised hidden states (B, T, H) of `input_ids`, each layer's attention done by
-    `attend(i, attn_module, q, k, v)` (projections before RoPE). Training memory savers (`infinictx.training.mst`), active
+    `attend(i, attn_module, q, k, v)` (projections before RoPE). Training memory savers (`training.mst`), active
     with gradients on: `checkpoint_layers` recomputes each attention block and MLP in backward from its input
     (`save_attention`: except the fused attention kernel, whose outputs are kept); `mlp_chunks` > 1 runs the MLP
     over that many mini-sequences of tokens, each recomputed in backward. With either, `attend` must be free of

@@ -12,7 +12,7 @@ one file plus its registration.
 
 from __future__ import annotations
 
-from dataclasses import MISSING, field, fields, is_dataclass
+from dataclasses import field, fields, is_dataclass
 from typing import Callable
 
 from .errors import InfinictxError

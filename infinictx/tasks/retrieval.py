@@ -255,9 +255,8 @@ class RetrievalTask(Task):
     def check(self, config):
         if self.task not in TRIAL_BUILDERS:
             raise InfinictxError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
-        self.lengths = parse_lengths(self.lengths) if isinstance(self.lengths, str) else list(self.lengths)
-        if not self.lengths or min(self.lengths) < 1:
-            raise InfinictxError("give at least one positive length, e.g. --lengths 1k,2k,4k")
+        text = self.lengths if isinstance(self.lengths, str) else ",".join(map(str, self.lengths))
+        self.lengths = parse_lengths(text)
         if self.trials < 1:
             raise InfinictxError("--trials must be >= 1")
 

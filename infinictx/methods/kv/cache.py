@@ -20,7 +20,7 @@ while the policy's cache keeps the past."""
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -161,7 +161,7 @@ class KVCacheSession(StatefulSession):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(kv_bytes=True, fork=self.learner is None, end_prompt=self.policy.acts_at_end_of_prompt)
+        return replace(super().capabilities, end_prompt=self.policy.acts_at_end_of_prompt)
 
     @property
     def min_text_tokens(self) -> int:

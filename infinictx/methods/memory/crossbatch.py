@@ -66,7 +66,7 @@ class CrossBatchConfig:
     clip: float = 1.0
     seed: int = 0
     last_context_length: int = 1024          # saved in the checkpoint: the local window W inference uses
-    mst: bool = False                        # Mini-Sequence training (infinictx.training.mst): long rows in less memory
+    mst: bool = False                        # Mini-Sequence training (training.mst): long rows in less memory
     mst_save_attention: bool = False         # ... keeping attention outputs (MSTConfig.save_attention); implies mst
 
     def __post_init__(self):

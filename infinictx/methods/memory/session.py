@@ -32,7 +32,7 @@ use the memory (`crossbatch.py`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -304,7 +304,7 @@ class MemorySession(StatefulSession):
     @property
     def capabilities(self) -> Capabilities:
         # base = the plain sliding window over the same W−Δ local tokens
-        return Capabilities(kv_bytes=True, fork=self.learner is None, base_variant=True)
+        return replace(super().capabilities, base_variant=True)
 
     def _new_memory(self) -> Memory:
         # faiss only serves top-k lookups; a dense lookup reads every entry anyway
