@@ -171,3 +171,59 @@ def test_temp_lora_with_mst_ppl(tiny_model_dir, book, tmp_path):
         assert res["config"]["mst_save_attention"] == (extra == ["--mst-save-attention"])
         ppl.append(res["ppl"])
     assert ppl[1] == pytest.approx(ppl[0], rel=1e-5) and ppl[2] == pytest.approx(ppl[0], rel=1e-5)
+
+
+def _without_timings(summary: dict) -> dict:
+    """A retrieval summary without its wall-clock fields (they differ between any two runs)."""
+    timing = {"wall_s", "s_per_trial"}
+    out = {k: v for k, v in summary.items() if k not in timing}
+    out["results"] = [{k: v for k, v in r.items() if k not in timing} for r in summary["results"]]
+    return out
+
+
+def test_passkey_run_stopped_after_k_trials_resumes_to_the_same_json(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import infinictx.tasks.retrieval as retrieval
+
+    argv = ["passkey", "--model", str(tiny_model_dir), "--method", "memory", "-W", "64", "--lookup", "topk",
+            "--topk", "4", "--lengths", "200,300", "--trials", "3", "--no-progress"]
+    whole, part = tmp_path / "whole.json", tmp_path / "part.json"
+    assert main(argv + ["--json", str(whole)]) == 0
+
+    real_ask, calls = retrieval.ask, {"n": 0}
+
+    def ask_then_stop(*args, **kwargs):  # Ctrl-C during the 5th trial (the 2nd of length 300)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_ask(*args, **kwargs)
+
+    monkeypatch.setattr(retrieval, "ask", ask_then_stop)
+    assert main(argv + ["--json", str(part)]) == 130
+    partial = json.loads(part.with_suffix(".partial.json").read_text())
+    assert [(r["length"], r["trials"], r["complete"]) for r in partial["results"]] == [(200, 3, True), (300, 1, False)]
+    assert not part.exists()
+
+    monkeypatch.setattr(retrieval, "ask", real_ask)
+    calls["n"] = 0
+    monkeypatch.setattr(retrieval, "ask", lambda *a, **k: (calls.__setitem__("n", calls["n"] + 1), real_ask(*a, **k))[1])
+    assert main(argv + ["--json", str(part)]) == 0
+    assert calls["n"] == 2          # only the two trials not run before
+    assert _without_timings(json.loads(part.read_text())) == _without_timings(json.loads(whole.read_text()))
+    assert not part.with_suffix(".partial.json").exists()
+    assert "95% interval" in part.with_suffix(".md").read_text()
+
+    # a partial file from another run is refused, with one line
+    partial["config"]["topk"] = 99
+    part.with_suffix(".partial.json").write_text(json.dumps(partial))
+    capsys.readouterr()
+    assert main(argv + ["--json", str(part)]) == 2
+    assert "different run" in capsys.readouterr().err
+
+
+def test_wilson_interval_on_known_counts():
+    from infinictx.tasks.report import wilson_interval
+
+    for (correct, n), (lo, hi) in {(0, 10): (0.0, 0.2775), (10, 10): (0.7225, 1.0), (5, 10): (0.2366, 0.7634),
+                                   (19, 20): (0.7639, 0.9911)}.items():
+        got = wilson_interval(correct, n)
+        assert abs(got[0] - lo) < 1e-4 and abs(got[1] - hi) < 1e-4, (correct, n, got)

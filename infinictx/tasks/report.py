@@ -89,17 +89,33 @@ def _length_label(n: int) -> str:
     return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
 
+def wilson_interval(correct: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion correct / trials (sound at 0/n and n/n, unlike the normal
+    approximation)."""
+    if trials <= 0:
+        return (0.0, 1.0)
+    p = correct / trials
+    denom = 1 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denom
+    half = z * ((p * (1 - p) / trials + z * z / (4 * trials * trials)) ** 0.5) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
 def accuracy_markdown(s: dict) -> str:
     """Retrieval accuracy per prompt length."""
     c = s["config"]
     settings = ", ".join(f"{k}={v}" for k, v in c.items() if v is not None)
     lines = [f"## {s['task']} retrieval: {s['method']} ({settings}) — {s.get('model', '')}", "",
-             "| length (tokens) | accuracy | correct / trials | s per trial | KV bytes held | full KV bytes |",
-             "|---|---|---|---|---|---|"]
+             "| length (tokens) | accuracy | 95% interval | correct / trials | s per trial | KV bytes held | "
+             "full KV bytes |",
+             "|---|---|---|---|---|---|---|"]
     for r in s["results"]:
         held = f"{r['kv_bytes'] / 2**20:.1f} MiB" if r.get("kv_bytes") is not None else "–"
-        lines.append(f"| {_length_label(r['length'])} | {100 * r['accuracy']:.0f}% | {r['correct']} / {r['trials']} "
-                     f"| {r['s_per_trial']:.1f} | {held} | {r['kv_bytes_full'] / 2**20:.1f} MiB |")
+        lo, hi = r.get("ci95") or wilson_interval(r["correct"], r["trials"])
+        unfinished = "" if r.get("complete", True) else f" (of {len(r['per_trial'])}, unfinished)"
+        lines.append(f"| {_length_label(r['length'])} | {100 * r['accuracy']:.0f}% | {100 * lo:.0f}–{100 * hi:.0f}% "
+                     f"| {r['correct']} / {r['trials']}{unfinished} | {r['s_per_trial']:.1f} | {held} "
+                     f"| {r['kv_bytes_full'] / 2**20:.1f} MiB |")
     return "\n".join(lines) + "\n"
 
 

@@ -33,6 +33,7 @@ from ..core.progress import progress_bar
 from ..core.registry import setting
 from ..core.session import Sampler, Session
 from .base import Outputs, Result, Task
+from .report import wilson_interval
 
 TASKS = ("passkey", "kv")
 PASSKEY_TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -184,57 +185,118 @@ class RetrievalResult:
                 "config": self.config, "results": self.results, "wall_s": round(self.wall_s, 3)}
 
 
+def length_row(length: int, rows: list, prompt_tokens: int, kv_bytes_full: int, wall_s: float) -> dict:
+    """One length's summary from its per-trial rows (None = not run yet): accuracy over the trials run, with
+    its 95% Wilson interval."""
+    done = [r for r in rows if r is not None]
+    correct = sum(r["ok"] for r in done)
+    lo, hi = wilson_interval(correct, len(done))
+    row = {"length": length, "accuracy": correct / len(done) if done else 0.0, "trials": len(done),
+           "correct": correct, "ci95": [round(lo, 4), round(hi, 4)], "prompt_tokens": prompt_tokens,
+           "s_per_trial": round(wall_s / max(1, len(done)), 3), "wall_s": round(wall_s, 3),
+           "complete": len(done) == len(rows), "per_trial": rows}
+    held = [r["kv_bytes"] for r in done if r.get("kv_bytes") is not None]
+    if held:
+        row["kv_bytes"] = int(sum(held) / len(held))
+    row["kv_bytes_full"] = kv_bytes_full
+    return row
+
+
+def check_resumable(previous: dict, task: str, method: str, config: dict, trials: int, seed: int):
+    """A partial run continues only under the same task, method, settings, seed and trial count."""
+    mine = {"task": task, "method": method, "config": config, "seed": seed}
+    theirs = {k: previous.get(k) for k in mine}
+    if theirs != mine or any(len(r.get("per_trial", [])) != trials for r in previous.get("results", [])):
+        raise InfinictxError("the partial results on disk come from a different run (task, method, settings, seed "
+                             "or trials differ): delete the .partial.json file or write to another --json")
+
+
 def run_retrieval(make_session: Callable[[], Session], tokenizer, task: str, lengths: list[int], trials: int,
-                  seed: int = 0, progress: bool = True, on_length_done: Callable | None = None) -> RetrievalResult:
-    """Accuracy per length over `trials` seeded trials with the needle at evenly spread depths."""
+                  seed: int = 0, progress: bool = True, on_trial_done: Callable | None = None,
+                  resume: dict | None = None) -> RetrievalResult:
+    """Accuracy per length over `trials` seeded trials with the needle at evenly spread depths.
+
+    `on_trial_done(result)` is called after every trial with the results so far (an unfinished length has
+    `complete: False` and None for the trials not run yet). `resume`: such a partial summary of the same run;
+    its finished trials are kept, not rerun, so a run stopped at any trial continues where it was. Each trial's
+    outcome depends only on its seeded prompt, so the results equal an uninterrupted run's."""
     if task not in TRIAL_BUILDERS:
         raise InfinictxError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     if trials < 1:
         raise InfinictxError("--trials must be >= 1")
     build = TRIAL_BUILDERS[task]
     t0 = time.perf_counter()
-    result = None
+    previous = {r["length"]: r for r in (resume or {}).get("results", [])}
+    rows_by_length = {n: previous[n] for n in lengths if n in previous}
+    result = (RetrievalResult(task=resume["task"], method=resume["method"], config=resume["config"])
+              if resume else None)
+    checked = resume is None
+
+    def publish():
+        result.results = [rows_by_length[n] for n in lengths if n in rows_by_length]
+
     with progress_bar(progress, len(lengths) * trials, "trial", task) as bar:
         for length in lengths:
             rng = random.Random(f"{seed}-{task}-{length}")
             depths = [t / (trials - 1) if trials > 1 else 0.5 for t in range(trials)]
             built = [build(tokenizer, length, depth, rng) for depth in depths]
-            correct, rows = 0, [None] * trials
-            length_t0 = time.perf_counter()
-            kv_bytes = []
+            old = previous.get(length, {})
+            rows = list(old.get("per_trial") or [None] * trials)
+            wall = float(old.get("wall_s", 0.0))
+            bar.update(sum(r is not None for r in rows))
             shared = None  # a session that has read the prompt prefix common to the remaining trials
             for t in sorted(range(trials), key=lambda t: depths[t]):
+                if rows[t] is not None:
+                    continue
+                trial_t0 = time.perf_counter()
                 trial = built[t]
                 session, prefix = _start(make_session, shared, trial, built, t, depths)
-                if result is None:
-                    result = RetrievalResult(task=task, method=session.method, config=session.describe())
                 if prefix is not None:
                     shared = prefix
+                if not checked:
+                    check_resumable(resume, task, session.method, session.describe(), trials, seed)
+                    checked = True
+                if result is None:
+                    result = RetrievalResult(task=task, method=session.method, config=session.describe())
                 with session:
                     start = len(session.history)
                     out, held = ask(session, trial.ids[start:], start=start, question_at=trial.question_start - start)
-                if held is not None:
-                    kv_bytes.append(held)
                 text = tokenizer.decode(out.tolist())
                 ok = answer_of(text) == trial.answer
-                correct += ok
                 rows[t] = {"depth": round(depths[t], 3), "ok": bool(ok), "answer": trial.answer,
                            "output": text.strip()[:40]}
-                bar.set_postfix(length=length, acc=f"{correct}/{sum(r is not None for r in rows)}")
+                if held is not None:
+                    rows[t]["kv_bytes"] = held
+                wall += time.perf_counter() - trial_t0
+                done = [r for r in rows if r is not None]
+                bar.set_postfix(length=length, acc=f"{sum(r['ok'] for r in done)}/{len(done)}")
                 bar.update(1)
+                rows_by_length[length] = length_row(length, rows, len(trial.ids), full_cache_bytes(
+                    session.model, len(trial.ids), session.lm.dtype), wall)
+                publish()
+                if on_trial_done is not None:
+                    on_trial_done(result)
             if shared is not None:
                 shared.close()
-            row = {"length": length, "accuracy": correct / trials, "trials": trials, "correct": correct,
-                   "prompt_tokens": len(trial.ids), "s_per_trial": round((time.perf_counter() - length_t0) / trials, 3),
-                   "per_trial": rows}
-            if kv_bytes:
-                row["kv_bytes"] = int(sum(kv_bytes) / len(kv_bytes))
-            row["kv_bytes_full"] = full_cache_bytes(session.model, len(trial.ids), session.lm.dtype)
-            result.results.append(row)
-            if on_length_done is not None:
-                on_length_done(result)
-    result.wall_s = time.perf_counter() - t0
+    publish()
+    result.wall_s = time.perf_counter() - t0 + float((resume or {}).get("wall_s", 0.0))
     return result
+
+
+def read_partial(path: Path, model_name: str) -> dict | None:
+    """The partial results an interrupted run left at `path` (None if there are none)."""
+    if not path.exists():
+        return None
+    import json
+
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InfinictxError(f"cannot read the partial results {path}: {exc}; delete it to start over")
+    if previous.get("model") != model_name:
+        raise InfinictxError(f"the partial results {path} are for model {previous.get('model')!r}, not "
+                             f"{model_name!r}: delete it or write to another --json")
+    return previous
 
 
 @dataclass
@@ -264,13 +326,14 @@ class RetrievalTask(Task):
         from .report import accuracy_markdown
 
         partial = Path(outputs.json).with_suffix(".partial.json") if outputs.json else None
+        resume = read_partial(partial, lm.name) if partial else None
 
-        def save_partial(result):  # a long run leaves its finished lengths behind if it is stopped
-            if partial:
-                write_json(result.summary() | {"model": lm.name, "complete": False}, partial)
+        def save_partial(result):  # after every trial: a rerun of the same command continues from here
+            write_json(result.summary() | {"model": lm.name, "seed": self.seed, "complete": False}, partial)
 
         result = run_retrieval(lambda: config.make_session(lm), lm.tokenizer, self.task, self.lengths, self.trials,
-                               seed=self.seed, progress=progress, on_length_done=save_partial)
+                               seed=self.seed, progress=progress, on_trial_done=save_partial if partial else None,
+                               resume=resume)
         result.meta = {"model": lm.name, "seed": self.seed}
         summary = result.summary()
         return Result(summary=summary, stdout=accuracy_markdown(summary), data=result)
