@@ -20,6 +20,7 @@ import torch
 
 from ...core.attention import KVBuffer, local_attention
 from ...core.errors import InfinictxError
+from ...core.kernels import Scratch, block_topk, stable_topk
 from ...core.models import DTYPES, LoadedModel
 from ...core.registry import register_method, setting
 from ...core.session import check_window
@@ -33,10 +34,12 @@ class LongCachePolicy(KVPolicy):
     name = "longcache"
 
     def __init__(self, window: int, global_tokens: int = 32, span: int = 32, recall_clip: int = 8, topk: int = 4,
-                 select_dtype: torch.dtype | None = None):
+                 select_dtype: torch.dtype | None = None, fast: bool = True):
         self.scope, self.global_tokens, self.span, self.recall_clip, self.topk = (
             window, global_tokens, span, recall_clip, topk)
         self.select_dtype = select_dtype   # dtype of the selection scores (None: the model's)
+        self.fast = fast                   # exact fast selection (reused score buffer, top-k via block maxima)
+        self.scratch = Scratch()
         self._flops = 0
 
     def start(self, n_layers: int):
@@ -67,8 +70,8 @@ class LongCachePolicy(KVPolicy):
     @torch.no_grad()
     def select(self, q: torch.Tensor, k_mid: torch.Tensor) -> torch.Tensor:
         """Positions (sorted) of the middle to attend to: q (1, Hq, T, D) and k_mid (1, Hkv, M, D), both before
-        RoPE. Each (query, head) votes for its top-k keys by q·k; the most voted `recall_clip` positions become
-        spans."""
+        RoPE. Each (query, head) votes for its top-k keys by q·k (ties to the earlier position: identical keys
+        tie exactly); the most voted `recall_clip` positions become spans."""
         B, Hq, T, D = q.shape
         Hkv, M = k_mid.shape[1], k_mid.shape[2]
         dtype = self.select_dtype or q.dtype
@@ -78,7 +81,12 @@ class LongCachePolicy(KVPolicy):
         block = max(1, SCORE_BUDGET_BYTES // (4 * B * Hkv * M))
         kt = k_mid.to(dtype).transpose(-1, -2)
         for r0 in range(0, rows.shape[2], block):
-            idx = (rows[:, :, r0:r0 + block] @ kt).topk(k_top, dim=-1).indices
+            r = rows[:, :, r0:r0 + block]
+            if self.fast:
+                scores = self.scratch.get((B, Hkv, r.shape[2], M), dtype, q.device)
+                idx = block_topk(torch.matmul(r, kt, out=scores), k_top)[1]
+            else:
+                idx = stable_topk(r @ kt, k_top)[1]
             votes += torch.bincount(idx.flatten(), minlength=M)
         self._flops += 2 * Hq * T * M * D
         n_pick = min(self.recall_clip, int((votes > 0).sum()))
@@ -88,6 +96,15 @@ class LongCachePolicy(KVPolicy):
         keep = torch.zeros(M, dtype=torch.bool, device=q.device)
         keep[(starts[:, None] + torch.arange(span, device=q.device)[None]).flatten()] = True
         return keep.nonzero().squeeze(1)
+
+    def fork(self) -> "LongCachePolicy":
+        scratch, self.scratch = self.scratch, None   # a work buffer, not state: shared, never copied
+        try:
+            other = super().fork()
+        finally:
+            self.scratch = scratch
+        other.scratch = scratch
+        return other
 
     def extra_flops(self) -> int:
         flops, self._flops = self._flops, 0
@@ -116,7 +133,11 @@ class LongCacheConfig(MethodConfig):
     topk: int = setting(4, "positions each query and head votes for", flag="--select-topk")
     # bfloat16 halves the selection time on CPUs with bf16 matmul (AMX), 98% same top-1 at 16K
     select_dtype: str | None = setting(None, "dtype of the selection scores (default: the model's; bfloat16 is ~2x "
-                                       "faster on CPUs with AMX)")
+                                       "faster on CPUs with AMX, far slower on CPUs without bf16 matmul)")
+    # identity=False: both kernels select the same spans (tests: same selections, logits to 1e-4)
+    kernel: str = setting("fast", "selection kernel: fast (reused score buffer, exact top-k through block maxima) "
+                          "or reference (the original path, kept to check against)", choices=("fast", "reference"),
+                          identity=False)
 
     def validate(self):
         self.policy()
@@ -135,8 +156,10 @@ class LongCacheConfig(MethodConfig):
             raise InfinictxError(f"recall clip must be >= 0 (got {clip})")
         if self.select_dtype is not None and self.select_dtype not in DTYPES:
             raise InfinictxError(f"unknown selection dtype {self.select_dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.kernel not in ("fast", "reference"):
+            raise InfinictxError(f"unknown selection kernel {self.kernel!r}; choose fast or reference")
         policy = LongCachePolicy(self.window, self.global_tokens, self.span, clip, self.topk,
-                                 DTYPES[self.select_dtype] if self.select_dtype else None)
+                                 DTYPES[self.select_dtype] if self.select_dtype else None, self.kernel == "fast")
         if policy.local_size(chunk) < 1:
             raise InfinictxError(
                 f"LongCache budgets exceed the scope: global {self.global_tokens} + recall {clip}×{self.span} + "

@@ -49,6 +49,7 @@ from ...core.attention import (
     local_attention,
 )
 from ...core.errors import InfinictxError
+from ...core.kernels import Scratch, weighted_rows
 from ...core.models import DTYPES, LoadedModel
 from ...core.registry import register_method, setting
 from ...core.session import Capabilities, StatefulSession, check_window
@@ -56,6 +57,7 @@ from ..base import MethodConfig
 
 POSITIONALS = ("first", "distance", "window", "none")
 LOOKUPS = ("dense", "topk")
+KERNELS = ("fast", "reference")
 SCORE_BUDGET_BYTES = 256 << 20
 
 
@@ -127,7 +129,12 @@ class MemoryConfig(MethodConfig):
     mem_dtype: str | None = setting(None, "dtype of the stored memory (default: the model's, or the checkpoint's)")
     grouping: tuple | list | None = setting(None, "HEADS,QUERIES: memory attention in blocks of query heads × "
                                             "queries, bounding peak memory (default automatic)", parse=parse_grouping)
-    faiss_min: int = setting(16384, "top-k via faiss from this memory size on (exact inner-product search)")
+    faiss_min: int = setting(16384, "reference kernel: top-k via faiss from this memory size on (exact "
+                             "inner-product search)")
+    # identity=False: both kernels compute the same attention (tests hold them to 1e-4 logits, same top-k sets)
+    kernel: str = setting("fast", "top-k lookup kernel: fast (reused score buffers, weighted rows gathered by "
+                          "embedding_bag, no faiss) or reference (the original path, kept to check against)",
+                          choices=KERNELS, identity=False)
 
     def validate(self):
         if self.window is not None:
@@ -146,6 +153,8 @@ class MemoryConfig(MethodConfig):
             raise InfinictxError(f"unknown memory lookup {self.lookup!r}; choose one of {', '.join(LOOKUPS)}")
         if self.topk < 1:
             raise InfinictxError(f"top-k must be >= 1 (got {self.topk})")
+        if self.kernel not in KERNELS:
+            raise InfinictxError(f"unknown memory kernel {self.kernel!r}; choose one of {', '.join(KERNELS)}")
         if self.mem_dtype is not None and self.mem_dtype not in DTYPES:
             raise InfinictxError(f"unknown memory dtype {self.mem_dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.grouping is not None:
@@ -168,7 +177,7 @@ class MemoryConfig(MethodConfig):
             positionals=self.positionals or ckpt.get("positionals", "first"), lookup=self.lookup, topk=self.topk,
             mem_dtype=self.mem_dtype or ckpt.get("mem_dtype") or str(lm.dtype).split(".")[-1],
             grouping=self.grouping if self.grouping is not None else ckpt.get("grouping"),
-            faiss_min=self.faiss_min, temp_lora=self.temp_lora)
+            faiss_min=self.faiss_min, kernel=self.kernel, temp_lora=self.temp_lora)
         bad = [i for i in cfg.mem_layers if not 0 <= int(i) < n_layers]
         if bad:
             raise InfinictxError(f"memory layers {bad} out of range: the model has {n_layers} layers "
@@ -234,12 +243,16 @@ class Memory(KVBuffer):
 
 
 def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_mem: torch.Tensor, memory: Memory,
-                     scale: float, lookup: str = "dense", topk: int = 128, grouping: tuple | None = None) -> torch.Tensor:
+                     scale: float, lookup: str = "dense", topk: int = 128, grouping: tuple | None = None,
+                     scratch: Scratch | None = None) -> torch.Tensor:
     """One softmax over [memory ‖ causal local context].
 
     q (B, Hq, T, D): queries rotated at their local positions; q_mem: the queries as rotated for memory keys;
     k, v (B, Hkv, L, D): local keys (rotated) and values, the queries being the last T of the L positions.
-    Computed in blocks of (query heads, queries) so the score matrix stays bounded. Returns (B, Hq, T, D)."""
+    Computed in blocks of (query heads, queries) so the score matrix stays bounded. Returns (B, Hq, T, D).
+
+    With a `scratch` buffer, a top-k lookup takes the fast kernel (`_topk_block`): the same scores, the same
+    top-k, the same softmax, in fewer passes over memory."""
     B, Hq, T, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]
     g = Hq // Hkv
@@ -270,6 +283,10 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_mem: t
             s_loc = (qq @ k_loc.transpose(-1, -2)) * scale
             if mask is not None:  # rows are (query head in group, query): the same mask for each head
                 s_loc = s_loc.masked_fill(~mask[t0:t1].repeat(g, 1), float("-inf"))
+            if lookup == "topk" and scratch is not None:
+                o = _topk_block(qm, s_loc, v_loc, memory, h0, h1, kk, scale, scratch)
+                out[:, h0:h1, :, t0:t1] = o.view(B, nh, g, tq, D)
+                continue
             if lookup == "dense":
                 s_mem = (qm @ k_mem.transpose(-1, -2)) * scale
             else:
@@ -288,6 +305,27 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_mem: t
     return out.view(B, Hq, T, D)
 
 
+def _topk_block(qm: torch.Tensor, s_loc: torch.Tensor, v_loc: torch.Tensor, memory: Memory, h0: int, h1: int,
+                k: int, scale: float, scratch: Scratch) -> torch.Tensor:
+    """The fast top-k kernel for one block of rows: qm (B, nh, R, D) queries for the memory keys of KV heads
+    h0..h1−1, s_loc (B, nh, R, L) their scaled, masked local scores. The memory scores go into a reused buffer,
+    the top-k is torch's, the joint softmax is taken unnormalised (one max, one sum: no concatenated score
+    matrix), and the k value rows are summed with their weights by `embedding_bag` instead of being gathered
+    into a (R, k, D) tensor first."""
+    B, nh, R, _ = qm.shape
+    keys = memory.keys()[:, h0:h1]
+    if keys.dtype != qm.dtype:
+        keys = keys.to(qm.dtype)
+    s = scratch.get((B, nh, R, keys.shape[2]), qm.dtype, qm.device)
+    torch.matmul(qm, keys.transpose(-1, -2), out=s)
+    vals, idx = s.topk(k, dim=-1)
+    s_mem = vals * scale
+    top = torch.maximum(s_mem.amax(-1, keepdim=True), s_loc.amax(-1, keepdim=True))
+    e_mem, e_loc = (s_mem - top).exp(), (s_loc - top).exp()
+    total = e_mem.sum(-1, keepdim=True) + e_loc.sum(-1, keepdim=True)
+    return (e_loc @ v_loc + weighted_rows(memory.values()[:, h0:h1], idx, e_mem)) / total
+
+
 class MemorySession(StatefulSession):
     """A stream read through a local window of W tokens plus a FoT memory in the memory layers."""
 
@@ -300,6 +338,7 @@ class MemorySession(StatefulSession):
         self.rope = Rope(self.model, lm.device, lm.dtype)
         self.local = [LocalKV() for _ in range(self.n_layers)]
         self.memory = {i: self._new_memory() for i in config.mem_layers}
+        self.scratch = Scratch() if config.kernel == "fast" else None
 
     @property
     def capabilities(self) -> Capabilities:
@@ -307,8 +346,10 @@ class MemorySession(StatefulSession):
         return replace(super().capabilities, base_variant=True)
 
     def _new_memory(self) -> Memory:
-        # faiss only serves top-k lookups; a dense lookup reads every entry anyway
-        return Memory(self.mem_dtype, self.config.faiss_min if self.config.lookup == "topk" else None)
+        # faiss only serves the reference kernel's top-k lookups (the fast kernel is as fast without an index to
+        # build and copy at every fork); a dense lookup reads every entry anyway
+        faiss = self.config.lookup == "topk" and self.config.kernel == "reference"
+        return Memory(self.mem_dtype, self.config.faiss_min if faiss else None)
 
     # --- the forward over new tokens --------------------------------------------------------------------
     def _make_room(self, n_new: int):
@@ -346,7 +387,8 @@ class MemorySession(StatefulSession):
                     qm = self.rope.rotate_at(q, torch.full((T,), self.window, device=q.device))
                 else:
                     qm = qr
-                out = memory_attention(qr, kr, v_all, qm, memory, a.scaling, cfg.lookup, cfg.topk, cfg.grouping)
+                out = memory_attention(qr, kr, v_all, qm, memory, a.scaling, cfg.lookup, cfg.topk, cfg.grouping,
+                                       self.scratch)
             else:
                 out = local_attention(qr, kr, v_all, a.scaling)
             if commit:

@@ -1,0 +1,84 @@
+"""The fast kernels compute what the reference paths compute: same top-k sets, same attention, same logits."""
+
+import pytest
+import torch
+
+from infinictx import method_config
+from infinictx.core.errors import InfinictxError
+from infinictx.core.kernels import Scratch, block_topk, weighted_rows
+from infinictx.methods.memory.session import Memory, memory_attention
+
+
+@pytest.mark.parametrize("n, k, block", [(5000, 4, 32), (4099, 4, 32), (20000, 128, 16), (3000, 7, 64), (100, 4, 32)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_block_topk_is_exact_topk_with_ties_to_the_lower_index(n, k, block, ties):
+    torch.manual_seed(0)
+    s = torch.randint(0, 6, (3, 40, n)).float() if ties else torch.randn(3, 40, n)
+    planted = torch.randint(0, n, (3, 40, k))
+    s.scatter_(-1, planted, 10 + (0 if ties else torch.rand(3, 40, k)))  # winners anywhere, also the short block
+    s[..., -1] = 20.0                                                     # and the very last position
+    order = torch.argsort(-s, dim=-1, stable=True)[..., :k]               # the definition: by value, then index
+    want_idx = order.sort(-1).values
+    vals, idx = block_topk(s, k, block)
+    assert torch.equal(idx, want_idx)
+    assert torch.equal(vals, s.gather(-1, want_idx))
+
+
+def test_weighted_rows_equals_gather_then_sum():
+    torch.manual_seed(0)
+    values, idx, w = torch.randn(1, 3, 500, 16), torch.randint(0, 500, (1, 3, 20, 8)), torch.rand(1, 3, 20, 8)
+    want = (w.unsqueeze(-2) @ values[torch.arange(1)[:, None, None, None], torch.arange(3)[None, :, None, None],
+                                     idx]).squeeze(-2)
+    torch.testing.assert_close(weighted_rows(values, idx, w), want, rtol=1e-5, atol=1e-6)
+
+
+def test_memory_topk_kernel_finds_planted_keys_among_thousands_and_matches_the_reference():
+    torch.manual_seed(0)
+    B, Hq, Hkv, T, L, D, M, k = 1, 6, 2, 24, 40, 16, 6000, 8
+    memory = Memory(torch.float32, faiss_min=None)
+    keys, values = torch.randn(B, Hkv, M, D), torch.randn(B, Hkv, M, D)
+    # queries of each KV head's group point along one direction; k keys planted along it score far above the rest
+    direction = torch.nn.functional.normalize(torch.randn(Hkv, D), dim=-1) * 4
+    q = direction.repeat_interleave(Hq // Hkv, 0)[None, :, None] + 0.3 * torch.randn(B, Hq, T, D)
+    where = torch.stack([torch.randperm(M)[:k] for _ in range(Hkv)])
+    for h in range(Hkv):
+        keys[0, h, where[h]] = 3 * direction[h] + 0.3 * torch.randn(k, D)
+    memory.append(keys, values)
+    loc_k, loc_v = torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, D)
+    want = memory_attention(q, loc_k, loc_v, q, memory, 0.25, "topk", k)
+    got = memory_attention(q, loc_k, loc_v, q, memory, 0.25, "topk", k, scratch=Scratch())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the lookup the kernels share really finds the planted keys
+    s = q.view(B, Hkv, -1, D) @ keys.transpose(-1, -2)
+    idx = s.topk(k, dim=-1).indices
+    for h in range(Hkv):
+        assert torch.equal(idx[0, h].sort(-1).values, where[h].sort().values.expand(idx.shape[2], k))
+
+
+@pytest.mark.parametrize("method, settings", [
+    ("memory", {"window": 64, "chunk": 16, "mem_layers": [0, 1], "lookup": "topk", "topk": 8}),
+    ("memory", {"window": 64, "chunk": 32, "mem_layers": [1], "lookup": "topk", "topk": 4, "positionals": "distance",
+                "faiss_min": 64}),   # the reference side searches with faiss
+    ("longcache", {"window": 96, "chunk": 16, "global_tokens": 4, "span": 4, "topk": 2}),  # rows < 512: plain topk
+])
+def test_fast_and_reference_sessions_give_the_same_logits_and_generation(tiny, method, settings):
+    from infinictx.core.session import Sampler
+
+    torch.manual_seed(3)
+    ids = torch.randint(0, 300, (700,))   # tokens repeat: LongCache's selection scores tie exactly
+    nll, generated = {}, {}
+    for kernel in ("fast", "reference"):
+        with method_config(method, **settings, kernel=kernel).make_session(tiny) as s:
+            nll[kernel] = torch.cat([s.score_and_absorb(ids[i:i + s.chunk])[0] for i in range(0, len(ids), s.chunk)])
+            generated[kernel] = s.generate_chunk(12, 0, Sampler(temperature=0.0, repetition_penalty=1.0))
+    torch.testing.assert_close(nll["fast"], nll["reference"], rtol=1e-4, atol=1e-4)
+    assert torch.equal(generated["fast"], generated["reference"])
+
+
+def test_bad_kernel_settings_get_one_line_errors():
+    with pytest.raises(InfinictxError, match="kernel"):
+        method_config("memory", kernel="turbo")
+    with pytest.raises(InfinictxError, match="top-k must be >= 1"):
+        method_config("memory", lookup="topk", topk=-1)
+    with pytest.raises(InfinictxError, match="kernel"):
+        method_config("longcache", kernel="turbo")
