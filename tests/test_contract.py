@@ -163,8 +163,10 @@ def test_bad_settings_are_refused_before_a_model_loads(monkeypatch, method):
 # Streaming perplexity over the 200-token stream with Temp-Lora on top, summed NLL, as computed by the code before
 # the learner was a separate object (commit c51539e: TempLoraSession, KVCacheSession(temp_lora=...)); the same
 # settings below. The plain scores of those methods are covered by their own tests against references.
+# LongCache: since issue 14 its selection breaks exact score ties towards the earlier position (this stream of
+# random tokens repeats tokens, so first-layer keys tie); torch.topk's unpromised tie order gave 1690.1798.
 OLD_SUMS = {"window": 1704.3505489826202, "full": 1724.5120306015015, "streaming": 1708.6674654483795,
-            "longcache": 1690.179773569107, "razor": 1683.4661929607391}
+            "longcache": 1693.1084637641907, "razor": 1683.4661929607391}
 OLD_HOSTS = {"window": dict(window=64, chunk=16), "full": dict(chunk=32), "streaming": dict(window=64, chunk=16),
              "longcache": dict(window=80, chunk=16, global_tokens=4, span=4, recall_clip=4),
              "razor": dict(chunk=32, min_window=16, keep_ratio=0.1, induction_ratio=0.25, echo_ratio=0.05)}

@@ -82,3 +82,52 @@ def test_bad_kernel_settings_get_one_line_errors():
         method_config("memory", lookup="topk", topk=-1)
     with pytest.raises(InfinictxError, match="kernel"):
         method_config("longcache", kernel="turbo")
+
+
+@pytest.mark.parametrize("n, k", [(5000, 128), (40000, 128), (9000, 4), (300, 7)])
+def test_native_topk_equals_the_stable_definition(n, k):
+    from infinictx.core import native
+
+    if not native.available():
+        pytest.skip("no C compiler: the torch path is used (and tested) instead")
+    torch.manual_seed(0)
+    for s in (torch.randn(2, 50, n), torch.randint(0, 9, (2, 50, n)).float()):   # continuous, and massive ties
+        s[0, 0, -1] = 100.0                                                       # a winner in the last block
+        want = torch.argsort(-s, dim=-1, stable=True)[..., :k].sort(-1).values
+        vals, idx = native.topk_rows(s, k)
+        order = idx.sort(-1)
+        assert torch.equal(order.values, want)
+        assert torch.equal(vals.gather(-1, order.indices), s.gather(-1, want))
+    # strided rows (a view into a wider buffer) are read correctly too
+    wide = torch.randn(30, n + 17)
+    vals, idx = native.topk_rows(wide[:, :n], k)
+    assert torch.equal(idx.sort(-1).values, torch.argsort(-wide[:, :n], dim=-1, stable=True)[:, :k].sort(-1).values)
+
+
+def test_native_topk_survives_nan_scores():
+    from infinictx.core import native
+
+    if not native.available():
+        pytest.skip("no C compiler")
+    s = torch.randn(4, 20000)
+    s[1, 100:200] = float("nan")
+    s[2] = float("nan")
+    vals, idx = native.topk_rows(s, 128)    # returns (no hang, no garbage indices)
+    assert idx.min() >= 0 and idx.max() < 20000
+    assert torch.equal(idx[0].sort().values, s[0].topk(128).indices.sort().values)
+
+
+def test_memory_kernel_without_native_topk_is_the_same(tiny, monkeypatch):
+    """Where no C compiler exists the fast kernel falls back to torch.topk: same results."""
+    from infinictx.core import native
+
+    torch.manual_seed(5)
+    ids = torch.randint(0, 300, (600,))
+    cfg = method_config("memory", window=64, chunk=16, mem_layers=[0, 1], lookup="topk", topk=2)
+    runs = []
+    for allow in (True, False):
+        if not allow:
+            monkeypatch.setattr(native, "available", lambda: False)
+        with cfg.make_session(tiny) as s:
+            runs.append(torch.cat([s.score_and_absorb(ids[i:i + 16])[0] for i in range(0, len(ids), 16)]))
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-5, atol=1e-5)

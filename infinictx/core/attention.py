@@ -203,6 +203,92 @@ class LocalKV:
     def nbytes(self) -> int:
         return 0 if self.k is None else self.k.nbytes + self.v.nbytes
 
+    def live(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k, self.v
+
+    def copy(self) -> "LocalKV":
+        other = LocalKV()   # the tensors are never modified in place: sharing them is a copy
+        other.set(self.k, self.v)
+        return other
+
+
+class RotatedWindow:
+    """A layer's local window kept rotated, in a preallocated buffer (the fast path of `LocalKV`).
+
+    Slots 0..capacity−1 hold keys and values before RoPE and the keys rotated at their slot number. Tokens
+    leave from the front by moving `start`; new ones are written after `end`; when the end reaches the
+    capacity, the live window moves to the front and is rotated again (once every capacity − W tokens, not on
+    every step). A query rotated at its own slot sees each key at the same distance as when the window is
+    rotated at 0..L−1 with the query last: RoPE scores depend only on that distance, so attention is the same
+    (up to float rounding), without re-rotating and re-concatenating the window for every token."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.k = self.v = self.kr = None
+        self.start = self.end = 0
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def _room(self, n: int, like: torch.Tensor, rope: Rope):
+        if self.k is None:
+            shape = (*like.shape[:2], max(self.capacity, n), like.shape[3])
+            self.k, self.v, self.kr = (like.new_empty(shape) for _ in range(3))
+        if self.end + n > self.k.shape[2]:
+            live = len(self)
+            if live + n > self.k.shape[2]:
+                raise ValueError(f"window buffer too small: {live} + {n} > {self.k.shape[2]}")
+            for buf in (self.k, self.v):
+                buf[:, :, :live] = buf[:, :, self.start:self.end].clone()
+            self.start, self.end = 0, live
+            self.kr[:, :, :live] = rope.rotate(self.k[:, :, :live], 0)
+
+    def with_new(self, k: torch.Tensor, v: torch.Tensor, rope: Rope):
+        """Write the new tokens after the window (not yet committed: the next call overwrites them unless
+        `commit`): returns the rotated keys, the values and the pre-RoPE keys of window + new tokens, and the
+        slot of the first new token (rotate the queries there)."""
+        T = k.shape[2]
+        self._room(T, k, rope)
+        e = self.end
+        self.k[:, :, e:e + T], self.v[:, :, e:e + T] = k, v
+        self.kr[:, :, e:e + T] = rope.rotate(k, e)
+        window = slice(self.start, e + T)
+        return self.kr[:, :, window], self.v[:, :, window], self.k[:, :, window], e
+
+    def commit(self, n: int):
+        self.end += n
+
+    def pop_oldest(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Remove and return the oldest n tokens' keys and values (views: use them before the next write)."""
+        old = (self.k[:, :, self.start:self.start + n], self.v[:, :, self.start:self.start + n])
+        self.start += n
+        return old
+
+    def live(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k is None:
+            return None, None
+        return self.k[:, :, self.start:self.end], self.v[:, :, self.start:self.end]
+
+    def set(self, k: torch.Tensor | None, v: torch.Tensor | None, rope: Rope, start: int = 0):
+        """Hold these keys and values, from slot `start` (a restored or forked window keeps its slots, so its
+        rotated keys are bitwise those of the original)."""
+        self.k = self.v = self.kr = None
+        self.start = self.end = 0
+        if k is not None:
+            n = k.shape[2]
+            self._room(start + n, k, rope)
+            self.k[:, :, start:start + n], self.v[:, :, start:start + n] = k, v
+            self.kr[:, :, start:start + n] = rope.rotate(k, start)
+            self.start, self.end = start, start + n
+
+    def copy(self, rope: Rope) -> "RotatedWindow":
+        other = RotatedWindow(self.capacity)
+        other.set(*self.live(), rope, self.start)
+        return other
+
+    def nbytes(self) -> int:
+        return 0 if self.k is None else 2 * len(self) * self.k[:, :, :1].nelement() * self.k.element_size()
+
 
 class KVBuffer:
     """Keys and values (B, H, N, D) of a growing token sequence, in a buffer that grows by doubling, so appending

@@ -41,6 +41,7 @@ from ...analysis.heads import retrieval_layers
 from ...core.attention import (
     KVBuffer,
     LocalKV,
+    RotatedWindow,
     Rope,
     base_causal_lm,
     causal_mask,
@@ -344,7 +345,7 @@ class MemorySession(StatefulSession):
         self.n_layers = cfg.num_hidden_layers
         self.mem_dtype = DTYPES[config.mem_dtype]
         self.rope = Rope(self.model, lm.device, lm.dtype)
-        self.local = [LocalKV() for _ in range(self.n_layers)]
+        self.local = self._new_local()
         self.memory = {i: self._new_memory() for i in config.mem_layers}
         self.scratch = Scratch() if config.kernel == "fast" else None
 
@@ -352,6 +353,12 @@ class MemorySession(StatefulSession):
     def capabilities(self) -> Capabilities:
         # base = the plain sliding window over the same W−Δ local tokens
         return replace(super().capabilities, base_variant=True)
+
+    def _new_local(self) -> list:
+        # fast kernel: windows kept rotated in buffers with room for a chunk and 256 steps before compacting
+        if self.config.kernel == "fast":
+            return [RotatedWindow(self.window + self.chunk + 256) for _ in range(self.n_layers)]
+        return [LocalKV() for _ in range(self.n_layers)]
 
     def _new_memory(self) -> Memory:
         # faiss only serves the reference kernel's top-k lookups (the fast kernel is as fast without an index to
@@ -383,24 +390,38 @@ class MemorySession(StatefulSession):
         cfg = self.config
 
         def attend(i, a, q, k, v):
-            k_all, v_all = self.local[i].with_new(k, v)
-            n = k_all.shape[2]
             memory = self.memory.get(i)
-            if memory is not None and cfg.positionals == "none":
-                qr, kr = q, k_all
+            local = self.local[i]
+            if isinstance(local, RotatedWindow):   # fast: the window is kept rotated; rotate the query at its slot
+                kr, v_all, k_all, slot = local.with_new(k, v, self.rope)
+                n = kr.shape[2]
+                if memory is not None and cfg.positionals == "none":
+                    qr, kr = q, k_all
+                else:
+                    qr = self.rope.rotate(q, slot)
+                q_local = qr if memory is None or cfg.positionals == "none" else self.rope.rotate(q, n - T)
             else:
-                qr, kr = self.rope.rotate(q, n - T), self.rope.rotate(k_all, 0)
+                k_all, v_all = local.with_new(k, v)
+                n = k_all.shape[2]
+                if memory is not None and cfg.positionals == "none":
+                    qr, kr = q, k_all
+                else:
+                    qr, kr = self.rope.rotate(q, n - T), self.rope.rotate(k_all, 0)
+                q_local = qr
             if memory is not None and len(memory):
                 if cfg.positionals == "distance":
                     qm = self.rope.rotate_at(q, torch.full((T,), self.window, device=q.device))
                 else:
-                    qm = qr
+                    qm = q_local   # memory keys sit at position 0 ("first"), or carry their own rotation
                 out = memory_attention(qr, kr, v_all, qm, memory, a.scaling, cfg.lookup, cfg.topk, cfg.grouping,
                                        self.scratch)
             else:
                 out = local_attention(qr, kr, v_all, a.scaling)
             if commit:
-                self.local[i].set(k_all, v_all)
+                if isinstance(local, RotatedWindow):
+                    local.commit(T)
+                else:
+                    local.set(k_all, v_all)
             return out
 
         logits = decoder_forward(self.model, tokens.to(self.device)[None], attend,
@@ -424,22 +445,23 @@ class MemorySession(StatefulSession):
         return sum(x.nbytes() for x in self.local) + sum(m.nbytes() for m in self.memory.values())
 
     def _fork_state(self, other: "MemorySession"):
-        # local caches are shared (never modified in place); memories are copied
-        other.local = [LocalKV() for _ in range(self.n_layers)]
-        for mine, theirs in zip(other.local, self.local):
-            mine.set(theirs.k, theirs.v)
+        # plain local caches are shared (never modified in place), rotated windows and memories copied
+        other.local = [x.copy(self.rope) if isinstance(x, RotatedWindow) else x.copy() for x in self.local]
         other.memory = {i: m.copy() for i, m in self.memory.items()}
 
     # --- resume and clean-up -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "local": [(x.k, x.v) for x in self.local],
+        return {**super().state_dict(), "local": [tuple(t.clone() if t is not None else None for t in x.live())
+                                                  for x in self.local],
+                "local_slots": [getattr(x, "start", 0) for x in self.local],
                 "memory": {i: (m.keys().clone(), m.values().clone()) if len(m) else None
                            for i, m in self.memory.items()}}
 
     def load_state_dict(self, state: dict, history: torch.Tensor):
         super().load_state_dict(state, history)
-        for local, (k, v) in zip(self.local, state["local"]):
-            local.set(k, v)
+        slots = state.get("local_slots") or [0] * len(self.local)
+        for local, (k, v), start in zip(self.local, state["local"], slots):
+            local.set(k, v, self.rope, start) if isinstance(local, RotatedWindow) else local.set(k, v)
         for i, kv in state["memory"].items():
             self.memory[i] = self._new_memory()
             if kv is not None:
@@ -447,5 +469,5 @@ class MemorySession(StatefulSession):
 
     def close(self):
         super().close()
-        self.local = [LocalKV() for _ in range(self.n_layers)]
+        self.local = self._new_local()
         self.memory = {}
