@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import RESULTS, atomic_write, load_model, write_json
 
 from infinictx import method_config
@@ -105,9 +104,11 @@ def measure(lm, label: str, length: int, peak_gflops: float) -> dict:
         out = torch.cat([first, rest])
     answer = lm.tokenizer.decode(out.tolist())
     return {"label": label, "method": method, "length": length, "prefill_s": round(prefill, 2),
-            "tokens_per_s": round(length / prefill, 1), "decode_ms_per_token": round(1000 * decode / (DECODE_TOKENS - 1), 1),
+            "tokens_per_s": round(length / prefill, 1),
+            "decode_ms_per_token": round(1000 * decode / (DECODE_TOKENS - 1), 1),
             "peak_rss_mib": round(rss.peak / 2**20), "prefill_tflop": round(flops / 1e12, 3),
-            "gflops": round(flops / prefill / 1e9, 1), "fraction_of_peak": round(flops / prefill / 1e9 / peak_gflops, 3),
+            "gflops": round(flops / prefill / 1e9, 1),
+            "fraction_of_peak": round(flops / prefill / 1e9 / peak_gflops, 3),
             "passkey_ok": trial.answer in answer, "output": answer.strip()[:30]}
 
 
@@ -135,8 +136,10 @@ def markdown(res: dict) -> str:
             ref = [r for r in res["rows"] if r["label"] == f"{method}-reference" and r["length"] == n]
             if fast and ref:
                 speedups.append(f"{method} {n // 1024}K: {ref[0]['prefill_s'] / fast[0]['prefill_s']:.2f}x")
+    lines += [""] + [f"- {note}" for note in res.get("notes", [])]
     if speedups:
-        lines += ["", "Prefill speed-up of the fast kernels over the reference path, same rows: " + ", ".join(speedups)
+        lines += ["", "Prefill speed-up of the fast kernels over the reference path "
+                  "(rows from different runs where the notes say so): " + ", ".join(speedups)
                   + "."]
     return "\n".join(lines) + "\n"
 

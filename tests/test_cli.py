@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import SAMPLE
 
 from infinictx.fronts.cli import main
-from conftest import SAMPLE
 
 
 @pytest.fixture
@@ -203,9 +203,13 @@ def test_passkey_run_stopped_after_k_trials_resumes_to_the_same_json(tiny_model_
     assert [(r["length"], r["trials"], r["complete"]) for r in partial["results"]] == [(200, 3, True), (300, 1, False)]
     assert not part.exists()
 
-    monkeypatch.setattr(retrieval, "ask", real_ask)
     calls["n"] = 0
-    monkeypatch.setattr(retrieval, "ask", lambda *a, **k: (calls.__setitem__("n", calls["n"] + 1), real_ask(*a, **k))[1])
+
+    def counted_ask(*args, **kwargs):
+        calls["n"] += 1
+        return real_ask(*args, **kwargs)
+
+    monkeypatch.setattr(retrieval, "ask", counted_ask)
     assert main(argv + ["--json", str(part)]) == 0
     assert calls["n"] == 2          # only the two trials not run before
     assert _without_timings(json.loads(part.read_text())) == _without_timings(json.loads(whole.read_text()))

@@ -27,7 +27,8 @@ class Scratch:
         n = 1
         for s in shape:
             n *= s
-        if self.buf is None or self.buf.numel() < n or self.buf.dtype != dtype or self.buf.device != torch.device(device):
+        device = torch.device(device)
+        if self.buf is None or self.buf.numel() < n or self.buf.dtype != dtype or self.buf.device != device:
             self.buf = torch.empty(n, dtype=dtype, device=device)
         return self.buf[:n].view(shape)
 

@@ -38,11 +38,12 @@ import numpy as np
 import torch
 
 from ...analysis.heads import retrieval_layers
+from ...core import native
 from ...core.attention import (
     KVBuffer,
     LocalKV,
-    RotatedWindow,
     Rope,
+    RotatedWindow,
     base_causal_lm,
     causal_mask,
     check_supported,
@@ -50,7 +51,6 @@ from ...core.attention import (
     local_attention,
 )
 from ...core.errors import InfinictxError
-from ...core import native
 from ...core.kernels import Scratch, weighted_rows
 from ...core.models import DTYPES, LoadedModel
 from ...core.registry import register_method, setting
@@ -314,9 +314,9 @@ def _topk_block(qm: torch.Tensor, s_loc: torch.Tensor, v_loc: torch.Tensor, memo
                 k: int, scale: float, scratch: Scratch) -> torch.Tensor:
     """The fast top-k kernel for one block of rows: qm (B, nh, R, D) queries for the memory keys of KV heads
     h0..h1−1, s_loc (B, nh, R, L) their scaled, masked local scores. The memory scores go into a reused buffer,
-    the top-k is the native row-wise kernel (`core.native`; torch's where it cannot be built), the joint softmax is taken unnormalised (one max, one sum: no concatenated score
-    matrix), and the k value rows are summed with their weights by `embedding_bag` instead of being gathered
-    into a (R, k, D) tensor first."""
+    the top-k is the native row-wise kernel (`core.native`; torch's where it cannot be built), the joint softmax is
+    taken unnormalised (one max, one sum: no concatenated score matrix), and the k value rows are summed with their
+    weights by `embedding_bag` instead of being gathered into a (R, k, D) tensor first."""
     B, nh, R, _ = qm.shape
     keys = memory.keys()[:, h0:h1]
     if keys.dtype != qm.dtype:
