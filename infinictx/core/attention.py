@@ -176,22 +176,29 @@ def decoder_forward(model: torch.nn.Module, input_ids: torch.Tensor, attend: Att
 
 
 class LocalKV:
-    """A layer's recent keys and values, kept *before* RoPE so that they can be rotated at positions counted
-    from the start of the local window (0 .. L−1) on every use: positions then never exceed the window the
-    model was trained on, however long the stream."""
+    """A layer's recent keys and values, kept *before* RoPE and rotated at positions counted from the start of the
+    local window (0 .. L−1) on every use: positions then never exceed the window the model was trained on, however
+    long the stream. The reference path of `RotatedWindow` (same interface)."""
 
     def __init__(self):
         self.k = self.v = None
+        self._pending = None
 
     def __len__(self) -> int:
         return 0 if self.k is None else self.k.shape[2]
 
-    def with_new(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k is None:
-            return k, v
-        return torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+    def with_new(self, k: torch.Tensor, v: torch.Tensor, rope: Rope):
+        """The window + new tokens (kept aside until `commit`): rotated keys, values, keys before RoPE, and the
+        position of the first new token (rotate the queries there)."""
+        k_all, v_all = (k, v) if self.k is None else (torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2))
+        self._pending = (k_all, v_all)
+        return rope.rotate(k_all, 0), v_all, k_all, k_all.shape[2] - k.shape[2]
 
-    def set(self, k: torch.Tensor, v: torch.Tensor):
+    def commit(self, n: int):
+        self.k, self.v = self._pending
+        self._pending = None
+
+    def set(self, k: torch.Tensor | None, v: torch.Tensor | None, rope: Rope | None = None, start: int = 0):
         self.k, self.v = k, v
 
     def pop_oldest(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,7 +213,7 @@ class LocalKV:
     def live(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k, self.v
 
-    def copy(self) -> "LocalKV":
+    def copy(self, rope: Rope | None = None) -> "LocalKV":
         other = LocalKV()   # the tensors are never modified in place: sharing them is a copy
         other.set(self.k, self.v)
         return other

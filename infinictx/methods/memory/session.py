@@ -282,16 +282,13 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_mem: t
             tq = t1 - t0
             qq = qv[:, h0:h1, :, t0:t1].reshape(B, nh, g * tq, D)
             qm = qmv[:, h0:h1, :, t0:t1].reshape(B, nh, g * tq, D)
+            s_loc = torch.matmul(qq, k_loc.transpose(-1, -2)).mul_(scale)   # in place: no extra copies
+            if mask is not None:  # rows are (query head in group, query): the same mask for each head
+                s_loc.masked_fill_(~mask[t0:t1].repeat(g, 1), float("-inf"))
             if lookup == "topk" and scratch is not None:
-                s_loc = torch.matmul(qq, k_loc.transpose(-1, -2)).mul_(scale)   # in place: no extra copies
-                if mask is not None:
-                    s_loc.masked_fill_(~mask[t0:t1].repeat(g, 1), float("-inf"))
                 o = _topk_block(qm, s_loc, v_loc, memory, h0, h1, kk, scale, scratch)
                 out[:, h0:h1, :, t0:t1] = o.view(B, nh, g, tq, D)
                 continue
-            s_loc = (qq @ k_loc.transpose(-1, -2)) * scale
-            if mask is not None:  # rows are (query head in group, query): the same mask for each head
-                s_loc = s_loc.masked_fill(~mask[t0:t1].repeat(g, 1), float("-inf"))
             if lookup == "dense":
                 s_mem = (qm @ k_mem.transpose(-1, -2)) * scale
             else:
@@ -391,37 +388,25 @@ class MemorySession(StatefulSession):
 
         def attend(i, a, q, k, v):
             memory = self.memory.get(i)
-            local = self.local[i]
-            if isinstance(local, RotatedWindow):   # fast: the window is kept rotated; rotate the query at its slot
-                kr, v_all, k_all, slot = local.with_new(k, v, self.rope)
-                n = kr.shape[2]
-                if memory is not None and cfg.positionals == "none":
-                    qr, kr = q, k_all
-                else:
-                    qr = self.rope.rotate(q, slot)
-                q_local = qr if memory is None or cfg.positionals == "none" else self.rope.rotate(q, n - T)
+            kr, v_all, k_all, slot = self.local[i].with_new(k, v, self.rope)
+            n = kr.shape[2]
+            if memory is not None and cfg.positionals == "none":
+                qr, kr = q, k_all
             else:
-                k_all, v_all = local.with_new(k, v)
-                n = k_all.shape[2]
-                if memory is not None and cfg.positionals == "none":
-                    qr, kr = q, k_all
-                else:
-                    qr, kr = self.rope.rotate(q, n - T), self.rope.rotate(k_all, 0)
-                q_local = qr
+                qr = self.rope.rotate(q, slot)   # a rotated window's slot: same distances to every key
             if memory is not None and len(memory):
                 if cfg.positionals == "distance":
                     qm = self.rope.rotate_at(q, torch.full((T,), self.window, device=q.device))
-                else:
-                    qm = q_local   # memory keys sit at position 0 ("first"), or carry their own rotation
+                elif cfg.positionals == "none" or slot == n - T:
+                    qm = qr
+                else:   # memory keys sit at position 0 ("first") or carry their own rotation: local positions
+                    qm = self.rope.rotate(q, n - T)
                 out = memory_attention(qr, kr, v_all, qm, memory, a.scaling, cfg.lookup, cfg.topk, cfg.grouping,
                                        self.scratch)
             else:
                 out = local_attention(qr, kr, v_all, a.scaling)
             if commit:
-                if isinstance(local, RotatedWindow):
-                    local.commit(T)
-                else:
-                    local.set(k_all, v_all)
+                self.local[i].commit(T)
             return out
 
         logits = decoder_forward(self.model, tokens.to(self.device)[None], attend,
@@ -446,7 +431,7 @@ class MemorySession(StatefulSession):
 
     def _fork_state(self, other: "MemorySession"):
         # plain local caches are shared (never modified in place), rotated windows and memories copied
-        other.local = [x.copy(self.rope) if isinstance(x, RotatedWindow) else x.copy() for x in self.local]
+        other.local = [x.copy(self.rope) for x in self.local]
         other.memory = {i: m.copy() for i, m in self.memory.items()}
 
     # --- resume and clean-up -----------------------------------------------------------------------------
@@ -461,7 +446,7 @@ class MemorySession(StatefulSession):
         super().load_state_dict(state, history)
         slots = state.get("local_slots") or [0] * len(self.local)
         for local, (k, v), start in zip(self.local, state["local"], slots):
-            local.set(k, v, self.rope, start) if isinstance(local, RotatedWindow) else local.set(k, v)
+            local.set(k, v, self.rope, start)
         for i, kv in state["memory"].items():
             self.memory[i] = self._new_memory()
             if kv is not None:
