@@ -68,7 +68,7 @@ def run(spec: RunSpec) -> Result:
     if spec.threads:
         torch.set_num_threads(spec.threads)
     lm = load_model(spec.model, device=spec.device, dtype=spec.dtype)
-    before = weights_fingerprint(lm.model)
+    before = lm.fingerprint  # taken before the task can touch the weights
     result = spec.task.run(lm, spec.method, inputs, spec.outputs, spec.progress)
     if weights_fingerprint(lm.model) != before:
         raise InfinictxError("internal check failed: the base model's weights changed during the run")

@@ -222,6 +222,13 @@ def test_passkey_run_stopped_after_k_trials_resumes_to_the_same_json(tiny_model_
     capsys.readouterr()
     assert main(argv + ["--json", str(part)]) == 2
     assert "different run" in capsys.readouterr().err
+    # so is one measured with other weights saved under the same name (a retrained checkpoint)
+    partial["config"]["topk"] = 4
+    assert partial["weights"] == json.loads(whole.read_text())["weights"]
+    partial["weights"] = "0" * 16
+    part.with_suffix(".partial.json").write_text(json.dumps(partial))
+    assert main(argv + ["--json", str(part)]) == 2
+    assert "other weights" in capsys.readouterr().err
 
 
 def test_wilson_interval_on_known_counts():

@@ -2,7 +2,6 @@
 
 import random
 
-
 from infinictx.tasks.retrieval import answer_of, kv_trial, parse_lengths, passkey_trial
 
 
@@ -19,6 +18,7 @@ def test_passkey_prompt_has_exact_length_and_needle_at_depth(tiny):
         text = tok.decode(trial.ids.tolist())
         needle = f"The pass key is {trial.answer}. Remember it. {trial.answer} is the pass key."
         assert text.count(needle) == 1 and text.endswith("What is the pass key? The pass key is")
+        assert tok.decode(trial.ids[trial.needle_at:].tolist()).lstrip().startswith(needle)
         where.append(text.index(needle) / len(text))
     assert where[0] < 0.2 and 0.4 < where[1] < 0.65 and where[2] > 0.85
 
@@ -30,6 +30,20 @@ def test_kv_prompt_asks_for_a_value_that_is_in_it(tiny):
     assert len(trial.ids) <= 600
     key = text.rsplit("What is the value of key ", 1)[1].split("?")[0]
     assert f"key {key}: value {trial.answer}.\n" in text
+    assert tok.decode(trial.ids[trial.needle_at:].tolist()).startswith(f"key {key}: value {trial.answer}.")
+
+
+def test_misses_say_where_the_needle_sat():
+    from infinictx.tasks.report import accuracy_markdown
+
+    rows = [{"depth": 0.0, "needle_at": 40, "ok": True, "answer": "11111", "output": "11111."},
+            {"depth": 1.0, "needle_at": 1300, "ok": False, "answer": "22222", "output": "is the\npass key"}]
+    summary = {"task": "passkey", "method": "memory", "config": {"window": 1024, "chunk": 512},
+               "results": [{"length": 2048, "accuracy": 0.5, "trials": 2, "correct": 1, "per_trial": rows,
+                            "s_per_trial": 1.0, "kv_bytes_full": 2**20}]}
+    md = accuracy_markdown(summary)
+    assert "- 2K, depth 1.00, token 1,300 (276 into a 512-token chunk): expected 22222, got “is the⏎pass key”" in md
+    assert "11111" not in md
 
 
 def test_answer_parsing():
@@ -66,3 +80,35 @@ def test_shared_prefix_forks_give_the_same_answers_as_fresh_sessions(tiny):
     fresh = run_retrieval(NoFork, tiny.tokenizer, "passkey", [400], 4, progress=False)
     assert [r["output"] for r in forked.results[0]["per_trial"]] == [r["output"] for r in fresh.results[0]["per_trial"]]
     assert forked.results[0]["kv_bytes"] == fresh.results[0]["kv_bytes"] > 0
+
+
+def test_memory_trace_reruns_the_trials_and_says_which_layers_hold_the_needle(tiny_model_dir, tmp_path, monkeypatch):
+    import json
+    import sys
+    from pathlib import Path
+
+    from infinictx.fronts.cli import main
+
+    result = tmp_path / "pk.json"
+    assert main(["passkey", "--model", str(tiny_model_dir), "--method", "memory", "-W", "200", "--lookup", "topk",
+                 "--topk", "4", "--lengths", "500", "--trials", "3", "--no-progress", "--json", str(result)]) == 0
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import common
+    import retrieval_trace
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    retrieval_trace.main(["--json", str(result), "--trials", "all", "--model", str(tiny_model_dir)])
+    trace = json.loads((tmp_path / "pk_trace.json").read_text())
+    source = json.loads(result.read_text())
+    rows = source["results"][0]["per_trial"]
+    # the rerun reads each prompt exactly as the run did: the same answers
+    assert [(t["output"], t["ok"]) for t in trace["trials"]] == [(r["output"], r["ok"]) for r in rows]
+    assert [t["needle_at"] for t in trace["trials"]] == [r["needle_at"] for r in rows]
+    for t in trace["trials"]:
+        assert [r["layer"] for r in t["layers"]] == source["config"]["mem_layers"]
+        for r in t["layers"]:
+            assert 0 <= r["heads_with_needle"] <= r["heads"] == 4 and 0.0 <= r["max_mass"] <= 1.0
+    first, last = trace["trials"][0]["layers"][0], trace["trials"][-1]["layers"][0]
+    assert first["needle_in_memory"] > 0 and first["best_rank"] is not None   # depth 0: long gone to memory
+    assert last["needle_in_memory"] == 0 and last["best_rank"] is None        # depth 1: still in the window
+    assert "| layer |" in (tmp_path / "pk_trace.md").read_text()

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +34,15 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     memory: dict | None = None  # memory-layer settings of a LongLLaMA checkpoint (methods/memory/longllama.py)
+    _fingerprint: str | None = field(default=None, init=False, repr=False)
+
+    @property
+    def fingerprint(self) -> str:
+        """`weights_fingerprint` of the weights as loaded (computed on first use): what the run layer checks
+        them against afterwards, and what tells two checkpoints saved under one name apart."""
+        if self._fingerprint is None:
+            self._fingerprint = weights_fingerprint(self.model)
+        return self._fingerprint
 
 
 def pick_device(device: str | None = None) -> torch.device:

@@ -116,7 +116,29 @@ def accuracy_markdown(s: dict) -> str:
         lines.append(f"| {_length_label(r['length'])} | {100 * r['accuracy']:.0f}% | {100 * lo:.0f}–{100 * hi:.0f}% "
                      f"| {r['correct']} / {r['trials']}{unfinished} | {r['s_per_trial']:.1f} | {held} "
                      f"| {r['kv_bytes_full'] / 2**20:.1f} MiB |")
+    misses = miss_lines(s)
+    if misses:
+        lines += ["", "Misses (needle depth; its first token's position, and that position within the method's "
+                  "chunk of `chunk` tokens; the answer given):", "", *misses]
     return "\n".join(lines) + "\n"
+
+
+def miss_lines(s: dict) -> list[str]:
+    """One Markdown bullet per missed trial: where its needle sat and what came out instead."""
+    chunk = s["config"].get("chunk")
+    out = []
+    for r in s["results"]:
+        for row in r["per_trial"]:
+            if row is None or row["ok"]:
+                continue
+            where = ""
+            if row.get("needle_at") is not None:
+                where = f", token {row['needle_at']:,}"
+                if chunk:
+                    where += f" ({row['needle_at'] % chunk} into a {chunk}-token chunk)"
+            out.append(f"- {_length_label(r['length'])}, depth {row['depth']:.2f}{where}: expected {row['answer']}, "
+                       f"got “{row['output']}”".replace("\n", "⏎"))
+    return out
 
 
 def plot_accuracy(summaries: list[dict], path: str | Path, title: str | None = None):

@@ -67,6 +67,7 @@ class Trial:
     answer: str             # expected answer (digits)
     depth: float            # where the needle sits, 0..1
     question_start: int     # where the question begins in `ids`
+    needle_at: int          # where the needle (the passkey sentence, the asked key's line) begins in `ids`
 
 
 def tokens_of(tokenizer, text: str) -> list[int]:
@@ -84,7 +85,7 @@ def passkey_trial(tokenizer, length: int, depth: float, rng: random.Random) -> T
     n_fill, rest = divmod(room, len(filler))
     before = round(depth * n_fill)
     ids = task + filler * before + needle + filler * (n_fill - before) + filler[:rest] + question
-    return Trial(torch.tensor(ids), key, depth, len(ids) - len(question))
+    return Trial(torch.tensor(ids), key, depth, len(ids) - len(question), len(task) + before * len(filler))
 
 
 def kv_trial(tokenizer, length: int, depth: float, rng: random.Random) -> Trial:
@@ -108,7 +109,8 @@ def kv_trial(tokenizer, length: int, depth: float, rng: random.Random) -> Trial:
     ids = task + [t for _, _, line in lines for t in line] + question
     if len(ids) > length:
         raise InfinictxError(f"length {length} is too short for the key-value prompt")
-    return Trial(torch.tensor(ids), str(value), depth, len(ids) - len(question))
+    return Trial(torch.tensor(ids), str(value), depth, len(ids) - len(question),
+                 len(task) + sum(len(line) for _, _, line in lines[:pick]))
 
 
 TRIAL_BUILDERS = {"passkey": passkey_trial, "kv": kv_trial}
@@ -263,8 +265,8 @@ def run_retrieval(make_session: Callable[[], Session], tokenizer, task: str, len
                     out, held = ask(session, trial.ids[start:], start=start, question_at=trial.question_start - start)
                 text = tokenizer.decode(out.tolist())
                 ok = answer_of(text) == trial.answer
-                rows[t] = {"depth": round(depths[t], 3), "ok": bool(ok), "answer": trial.answer,
-                           "output": text.strip()[:40]}
+                rows[t] = {"depth": round(depths[t], 3), "needle_at": trial.needle_at, "ok": bool(ok),
+                           "answer": trial.answer, "output": text.strip()[:40]}
                 if held is not None:
                     rows[t]["kv_bytes"] = held
                 wall += time.perf_counter() - trial_t0
@@ -283,8 +285,10 @@ def run_retrieval(make_session: Callable[[], Session], tokenizer, task: str, len
     return result
 
 
-def read_partial(path: Path, model_name: str) -> dict | None:
-    """The partial results an interrupted run left at `path` (None if there are none)."""
+def read_partial(path: Path, model_name: str, weights: str | None = None) -> dict | None:
+    """The partial results an interrupted run left at `path` (None if there are none). `weights`: the model's
+    weights fingerprint; a partial file that records another one (a retrained checkpoint under the same name)
+    is refused."""
     if not path.exists():
         return None
     import json
@@ -296,6 +300,9 @@ def read_partial(path: Path, model_name: str) -> dict | None:
     if previous.get("model") != model_name:
         raise InfinictxError(f"the partial results {path} are for model {previous.get('model')!r}, not "
                              f"{model_name!r}: delete it or write to another --json")
+    if weights and previous.get("weights", weights) != weights:
+        raise InfinictxError(f"the partial results {path} were measured with other weights of {model_name!r} "
+                             "(retrained?): delete it or write to another --json")
     return previous
 
 
@@ -326,15 +333,18 @@ class RetrievalTask(Task):
         from .report import accuracy_markdown
 
         partial = Path(outputs.json).with_suffix(".partial.json") if outputs.json else None
-        resume = read_partial(partial, lm.name) if partial else None
+        # A checkpoint retrained under the same name (smollm2-fot) must not continue another one's partial run.
+        weights = lm.fingerprint[:16]
+        resume = read_partial(partial, lm.name, weights) if partial else None
+        meta = {"model": lm.name, "weights": weights, "seed": self.seed}
 
         def save_partial(result):  # after every trial: a rerun of the same command continues from here
-            write_json(result.summary() | {"model": lm.name, "seed": self.seed, "complete": False}, partial)
+            write_json(result.summary() | meta | {"complete": False}, partial)
 
         result = run_retrieval(lambda: config.make_session(lm), lm.tokenizer, self.task, self.lengths, self.trials,
                                seed=self.seed, progress=progress, on_trial_done=save_partial if partial else None,
                                resume=resume)
-        result.meta = {"model": lm.name, "seed": self.seed}
+        result.meta = meta
         summary = result.summary()
         return Result(summary=summary, stdout=accuracy_markdown(summary), data=result)
 
