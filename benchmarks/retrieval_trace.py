@@ -24,44 +24,21 @@ from common import save  # noqa: E402
 
 from infinictx import InfinictxError, load_model  # noqa: E402
 from infinictx.core.registry import method_config  # noqa: E402
-from infinictx.methods.memory import session as memory_module  # noqa: E402
-from infinictx.tasks.retrieval import TRIAL_BUILDERS, answer_of, ask, tokens_of  # noqa: E402
-
-
-def needle_span(tokenizer, task: str, trial) -> range:
-    """Token positions of the needle: the passkey sentence, or the asked key's line."""
-    from infinictx.tasks.retrieval import KV_LINE, PASSKEY_NEEDLE
-
-    if task == "passkey":
-        n = len(tokens_of(tokenizer, PASSKEY_NEEDLE.format(key=trial.answer)))
-    else:
-        question = tokenizer.decode(trial.ids[trial.question_start:].tolist())
-        key = question.split("value of key ", 1)[1].split("?")[0]
-        n = len(tokens_of(tokenizer, KV_LINE.format(key=key, value=trial.answer)))
-    return range(trial.needle_at, trial.needle_at + n)
+from infinictx.tasks.retrieval import TRIAL_BUILDERS, answer_of, ask  # noqa: E402
 
 
 class LastTokenTrace:
-    """Wraps `memory_attention` while active: for each call (one per memory layer and forward, in layer order),
-    looks at the last query row only, with plain exact arithmetic independent of the session's kernel."""
+    """A memory session's `on_lookup` observer: for each memory layer's lookup it looks at the last query row
+    only, with plain exact arithmetic independent of the session's kernel, and keeps each layer's latest look."""
 
     def __init__(self, needle: range, topk: int):
         self.needle, self.topk = needle, topk
-        self.calls: list[dict] = []
+        self.latest: dict[int, dict] = {}
         self.recording = True
-        self._original = memory_module.memory_attention
 
-    def __enter__(self):
-        def traced(q, k, v, q_mem, memory, scale, *args, **kwargs):
-            if self.recording:
-                self.calls.append(self._look(q, k, q_mem, memory, scale))
-            return self._original(q, k, v, q_mem, memory, scale, *args, **kwargs)
-
-        memory_module.memory_attention = traced
-        return self
-
-    def __exit__(self, *exc):
-        memory_module.memory_attention = self._original
+    def __call__(self, layer, q, k, q_mem, memory, scale):
+        if self.recording:
+            self.latest[layer] = self._look(q, k, q_mem, memory, scale)
 
     @torch.no_grad()
     def _look(self, q, k, q_mem, memory, scale) -> dict:
@@ -84,26 +61,29 @@ class LastTokenTrace:
         return {"memory_entries": len(memory), "needle_in_memory": in_memory, "heads": heads}
 
 
-def trace_trial(lm, config, task: str, trial, tokenizer) -> dict:
+def trace_trial(lm, config, trial, tokenizer) -> dict:
     session = config.make_session(lm)
-    tracer = LastTokenTrace(needle_span(tokenizer, task, trial), config.topk)
+    tracer = LastTokenTrace(trial.needle, config.topk)
+    session.on_lookup = tracer
     real_generate = session.generate_chunk
 
-    def generate(*args, **kwargs):   # the prompt is in: keep only its last forward's calls
+    def generate(*args, **kwargs):   # the prompt is in: keep its last forward's looks
         tracer.recording = False
         return real_generate(*args, **kwargs)
 
     session.generate_chunk = generate
     layers = sorted(session.memory)
-    with tracer, session:
+    with session:
         out, _ = ask(session, trial.ids, question_at=trial.question_start)
-    last = tracer.calls[-len(layers):]
     text = tokenizer.decode(out.tolist()).strip()
     rows = []
-    for layer, call in zip(layers, last):
+    for layer in layers:
+        # a layer whose memory was still empty at the last prompt token made no lookup: the needle is local
+        call = tracer.latest.get(layer, {"memory_entries": 0, "needle_in_memory": 0, "heads": []})
         ranks = [h["rank"] for h in call["heads"] if h["rank"] is not None]
         rows.append({"layer": layer, "heads_with_needle": sum(h["in_topk"] for h in call["heads"]),
-                     "heads": len(call["heads"]), "max_mass": round(max(h["mass"] for h in call["heads"]), 4),
+                     "heads": len(call["heads"]), "max_mass": round(max((h["mass"] for h in call["heads"]),
+                                                                        default=0.0), 4),
                      "best_rank": min(ranks) if ranks else None, "needle_in_memory": call["needle_in_memory"],
                      "memory_entries": call["memory_entries"]})
     return {"depth": trial.depth, "needle_at": trial.needle_at, "answer": trial.answer, "output": text[:40],
@@ -166,7 +146,7 @@ def main(argv=None):
     trials = []
     for t in picked:
         print(f"trial {t} (depth {depths[t]:.2f}) ...", flush=True)
-        trials.append({"trial": t, **trace_trial(lm, config, src["task"], built[t], lm.tokenizer)})
+        trials.append({"trial": t, **trace_trial(lm, config, built[t], lm.tokenizer)})
     result = {"source": Path(a.json).name, "task": src["task"], "length": row["length"], "topk": config.topk,
               "config": src["config"], "model": src["model"], "trials": trials}
     save(a.out or Path(a.json).name.split(".")[0] + "_trace", result, markdown(result))

@@ -24,6 +24,7 @@ TINY = {
     "streaming": dict(window=48, chunk=16),
     "longcache": dict(window=64, chunk=16, global_tokens=4, span=4, recall_clip=4),
     "razor": dict(chunk=32, min_window=16, keep_ratio=0.1, induction_ratio=0.25, echo_ratio=0),
+    "rag": dict(window=48, chunk=16, chunk_tokens=8, retriever="bm25"),
 }
 LEARNER = dict(window=48, chunk=16, lr=3e-3, rank=4, alpha=8)
 # every method, and every method but temp-lora (which is the window with the learner) with Temp-Lora on top
@@ -124,7 +125,8 @@ def test_declared_capabilities_hold(tiny, stream, method, temp_lora, extra):
         elif hasattr(s, "fork"):
             with pytest.raises(InfinictxError, match="cannot be forked"):
                 s.fork()
-        assert not caps.question
+        # question: only RAG reads the question itself (its query)
+        assert caps.question == (method == "rag")
 
 
 BAD = {
@@ -135,6 +137,7 @@ BAD = {
     "streaming": ({"window": 64, "sinks": 60}, "sinks"),
     "longcache": ({"span": 0}, "span must be > 0"),
     "razor": ({"keep_ratio": 2.0}, "keep ratio"),
+    "rag": ({"top_k": 0}, "top-k must be >= 1"),
 }
 
 

@@ -25,6 +25,7 @@ METHOD_SHRINK = {
     "longcache": ["--global-tokens", "4", "--span", "4", "--recall-clip", "4", "-D", "8"],
     "razor": ["--min-window", "16", "--induction-ratio", "0.25", "-D", "32"],
     "temp-lora": ["--rank", "4"],
+    "rag": ["--chunk-tokens", "16", "--budget", "24", "--retriever", "bm25"],
 }
 
 
@@ -68,6 +69,8 @@ def test_readme_command_runs(command, tiny_model_dir, tmp_path, monkeypatch):
         argv += SHRINK[sub] + METHOD_SHRINK.get(method, []) + ["--model", str(tiny_model_dir), "--no-progress"]
         if "--train-context" in argv:
             argv += ["--train-context", "32"]      # L_T within the shrunk window
+        if "--task" in argv and argv[argv.index("--task") + 1] not in ("passkey", "kv"):
+            argv += ["-W", "256", "--lengths", "700"]   # facts planted in the book: a longer question and prompt
         if sub == "ppl" and "--checkpoint" in argv:
             argv += ["--max-tokens", "1000"]   # long enough for a checkpoint to be written mid-way
     assert main(argv) == 0, argv

@@ -44,10 +44,12 @@ def check_window(window: int, chunk: int):
 class Capabilities:
     """What a session offers beyond score / absorb / generate; the harness asks here instead of probing."""
 
-    kv_bytes: bool = False      # kv_bytes(): bytes of keys and values held between steps
+    kv_bytes: bool = False      # kv_bytes(): bytes held between steps of what was read (keys and values, a
+                                # memory, a retrieval index)
     fork: bool = False          # fork(): an independent session in the same state (read a shared prefix once)
     end_prompt: bool = False    # end_prompt() changes the state (a policy compresses once the prompt is in)
-    question: bool = False      # question(tokens): the session reads a retrieval question itself (RAG's query)
+    question: bool = False      # question(tokens): the session reads a retrieval question itself (RAG's query);
+                                # shown_spans(): the spans of the history its last prompt showed
     base_variant: bool = False  # score(chunk, base=True) differs from score(chunk): the method switched off
 
 
@@ -237,10 +239,17 @@ class Session:
             pending = self.history[-context_len:] if context_len else self.history[:0]
         if len(pending) == 0:
             raise InfinictxError("generation needs a non-empty prompt")
+        out = self._sample_loop(pending, n, sampler, self.history[-self.window:])
+        self.meter.tokens["generated"] += n
+        # The cache now covers everything up to, not including, the last sampled token.
+        self._gen_fed_upto = len(self.history) + n - 1
+        return out
+
+    def _sample_loop(self, feed: torch.Tensor, n: int, sampler: Sampler, recent: torch.Tensor) -> torch.Tensor:
+        """Feed `feed` after what the generation cache holds, then sample n tokens one by one (`recent`: the
+        tokens the repetition penalty sees besides those sampled)."""
         out = []
-        recent = self.history[-self.window:]
         with self.meter.phase("generation"):
-            feed = pending
             for _ in range(n):
                 logits = self.model(input_ids=feed.to(self.device)[None], past_key_values=self._gen_cache,
                                     use_cache=True, logits_to_keep=1).logits[0, -1]
@@ -249,10 +258,22 @@ class Session:
                 token = sampler(logits, torch.cat([recent, torch.tensor(out, dtype=torch.long)]), self.eos_ids)
                 out.append(token)
                 feed = torch.tensor([token], dtype=torch.long)
-        self.meter.tokens["generated"] += n
-        # The cache now covers everything up to, not including, the last sampled token.
-        self._gen_fed_upto = len(self.history) + n - 1
         return torch.tensor(out, dtype=torch.long)
+
+    @torch.no_grad()
+    def sample_after(self, prompt: torch.Tensor, n: int, sampler: Sampler, recent: torch.Tensor) -> torch.Tensor:
+        """Sample n tokens after `prompt` alone, with a cache of its own (a method that assembles its prompt,
+        such as RAG); the history and the generation cache of `generate_chunk` are left as they were."""
+        from transformers import DynamicCache
+
+        kept = self._gen_cache, self._gen_cache_len
+        self._gen_cache, self._gen_cache_len = DynamicCache(config=self.model.config), 0
+        try:
+            out = self._sample_loop(prompt, n, sampler, recent)
+        finally:
+            self._gen_cache, self._gen_cache_len = kept
+        self.meter.tokens["generated"] += n
+        return out
 
     # --- resume and clean-up -------------------------------------------------------------------------
     def state_dict(self) -> dict:

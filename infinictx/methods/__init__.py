@@ -6,6 +6,7 @@ any of them. Importing this package registers them all:
   window     the plain sliding window (the baseline)           window.py
   memory     Focused Transformer memory (LongLLaMA)            memory/
   full, streaming, longcache, razor   KV-cache policies        kv/
+  rag        retrieval-augmented reading (ChatQA 2)            rag/
 """
 
 from ..core.registry import METHODS, method_config
@@ -13,7 +14,9 @@ from ..learners.temp_lora import TempLoraConfig
 from .base import MethodConfig
 from .kv import FullConfig, KVCacheSession, LongCacheConfig, RazorConfig, StreamingConfig
 from .memory import MemoryConfig, MemorySession
+from .rag import RagConfig, RagSession
 from .window import WindowConfig
 
 __all__ = ["METHODS", "FullConfig", "KVCacheSession", "LongCacheConfig", "MemoryConfig", "MemorySession",
-           "MethodConfig", "RazorConfig", "StreamingConfig", "TempLoraConfig", "WindowConfig", "method_config"]
+           "MethodConfig", "RagConfig", "RagSession", "RazorConfig", "StreamingConfig", "TempLoraConfig",
+           "WindowConfig", "method_config"]

@@ -85,7 +85,7 @@ def plot_ppl(s: dict, path: str | Path, points: int = 20, nll=None, base_nll=Non
     _save_figure(fig, path)
 
 
-def _length_label(n: int) -> str:
+def length_label(n: int) -> str:
     return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
 
@@ -101,21 +101,34 @@ def wilson_interval(correct: int, trials: int, z: float = 1.959964) -> tuple[flo
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def byte_size(n: int) -> str:
+    """Bytes for a table: MiB, or KiB below one MiB."""
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
 def accuracy_markdown(s: dict) -> str:
     """Retrieval accuracy per prompt length."""
     c = s["config"]
     settings = ", ".join(f"{k}={v}" for k, v in c.items() if v is not None)
     lines = [f"## {s['task']} retrieval: {s['method']} ({settings}) — {s.get('model', '')}", "",
-             "| length (tokens) | accuracy | 95% interval | correct / trials | s per trial | KV bytes held | "
+             "| length (tokens) | accuracy | 95% interval | correct / trials | s per trial | bytes held | "
              "full KV bytes |",
              "|---|---|---|---|---|---|---|"]
     for r in s["results"]:
-        held = f"{r['kv_bytes'] / 2**20:.1f} MiB" if r.get("kv_bytes") is not None else "–"
-        lo, hi = r.get("ci95") or wilson_interval(r["correct"], r["trials"])
+        held = byte_size(r["kv_bytes"]) if r.get("kv_bytes") is not None else "–"
+        lo, hi = r.get("ci95") or wilson_interval(r["correct"], r.get("items", r["trials"]))
         unfinished = "" if r.get("complete", True) else f" (of {len(r['per_trial'])}, unfinished)"
-        lines.append(f"| {_length_label(r['length'])} | {100 * r['accuracy']:.0f}% | {100 * lo:.0f}–{100 * hi:.0f}% "
-                     f"| {r['correct']} / {r['trials']}{unfinished} | {r['s_per_trial']:.1f} | {held} "
+        counted = (f"{r['correct']} / {r['items']} items, {r['trials_right']} / {r['trials']} trials all right"
+                   if "items" in r else f"{r['correct']} / {r['trials']}")
+        lines.append(f"| {length_label(r['length'])} | {100 * r['accuracy']:.0f}% | {100 * lo:.0f}–{100 * hi:.0f}% "
+                     f"| {counted}{unfinished} | {r['s_per_trial']:.1f} | {held} "
                      f"| {r['kv_bytes_full'] / 2**20:.1f} MiB |")
+    shown = [(r["length"], r["evidence_shown"]) for r in s["results"] if r.get("evidence_shown") is not None]
+    if shown:
+        lines += ["", "Evidence in the prompt the retriever built (recall of the needles the answer needs): " +
+                  ", ".join(f"{length_label(n)} {100 * e:.0f}%" for n, e in shown) + "."]
+    lines += ["", "Bytes held: keys and values, memory or retrieval index kept of the prompt; full KV bytes: a full "
+              "cache of the whole prompt."]
     misses = miss_lines(s)
     if misses:
         lines += ["", "Misses (needle depth; its first token's position, and that position within the method's "
@@ -136,7 +149,7 @@ def miss_lines(s: dict) -> list[str]:
                 where = f", token {row['needle_at']:,}"
                 if chunk:
                     where += f" ({row['needle_at'] % chunk} into a {chunk}-token chunk)"
-            out.append(f"- {_length_label(r['length'])}, depth {row['depth']:.2f}{where}: expected {row['answer']}, "
+            out.append(f"- {length_label(r['length'])}, depth {row['depth']:.2f}{where}: expected {row['answer']}, "
                        f"got “{row['output']}”".replace("\n", "⏎"))
     return out
 
@@ -155,7 +168,7 @@ def plot_accuracy(summaries: list[dict], path: str | Path, title: str | None = N
         ax.plot(xs, [100 * r["accuracy"] for r in s["results"]], "o-", label=label)
     ax.set_xscale("log", base=2)
     lengths = sorted({r["length"] for s in summaries for r in s["results"]})
-    ax.set_xticks(lengths, [_length_label(n) for n in lengths])
+    ax.set_xticks(lengths, [length_label(n) for n in lengths])
     ax.set_ylim(-5, 105)
     ax.set_xlabel("prompt length (tokens)")
     ax.set_ylabel(f"{summaries[0]['task']} accuracy (%)")

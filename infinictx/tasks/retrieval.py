@@ -6,6 +6,8 @@
   kv       a long dictionary of random 6-digit keys and values, one line each; the question names one key
            (at a chosen depth) and the answer is its value, exact match. Whole lines only: the prompt is at
            most the asked length (a few tokens shorter).
+  niah, multikey, multivalue, vartrack   RULER-style facts planted in a real book (`planted.py`); multivalue and
+           vartrack ask several items and are scored per item.
 
 The prompt is built from token pieces (task, repeated filler or dictionary lines, needle, question), so its
 length is exact in tokens. Trials are seeded: trial t at one length puts the needle at depth t/(trials−1)
@@ -33,9 +35,10 @@ from ..core.progress import progress_bar
 from ..core.registry import setting
 from ..core.session import Sampler, Session
 from .base import Outputs, Result, Task
+from .planted import PLANTED_BUILDERS
 from .report import wilson_interval
 
-TASKS = ("passkey", "kv")
+TASKS = ("passkey", "kv", "niah", "multikey", "multivalue", "vartrack")
 PASSKEY_TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
                 "I will quiz you about the important information there.")
 PASSKEY_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -68,6 +71,23 @@ class Trial:
     depth: float            # where the needle sits, 0..1
     question_start: int     # where the question begins in `ids`
     needle_at: int          # where the needle (the passkey sentence, the asked key's line) begins in `ids`
+    needle_len: int         # its length in tokens
+    answers: list[str] | None = None   # several expected items (multivalue, vartrack), scored per item
+    answer_tokens: int = ANSWER_TOKENS  # tokens generated for the answer
+    wrong: list[str] | None = None     # items that make an answer wrong when named (vartrack's decoy chain)
+    evidence: list[tuple[int, int]] | None = None   # (position, length) of every needle the answer needs
+                                                    # (default: the needle)
+
+    @property
+    def needle(self) -> range:
+        """Token positions of the needle in `ids`."""
+        return range(self.needle_at, self.needle_at + self.needle_len)
+
+    def evidence_shown(self, spans: list[tuple[int, int]]) -> float:
+        """The share of the evidence needles that lie whole inside one of `spans` (what a RAG prompt showed)."""
+        needles = self.evidence or [(self.needle_at, self.needle_len)]
+        inside = sum(any(a <= at and at + n <= b for a, b in spans) for at, n in needles)
+        return inside / len(needles)
 
 
 def tokens_of(tokenizer, text: str) -> list[int]:
@@ -85,7 +105,8 @@ def passkey_trial(tokenizer, length: int, depth: float, rng: random.Random) -> T
     n_fill, rest = divmod(room, len(filler))
     before = round(depth * n_fill)
     ids = task + filler * before + needle + filler * (n_fill - before) + filler[:rest] + question
-    return Trial(torch.tensor(ids), key, depth, len(ids) - len(question), len(task) + before * len(filler))
+    return Trial(torch.tensor(ids), key, depth, len(ids) - len(question), len(task) + before * len(filler),
+                 len(needle))
 
 
 def kv_trial(tokenizer, length: int, depth: float, rng: random.Random) -> Trial:
@@ -104,16 +125,16 @@ def kv_trial(tokenizer, length: int, depth: float, rng: random.Random) -> Trial:
         lines.append((key, value, line))
         total += len(line)
     pick = min(len(lines) - 1, round(depth * (len(lines) - 1)))
-    key, value, _ = lines[pick]
+    key, value, line = lines[pick]
     question = tokens_of(tokenizer, KV_QUESTION.format(key=key))
     ids = task + [t for _, _, line in lines for t in line] + question
     if len(ids) > length:
         raise InfinictxError(f"length {length} is too short for the key-value prompt")
     return Trial(torch.tensor(ids), str(value), depth, len(ids) - len(question),
-                 len(task) + sum(len(line) for _, _, line in lines[:pick]))
+                 len(task) + sum(len(x) for _, _, x in lines[:pick]), len(line))
 
 
-TRIAL_BUILDERS = {"passkey": passkey_trial, "kv": kv_trial}
+TRIAL_BUILDERS = {"passkey": passkey_trial, "kv": kv_trial, **PLANTED_BUILDERS}
 
 
 def full_cache_bytes(model, tokens: int, dtype: torch.dtype) -> int:
@@ -127,18 +148,35 @@ def answer_of(text: str) -> str:
     return m.group(0) if m else ""
 
 
+def score_output(trial: Trial, text: str) -> tuple[int, int, bool]:
+    """(items found, items asked, whether the trial is right). One answer: the first number in the output must
+    be it. Several: each is looked for as a whole word; the trial is right when all are there and none of the
+    `wrong` ones."""
+    if not trial.answers:
+        ok = answer_of(text) == trial.answer
+        return int(ok), 1, ok
+    words = set(re.findall(r"\w+", text))
+    hits = sum(a in words for a in trial.answers)
+    ok = hits == len(trial.answers) and not any(w in words for w in trial.wrong or [])
+    return hits, len(trial.answers), ok
+
+
 def ask(session: Session, prompt: torch.Tensor, n_tokens: int = ANSWER_TOKENS, start: int = 0,
-        question_at: int | None = None) -> tuple[torch.Tensor, int | None]:
+        question_at: int | None = None,
+        on_read: Callable[[int], None] | None = None) -> tuple[torch.Tensor, int | None]:
     """Absorb the prompt chunk by chunk, then answer greedily (no repetition penalty: the answer repeats
     digits of the prompt on purpose). Returns the answer tokens and the KV bytes the session held once the
     prompt was in and `end_prompt` had run (a policy may compress there; None for a session that keeps no cache
     between steps). `start` tokens of the prompt were absorbed already (a forked session); `prompt` is the rest.
     `question_at`: where the question begins in `prompt`; a session with the `question` capability gets it
-    through `session.question`, any other reads it as the rest of the prompt."""
+    through `session.question`, any other reads it as the rest of the prompt. `on_read(n)`: called after each
+    chunk with the prompt tokens read so far (counting `start`), for progress."""
     caps = session.capabilities
     split = question_at if caps.question and question_at is not None else len(prompt)
     for s in range(0, split, session.chunk):
         session.absorb(prompt[s:min(split, s + session.chunk)])
+        if on_read is not None:
+            on_read(start + min(split, s + session.chunk))
     if split < len(prompt):
         session.question(prompt[split:])
     session.end_prompt()
@@ -147,11 +185,11 @@ def ask(session: Session, prompt: torch.Tensor, n_tokens: int = ANSWER_TOKENS, s
     return session.generate_chunk(n_tokens, context, Sampler(repetition_penalty=1.0, ban_eos=False)), kv_bytes
 
 
-def _start(make_session, shared, trial: Trial, built: list, t: int, depths: list):
+def _start(make_session, shared, trial: Trial, built: list, t: int, depths: list, on_read=None):
     """A session for `trial`. Sessions that can fork (deterministic state from the tokens read) read the
     prefix that all trials with a deeper needle share only once: trials run in order of depth, a shared
     session reads ahead chunk by chunk up to this trial's needle, and each trial continues from a fork of it.
-    Returns (session, the shared session to keep or None)."""
+    Returns (session, the shared session to keep or None). `on_read(n)`: progress, as in `ask`."""
     probe = shared or make_session()
     if not probe.capabilities.fork:
         return probe, None
@@ -170,6 +208,8 @@ def _start(make_session, shared, trial: Trial, built: list, t: int, depths: list
     while have + shared.chunk <= common - 1:  # leave at least one token for the trial itself
         shared.absorb(trial.ids[have:have + shared.chunk])
         have += shared.chunk
+        if on_read is not None:
+            on_read(have)
     return shared.fork(), shared
 
 
@@ -189,14 +229,20 @@ class RetrievalResult:
 
 def length_row(length: int, rows: list, prompt_tokens: int, kv_bytes_full: int, wall_s: float) -> dict:
     """One length's summary from its per-trial rows (None = not run yet): accuracy over the trials run, with
-    its 95% Wilson interval."""
+    its 95% Wilson interval. A task that asks several items per trial is scored per item (its `items`)."""
     done = [r for r in rows if r is not None]
-    correct = sum(r["ok"] for r in done)
-    lo, hi = wilson_interval(correct, len(done))
-    row = {"length": length, "accuracy": correct / len(done) if done else 0.0, "trials": len(done),
+    correct = sum(r.get("hits", int(r["ok"])) for r in done)
+    items = sum(r.get("items", 1) for r in done)
+    lo, hi = wilson_interval(correct, items)
+    row = {"length": length, "accuracy": correct / items if items else 0.0, "trials": len(done),
            "correct": correct, "ci95": [round(lo, 4), round(hi, 4)], "prompt_tokens": prompt_tokens,
            "s_per_trial": round(wall_s / max(1, len(done)), 3), "wall_s": round(wall_s, 3),
            "complete": len(done) == len(rows), "per_trial": rows}
+    if items != len(done):
+        row.update(items=items, trials_right=sum(r["ok"] for r in done))
+    shown = [r["evidence_shown"] for r in done if r.get("evidence_shown") is not None]
+    if shown:
+        row["evidence_shown"] = round(sum(shown) / len(shown), 4)
     held = [r["kv_bytes"] for r in done if r.get("kv_bytes") is not None]
     if held:
         row["kv_bytes"] = int(sum(held) / len(held))
@@ -252,7 +298,13 @@ def run_retrieval(make_session: Callable[[], Session], tokenizer, task: str, len
                     continue
                 trial_t0 = time.perf_counter()
                 trial = built[t]
-                session, prefix = _start(make_session, shared, trial, built, t, depths)
+                done = [r for r in rows if r is not None]
+                score = f"{sum(r['ok'] for r in done)}/{len(done)}"
+
+                def on_read(n: int):   # a long prompt takes minutes: show how far this trial has read
+                    bar.set_postfix(length=length, acc=score, read=f"{n:,}/{len(trial.ids):,}")
+
+                session, prefix = _start(make_session, shared, trial, built, t, depths, on_read)
                 if prefix is not None:
                     shared = prefix
                 if not checked:
@@ -262,13 +314,21 @@ def run_retrieval(make_session: Callable[[], Session], tokenizer, task: str, len
                     result = RetrievalResult(task=task, method=session.method, config=session.describe())
                 with session:
                     start = len(session.history)
-                    out, held = ask(session, trial.ids[start:], start=start, question_at=trial.question_start - start)
+                    out, held = ask(session, trial.ids[start:], trial.answer_tokens, start=start,
+                                    question_at=trial.question_start - start, on_read=on_read)
+                    # a retriever: was the evidence in the prompt it built?
+                    shown = session.shown_spans() if session.capabilities.question else None
                 text = tokenizer.decode(out.tolist())
-                ok = answer_of(text) == trial.answer
+                hits, items, ok = score_output(trial, text)
                 rows[t] = {"depth": round(depths[t], 3), "needle_at": trial.needle_at, "ok": bool(ok),
-                           "answer": trial.answer, "output": text.strip()[:40]}
+                           "answer": " ".join(trial.answers) if trial.answers else trial.answer,
+                           "output": text.strip()[:40 if items == 1 else 120]}
+                if items > 1:
+                    rows[t].update(hits=hits, items=items)
                 if held is not None:
                     rows[t]["kv_bytes"] = held
+                if shown is not None:
+                    rows[t]["evidence_shown"] = round(trial.evidence_shown(shown), 4)
                 wall += time.perf_counter() - trial_t0
                 done = [r for r in rows if r is not None]
                 bar.set_postfix(length=length, acc=f"{sum(r['ok'] for r in done)}/{len(done)}")
@@ -310,7 +370,8 @@ def read_partial(path: Path, model_name: str, weights: str | None = None) -> dic
 class RetrievalTask(Task):
     """retrieval accuracy against prompt length (passkey or key-value lookup)"""
 
-    task: str = setting("passkey", "what to retrieve: a passkey in filler text, or a value in a key-value list",
+    task: str = setting("passkey", "what to retrieve: a passkey in filler text, a value in a key-value list, or "
+                        "facts planted in a book (niah, multikey, multivalue, vartrack: tasks/planted.py)",
                         choices=TASKS)
     lengths: str | list = setting("1k,2k,4k", "prompt lengths in tokens, e.g. 1k,2k,4k,...,64k",
                                   parse=parse_lengths)

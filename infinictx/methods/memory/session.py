@@ -263,7 +263,8 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_mem: t
     width = (kk if lookup == "topk" else M) + L
     if grouping is None:  # automatic: the whole head set, as many queries as fit the budget
         heads_per_block = Hkv
-        q_per_block = max(1, min(T, SCORE_BUDGET_BYTES // (4 * B * Hq * max(width + (M if lookup == "topk" else 0), 1))))
+        row_bytes = 4 * B * Hq * max(width + (M if lookup == "topk" else 0), 1)
+        q_per_block = max(1, min(T, SCORE_BUDGET_BYTES // row_bytes))
     else:
         heads_per_block = max(1, grouping[0] // g)
         q_per_block = grouping[1]
@@ -345,6 +346,9 @@ class MemorySession(StatefulSession):
         self.local = self._new_local()
         self.memory = {i: self._new_memory() for i in config.mem_layers}
         self.scratch = Scratch() if config.kernel == "fast" else None
+        # called as on_lookup(layer, q, k, q_mem, memory, scale) before each memory layer's attention (q, k: the
+        # rotated queries and local keys; q_mem: the queries that score memory): a seam for tracing lookups
+        self.on_lookup = None
 
     @property
     def capabilities(self) -> Capabilities:
@@ -401,6 +405,8 @@ class MemorySession(StatefulSession):
                     qm = qr
                 else:   # memory keys sit at position 0 ("first") or carry their own rotation: local positions
                     qm = self.rope.rotate(q, n - T)
+                if self.on_lookup is not None:
+                    self.on_lookup(i, qr, kr, qm, memory, a.scaling)
                 out = memory_attention(qr, kr, v_all, qm, memory, a.scaling, cfg.lookup, cfg.topk, cfg.grouping,
                                        self.scratch)
             else:

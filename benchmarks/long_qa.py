@@ -1,0 +1,224 @@
+"""Every method on the same long-document QA prompts (RULER-style facts planted in Paradise Lost: niah, multikey,
+multivalue, vartrack; `infinictx/tasks/planted.py`), and the ChatQA 2 retrieval ablation.
+
+Each cell (method × task × length) is one `infinictx passkey --task ...` run in its own process, so its peak RSS
+is its own; its JSON (and the partial JSON while it runs) lives under results/long_qa/, and a rerun of this
+script skips finished cells and continues unfinished ones from their last trial. The table collects them:
+accuracy with its 95% Wilson interval (per item for multivalue and vartrack), seconds per trial, peak RSS,
+bytes held (KV cache, memory or index), and for RAG how often the evidence was in the prompt it built.
+
+Parts (--parts):
+  table     --methods × --tasks × --lengths (full attention only up to 8K: the model's context)
+  ablation  RAG (dense) at one length (--ablation-length): chunk size C ∈ {64, 128, 300, 600} at a fixed
+            retrieved-token budget (top-k = 600 / C), and top-k ∈ {1, 3, 5, 10} at C = 64
+
+  .venv/bin/python benchmarks/long_qa.py --parts table --trials 10 --trials-for temp-lora=3,longcache@32k=5
+  .venv/bin/python benchmarks/long_qa.py --parts ablation --ablation-length 16k
+
+Writes results/long_qa.{json,md} and results/long_qa.png (accuracy against length per method, one panel per
+task), with the command of every cell."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import RESULTS, save
+
+from infinictx.tasks.report import byte_size, length_label
+from infinictx.tasks.retrieval import parse_lengths
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ("niah", "multikey", "multivalue", "vartrack")
+# label: (model or None for the embedded one, the method's flags); W = 1024 wherever a method has a window
+METHODS = {
+    "window": (None, ["--method", "window", "-W", "1024"]),
+    "full": (None, ["--method", "full"]),
+    "streaming": (None, ["--method", "streaming", "-W", "1024"]),
+    "longcache": (None, ["--method", "longcache", "-W", "1024"]),
+    "razor": (None, ["--method", "razor"]),
+    "memory": ("smollm2-fot", ["--method", "memory", "--lookup", "topk", "--topk", "128", "-W", "1024"]),
+    "temp-lora": (None, ["--method", "temp-lora", "-W", "1024"]),
+    "rag-dense": (None, ["--method", "rag", "--retriever", "dense"]),
+    "rag-bm25": (None, ["--method", "rag", "--retriever", "bm25"]),
+    "rag-hybrid": (None, ["--method", "rag", "--retriever", "hybrid"]),
+}
+FULL_MAX = 8192
+ABLATION_BUDGET = 600   # retrieved tokens in the chunk-size sweep (top-k = budget / C)
+ABLATION = ([(f"C={c}", ["--chunk-tokens", str(c), "--top-k", str(ABLATION_BUDGET // c),
+                         "--budget", str(ABLATION_BUDGET + 2 * (ABLATION_BUDGET // c))]) for c in (64, 128, 300, 600)]
+            + [(f"k={k}", ["--chunk-tokens", "64", "--top-k", str(k)]) for k in (1, 3, 5, 10)])
+
+
+def trials_for(spec: str, default: int):
+    """'temp-lora=3,longcache@32k=5' -> a function (method, length) -> trials."""
+    rules = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        key, _, n = part.partition("=")
+        label, _, length = key.partition("@")
+        rules[(label, parse_lengths(length)[0] if length else None)] = int(n)
+
+    def pick(method: str, length: int) -> int:
+        return rules.get((method, length), rules.get((method, None), default))
+    return pick
+
+
+def run_cell(cells: Path, name: str, model: str | None, flags: list[str], task: str, length: int, trials: int,
+             threads: int) -> dict | None:
+    """One `infinictx passkey` run (resumed if it was stopped); returns its summary with peak RSS and command."""
+    out = cells / f"{name}.json"
+    rss_file = cells / f"{name}.rss.json"
+    cmd = [str(ROOT / ".venv" / "bin" / "infinictx"), "passkey", "--task", task, "--lengths", str(length),
+           "--trials", str(trials), "--threads", str(threads), "--json", str(out.relative_to(ROOT)), "--no-progress",
+           *flags, *(["--model", model] if model else [])]
+    if not out.exists():
+        cells.mkdir(parents=True, exist_ok=True)
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd[1:])}", flush=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        log = proc.stdout.read()
+        if status != 0:
+            print(f"  failed: {log.strip().splitlines()[-1] if log.strip() else status}", flush=True)
+            return None
+        peak = usage.ru_maxrss / 1024   # KiB -> MiB (Linux)
+        before = json.loads(rss_file.read_text())["peak_rss_mib"] if rss_file.exists() else 0
+        rss_file.write_text(json.dumps({"peak_rss_mib": round(max(before, peak), 1)}))
+    summary = json.loads(out.read_text())
+    summary["peak_rss_mib"] = json.loads(rss_file.read_text())["peak_rss_mib"] if rss_file.exists() else None
+    summary["command"] = " ".join(["infinictx", *cmd[1:]])
+    return summary
+
+
+def cell_row(summary: dict) -> dict:
+    r = summary["results"][0]
+    return {"accuracy": r["accuracy"], "ci95": r["ci95"], "trials": r["trials"], "correct": r["correct"],
+            "items": r.get("items", r["trials"]), "s_per_trial": r["s_per_trial"], "kv_bytes": r.get("kv_bytes"),
+            "evidence_shown": r.get("evidence_shown"), "peak_rss_mib": summary.get("peak_rss_mib"),
+            "command": summary["command"]}
+
+
+def table_markdown(cells: dict, methods: list[str], lengths: list[int]) -> list[str]:
+    lines = []
+    for task in TASKS:
+        rows = {m: {n: cells.get(f"{m}_{task}_{n}") for n in lengths} for m in methods}
+        if not any(c for r in rows.values() for c in r.values()):
+            continue
+        head = " | ".join(length_label(n) for n in lengths)
+        lines += [f"### {task}", "", f"| method | {head} | s per trial | peak RSS (MiB) | bytes held |",
+                  "|---|" + "---|" * (len(lengths) + 3)]
+        for m, by_length in rows.items():
+            acc = []
+            for n in lengths:
+                c = by_length[n]
+                acc.append("–" if c is None else f"{100 * c['accuracy']:.0f}% ({100 * c['ci95'][0]:.0f}–"
+                           f"{100 * c['ci95'][1]:.0f}, n={c['trials']})" +
+                           (f", evidence {100 * c['evidence_shown']:.0f}%" if c["evidence_shown"] is not None
+                            else ""))
+            done = [by_length[n] for n in lengths if by_length[n]]
+            speed = " / ".join(f"{c['s_per_trial']:.0f}" for c in done) or "–"
+            rss = " / ".join(f"{c['peak_rss_mib']:.0f}" for c in done if c["peak_rss_mib"]) or "–"
+            held = " / ".join(byte_size(c["kv_bytes"]) for c in done if c["kv_bytes"]) or "–"
+            lines.append(f"| {m} | " + " | ".join(acc) + f" | {speed} | {rss} | {held} |")
+        lines.append("")
+    return lines
+
+
+def plot(cells: dict, methods: list[str], lengths: list[int], path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(4 * len(TASKS), 3.6), sharey=True)
+    for ax, task in zip(axes, TASKS):
+        for m in methods:
+            pts = [(n, cells[f"{m}_{task}_{n}"]["accuracy"]) for n in lengths if cells.get(f"{m}_{task}_{n}")]
+            if pts:
+                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [length_label(n) for n in lengths])
+        ax.set_title(task)
+        ax.set_xlabel("prompt tokens")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (%)")
+    axes[-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", default="table")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--lengths", default="4k,16k,32k")
+    ap.add_argument("--trials", type=int, default=10)
+    ap.add_argument("--trials-for", default="", help="fewer trials where a method is slow: temp-lora=3,"
+                    "longcache@32k=5")
+    ap.add_argument("--ablation-length", default="16k")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--name", default="long_qa", help="results/<name>.{json,md,png}, cells under results/<name>/")
+    a = ap.parse_args()
+    methods, tasks, lengths = a.methods.split(","), a.tasks.split(","), parse_lengths(a.lengths)
+    unknown = [m for m in methods if m not in METHODS] + [t for t in tasks if t not in TASKS]
+    if unknown:
+        sys.exit(f"long_qa: unknown method or task {', '.join(unknown)}")
+    pick = trials_for(a.trials_for, a.trials)
+    parts = a.parts.split(",")
+    path = RESULTS / f"{a.name}.json"
+    folder = RESULTS / a.name
+    data = json.loads(path.read_text()) if path.exists() else {}
+    cells, ablation = data.get("cells", {}), data.get("ablation", {})
+    if "table" in parts:
+        for m in methods:
+            model, flags = METHODS[m]
+            for task in tasks:
+                for n in lengths:
+                    if m == "full" and n > FULL_MAX:
+                        continue
+                    name = f"{m}_{task}_{n}"
+                    summary = run_cell(folder, name, model, flags, task, n, pick(m, n), a.threads)
+                    if summary:
+                        cells[name] = cell_row(summary)
+    if "ablation" in parts:
+        n = parse_lengths(a.ablation_length)[0]
+        for label, extra in ABLATION:
+            for task in tasks:
+                name = f"rag-{label}_{task}_{n}"
+                summary = run_cell(folder, name, None, [*METHODS["rag-dense"][1], *extra], task, n, a.trials,
+                                   a.threads)
+                if summary:
+                    ablation[name] = {**cell_row(summary), "setting": label, "task": task, "length": n}
+    all_lengths = sorted({int(k.rsplit("_", 1)[1]) for k in cells})
+    shown = [m for m in METHODS if any(k.startswith(f"{m}_") for k in cells)]
+    md = ["## Long-document QA: every method on the same prompts", "",
+          "RULER-style facts planted in *Paradise Lost* (tasks/planted.py); SmolLM2-135M-Instruct (memory: "
+          "`smollm2-fot`); W = 1024 for every method with a window; accuracy (95% Wilson interval, trials n; per "
+          "item for multivalue and vartrack); for RAG, how often the evidence was in its prompt. s per trial, "
+          "peak RSS and bytes held per length, left to right. Full attention only up to 8K (the model's context).",
+          "", *table_markdown(cells, shown, all_lengths)]
+    if ablation:
+        md += ["### RAG ablation (dense, ChatQA 2 §): chunk size at a fixed budget, top-k at C = 64", "",
+               "| setting | " + " | ".join(TASKS) + " |", "|---|" + "---|" * len(TASKS)]
+        for label, _ in ABLATION:
+            row = []
+            for task in TASKS:
+                c = next((v for v in ablation.values() if v["setting"] == label and v["task"] == task), None)
+                row.append("–" if c is None else f"{100 * c['accuracy']:.0f}% (evidence "
+                           f"{100 * (c['evidence_shown'] or 0):.0f}%, {c['s_per_trial']:.0f} s)")
+            md.append(f"| {label} | " + " | ".join(row) + " |")
+        md.append("")
+    if cells:
+        plot(cells, shown, all_lengths, RESULTS / f"{a.name}.png")
+        md += [f"![accuracy against length]({a.name}.png)", ""]
+    save(a.name, {"cells": cells, "ablation": ablation}, "\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
