@@ -253,6 +253,10 @@ class HybridRetriever:
     def __init__(self, embedder: str | None, device: str, ann_min: int):
         self.dense, self.bm25 = DenseRetriever(embedder, device, ann_min), BM25Retriever()
 
+    @property
+    def texts(self) -> list[str]:
+        return self.dense.texts
+
     def sync(self, texts: list[str]):
         self.dense.sync(texts)
         self.bm25.sync(texts)

@@ -38,6 +38,7 @@ CHATQA_SYSTEM = ("System: This is a chat between a user and an artificial intell
                  "assistant should also indicate when the answer cannot be found in the context.\n\n")
 CHATQA_USER, CHATQA_ASSISTANT = "User:", "\n\nAssistant:"
 SEPARATOR = "\n\n"
+INDEX_BATCH = 32   # complete chunks indexed together while reading
 
 
 @register_method("rag")
@@ -128,7 +129,11 @@ class RagSession(Session):
 
     def _read(self, tokens: torch.Tensor):
         super()._read(tokens)
-        self._sync(self._spans(complete_only=True))
+        # index complete chunks as the text comes in (a forked session inherits them), in batches: the embedder
+        # is several times faster on 32 chunks at once than on two
+        spans = self._spans(complete_only=True)
+        if len(spans) - len(self.retriever.texts) >= INDEX_BATCH:
+            self._sync(spans)
 
     def _retrieve(self, query: str, spans: list[tuple[int, int]], limit: int, budget: int) -> torch.Tensor:
         """The retrieved part of a prompt: the best chunks among the first `limit` for `query`, within
@@ -151,6 +156,7 @@ class RagSession(Session):
         n_local = min(local, room - budget)
         cut = len(self.history) - n_local
         spans = self._spans(complete_only=True)
+        self._sync(spans)
         limit = sum(1 for _, b in spans if b <= cut)
         query = self.lm.tokenizer.decode(self.history[-self.config.query_tokens:].tolist())
         return torch.cat([self._retrieve(query, spans, limit, budget), self.history[cut:]])
@@ -232,7 +238,9 @@ class RagSession(Session):
         self._question = state.get("question")
 
     def kv_bytes(self) -> int:
-        """Bytes RAG holds of what it read: its index (embeddings, BM25 matrix); no keys and values."""
+        """Bytes RAG holds of what it read: its index (embeddings, BM25 matrix) of every complete chunk (indexed
+        now if a batch was pending); no keys and values."""
+        self._sync(self._spans(complete_only=True))
         return self.retriever.nbytes()
 
     def shown_spans(self) -> list[tuple[int, int]]:
