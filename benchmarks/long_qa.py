@@ -10,7 +10,10 @@ bytes held (KV cache, memory or index), and for RAG how often the evidence was i
 Parts (--parts):
   table     --methods × --tasks × --lengths (full attention only up to 8K: the model's context)
   ablation  RAG (dense) at one length (--ablation-length): chunk size C ∈ {64, 128, 300, 600} at a fixed
-            retrieved-token budget (top-k = 600 / C), and top-k ∈ {1, 3, 5, 10} at C = 64
+            retrieved-token budget (top-k = 600 / C), top-k ∈ {1, 3, 5, 10} at C = 64, and the prompt format
+            (ChatQA's or plain)
+  ann       the approximate (HNSW) dense index against the exact one: recall@10 over the default book cut into
+            --ann-chunk-token chunks, one query per chunk's first sentence (in this process)
 
   .venv/bin/python benchmarks/long_qa.py --parts table --trials 10 --trials-for temp-lora=3,longcache@32k=5
   .venv/bin/python benchmarks/long_qa.py --parts ablation --ablation-length 16k
@@ -52,7 +55,8 @@ FULL_MAX = 8192
 ABLATION_BUDGET = 600   # retrieved tokens in the chunk-size sweep (top-k = budget / C)
 ABLATION = ([(f"C={c}", ["--chunk-tokens", str(c), "--top-k", str(ABLATION_BUDGET // c),
                          "--budget", str(ABLATION_BUDGET + 2 * (ABLATION_BUDGET // c))]) for c in (64, 128, 300, 600)]
-            + [(f"k={k}", ["--chunk-tokens", "64", "--top-k", str(k)]) for k in (1, 3, 5, 10)])
+            + [(f"k={k}", ["--chunk-tokens", "64", "--top-k", str(k)]) for k in (1, 3, 5, 10)]
+            + [(f"format={f}", ["--prompt-format", f]) for f in ("chatqa", "plain")])
 
 
 def trials_for(spec: str, default: int):
@@ -152,6 +156,43 @@ def plot(cells: dict, methods: list[str], lengths: list[int], path: Path):
     plt.close(fig)
 
 
+def ann_recall(chunk_tokens: int, queries: int, k: int = 10) -> dict:
+    """Recall@k of the HNSW index against exact search on the book's chunks (the same embeddings)."""
+    import random
+
+    from infinictx import load_model, read_text
+    from infinictx.methods.rag.chunks import chunk_spans
+    from infinictx.methods.rag.retrievers import DenseRetriever
+
+    lm = load_model(None)
+    text, _ = read_text(None)
+    ids = lm.tokenizer(text, add_special_tokens=False).input_ids
+    texts = [lm.tokenizer.decode(ids[a:b]) for a, b in chunk_spans(len(ids), chunk_tokens, 0)]
+    t0 = time.perf_counter()
+    exact = DenseRetriever(None, "cpu", ann_min=10**9)
+    exact.sync(texts)
+    embed_s = time.perf_counter() - t0
+    approx = DenseRetriever(None, "cpu", ann_min=0)
+    approx.load(exact.state())
+    rng = random.Random(0)
+    picks = rng.sample(range(len(texts)), min(queries, len(texts)))
+    asked = [texts[i].strip().split(".")[0][:200] or texts[i][:200] for i in picks]
+    hits, times = 0, {"exact": 0.0, "hnsw": 0.0}
+    for q in asked:
+        t0 = time.perf_counter()
+        want = set(exact.rank(q, k))
+        times["exact"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        got = set(approx.rank(q, k))
+        times["hnsw"] += time.perf_counter() - t0
+        hits += len(want & got)
+    recall = hits / (k * len(asked))
+    return {"chunks": len(texts), "pieces": int(len(exact.emb)), "chunk_tokens": chunk_tokens, "queries": len(asked),
+            "k": k, "recall": round(recall, 4), "embed_s": round(embed_s, 1),
+            "ms_per_query": {m: round(1000 * t / len(asked), 2) for m, t in times.items()},
+            "index_bytes": {"exact": exact.nbytes(), "hnsw": approx.nbytes()}}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="table")
@@ -162,6 +203,8 @@ def main():
     ap.add_argument("--trials-for", default="", help="fewer trials where a method is slow: temp-lora=3,"
                     "longcache@32k=5")
     ap.add_argument("--ablation-length", default="16k")
+    ap.add_argument("--ann-chunk-tokens", type=int, default=32)
+    ap.add_argument("--ann-queries", type=int, default=500)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--name", default="long_qa", help="results/<name>.{json,md,png}, cells under results/<name>/")
     a = ap.parse_args()
@@ -174,7 +217,7 @@ def main():
     path = RESULTS / f"{a.name}.json"
     folder = RESULTS / a.name
     data = json.loads(path.read_text()) if path.exists() else {}
-    cells, ablation = data.get("cells", {}), data.get("ablation", {})
+    cells, ablation, ann = data.get("cells", {}), data.get("ablation", {}), data.get("ann")
     if "table" in parts:
         for m in methods:
             model, flags = METHODS[m]
@@ -195,6 +238,8 @@ def main():
                                    a.threads)
                 if summary:
                     ablation[name] = {**cell_row(summary), "setting": label, "task": task, "length": n}
+    if "ann" in parts:
+        ann = ann_recall(a.ann_chunk_tokens, a.ann_queries)
     all_lengths = sorted({int(k.rsplit("_", 1)[1]) for k in cells})
     shown = [m for m in METHODS if any(k.startswith(f"{m}_") for k in cells)]
     md = ["## Long-document QA: every method on the same prompts", "",
@@ -214,10 +259,15 @@ def main():
                            f"{100 * (c['evidence_shown'] or 0):.0f}%, {c['s_per_trial']:.0f} s)")
             md.append(f"| {label} | " + " | ".join(row) + " |")
         md.append("")
+    if ann:
+        md += [f"### Approximate dense index: HNSW recall@{ann['k']} = {100 * ann['recall']:.1f}% against exact search "
+               f"({ann['chunks']:,} chunks of {ann['chunk_tokens']} tokens of the book, {ann['queries']} queries; "
+               f"{ann['ms_per_query']['hnsw']} ms per query against {ann['ms_per_query']['exact']} exact; "
+               f"embedding the book: {ann['embed_s']} s)", ""]
     if cells:
         plot(cells, shown, all_lengths, RESULTS / f"{a.name}.png")
         md += [f"![accuracy against length]({a.name}.png)", ""]
-    save(a.name, {"cells": cells, "ablation": ablation}, "\n".join(md))
+    save(a.name, {"cells": cells, "ablation": ablation, "ann": ann}, "\n".join(md))
 
 
 if __name__ == "__main__":

@@ -132,13 +132,16 @@ def accuracy_markdown(s: dict) -> str:
     misses = miss_lines(s)
     if misses:
         lines += ["", "Misses (needle depth; its first token's position, and that position within the method's "
-                  "chunk of `chunk` tokens; the answer given):", "", *misses]
+                  "chunk (RAG: its retrieval chunk) of the given tokens; for RAG whether the evidence was in its "
+                  "prompt; the answer given):", "", *misses]
     return "\n".join(lines) + "\n"
 
 
 def miss_lines(s: dict) -> list[str]:
     """One Markdown bullet per missed trial: where its needle sat and what came out instead."""
-    chunk = s["config"].get("chunk")
+    c = s["config"]
+    chunk = c.get("chunk_tokens") or c.get("chunk")   # RAG: where its retrieval chunks start, every C − O tokens
+    step = chunk - (c.get("overlap") or 0) if c.get("chunk_tokens") else chunk
     out = []
     for r in s["results"]:
         for row in r["per_trial"]:
@@ -148,7 +151,9 @@ def miss_lines(s: dict) -> list[str]:
             if row.get("needle_at") is not None:
                 where = f", token {row['needle_at']:,}"
                 if chunk:
-                    where += f" ({row['needle_at'] % chunk} into a {chunk}-token chunk)"
+                    where += f" ({row['needle_at'] % step} into a {chunk}-token chunk)"
+            if row.get("evidence_shown") is not None:
+                where += f", evidence in the prompt {100 * row['evidence_shown']:.0f}%"
             out.append(f"- {length_label(r['length'])}, depth {row['depth']:.2f}{where}: expected {row['answer']}, "
                        f"got “{row['output']}”".replace("\n", "⏎"))
     return out

@@ -283,7 +283,9 @@ def run_retrieval(make_session: Callable[[], Session], tokenizer, task: str, len
     def publish():
         result.results = [rows_by_length[n] for n in lengths if n in rows_by_length]
 
-    with progress_bar(progress, len(lengths) * trials, "trial", task) as bar:
+    # trials finished before a resume count as done from the start (so the bar's rate is this sitting's)
+    resumed = sum(r is not None for n in lengths for r in (previous.get(n, {}).get("per_trial") or []))
+    with progress_bar(progress, len(lengths) * trials, "trial", task, initial=resumed) as bar:
         for length in lengths:
             rng = random.Random(f"{seed}-{task}-{length}")
             depths = [t / (trials - 1) if trials > 1 else 0.5 for t in range(trials)]
@@ -291,7 +293,6 @@ def run_retrieval(make_session: Callable[[], Session], tokenizer, task: str, len
             old = previous.get(length, {})
             rows = list(old.get("per_trial") or [None] * trials)
             wall = float(old.get("wall_s", 0.0))
-            bar.update(sum(r is not None for r in rows))
             shared = None  # a session that has read the prompt prefix common to the remaining trials
             for t in sorted(range(trials), key=lambda t: depths[t]):
                 if rows[t] is not None:
