@@ -185,7 +185,9 @@ class Session:
         logits = self.model(input_ids=inputs, logits_to_keep=n_targets, use_cache=False).logits[0]
         return F.cross_entropy(logits.float(), ids[-n_targets:], reduction="none")
 
-    def score_context(self) -> torch.Tensor:
+    def score_context(self, base: bool = False) -> torch.Tensor:
+        """What a scored chunk is read after: the last W − Δ tokens (`base`: the context of the method switched
+        off, the same here; a method that assembles its context, such as RAG, differs)."""
         n = self.window - self.chunk
         return self.history[-n:] if n and len(self.history) else self.history[:0]
 
@@ -196,7 +198,7 @@ class Session:
     def score(self, chunk: torch.Tensor, base: bool = False) -> torch.Tensor:
         phase = "base_scoring" if base else "scoring"
         with self.meter.phase(phase), (self.base_model_context() if base else nullcontext()):
-            nll = self.chunk_nll(self.score_context(), chunk).cpu()
+            nll = self.chunk_nll(self.score_context(base), chunk).cpu()
         self.check_nll(nll)
         return nll
 

@@ -43,7 +43,7 @@ N_KEYS, N_VALUES, CHAIN = 4, 4, 5
 
 
 @lru_cache(maxsize=4)
-def _book(tokenizer) -> tuple[list[int], list[int]]:
+def book_tokens(tokenizer) -> tuple[list[int], list[int]]:
     """The haystack's tokens and the positions that start a line (where a fact may be inserted)."""
     from ..data.texts import read_text
 
@@ -53,12 +53,6 @@ def _book(tokenizer) -> tuple[list[int], list[int]]:
     starts = [i + 1 for i, t in enumerate(ids) if t in line_ends]
     return ids, starts
 
-
-def book_tokens(tokenizer) -> tuple[list[int], list[int]]:
-    try:
-        return _book(tokenizer)
-    except TypeError:   # a tokenizer that cannot be a cache key
-        return _book.__wrapped__(tokenizer)
 
 
 def _key(rng: random.Random, taken: set) -> str:

@@ -17,7 +17,6 @@ the session's state for a resumed run."""
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -161,15 +160,9 @@ class RagSession(Session):
         query = self.lm.tokenizer.decode(self.history[-self.config.query_tokens:].tolist())
         return torch.cat([self._retrieve(query, spans, limit, budget), self.history[cut:]])
 
-    @torch.no_grad()
-    def score(self, chunk: torch.Tensor, base: bool = False) -> torch.Tensor:
+    def score_context(self, base: bool = False) -> torch.Tensor:
         room = self.window - self.chunk
-        context = Session.score_context(self) if base else self._context(room, room)
-        with self.meter.phase("base_scoring" if base else "scoring"), \
-                (self.base_model_context() if base else nullcontext()):
-            nll = self.chunk_nll(context, chunk).cpu()
-        self.check_nll(nll)
-        return nll
+        return super().score_context() if base else self._context(room, room)
 
     # --- questions -------------------------------------------------------------------------------------
     def question(self, tokens: torch.Tensor):
