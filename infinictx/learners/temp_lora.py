@@ -165,10 +165,27 @@ class TempLora:
         self.chunks_trained += 1
         return scored
 
-    def _train(self, session: Session, context: torch.Tensor, piece: torch.Tensor, steps: int):
+    def train_on(self, session: Session, context: torch.Tensor, piece: torch.Tensor,
+                 loss_mask: torch.Tensor | None = None):
+        """`steps` optimizer steps on one sample a task built itself: `context` unlabelled, the loss on the tokens
+        of `piece` where `loss_mask` is True (every token by default). Translation trains this way, with the loss
+        on the target sentences only."""
+        if loss_mask is not None:
+            if loss_mask.shape != piece.shape:
+                raise ValueError("loss_mask must have one entry per token of the piece")
+            if not len(context):   # the stream's first token has no prediction
+                loss_mask = loss_mask[1:]
+            if not bool(loss_mask.any()):
+                return
+        self._train(session, context, piece, self.config.steps, loss_mask)
+        self.chunks_trained += 1
+
+    def _train(self, session: Session, context: torch.Tensor, piece: torch.Tensor, steps: int,
+               loss_mask: torch.Tensor | None = None):
         with torch.enable_grad(), session.meter.phase("training"), self.train_mode():
             for _ in range(steps):
-                self._step(session, session.chunk_nll(context, piece, self.mst), len(context) + len(piece) - 1)
+                nll = session.chunk_nll(context, piece, self.mst, targets=loss_mask)
+                self._step(session, nll, len(context) + len(piece) - 1)
 
     def _step(self, session: Session, nll: torch.Tensor, n_inputs: int):
         """One optimizer step on the mean of `nll` (a graph over n_inputs input tokens)."""

@@ -194,3 +194,33 @@ def _save_figure(fig, path: str | Path):
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def translation_markdown(s: dict) -> str:
+    """A translation run: overall quality, per document and per position bucket, and the cost."""
+    def row(label: str, q: dict) -> str:
+        cells = [f"{q[k]:.3f}" if k in q else "–" for k in ("ref_ppl", "ref_ppl_sentence_weighted")]
+        cells += [f"{q[k]:.2f}" if k in q else "–" for k in ("bleu", "chrf")]
+        return f"| {label} | {q.get('sentences', '–')} | " + " | ".join(cells) + " |"
+
+    mode = "free-running" if s["free_running"] else "teacher-forced"
+    lines = [f"## Translation {s['src_lang']}→{s['tgt_lang']}: {s['method']} on {s['source']} ({mode})", "",
+             f"model `{s['model']}`, W={s['config'].get('window')}, context chunks {s['context_chunks']}"
+             + (f", lr={s['config']['lr']}, steps={s['config']['steps']}, r={s['config']['rank']}"
+                if "lr" in s["config"] else ""), "",
+             "| part | sentences | reference PPL | PPL (paper's formula) | BLEU | chrF |", "|---|---|---|---|---|---|",
+             row("**all**", s)]
+    for d in s["documents"]:
+        if len(s["documents"]) > 1:
+            lines.append(row(d["name"], d))
+        for b in d["buckets"]:
+            lines.append(row(f"{d['name'] if len(s['documents']) > 1 else ''} chunks {b['chunks'][0] + 1}–"
+                             f"{b['chunks'][1]}".strip(), b))
+    for d in s["documents"]:
+        if d["dropped"]:
+            lines += ["", f"{d['name']}: {len(d['dropped'])} sentences only one side has were left out "
+                      f"({', '.join(d['dropped'][:5])}{' ...' if len(d['dropped']) > 5 else ''})"]
+    cost = s["documents"][0]["cost"] if len(s["documents"]) == 1 else None
+    if cost:
+        lines += ["", cost_markdown({**cost, "wall_s": s["wall_s"]})]
+    return "\n".join(lines) + "\n"

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ...analysis.heads import retrieval_heads
-from ...core.attention import KVBuffer, base_causal_lm, local_attention
+from ...core.attention import KVBuffer, base_causal_lm, check_supported, local_attention
 from ...core.errors import InfinictxError
 from ...core.models import LoadedModel
 from ...core.registry import register_method, setting
@@ -195,6 +195,7 @@ class RazorConfig(MethodConfig):
             raise InfinictxError(f"unknown prefill {self.prefill!r}; choose one of {', '.join(PREFILLS)}")
 
     def new_session(self, lm: LoadedModel) -> KVCacheSession:
+        check_supported(lm.model)   # before the head search, which runs the model's own layers
         model = base_causal_lm(lm.model)
         cfg = model.config
         n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads

@@ -188,6 +188,7 @@ class MemoryConfig(MethodConfig):
         return cfg
 
     def new_session(self, lm: LoadedModel) -> "MemorySession":
+        check_supported(lm.model)   # before `resolved`: "auto" memory layers run the model's own layers
         return MemorySession(lm, self.resolved(lm))
 
 

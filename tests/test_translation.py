@@ -1,0 +1,316 @@
+"""Long-document translation: parallel data, the translation loop (teacher-forced and free-running), its batched
+decoding against the sequential reference, Temp-Lora's masked training sample, resume, Gemma-3's architecture,
+and the GGUF assembly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import SAMPLE
+
+from infinictx.core.errors import InfinictxError
+from infinictx.data.parallel import (
+    Pair,
+    ParallelDoc,
+    align_verses,
+    read_parallel,
+    to_simplified,
+)
+from infinictx.learners.temp_lora import TempLoraConfig
+from infinictx.methods.window import WindowConfig
+from infinictx.tasks.translation import (
+    DocumentTranslator,
+    TranslationSettings,
+    TranslationTask,
+)
+
+WORDS = SAMPLE.split()
+
+
+def make_doc(chunks: int = 3, per_chunk: int = 4, seed: int = 0) -> ParallelDoc:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for c in range(chunks):
+        pairs = []
+        for i in range(per_chunk):
+            pick = torch.randint(0, len(WORDS), (6,), generator=g).tolist()
+            ref = " ".join(WORDS[j] for j in pick)
+            src = "".join("天地神光水人"[j % 6] for j in pick)
+            pairs.append(Pair(src, ref, f"{c + 1}:{i + 1}"))
+        out.append(pairs)
+    return ParallelDoc("tiny", "zh", "en", out)
+
+
+def translate(lm, doc, window=256, temp_lora=False, **settings):
+    config = (TempLoraConfig(window=window, lr=3e-2, rank=4, alpha=8) if temp_lora
+              else WindowConfig(window=window))
+    with config.make_session(lm) as session:
+        tr = DocumentTranslator(session, doc, TranslationSettings(max_new_tokens=12, **settings))
+        results = [r for c, chunk in enumerate(doc.chunks) for r in tr.translate_chunk(c, chunk)]
+        return results, tr
+
+
+# --- parallel data -------------------------------------------------------------------------------------
+def test_align_verses_merges_placeholder_and_drops_one_sided_keys():
+    zh = {(1, 1, 1): "甲", (1, 1, 2): "乙丙", (1, 1, 3): "", (1, 1, 4): "丁", (1, 2, 1): "", (1, 2, 2): "戊"}
+    en = {(1, 1, 1): "A", (1, 1, 2): "B", (1, 1, 3): "C", (1, 1, 5): "E", (1, 2, 1): "F", (1, 2, 2): "G"}
+    pairs, dropped = align_verses(zh, en)
+    assert pairs == [((1, 1, 1), "甲", "A"), ((1, 1, 2), "乙丙", "B C"), ((1, 2, 2), "戊", "G")]
+    # 1:4 has no English, 1:5 no Chinese; 2:1 is merged into a verse of another chapter: nothing to join it to
+    assert dropped == [(1, 1, 4), (1, 1, 5), (1, 2, 1)]
+
+
+def test_opencc_converts_traditional_to_simplified():
+    assert to_simplified(["起初，神創造天地。", "地是空虛混沌"]) == ["起初，神创造天地。", "地是空虚混沌"]
+
+
+def test_read_parallel_files_and_jsonl(tmp_path):
+    (tmp_path / "src.txt").write_text("一\n二\n三\n", encoding="utf-8")
+    (tmp_path / "ref.txt").write_text("one\ntwo\nthree\n", encoding="utf-8")
+    [doc] = read_parallel(str(tmp_path / "src.txt"), str(tmp_path / "ref.txt"), "zh", "en", chunk_sentences=2)
+    assert [[(p.src, p.ref) for p in c] for c in doc.chunks] == [[("一", "one"), ("二", "two")], [("三", "three")]]
+    rows = [{"src": "一", "ref": "one", "doc": "a"}, {"src": "二", "ref": "two", "doc": "b"},
+            {"src": "三", "ref": "three", "doc": "a"}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    docs = read_parallel(str(tmp_path / "d.jsonl"), None, "zh", "en")
+    assert [[p.ref for p in d.pairs] for d in docs] == [["one", "three"], ["two"]]
+
+
+@pytest.mark.parametrize("src,ref,langs,message", [
+    ("一\n二\n", "one\n", ("zh", "en"), "misaligned files"),
+    ("一\n\n二\n", "one\ntwo\nthree\n", ("zh", "en"), "empty line"),
+    ("一\n", "one\n", ("zh", "xx"), "unknown language code"),
+    ("一\n", "one\n", ("en", "en"), "both"),
+])
+def test_read_parallel_rejects_bad_input(tmp_path, src, ref, langs, message):
+    (tmp_path / "s.txt").write_text(src, encoding="utf-8")
+    (tmp_path / "r.txt").write_text(ref, encoding="utf-8")
+    with pytest.raises(InfinictxError, match=message):
+        read_parallel(str(tmp_path / "s.txt"), str(tmp_path / "r.txt"), *langs)
+
+
+def test_cli_bad_input_is_one_line(tmp_path, tiny_model_dir, capsys):
+    from infinictx.fronts.cli import main
+
+    (tmp_path / "s.txt").write_text("一\n二\n", encoding="utf-8")
+    (tmp_path / "r.txt").write_text("one\n", encoding="utf-8")
+    assert main(["translate", str(tmp_path / "s.txt"), "--ref", str(tmp_path / "r.txt"), "--model",
+                 str(tiny_model_dir), "--method", "window", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("infinictx: error: misaligned files") and "\n" not in err
+    assert main(["translate", str(tmp_path / "s.txt"), "--method", "longcache", "--no-progress"]) == 2
+    assert "translate runs --method window or temp-lora" in capsys.readouterr().err
+
+
+# --- the translation loop --------------------------------------------------------------------------------
+def stream_of(tr: DocumentTranslator, doc: ParallelDoc, chunk: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """The teacher-forced prompt of `chunk` (header, previous chunk's pairs, this chunk's pairs) and the spans of
+    its reference lines."""
+    ids = list(tr.header)
+    for p in doc.chunks[chunk - 1] if chunk else []:
+        ids += tr.source_ids(p.src) + tr.target_ids(p.ref)
+    spans = []
+    for p in doc.chunks[chunk]:
+        ids += tr.source_ids(p.src)
+        ref = tr.target_ids(p.ref)
+        spans.append((len(ids), len(ids) + len(ref)))
+        ids += ref
+    return ids, spans
+
+
+@pytest.mark.parametrize("decode", ["batched", "sequential"])
+def test_teacher_forced_nll_equals_a_plain_forward(tiny, decode):
+    doc = make_doc()
+    results, tr = translate(tiny, doc, window=512, decode=decode)   # the whole previous chunk fits in W/2
+    for c in range(len(doc.chunks)):
+        ids, spans = stream_of(tr, doc, c)
+        with torch.no_grad():
+            logits = tiny.model(input_ids=torch.tensor([ids])).logits[0]
+        nll = F.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="none")
+        for (a, b), r in zip(spans, [r for r in results if r.chunk == c]):
+            assert r.ref_tokens == b - a
+            assert r.ref_nll == pytest.approx(float(nll[a - 1:b - 1].sum()), rel=1e-4)
+
+
+@pytest.mark.parametrize("window", [512, 160])   # 160: the prompt overflows, is rebuilt inside chunks
+def test_batched_decoding_equals_sequential(tiny, window):
+    doc = make_doc(chunks=3, per_chunk=5)
+    batched, _ = translate(tiny, doc, window=window, decode="batched")
+    sequential, _ = translate(tiny, doc, window=window, decode="sequential")
+    assert [r.hyp for r in batched] == [r.hyp for r in sequential]
+    assert any(r.hyp for r in batched)
+    assert [r.ref_nll for r in batched] == pytest.approx([r.ref_nll for r in sequential], rel=1e-4)
+
+
+def test_free_running_uses_no_reference(tiny):
+    doc = make_doc()
+    blind = ParallelDoc("tiny", "zh", "en", [[Pair(p.src, None, p.key) for p in c] for c in doc.chunks])
+    with_ref, _ = translate(tiny, doc, free_running=True)
+    without, _ = translate(tiny, blind, free_running=True)
+    assert [r.hyp for r in with_ref] == [r.hyp for r in without]
+    assert all(r.ref_nll is not None for r in with_ref) and all(r.ref_nll is None for r in without)
+
+
+def test_training_sample_masks_all_but_the_chunk_targets(tiny, monkeypatch):
+    from infinictx.learners.temp_lora import TempLora
+
+    doc = make_doc(chunks=2)
+    samples = []
+    original = TempLora.train_on
+
+    def spy(self, session, context, piece, loss_mask=None):
+        samples.append((context.tolist(), piece.tolist(), loss_mask.tolist()))
+        return original(self, session, context, piece, loss_mask)
+
+    monkeypatch.setattr(TempLora, "train_on", spy)
+    _, tr = translate(tiny, doc, window=512, temp_lora=True)
+    assert len(samples) == 2
+    for c, (context, piece, mask) in enumerate(samples):
+        ids, spans = stream_of(tr, doc, c)
+        start = len(ids) - len(piece)
+        assert context + piece == ids   # the context (header + previous chunk), then the chunk
+        targets = {i for a, b in spans for i in range(a - start, b - start)}
+        assert [i for i, m in enumerate(mask) if m] == sorted(targets)
+
+
+def test_train_on_loss_is_the_masked_mean(tiny):
+    config = TempLoraConfig(window=128, lr=1e-2, rank=4, steps=1)
+    with config.make_session(tiny) as session:
+        context, piece = torch.arange(5, 25), torch.arange(30, 50)
+        mask = torch.zeros(20, dtype=torch.bool)
+        mask[[3, 7, 8, 15]] = True
+        with torch.no_grad():
+            expected = session.chunk_nll(context, piece)[mask].mean()
+        seen = []
+        learner = session.learner
+        step = learner._step
+        learner._step = lambda s, nll, n: (seen.append(nll.mean().item()), step(s, nll, n))
+        learner.train_on(session, context, piece, mask)
+        assert seen == [pytest.approx(expected.item(), rel=1e-5)]
+
+
+def test_temp_lora_lowers_the_nll_of_a_repeated_document(tiny):
+    one = make_doc(chunks=1, per_chunk=6)
+    doc = ParallelDoc("rep", "zh", "en", [one.chunks[0], list(one.chunks[0]), list(one.chunks[0])])
+    base, _ = translate(tiny, doc, context_chunks=0)
+    tl, _ = translate(tiny, doc, context_chunks=0, temp_lora=True)
+    first = [r.ref_nll for r in base if r.chunk == 0]
+    assert [r.ref_nll for r in tl if r.chunk == 0] == pytest.approx(first, rel=1e-4)   # nothing learned yet
+    last_base = sum(r.ref_nll for r in base if r.chunk == 2)
+    last_tl = sum(r.ref_nll for r in tl if r.chunk == 2)
+    assert last_tl < 0.8 * last_base
+
+
+def test_cli_run_writes_outputs_and_resumes(tmp_path, tiny_model_dir, monkeypatch):
+    from infinictx.fronts.cli import main
+
+    doc = make_doc(chunks=3, per_chunk=3)
+    (tmp_path / "s.txt").write_text("".join(p.src + "\n" for p in doc.pairs), encoding="utf-8")
+    (tmp_path / "r.txt").write_text("".join(p.ref + "\n" for p in doc.pairs), encoding="utf-8")
+    args = ["translate", str(tmp_path / "s.txt"), "--ref", str(tmp_path / "r.txt"), "--model", str(tiny_model_dir),
+            "--method", "temp-lora", "-W", "256", "--rank", "4", "--chunk-sentences", "3", "--max-new-tokens", "8",
+            "--no-progress", "--buckets", "3"]
+    assert main(args + ["--json", str(tmp_path / "full.json"), "--out", str(tmp_path / "full.txt")]) == 0
+    full = json.loads((tmp_path / "full.json").read_text())
+    assert full["base_weights_unchanged"] and full["sentences"] == 9 and len(full["documents"][0]["buckets"]) == 3
+    assert {"ref_ppl", "ref_ppl_sentence_weighted", "bleu", "chrf"} <= set(full)
+    assert len((tmp_path / "full.txt").read_text().split("\n")) == 10
+    assert (tmp_path / "full.md").read_text().startswith("## Translation zh→en")
+
+    calls = {"n": 0}
+    original = DocumentTranslator.translate_chunk
+
+    def stop_at_third(self, index, chunk):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, index, chunk)
+
+    monkeypatch.setattr(DocumentTranslator, "translate_chunk", stop_at_third)
+    ckpt = tmp_path / "run.ckpt"
+    resumed = args + ["--json", str(tmp_path / "resumed.json"), "--checkpoint", str(ckpt)]
+    assert main(resumed) == 130 and ckpt.exists()
+    monkeypatch.setattr(DocumentTranslator, "translate_chunk", original)
+    assert main(resumed) == 0 and not ckpt.exists()
+    again = json.loads((tmp_path / "resumed.json").read_text())
+    for key in ("translations", "ref_ppl", "bleu", "chrf"):
+        assert again[key] == full[key]
+
+
+# --- Gemma-3's architecture ----------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_gemma_dir(tmp_path_factory, tiny_model_dir):
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    out = tmp_path_factory.mktemp("tiny-gemma3")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.save_pretrained(out)
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=16,
+                              layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                              max_position_embeddings=512, eos_token_id=tok.eos_token_id, bos_token_id=None,
+                              pad_token_id=None, initializer_range=0.3)
+    Gemma3ForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def test_gemma3_sessions_lora_and_batched_decoding(tiny_gemma_dir):
+    from infinictx import load_model
+
+    lm = load_model(tiny_gemma_dir, device="cpu", dtype="float32")
+    assert type(lm.model).__name__ == "Gemma3ForCausalLM"
+    doc = make_doc(chunks=2, per_chunk=6)   # prompts longer than the 16-token sliding window
+    batched, _ = translate(lm, doc, window=256, decode="batched")
+    sequential, _ = translate(lm, doc, window=256, decode="sequential")
+    assert [r.hyp for r in batched] == [r.hyp for r in sequential]
+    assert [r.ref_nll for r in batched] == pytest.approx([r.ref_nll for r in sequential], rel=1e-4)
+    before = lm.fingerprint
+    rep = ParallelDoc("rep", "zh", "en", [doc.chunks[0], list(doc.chunks[0])])
+    tl, _ = translate(lm, rep, context_chunks=0, temp_lora=True)   # peft LoRA on Gemma-3's linears
+    base, _ = translate(lm, rep, context_chunks=0)
+    assert sum(r.ref_nll for r in tl if r.chunk == 1) < sum(r.ref_nll for r in base if r.chunk == 1)
+    from infinictx.core.models import weights_fingerprint
+
+    assert weights_fingerprint(lm.model) == before
+
+
+# --- the embedded multilingual model's file ------------------------------------------------------------------
+def test_assemble_parts_checks_the_hash(tmp_path):
+    from infinictx.core.models import assemble_parts
+
+    parts = []
+    for i, data in enumerate([b"abc" * 1000, b"def" * 7, b"g"]):
+        parts.append(tmp_path / f"p{i}")
+        parts[-1].write_bytes(data)
+    whole = b"abc" * 1000 + b"def" * 7 + b"g"
+    good = hashlib.sha256(whole).hexdigest()
+    dest = assemble_parts(parts, tmp_path / "out" / "model.gguf", good)
+    assert dest.read_bytes() == whole
+    with pytest.raises(InfinictxError, match="SHA-256"):
+        assemble_parts(parts[:2], tmp_path / "bad.gguf", good)
+    assert not (tmp_path / "bad.gguf").exists() and not list(tmp_path.glob(".bad.gguf*"))
+
+
+def test_task_checks_settings():
+    for bad, message in [({"context_chunks": -1}, "context-chunks"), ({"max_new_tokens": 0}, "max-new-tokens"),
+                         ({"src_lang": "xx"}, "unknown language"), ({"buckets": 0}, "buckets")]:
+        task = TranslationTask(source="x.txt", **bad)
+        with pytest.raises(InfinictxError, match=message):
+            task.check(WindowConfig(window=256))
+
+
+@pytest.mark.parametrize("method,flags", [("full", ["-W", "256", "-D", "64"]), ("streaming", ["-W", "64"]),
+                                          ("longcache", ["-W", "256"]), ("razor", []), ("memory", ["-W", "64"])])
+def test_methods_needing_llama_internals_refuse_gemma3_in_one_line(tmp_path, tiny_gemma_dir, method, flags, capsys):
+    from infinictx.fronts.cli import main
+
+    (tmp_path / "t.txt").write_text(SAMPLE * 6)
+    assert main(["ppl", str(tmp_path / "t.txt"), "--model", str(tiny_gemma_dir), "--method", method,
+                 "--no-progress", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]   # after the loader's own progress bar
+    assert err.startswith("infinictx: error: this method needs a Llama-family decoder") and "gemma3_text" in err
