@@ -68,6 +68,34 @@ def venv_python(name: str, packages: list[str]) -> Path:
     return py
 
 
+def run_cli(name: str, args: list[str], out: Path) -> dict | None:
+    """One `infinictx ARGS --json OUT` command in its own process, so that its peak RSS is its own; skipped when
+    OUT exists (a rerun continues a stopped command through the command's own resume: a partial JSON, a
+    checkpoint). Returns OUT's summary with `peak_rss_mib` and `command`, or None if the command failed."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [str(root / ".venv" / "bin" / "infinictx"), *args, "--json", str(out.relative_to(root)), "--no-progress"]
+    rss_file = out.with_name(out.stem + ".rss.json")
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd[1:])}", flush=True)
+        proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        log = proc.stdout.read()
+        if status != 0:
+            print(f"  failed: {log.strip().splitlines()[-1] if log.strip() else status}", flush=True)
+            return None
+        peak = usage.ru_maxrss / 1024   # KiB -> MiB (Linux)
+        before = json.loads(rss_file.read_text())["peak_rss_mib"] if rss_file.exists() else 0
+        rss_file.write_text(json.dumps({"peak_rss_mib": round(max(before, peak), 1)}))
+    summary = json.loads(out.read_text())
+    summary["peak_rss_mib"] = json.loads(rss_file.read_text())["peak_rss_mib"] if rss_file.exists() else None
+    summary["command"] = " ".join(["infinictx", *cmd[1:]])
+    return summary
+
+
 def machine() -> dict:
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
             "machine": platform.machine(), "date": time.strftime("%Y-%m-%d")}

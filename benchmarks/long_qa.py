@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, save
+from common import RESULTS, run_cli, save
 
 from infinictx.tasks.report import byte_size, length_label
 from infinictx.tasks.retrieval import parse_lengths
@@ -74,28 +72,10 @@ def trials_for(spec: str, default: int):
 
 def run_cell(cells: Path, name: str, model: str | None, flags: list[str], task: str, length: int, trials: int,
              threads: int) -> dict | None:
-    """One `infinictx passkey` run (resumed if it was stopped); returns its summary with peak RSS and command."""
-    out = cells / f"{name}.json"
-    rss_file = cells / f"{name}.rss.json"
-    cmd = [str(ROOT / ".venv" / "bin" / "infinictx"), "passkey", "--task", task, "--lengths", str(length),
-           "--trials", str(trials), "--threads", str(threads), "--json", str(out.relative_to(ROOT)), "--no-progress",
-           *flags, *(["--model", model] if model else [])]
-    if not out.exists():
-        cells.mkdir(parents=True, exist_ok=True)
-        print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd[1:])}", flush=True)
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        log = proc.stdout.read()
-        if status != 0:
-            print(f"  failed: {log.strip().splitlines()[-1] if log.strip() else status}", flush=True)
-            return None
-        peak = usage.ru_maxrss / 1024   # KiB -> MiB (Linux)
-        before = json.loads(rss_file.read_text())["peak_rss_mib"] if rss_file.exists() else 0
-        rss_file.write_text(json.dumps({"peak_rss_mib": round(max(before, peak), 1)}))
-    summary = json.loads(out.read_text())
-    summary["peak_rss_mib"] = json.loads(rss_file.read_text())["peak_rss_mib"] if rss_file.exists() else None
-    summary["command"] = " ".join(["infinictx", *cmd[1:]])
-    return summary
+    """One `infinictx passkey` run (resumed from its partial JSON if it was stopped)."""
+    args = ["passkey", "--task", task, "--lengths", str(length), "--trials", str(trials), "--threads", str(threads),
+            *flags, *(["--model", model] if model else [])]
+    return run_cli(name, args, cells / f"{name}.json")
 
 
 def cell_row(summary: dict) -> dict:

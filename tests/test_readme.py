@@ -19,6 +19,7 @@ SHRINK = {
     "ppl": ["-W", "64", "-D", "32", "--max-tokens", "400"],
     "generate": ["-W", "64", "-D", "16", "--tokens", "24"],
     "passkey": ["-W", "64", "--lengths", "200,300", "--trials", "1"],
+    "translate": ["-W", "256", "--max-new-tokens", "6", "--chunk-sentences", "2"],
 }
 METHOD_SHRINK = {
     "memory": ["--mem-layers", "1", "--topk", "8"],
@@ -53,7 +54,7 @@ COMMANDS = readme_commands()
 
 
 def test_the_readme_shows_commands_for_every_subcommand():
-    assert {c.split()[1] for c in COMMANDS} == {"ppl", "generate", "passkey", "fetch"} and len(COMMANDS) >= 10
+    assert {c.split()[1] for c in COMMANDS} == {"ppl", "generate", "passkey", "translate", "fetch"} and len(COMMANDS) >= 10
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -61,6 +62,8 @@ def test_readme_command_runs(command, tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "book.txt").write_text(SAMPLE * 6)
     (tmp_path / "start.txt").write_text(SAMPLE)
+    (tmp_path / "src.txt").write_text("起初，神创造天地。\n地是空虚混沌。\n神说：要有光。\n", encoding="utf-8")
+    (tmp_path / "ref.txt").write_text("In the beginning.\nAnd the earth was void.\nLet there be light.\n")
     (tmp_path / "pg19.jsonl").write_text("\n".join(json.dumps({"text": SAMPLE * (4 + i)}) for i in range(5)))
     argv = ["book.txt" if a == "FILE" else a for a in expand(command)]
     sub = argv[0]

@@ -314,3 +314,59 @@ def test_methods_needing_llama_internals_refuse_gemma3_in_one_line(tmp_path, tin
                  "--no-progress", *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]   # after the loader's own progress bar
     assert err.startswith("infinictx: error: this method needs a Llama-family decoder") and "gemma3_text" in err
+
+
+def _stock_and_banded(tiny_gemma_dir):
+    from infinictx import load_model
+
+    banded = load_model(tiny_gemma_dir, device="cpu", dtype="float32")
+    stock = load_model(tiny_gemma_dir, device="cpu", dtype="float32")
+    stock.model.set_attn_implementation("sdpa")
+    assert banded.model.config._attn_implementation == "infinictx_banded_sdpa"
+    return stock, banded
+
+
+def test_banded_sliding_attention_equals_the_stock_path(tiny_gemma_dir):
+    from infinictx.training.lora import add_lora
+
+    stock, banded = _stock_and_banded(tiny_gemma_dir)
+    ids = torch.randint(0, 300, (1, 203), generator=torch.Generator().manual_seed(3))   # 12 blocks of 16 and a bit
+    grads = []
+    for lm in (stock, banded):
+        model, params = add_lora(lm.model, 4, 8, seed=0)
+        g = torch.Generator().manual_seed(5)
+        for p in params:   # B = 0 at init: make the adapter matter (the same values in both models)
+            p.data = torch.randn(p.shape, generator=g) * 0.1
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+            cached = model(input_ids=ids[:, :150], use_cache=True).past_key_values
+            tail = model(input_ids=ids[:, 150:], past_key_values=cached).logits   # queries after a cache
+        loss = F.cross_entropy(model(input_ids=ids).logits[0, :-1], ids[0, 1:])
+        loss.backward()
+        grads.append(([p.grad.clone() for p in params], logits, tail))
+    (g_stock, l_stock, t_stock), (g_banded, l_banded, t_banded) = grads
+    torch.testing.assert_close(l_banded, l_stock, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(t_banded, l_stock[:, 150:], rtol=1e-4, atol=1e-4)
+    for a, b in zip(g_banded, g_stock):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_mst_on_a_non_llama_model_matches_the_plain_loss_and_gradients(tiny_gemma_dir):
+    from infinictx import load_model
+    from infinictx.training.lora import add_lora
+    from infinictx.training.mst import MSTConfig, causal_lm_nll
+
+    lm = load_model(tiny_gemma_dir, device="cpu", dtype="float32")
+    model, params = add_lora(lm.model, 4, 8, seed=0)
+    for p in params:
+        torch.nn.init.normal_(p, std=0.1)
+    ids = torch.randint(0, 300, (1, 120), generator=torch.Generator().manual_seed(4))
+    plain = F.cross_entropy(model(input_ids=ids[:, :-1]).logits[0, -50:], ids[0, -50:], reduction="none")
+    plain.mean().backward()
+    expected = [p.grad.clone() for p in params]
+    model.zero_grad()
+    mst = causal_lm_nll(model, ids[:, :-1], ids[:, -50:], MSTConfig(head_chunks=4, min_chunk_tokens=1))[0]
+    mst.mean().backward()
+    torch.testing.assert_close(mst, plain, rtol=1e-5, atol=1e-5)
+    for a, b in zip([p.grad for p in params], expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

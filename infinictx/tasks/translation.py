@@ -416,7 +416,8 @@ def quality(sentences: list[SentenceResult], tgt_lang: str) -> dict:
 def buckets(sentences: list[SentenceResult], n_chunks: int, count: int, tgt_lang: str) -> list[dict]:
     """Quality per stretch of the document: chunks split into `count` equal runs."""
     rows = []
-    for b in range(min(count, n_chunks)):
+    count = min(count, n_chunks)
+    for b in range(count):
         lo, hi = b * n_chunks // count, (b + 1) * n_chunks // count
         part = [s for s in sentences if lo <= s.chunk < hi]
         if part:

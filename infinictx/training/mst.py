@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..core.attention import Rope, base_causal_lm, check_supported, decoder_hidden, local_attention, spans  # noqa: F401
+from ..core.attention import (Rope, base_causal_lm, check_supported, decoder_hidden,  # noqa: F401
+                              is_supported, local_attention, spans)
 from ..core.errors import InfinictxError
 
 IGNORE = -100
@@ -122,12 +123,40 @@ def mst_nll(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
     return token_nll(lm.lm_head, hidden.reshape(B * n, -1), targets.reshape(B * n), chunks).view(B, n)
 
 
+def stock_hidden(model: torch.nn.Module, input_ids: torch.Tensor, mst: MSTConfig) -> torch.Tensor:
+    """Final hidden states from the model's own decoder (any architecture), each layer checkpointed through
+    transformers' activation checkpointing when `mst.checkpoint`: the LM head then runs over mini-sequences as
+    for Llama, but the MLP is not split (that needs the layer's internals)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    lm = base_causal_lm(model)
+    if getattr(lm.config, "final_logit_softcapping", None):
+        raise InfinictxError("MST cannot split the LM head of a model that soft-caps its logits; train without --mst")
+    decoder = getattr(lm, lm.base_model_prefix)
+    layers = [m for m in decoder.modules() if isinstance(m, GradientCheckpointingLayer)]
+    on = mst.checkpoint and torch.is_grad_enabled() and bool(layers)
+    if on:
+        lm.activation_checkpointing_enable({"use_reentrant": False})
+        for layer in layers:   # transformers checkpoints only layers in training mode; their submodules stay in eval
+            layer.training = True
+    try:
+        return decoder(input_ids=input_ids, use_cache=False).last_hidden_state
+    finally:
+        if on:
+            for layer in layers:
+                layer.training = False
+            lm.activation_checkpointing_disable()
+
+
 def causal_lm_nll(model: torch.nn.Module, input_ids: torch.Tensor, targets: torch.Tensor,
                   mst: MSTConfig | None = None, rope: Rope | None = None) -> torch.Tensor:
     """Per-token NLL (B, n) of `targets` (B, n), the tokens after the last n positions of `input_ids` (B, T):
-    HF's logits[:, -n:] against targets, computed the MST way (targets of −100 give 0)."""
-    check_supported(model)
+    HF's logits[:, -n:] against targets, computed the MST way (targets of −100 give 0). A decoder outside the
+    Llama family runs its own forward (`stock_hidden`)."""
     mst = mst or MSTConfig()
+    if not is_supported(model):
+        hidden = stock_hidden(model, input_ids, mst)
+        return mst_nll(model, hidden[:, -targets.shape[1]:], targets, mst)
     rope = rope or Rope(model, input_ids.device, base_causal_lm(model).lm_head.weight.dtype)
     hidden = mst_hidden(model, input_ids, causal_attention(rope), mst)
     return mst_nll(model, hidden[:, -targets.shape[1]:], targets, mst)

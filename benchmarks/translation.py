@@ -1,0 +1,173 @@
+"""Long-document translation with Temp-Lora against the same window without it (issue 16; the paper's GuoFeng
+experiment on a Bible book): Gemma-3-270M (base), CUV (simplified) ↔ KJV, a chapter per chunk, the previous
+chapter as context (k1).
+
+Cells (each one `infinictx translate` process; its JSON under results/translation/, a checkpoint after every
+chapter, so a rerun of this script skips finished cells and resumes a stopped one):
+  main   zh→en teacher-forced (the paper's protocol), zh→en free-running (the model's own history and training
+         targets), en→zh teacher-forced; window and temp-lora each
+  lr     Temp-Lora's learning rate on the first --lr-chapters chapters, zh→en teacher-forced (run it first: the
+         main cells use --lr)
+
+  .venv/bin/python benchmarks/translation.py --parts lr
+  .venv/bin/python benchmarks/translation.py --parts main --lr 3e-4
+
+Writes results/translation.{json,md} and results/translation.png (reference PPL and chrF along the book)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from common import RESULTS, run_cli, save
+
+RUNS = {  # label: (source language, target language, free-running)
+    "zh-en": ("zh", "en", False),
+    "zh-en-free": ("zh", "en", True),
+    "en-zh": ("en", "zh", False),
+}
+METRICS = ("ref_ppl", "ref_ppl_sentence_weighted", "bleu", "chrf")
+
+
+def cell(folder, name: str, book: str, src: str, tgt: str, free: bool, method: str, window: int, threads: int,
+         extra: list[str]) -> dict | None:
+    args = ["translate", f"bible:{book}", "--model", "gemma3-270m", "--method", method, "-W", str(window),
+            "--src-lang", src, "--tgt-lang", tgt, "--threads", str(threads),
+            "--checkpoint", str((folder / f"{name}.ckpt").relative_to(RESULTS.parent.parent)),
+            *(["--free-running"] if free else []), *extra]
+    summary = run_cli(name, args, folder / f"{name}.json")
+    if summary is None:
+        return None
+    doc = summary["documents"][0]
+    return {"command": summary["command"], "peak_rss_mib": summary["peak_rss_mib"], "wall_s": summary["wall_s"],
+            "sentences": summary["sentences"], "chunks": doc["chunks"], "ref_tokens": summary.get("ref_tokens"),
+            **{k: summary.get(k) for k in METRICS}, "buckets": doc["buckets"], "cost": doc["cost"],
+            "config": summary["config"]}
+
+
+def change(a, b) -> str:
+    return "–" if a is None or b is None else f"{100 * (b - a) / a:+.1f}%"
+
+
+def table(cells: dict) -> list[str]:
+    lines = ["| run | method | reference PPL | PPL (paper) | BLEU | chrF | wall s | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label in RUNS:
+        w, t = cells.get(f"{label}_window"), cells.get(f"{label}_temp-lora")
+        for method, c in (("window", w), ("temp-lora", t)):
+            if c:
+                lines.append(f"| {label} | {method} | {c['ref_ppl']:.3f} | {c['ref_ppl_sentence_weighted']:.3f} | "
+                             f"{c['bleu']:.2f} | {c['chrf']:.2f} | {c['wall_s']:.0f} | {c['peak_rss_mib']:.0f} |")
+        if w and t:
+            lines.append(f"| {label} | change | {change(w['ref_ppl'], t['ref_ppl'])} | "
+                         f"{change(w['ref_ppl_sentence_weighted'], t['ref_ppl_sentence_weighted'])} | "
+                         f"{t['bleu'] - w['bleu']:+.2f} | {t['chrf'] - w['chrf']:+.2f} | "
+                         f"{t['wall_s'] / w['wall_s']:.2f}× | |")
+    return lines
+
+
+def bucket_table(cells: dict) -> list[str]:
+    lines = []
+    for label in RUNS:
+        w, t = cells.get(f"{label}_window"), cells.get(f"{label}_temp-lora")
+        if not (w and t):
+            continue
+        lines += [f"**{label}**, along the book (chapters):", "",
+                  "| chapters | PPL window | PPL Temp-Lora | change | chrF window | chrF Temp-Lora | BLEU window | "
+                  "BLEU Temp-Lora |", "|---|---|---|---|---|---|---|---|"]
+        for bw, bt in zip(w["buckets"], t["buckets"]):
+            lines.append(f"| {bw['chunks'][0] + 1}–{bw['chunks'][1]} | {bw['ref_ppl']:.3f} | {bt['ref_ppl']:.3f} | "
+                         f"{change(bw['ref_ppl'], bt['ref_ppl'])} | {bw['chrf']:.2f} | {bt['chrf']:.2f} | "
+                         f"{bw['bleu']:.2f} | {bt['bleu']:.2f} |")
+        lines.append("")
+    return lines
+
+
+def plot(cells: dict, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [label for label in RUNS if cells.get(f"{label}_window") and cells.get(f"{label}_temp-lora")]
+    if not shown:
+        return False
+    fig, axes = plt.subplots(2, len(shown), figsize=(4.2 * len(shown), 6), squeeze=False)
+    for col, label in enumerate(shown):
+        for method in ("window", "temp-lora"):
+            b = cells[f"{label}_{method}"]["buckets"]
+            x = [(r["chunks"][0] + r["chunks"][1]) / 2 for r in b]
+            axes[0][col].plot(x, [r["ref_ppl"] for r in b], "o-", label=method)
+            axes[1][col].plot(x, [r["chrf"] for r in b], "o-", label=method)
+        axes[0][col].set_title(label)
+        axes[1][col].set_xlabel("chapter")
+    axes[0][0].set_ylabel("reference PPL")
+    axes[1][0].set_ylabel("chrF")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", default="main")
+    ap.add_argument("--book", default="Judges", help="a Bible book with ≥ 20K target tokens either way")
+    ap.add_argument("--runs", default=",".join(RUNS))
+    ap.add_argument("--window", type=int, default=4096)
+    ap.add_argument("--lr", type=float, default=3e-4, help="Temp-Lora's learning rate in the main cells")
+    ap.add_argument("--lrs", default="1e-4,3e-4,1e-3")
+    ap.add_argument("--lr-chapters", type=int, default=6)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--name", default="translation")
+    a = ap.parse_args()
+    runs = a.runs.split(",")
+    if any(r not in RUNS for r in runs):
+        sys.exit(f"translation: unknown run in {a.runs}; choose from {', '.join(RUNS)}")
+    folder = RESULTS / a.name
+    path = RESULTS / f"{a.name}.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    cells, sweep = data.get("cells", {}), data.get("lr_sweep", {})
+    if "lr" in a.parts.split(","):
+        short = ["--max-chunks", str(a.lr_chapters)]
+        base = cell(folder, f"lr_window_{a.lr_chapters}", a.book, "zh", "en", False, "window", a.window, a.threads,
+                    short)
+        if base:
+            sweep["window"] = base
+        for lr in a.lrs.split(","):
+            c = cell(folder, f"lr_{lr}_{a.lr_chapters}", a.book, "zh", "en", False, "temp-lora", a.window,
+                     a.threads, [*short, "--lr", lr])
+            if c:
+                sweep[lr] = c
+    if "main" in a.parts.split(","):
+        for label in runs:
+            src, tgt, free = RUNS[label]
+            for method in ("window", "temp-lora"):
+                extra = ["--lr", str(a.lr)] if method == "temp-lora" else []
+                c = cell(folder, f"{label}_{method}", a.book, src, tgt, free, method, a.window, a.threads, extra)
+                if c:
+                    cells[f"{label}_{method}"] = c
+    md = [f"## Long-document translation: Temp-Lora against the same window (Bible, {a.book}, CUV ↔ KJV)", "",
+          "Gemma-3-270M (base, Q4_K_M GGUF dequantized to fp32), W = "
+          f"{a.window}, a chapter per chunk, the previous chapter as context (k1); greedy, repetition penalty 1.12; "
+          "Temp-Lora: r = 64, 2 steps per chapter on the context + chapter, loss on the target lines only. "
+          "Teacher-forced: the target history and the training targets are the reference; free-running: the "
+          "model's own translations (the reference only scores). Reference PPL: token-weighted, and the paper's "
+          "mean of per-sentence PPLs; BLEU (sacrebleu, 13a for English, zh for Chinese) and chrF.", ""]
+    if cells:
+        md += table(cells) + [""] + bucket_table(cells)
+        if plot(cells, RESULTS / f"{a.name}.png"):
+            md += [f"![reference PPL and chrF along the book]({a.name}.png)", ""]
+    if sweep:
+        md += [f"### Temp-Lora's learning rate (zh→en teacher-forced, first {a.lr_chapters} chapters)", "",
+               "| lr | reference PPL | BLEU | chrF | wall s |", "|---|---|---|---|---|"]
+        for lr, c in sweep.items():
+            md.append(f"| {lr} | {c['ref_ppl']:.3f} | {c['bleu']:.2f} | {c['chrf']:.2f} | {c['wall_s']:.0f} |")
+        md.append("")
+    save(a.name, {"book": a.book, "window": a.window, "lr": a.lr, "cells": cells, "lr_sweep": sweep}, "\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
