@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..core.attention import Rope, base_causal_lm, check_supported, decoder_hidden, is_supported, local_attention, spans  # noqa: F401
+from ..core.attention import Rope, base_causal_lm, decoder_hidden, is_supported, local_attention, spans
 from ..core.errors import InfinictxError
 
 IGNORE = -100
