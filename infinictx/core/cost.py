@@ -7,11 +7,12 @@ hidden d, H query heads and Hkv key/value heads of size dh, MLP width f, vocabul
       = 2·n·L·P_layer                         dense weights, P_layer = d·dh·(2H + 2Hkv) + 3·d·f
       + 2·m·d·V                               LM head, only where logits are computed
       + 4·L·H·dh·(n·c + n(n+1)/2)             attention scores QKᵀ and the weighted sum AV (causal)
-      + 2·n·L·r·Σ(in+out over adapted linears) LoRA A and B
+      + 2·n·L·r·Σ(in+out over adapted linears) LoRA A and B (r scaled by the share of layers adapted)
   backward (base frozen, LoRA trained)
       = dense + LM head once (gradient w.r.t. inputs only, no weight gradients)
       + 2 × attention                         gradients w.r.t. Q, K and V
       + 2 × LoRA                              gradients w.r.t. inputs and LoRA weights
+      (with adapters on the top layers only, the layer terms count just the layers the backward runs through)
 
 Norms, RoPE, softmax and the optimizer are left out (each is O(n·d), under 1% here)."""
 
@@ -57,7 +58,7 @@ class ModelShape:
         kv = d + self.kv_heads * dh
         return 2 * q + 2 * kv + 3 * (d + f)
 
-    def forward_flops(self, n: int, cached: int = 0, logits: int | None = None, lora_rank: int = 0) -> dict:
+    def forward_flops(self, n: int, cached: int = 0, logits: int | None = None, lora_rank: float = 0) -> dict:
         m = n if logits is None else logits
         return {
             "dense": 2 * n * self.layers * self.dense_params_per_layer + 2 * m * self.hidden * self.vocab,
@@ -65,9 +66,15 @@ class ModelShape:
             "lora": 2 * n * self.layers * lora_rank * self.lora_width_per_layer,
         }
 
-    def backward_flops(self, n: int, cached: int = 0, logits: int | None = None, lora_rank: int = 0) -> dict:
+    def backward_flops(self, n: int, cached: int = 0, logits: int | None = None, lora_rank: float = 0,
+                       depth: int | None = None) -> dict:
+        """`depth`: the backward runs through the top `depth` layers only (no adapter below them)."""
         f = self.forward_flops(n, cached, logits, lora_rank)
-        return {"dense": f["dense"], "attention": 2 * f["attention"], "lora": 2 * f["lora"]}
+        share = 1.0 if depth is None else depth / self.layers
+        m = n if logits is None else logits
+        head = 2 * m * self.hidden * self.vocab
+        return {"dense": head + (f["dense"] - head) * share, "attention": 2 * f["attention"] * share,
+                "lora": 2 * f["lora"]}
 
 
 @dataclass
@@ -94,14 +101,15 @@ class CostMeter:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def add_forward(self, n: int, cached: int = 0, logits: int | None = None, lora_rank: int = 0):
+    def add_forward(self, n: int, cached: int = 0, logits: int | None = None, lora_rank: float = 0):
         f = self.shape.forward_flops(n, cached, logits, lora_rank)
         self.flops["forward"] += sum(f.values())
         self.flops["attention"] += f["attention"]
         self.tokens["forward"] += n
 
-    def add_backward(self, n: int, cached: int = 0, logits: int | None = None, lora_rank: int = 0):
-        f = self.shape.backward_flops(n, cached, logits, lora_rank)
+    def add_backward(self, n: int, cached: int = 0, logits: int | None = None, lora_rank: float = 0,
+                     depth: int | None = None):
+        f = self.shape.backward_flops(n, cached, logits, lora_rank, depth)
         self.flops["backward"] += sum(f.values())
         self.flops["attention"] += f["attention"]
         self.tokens["backward"] += n

@@ -119,9 +119,9 @@ class Session:
         return self.window
 
     @property
-    def lora_rank(self) -> int:
-        """Rank of any adapter active in forwards, for FLOP accounting."""
-        return self.learner.rank if self.learner is not None else 0
+    def lora_rank(self) -> float:
+        """Rank of any adapter active in forwards, for FLOP accounting (scaled by the share of layers adapted)."""
+        return self.learner.flop_rank if self.learner is not None else 0
 
     @property
     def chunks_trained(self) -> int:

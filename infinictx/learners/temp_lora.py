@@ -61,6 +61,10 @@ class TempLoraConfig:
                                     "and dropout = 0)", flag="--no-fuse")
     seed: int = setting(0, "seed of the LoRA A initialisation", flag="--lora-seed")
     save_adapter: str | None = setting(None, "directory to save the final adapter to", identity=False)
+    lora_layers: str | None = setting(None, "adapt only these decoder layers: top:K (the K highest; the backward "
+                                      "stops below them) or a list such as 20,21,22 (default: all)")
+    train_every: int = setting(1, "train after every m-th chunk, on the last m chunks at once after the L_T tokens "
+                               "before them (fewer, larger steps)")
     mst: bool = setting(False, "Mini-Sequence training for Temp-Lora steps: the same updates in a fraction of the "
                         "memory (long W)")
     mst_save_attention: bool = setting(False, "--mst, keeping each layer's attention output instead of recomputing "
@@ -84,6 +88,14 @@ class TempLoraConfig:
             raise InfinictxError(f"LoRA rank must be >= 1 (got {self.rank})")
         if not 0 <= self.dropout < 1:
             raise InfinictxError(f"LoRA dropout must be in [0, 1) (got {self.dropout})")
+        if self.train_every < 1:
+            raise InfinictxError(f"--train-every must be >= 1 (got {self.train_every})")
+        if self.lora_layers is not None:
+            parse_layers(self.lora_layers, None)
+
+    def adapted_layers(self, n_layers: int) -> list[int] | None:
+        """The decoder layers that get an adapter (None: all of them)."""
+        return None if self.lora_layers is None else parse_layers(self.lora_layers, n_layers)
 
     def mst_config(self):
         from ..training.mst import from_switches
@@ -97,16 +109,48 @@ class TempLoraConfig:
         return session
 
 
+def parse_layers(spec: str, n_layers: int | None) -> list[int]:
+    """'top:K' or '20,21,22' -> sorted layer indices, checked against n_layers when it is known."""
+    text = str(spec).strip()
+    try:
+        if text.startswith("top:"):
+            k = int(text[4:])
+            if k < 1:
+                raise ValueError
+            layers = list(range(n_layers - k, n_layers)) if n_layers is not None else [0]
+            if n_layers is not None and k > n_layers:
+                raise InfinictxError(f"--lora-layers {text}: the model has {n_layers} layers")
+        else:
+            layers = sorted({int(x) for x in text.split(",") if x.strip()})
+            if not layers or layers[0] < 0:
+                raise ValueError
+    except ValueError:
+        raise InfinictxError(f"--lora-layers must be top:K (K >= 1) or a list of layer indices such as 20,21,22 "
+                             f"(got {spec!r})")
+    if n_layers is not None and layers[-1] >= n_layers:
+        raise InfinictxError(f"--lora-layers {text}: layer {layers[-1]} is out of range (the model has {n_layers} "
+                             f"layers, 0..{n_layers - 1})")
+    return layers
+
+
 class TempLora:
     """The temporary adapter, its optimizer and its training: the learner. peft wraps the linear layers of
     lm.model in place; `close` takes them out again without merging."""
 
     def __init__(self, lm: LoadedModel, config: TempLoraConfig):
+        from ..core.attention import base_causal_lm
+
         self.config = config
-        self.rank = config.rank
         self.mst = config.mst_config()
+        n_layers = base_causal_lm(lm.model).config.num_hidden_layers
+        self.layers = config.adapted_layers(n_layers)
+        self.rank = config.rank
+        # for FLOP counts: LoRA work scales with the adapted layers; the backward runs down to the lowest of them
+        self.flop_rank = config.rank * (1 if self.layers is None else len(self.layers) / n_layers)
+        self.backward_depth = None if self.layers is None else n_layers - self.layers[0]
         self.model, self.params = add_lora(lm.model, config.rank, config.alpha, config.dropout, seed=config.seed,
-                                           task_type="CAUSAL_LM")
+                                           task_type="CAUSAL_LM", layers=self.layers)
+        self._pending = 0   # tokens absorbed since the last training (train_every > 1)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, eps=1e-7, betas=(0.9, 0.999),
                                            weight_decay=config.weight_decay)
         self.chunks_trained = 0
@@ -131,19 +175,29 @@ class TempLora:
         it (a plain forward inside the learner's window), `steps` steps per piece."""
         cfg = self.config
         history, end = session.history, len(session.history)
+        if cfg.train_every > 1:   # wait for m chunks, then train on them at once
+            self._pending += n
+            span = cfg.train_every * cfg.chunk
+            while self._pending >= span:
+                s = end - self._pending
+                self._train_piece(session, history[max(0, s - cfg.train_context):s], history[s:s + span])
+                self._pending -= span
+            return
         for s in range(end - n, end, cfg.chunk):
             piece = history[s:min(end, s + cfg.chunk)]
-            context = history[max(0, s - cfg.train_context):s]
-            if len(context) + len(piece) < 2:  # a lone first token has nothing to predict
-                continue
-            self._train(session, context, piece, cfg.steps)
-            self.chunks_trained += 1
+            self._train_piece(session, history[max(0, s - cfg.train_context):s], piece)
+
+    def _train_piece(self, session: Session, context: torch.Tensor, piece: torch.Tensor):
+        if len(context) + len(piece) < 2:  # a lone first token has nothing to predict
+            return
+        self._train(session, context, piece, self.config.steps)
+        self.chunks_trained += 1
 
     def fuses(self, session: Session) -> bool:
         """Whether the session scores a chunk with a plain forward over exactly the sample this learner trains on
         first (L_T = W − Δ, no dropout): then that forward is also training step 1."""
         cfg = self.config
-        return (cfg.fuse_first_step and cfg.dropout == 0 and session.scores_by_forward
+        return (cfg.fuse_first_step and cfg.dropout == 0 and session.scores_by_forward and cfg.train_every == 1
                 and cfg.train_context == session.window - session.chunk and cfg.chunk >= session.chunk)
 
     def fuses_with(self, session: Session, chunk: torch.Tensor) -> bool:
@@ -196,18 +250,20 @@ class TempLora:
         torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        session.meter.add_backward(n_inputs, 0, len(nll), self.rank)
+        session.meter.add_backward(n_inputs, 0, len(nll), self.flop_rank, self.backward_depth)
 
     # --- reports, resume, clean-up ------------------------------------------------------------------------
     def details(self, session: Session) -> dict:
         return {"fused_first_step": self.fuses(session),
-                "trainable_params": sum(p.numel() for p in self.params)}
+                "trainable_params": sum(p.numel() for p in self.params),
+                **({"adapted_layers": self.layers} if self.layers is not None else {})}
 
     def state_dict(self) -> dict:
         from peft import get_peft_model_state_dict
 
         return {"adapter": {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.model).items()},
-                "optimizer": self.optimizer.state_dict(), "chunks_trained": self.chunks_trained}
+                "optimizer": self.optimizer.state_dict(), "chunks_trained": self.chunks_trained,
+                "pending": self._pending}
 
     def load_state_dict(self, state: dict):
         from peft import set_peft_model_state_dict
@@ -215,6 +271,7 @@ class TempLora:
         set_peft_model_state_dict(self.model, state["adapter"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.chunks_trained = state["chunks_trained"]
+        self._pending = state.get("pending", 0)
 
     def close(self):
         """Discard the adapter (saving it first if asked): the base model is back as it was."""

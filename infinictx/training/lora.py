@@ -9,14 +9,19 @@ import torch
 
 
 def add_lora(model: torch.nn.Module, rank: int, alpha: float, dropout: float = 0.0, seed: int | None = None,
-             task_type: str | None = None):
+             task_type: str | None = None, layers: list[int] | None = None):
     """Wrap `model` in place with a peft LoRA (r=`rank`, alpha, dropout; A initialised under `seed` without
-    touching the global RNG, or from the global RNG when seed is None). Returns (peft model, trainable params).
-    peft's "all-linear" leaves the LM head out."""
+    touching the global RNG, or from the global RNG when seed is None; on the decoder layers `layers` only, or all
+    of them). Returns (peft model, trainable params). peft's "all-linear" leaves the LM head out."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
-                        task_type=task_type)
+    targets = "all-linear"
+    if layers is not None:   # peft takes a layer list only with module names: every linear's but the LM head's
+        head = model.get_output_embeddings()
+        targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                          if isinstance(m, torch.nn.Linear) and m is not head})
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                        task_type=task_type, layers_to_transform=layers)
     with torch.random.fork_rng(devices=[]) if seed is not None else nullcontext():
         if seed is not None:
             torch.manual_seed(seed)
