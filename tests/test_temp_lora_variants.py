@@ -4,8 +4,8 @@ m chunks at once. Each is validated, deterministic, leaves the base weights alon
 import numpy as np
 import pytest
 import torch
-
 from conftest import stop_after
+
 from infinictx import InfinictxError, TempLoraConfig, streaming_perplexity, weights_fingerprint
 
 
