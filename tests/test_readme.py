@@ -71,6 +71,8 @@ def test_readme_command_runs(command, tiny_model_dir, tmp_path, monkeypatch):
     if sub != "fetch":
         method = argv[argv.index("--method") + 1] if "--method" in argv else {"passkey": "window"}.get(sub, "temp-lora")
         argv += SHRINK[sub] + METHOD_SHRINK.get(method, []) + ["--model", str(tiny_model_dir), "--no-progress"]
+        if "--lora-layers" in argv:
+            argv += ["--lora-layers", "top:1"]     # the tiny model has 2 layers
         if "--train-context" in argv:
             argv += ["--train-context", "32"]      # L_T within the shrunk window
         if "--task" in argv and argv[argv.index("--task") + 1] not in ("passkey", "kv"):
