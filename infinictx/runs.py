@@ -29,11 +29,13 @@ class RunSpec:
     threads: int | None = None
     outputs: Outputs = field(default_factory=Outputs)
     progress: bool = True
+    ray: object = None               # RayOptions: the task's units run on Ray workers (infinictx.executors)
 
 
 def make_spec(task: str, method: str | None = None, settings: dict | None = None, temp_lora: bool | dict | None = None,
               task_settings: dict | None = None, model: str | None = None, device: str = "auto", dtype: str = "auto",
-              threads: int | None = None, outputs: dict | Outputs | None = None, progress: bool = True) -> RunSpec:
+              threads: int | None = None, outputs: dict | Outputs | None = None, progress: bool = True,
+              ray: dict | None = None) -> RunSpec:
     """A validated RunSpec from plain values (what a CLI or a JSON request holds). `settings` are the method's,
     `temp_lora` puts Temp-Lora on top (True, or a dict of its settings), `task_settings` the task's; a task's own
     defaults for a method (the passkey task reads a plain window of 1024) apply where `settings` is silent."""
@@ -54,8 +56,15 @@ def make_spec(task: str, method: str | None = None, settings: dict | None = None
         raise InfinictxError(f"threads must be >= 1 (got {threads})")
     if not isinstance(outputs, Outputs):
         outputs = build(Outputs, dict(outputs or {}), "outputs")
+    options = None
+    if ray is not None:
+        from .executors import RayOptions
+
+        if not task_obj.splits:
+            raise InfinictxError(f"--ray: the {task} task {task_obj.split_hint}")
+        options = ray if isinstance(ray, RayOptions) else RayOptions(**ray)
     return RunSpec(task=task_obj, method=config, model=model, device=device, dtype=dtype, threads=threads,
-                   outputs=outputs, progress=progress)
+                   outputs=outputs, progress=progress, ray=options)
 
 
 def run(spec: RunSpec) -> Result:
@@ -69,7 +78,16 @@ def run(spec: RunSpec) -> Result:
         torch.set_num_threads(spec.threads)
     lm = load_model(spec.model, device=spec.device, dtype=spec.dtype)
     before = lm.fingerprint  # taken before the task can touch the weights
-    result = spec.task.run(lm, spec.method, inputs, spec.outputs, spec.progress)
+    if spec.ray is not None:   # the units run on Ray workers, each with its own model (checked there)
+        from .executors import RayExecutor
+
+        executor = RayExecutor(spec, spec.ray)
+        try:
+            result = spec.task.run(lm, spec.method, inputs, spec.outputs, spec.progress, executor=executor)
+        finally:
+            executor.close()
+    else:
+        result = spec.task.run(lm, spec.method, inputs, spec.outputs, spec.progress)
     if weights_fingerprint(lm.model) != before:
         raise InfinictxError("internal check failed: the base model's weights changed during the run")
     result.summary.update({"device": str(lm.device), "dtype": str(lm.dtype).split(".")[-1],

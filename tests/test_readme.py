@@ -77,6 +77,8 @@ def test_readme_command_runs(command, tiny_model_dir, tmp_path, monkeypatch):
             argv += ["--train-context", "32"]      # L_T within the shrunk window
         if "--task" in argv and argv[argv.index("--task") + 1] not in ("passkey", "kv"):
             argv += ["-W", "256", "--lengths", "700"]   # facts planted in the book: a longer question and prompt
+        if "--ray" in argv:
+            argv += ["--workers", "1"]   # a small local Ray
         if sub == "ppl" and "--checkpoint" in argv:
             argv += ["--max-tokens", "1000"]   # long enough for a checkpoint to be written mid-way
     assert main(argv) == 0, argv

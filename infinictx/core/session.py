@@ -51,6 +51,8 @@ class Capabilities:
     question: bool = False      # question(tokens): the session reads a retrieval question itself (RAG's query);
                                 # shown_spans(): the spans of the history its last prompt showed
     base_variant: bool = False  # score(chunk, base=True) differs from score(chunk): the method switched off
+    snapshot: bool = False      # snapshot() / restore(state): go back to a state read earlier (a session that
+                                # cannot fork, e.g. with an adapter, still reads a shared prefix once)
 
 
 @dataclass
@@ -111,7 +113,20 @@ class Session:
     @property
     def capabilities(self) -> Capabilities:
         # a learner's base variant: the same window with the adapter switched off
-        return Capabilities(base_variant=self.learner is not None)
+        return Capabilities(base_variant=self.learner is not None, snapshot=True)
+
+    def snapshot(self) -> dict:
+        """The state after what has been read (history, cost so far, the learner's adapter and optimizer)."""
+        return {"history": self.history.clone(), "meter": copy.deepcopy(self.meter),
+                "learner": self.learner.snapshot() if self.learner is not None else None}
+
+    def restore(self, state: dict):
+        """Back to a `snapshot`: what was read after it is forgotten, the adapter is as it was then."""
+        self.history = state["history"].clone()
+        self.meter = copy.deepcopy(state["meter"])
+        self._gen_cache, self._gen_cache_len, self._gen_fed_upto = None, 0, 0
+        if self.learner is not None:
+            self.learner.restore(state["learner"])
 
     @property
     def min_text_tokens(self) -> int:

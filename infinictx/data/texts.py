@@ -123,3 +123,47 @@ def read_text(source: str | Path | None = None, record: int = 0) -> tuple[str, s
     if not text.strip():
         raise InfinictxError(f"{path} has no text left after removing Project Gutenberg boilerplate")
     return text, path.name
+
+
+def parse_books(spec: str, count: int) -> list[int]:
+    """'all', 'N' (the first N) or 'A-B' (rows A..B inclusive) -> indices into `count` books."""
+    text = str(spec).strip().lower()
+    try:
+        if text == "all":
+            picked = list(range(count))
+        elif "-" in text:
+            a, b = (int(x) for x in text.split("-", 1))
+            picked = list(range(a, b + 1))
+        else:
+            picked = list(range(int(text)))
+    except ValueError:
+        raise InfinictxError(f"--books must be all, N (the first N) or A-B (got {spec!r})")
+    if not picked or picked[0] < 0 or picked[-1] >= count:
+        raise InfinictxError(f"--books {spec}: the dataset has {count} books (0..{count - 1})")
+    return picked
+
+
+def read_books(source: str | Path, spec: str = "all") -> list[tuple[str, str]]:
+    """[(name, text)] of a dataset: the rows of a PG19-style .jsonl/.parquet, or the .txt files of a folder
+    (each a book, in name order); `spec` picks them (see `parse_books`)."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise InfinictxError(f"dataset {path} does not exist")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix == ".txt" and p.is_file())
+        if not files:
+            raise InfinictxError(f"folder {path} has no .txt files")
+        picked = parse_books(spec, len(files))
+        books = [(files[i].name, strip_gutenberg(_read_txt(files[i]))) for i in picked]
+    elif path.suffix in (".jsonl", ".parquet"):
+        rows = _read_records(path)
+        if not rows:
+            raise InfinictxError(f"{path} has no rows with a 'text' field")
+        picked = parse_books(spec, len(rows))
+        books = [(f"{path.name}#{i}", strip_gutenberg(rows[i])) for i in picked]
+    else:
+        raise InfinictxError(f"--books needs a folder of .txt files or a .jsonl/.parquet dataset, not {path.name}")
+    for name, text in books:
+        if not text.strip():
+            raise InfinictxError(f"book {name} is empty")
+    return books

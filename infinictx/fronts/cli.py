@@ -127,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
         run_group.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
         run_group.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
         run_group.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if task_cls.splits:
+            ray = p.add_argument_group("Ray (the units of work spread over workers, each loading the model once)")
+            ray.add_argument("--ray", action="store_true", help="run on Ray: a local one, or --address's cluster")
+            ray.add_argument("--address", default=None, help="an existing Ray cluster (e.g. ray://host:10001)")
+            ray.add_argument("--workers", type=int, default=None, help="Ray workers (default: CPUs ÷ threads)")
+            ray.add_argument("--threads-per-worker", type=int, default=1, help="torch threads per worker (1)")
         run_group.add_argument("--debug", action="store_true", help="show tracebacks")
     fetch = sub.add_parser("fetch", help="download and cache the embedded model, the default book and RAG's embedder")
     fetch.add_argument("--translation", action="store_true", help="also Gemma-3-270M and the Bible (CUV, KJV)")
@@ -180,9 +186,14 @@ def spec_from_args(args):
                                  f"{', '.join(owners[dest])})")
     task_settings = {task_flags[d]: v for d, v in given.items() if d in task_flags}
     outputs = {f: given.get(f"out_{f}") for f, *_ in OUTPUTS[args.command]}
+    ray = None
+    if getattr(args, "ray", False):
+        ray = {"address": args.address, "workers": args.workers, "threads_per_worker": args.threads_per_worker}
+    elif getattr(args, "address", None) or getattr(args, "workers", None):
+        raise InfinictxError("--address and --workers apply with --ray")
     return make_spec(args.command, method, settings, temp_lora=(learner_settings or True) if args.temp_lora else None,
                      task_settings=task_settings, model=args.model, device=args.device, dtype=args.dtype,
-                     threads=args.threads, outputs=outputs, progress=not args.no_progress)
+                     threads=args.threads, outputs=outputs, progress=not args.no_progress, ray=ray)
 
 
 def cmd_fetch(args) -> int:

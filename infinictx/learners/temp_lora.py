@@ -265,6 +265,17 @@ class TempLora:
                 "optimizer": self.optimizer.state_dict(), "chunks_trained": self.chunks_trained,
                 "pending": self._pending}
 
+    def snapshot(self) -> dict:
+        """A copy of the adapter and optimizer state (to go back to: a shared prompt prefix read once)."""
+        import copy
+
+        return copy.deepcopy(self.state_dict())
+
+    def restore(self, state: dict):
+        import copy
+
+        self.load_state_dict(copy.deepcopy(state))
+
     def load_state_dict(self, state: dict):
         from peft import set_peft_model_state_dict
 

@@ -5,6 +5,8 @@ A task is a dataclass of settings (`core.registry.setting`, like a method's conf
   check(config)            settings that depend on the method, checked before the model loads
   prepare()                read the inputs (a text file, a prompt): bad files fail before the model loads
   run(lm, config, inputs, outputs, progress) -> Result     the work; it makes its sessions from `config`
+  run_unit(lm, config, unit)   (a task that `splits`) one unit of its work; `run(..., executor=)` then hands
+                           its units to `executor.map` (`infinictx.executors`: in-process or Ray workers)
   write(result, outputs)   the files: JSON, Markdown report, plot, text; each written whole or not at all
 
 `infinictx.runs` drives them all the same way; fronts (the CLI, later a server or a Ray runner) only build a
@@ -35,6 +37,12 @@ class Task:
     name = ""                   # the CLI subcommand
     default_method = "temp-lora"
     method_defaults: dict = {}  # {method: {setting: value}}: this task's defaults where they differ from the method's
+    splits = False              # its work splits into units (`run_unit`) that an executor may run elsewhere (--ray)
+    split_hint = "does not split into units of work (passkey does; ppl does over a dataset of books)"
+
+    def run_unit(self, lm, config, unit):
+        """One unit of work, on a worker with its own loaded model (tasks that split)."""
+        raise NotImplementedError
 
     def check(self, config):
         pass

@@ -180,10 +180,45 @@ class PerplexityTask(Task):
     max_tokens: int | None = setting(None, "only the first N tokens of the text")
     compare_base: bool = setting(False, "also score every chunk with the method off")
     bucket_size: int = setting(10_000, "position bucket width in tokens")
-    checkpoint: str | None = setting(None, "checkpoint file: a rerun resumes from it")
+    checkpoint: str | None = setting(None, "checkpoint file: a rerun resumes from it (with --books: a folder, one "
+                                     "checkpoint per book and the finished books' results)")
+    books: str | None = setting(None, "score every book of a dataset (a .jsonl/.parquet, or a folder of .txt files) "
+                                "on its own: all, N (the first N) or A-B; per-book rows and position buckets over "
+                                "all books (--ray spreads the books over workers)")
 
     name = "ppl"
     default_method = "temp-lora"
+    split_hint = "splits into books: give a dataset and --books all"
+
+    @property
+    def splits(self) -> bool:
+        return self.books is not None
+
+    def _dataset(self) -> list[tuple[str, str]]:
+        if getattr(self, "_books_read", None) is None:   # a worker reads the dataset itself, once
+            from ..data.texts import read_books
+
+            self._books_read = read_books(self.file, self.books)
+        return self._books_read
+
+    def __getstate__(self):   # the task travels to Ray workers without the books it read
+        return {k: v for k, v in self.__dict__.items() if k != "_books_read"}
+
+    def run_unit(self, lm, config, unit: int) -> dict:
+        """Book `unit` of the dataset, scored by a fresh session (checkpointed under the --checkpoint folder)."""
+        name, text = self._dataset()[unit]
+        ids = lm.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+        if self.max_tokens:
+            ids = ids[:self.max_tokens]
+        ckpt = Path(self.checkpoint) / f"book-{unit}.ckpt" if self.checkpoint else None
+        with config.make_session(lm) as session:
+            try:
+                r = streaming_perplexity(session, ids, compare_base=self.compare_base, bucket_size=self.bucket_size,
+                                         progress=False, checkpoint=ckpt)
+            except InfinictxError as exc:
+                raise InfinictxError(f"book {name}: {exc}")
+            return {"index": unit, "name": name, "nll": r.nll, "base_nll": r.base_nll, "chunk": r.chunk,
+                    "wall_s": r.wall_s, "cost": r.cost, "method": session.method, "config": session.describe()}
 
     def check(self, config):
         window = getattr(config, "window", None)
@@ -195,10 +230,17 @@ class PerplexityTask(Task):
     def prepare(self):
         from ..data.texts import read_text
 
+        if self.books is not None:
+            if self.file is None:
+                raise InfinictxError("--books needs a dataset: a .jsonl/.parquet file or a folder of .txt files")
+            return self._dataset()
         return read_text(self.file, record=self.record)
 
-    def run(self, lm, config, inputs, outputs: Outputs, progress: bool) -> Result:
+    def run(self, lm, config, inputs, outputs: Outputs, progress: bool, executor=None) -> Result:
         from .report import ppl_markdown
+
+        if self.books is not None:
+            return self._run_books(lm, config, inputs, progress, executor)
 
         text, text_name = inputs
         ids = lm.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
@@ -211,8 +253,45 @@ class PerplexityTask(Task):
         summary = result.summary()
         return Result(summary=summary, stdout=ppl_markdown(summary), data=result)
 
+    def _run_books(self, lm, config, books, progress: bool, executor) -> Result:
+        """Every book a unit (here, or on the executor's workers); finished books are kept under the checkpoint
+        folder, so a rerun skips them; the summary merges them in book order, whatever order they finished in."""
+        from .report import books_markdown
+
+        parts = Path(self.checkpoint) if self.checkpoint else None
+        done = {}
+        if parts and parts.is_dir():
+            for i in range(len(books)):
+                if (parts / f"book-{i}.npz").exists():
+                    done[i] = _load_book(parts, i)
+        pending = [i for i in range(len(books)) if i not in done]
+        units = executor.map(pending) if executor is not None else (self.run_unit(lm, config, i) for i in pending)
+        with progress_bar(progress, len(books), "book", f"{config.method} ppl", initial=len(done)) as bar:
+            for out in units:
+                done[out["index"]] = out
+                if parts:
+                    _save_book(parts, out)
+                bar.update(1)
+        summary = merge_books([done[i] for i in range(len(books))], self.bucket_size)
+        summary.update(model=lm.name, dataset=str(self.file))
+        if parts and parts.is_dir():
+            for f in parts.glob("book-*"):
+                f.unlink()
+            parts.rmdir() if not any(parts.iterdir()) else None
+        return Result(summary=summary, stdout=books_markdown(summary))
+
     def write(self, result: Result, outputs: Outputs):
         from .report import plot_ppl
+
+        if self.books is not None:
+            if outputs.json:
+                write_json(result.summary, outputs.json)
+            report = outputs.report or (str(Path(outputs.json).with_suffix(".md")) if outputs.json else None)
+            if report:
+                atomic_write(report, result.stdout)
+            if outputs.plot:
+                plot_ppl(result.summary, outputs.plot)
+            return
 
         if outputs.json:
             write_json(result.summary, outputs.json)
@@ -221,3 +300,69 @@ class PerplexityTask(Task):
             atomic_write(report, result.stdout)
         if outputs.plot:
             plot_ppl(result.summary, outputs.plot, nll=result.data.nll, base_nll=result.data.base_nll)
+
+
+def _save_book(folder: Path, out: dict):
+    """A finished book's result, kept so that a rerun skips it: NLLs as .npz, the rest as JSON."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {"nll": out["nll"]} | ({"base_nll": out["base_nll"]} if out["base_nll"] is not None else {})
+    tmp = folder / f".book-{out['index']}.npz"
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    atomic_write(folder / f"book-{out['index']}.json",
+                 json.dumps({k: v for k, v in out.items() if k not in ("nll", "base_nll")}, default=str))
+    os.replace(tmp, folder / f"book-{out['index']}.npz")   # last: its presence marks the book done
+
+
+def _load_book(folder: Path, i: int) -> dict:
+    import json
+
+    out = json.loads((folder / f"book-{i}.json").read_text())
+    arrays = np.load(folder / f"book-{i}.npz")
+    out["nll"] = arrays["nll"]
+    out["base_nll"] = arrays["base_nll"] if "base_nll" in arrays else None
+    return out
+
+
+def merge_books(books: list[dict], bucket_size: int) -> dict:
+    """One summary over a dataset (the PG19 protocol): a row per book, the perplexity over every scored token, and
+    position buckets pooled over the books (bucket k holds the tokens at positions k·size .. (k+1)·size − 1 of
+    every book long enough to have them)."""
+    has_base = books[0]["base_nll"] is not None
+    rows, sums = [], {}
+    for b in books:
+        res = PerplexityResult(method=b["method"], config=b["config"], nll=np.asarray(b["nll"]),
+                               base_nll=None if b["base_nll"] is None else np.asarray(b["base_nll"]),
+                               chunk=b["chunk"], bucket_size=bucket_size, wall_s=b["wall_s"])
+        row = {"name": b["name"], "tokens": res.tokens, "ppl": perplexity(res.nll),
+               "ppl_chunk_weighted": chunk_weighted_ppl(res.nll, res.chunk), "wall_s": round(b["wall_s"], 3)}
+        if has_base:
+            row["base_ppl"] = perplexity(res.base_nll)
+        rows.append(row)
+        positions = np.arange(1, len(res.nll) + 1) // bucket_size
+        for k in np.unique(positions):
+            sel = positions == k
+            acc = sums.setdefault(int(k), [0.0, 0, 0.0])
+            acc[0] += float(res.nll[sel].sum(dtype=np.float64))
+            acc[1] += int(sel.sum())
+            if has_base:
+                acc[2] += float(res.base_nll[sel].sum(dtype=np.float64))
+    all_nll = np.concatenate([np.asarray(b["nll"]) for b in books])
+    buckets = []
+    for k in sorted(sums):
+        total, n, base = sums[k]
+        row = {"start": k * bucket_size, "end": (k + 1) * bucket_size, "tokens": n, "ppl": float(np.exp(total / n))}
+        if has_base:
+            row["base_ppl"] = float(np.exp(base / n))
+        buckets.append(row)
+    summary = {"method": books[0]["method"], "books": rows, "tokens": int(sum(r["tokens"] for r in rows)),
+               "scored_tokens": len(all_nll), "window": books[0]["config"].get("window"), "chunk": books[0]["chunk"],
+               "config": books[0]["config"], "ppl": perplexity(all_nll), "bucket_size": bucket_size,
+               "buckets": buckets, "wall_s": round(sum(b["wall_s"] for b in books), 3)}
+    if has_base:
+        base = np.concatenate([np.asarray(b["base_nll"]) for b in books])
+        summary["base_ppl"] = perplexity(base)
+        summary["ppl_ratio_vs_base"] = summary["ppl"] / summary["base_ppl"]
+    return summary

@@ -224,3 +224,23 @@ def translation_markdown(s: dict) -> str:
     if cost:
         lines += ["", cost_markdown({**cost, "wall_s": s["wall_s"]})]
     return "\n".join(lines) + "\n"
+
+
+def books_markdown(s: dict) -> str:
+    """A dataset's perplexity: a row per book, then position buckets pooled over the books."""
+    has_base = "base_ppl" in s
+    lines = [f"## Streaming perplexity over {len(s['books'])} books: {s['method']} on {s.get('dataset', 'dataset')} "
+             f"({s['tokens']} tokens)", "", f"model `{s.get('model', '?')}`, W={s['window']}, Δ={s['chunk']}", "",
+             "| book | tokens | PPL |" + (" base PPL |" if has_base else "") + " wall s |",
+             "|---|---|---|" + ("---|" if has_base else "") + "---|"]
+    for b in s["books"]:
+        lines.append(f"| {b['name']} | {b['tokens']} | {b['ppl']:.3f} |" + (f" {b['base_ppl']:.3f} |" if has_base
+                     else "") + f" {b['wall_s']:.1f} |")
+    lines.append(f"| **all** | **{s['tokens']}** | **{s['ppl']:.3f}** |" + (f" **{s['base_ppl']:.3f}** |"
+                 if has_base else "") + f" {s['wall_s']:.1f} |")
+    lines += ["", "Position buckets pooled over the books:", "", "| positions | tokens | PPL |"
+              + (" base PPL |" if has_base else ""), "|---|---|---|" + ("---|" if has_base else "")]
+    for b in s["buckets"]:
+        lines.append(f"| {b['start']}–{b['end']} | {b['tokens']} | {b['ppl']:.3f} |"
+                     + (f" {b['base_ppl']:.3f} |" if has_base else ""))
+    return "\n".join(lines) + "\n"

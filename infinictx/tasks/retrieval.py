@@ -191,7 +191,8 @@ def _start(make_session, shared, trial: Trial, built: list, t: int, depths: list
     session reads ahead chunk by chunk up to this trial's needle, and each trial continues from a fork of it.
     Returns (session, the shared session to keep or None). `on_read(n)`: progress, as in `ask`."""
     probe = shared or make_session()
-    if not probe.capabilities.fork:
+    caps = probe.capabilities
+    if not (caps.fork or caps.snapshot):
         return probe, None
     shared = probe
     later = [built[u] for u in range(len(built)) if depths[u] >= depths[t]]
@@ -210,7 +211,24 @@ def _start(make_session, shared, trial: Trial, built: list, t: int, depths: list
         have += shared.chunk
         if on_read is not None:
             on_read(have)
-    return shared.fork(), shared
+    if caps.fork:
+        return shared.fork(), shared
+    return _Restoring(shared), shared
+
+
+class _Restoring:
+    """A trial run on the shared session itself (one that cannot fork but can snapshot: an adapter on it): on
+    leaving, the session goes back to the prefix it had read, instead of closing."""
+
+    def __init__(self, session: Session):
+        self.session, self.state = session, session.snapshot()
+
+    def __enter__(self) -> Session:
+        return self.session
+
+    def __exit__(self, *exc):
+        self.session.restore(self.state)
+        return False
 
 
 @dataclass
@@ -259,6 +277,54 @@ def check_resumable(previous: dict, task: str, method: str, config: dict, trials
                              "or trials differ): delete the .partial.json file or write to another --json")
 
 
+def build_trials(tokenizer, task: str, length: int, trials: int, seed: int) -> tuple[list[float], list[Trial]]:
+    """The seeded trials of one length: (depths, trials); trial t puts its needle at depth t/(trials−1)."""
+    rng = random.Random(f"{seed}-{task}-{length}")
+    depths = [t / (trials - 1) if trials > 1 else 0.5 for t in range(trials)]
+    return depths, [TRIAL_BUILDERS[task](tokenizer, length, depth, rng) for depth in depths]
+
+
+def run_trial(session: Session, tokenizer, trial: Trial, depth: float, on_read=None) -> dict:
+    """Read the rest of `trial`'s prompt (after what `session` has read), answer, and score: the trial's row."""
+    start = len(session.history)
+    out, held = ask(session, trial.ids[start:], trial.answer_tokens, start=start,
+                    question_at=trial.question_start - start, on_read=on_read)
+    # a retriever: was the evidence in the prompt it built?
+    shown = session.shown_spans() if session.capabilities.question else None
+    text = tokenizer.decode(out.tolist())
+    hits, items, ok = score_output(trial, text)
+    row = {"depth": round(depth, 3), "needle_at": trial.needle_at, "ok": bool(ok),
+           "answer": " ".join(trial.answers) if trial.answers else trial.answer,
+           "output": text.strip()[:40 if items == 1 else 120]}
+    if items > 1:
+        row.update(hits=hits, items=items)
+    if held is not None:
+        row["kv_bytes"] = held
+    if shown is not None:
+        row["evidence_shown"] = round(trial.evidence_shown(shown), 4)
+    return row
+
+
+def retrieval_unit(make_session: Callable[[], Session], tokenizer, task: str, length: int, trials: int, t: int,
+                   seed: int = 0) -> dict:
+    """One trial as a unit of work on its own (a Ray worker's): a fresh session reads the whole prompt (no prefix
+    shared with other trials; the same answer, since forking is exact). Returns the row and what the merge needs."""
+    t0 = time.perf_counter()
+    depths, built = build_trials(tokenizer, task, length, trials, seed)
+    trial = built[t]
+    with make_session() as session:
+        row = run_trial(session, tokenizer, trial, depths[t])
+        return {"length": length, "t": t, "row": row, "method": session.method, "config": session.describe(),
+                "prompt_tokens": len(trial.ids),
+                "kv_bytes_full": full_cache_bytes(session.model, len(trial.ids), session.lm.dtype),
+                "wall_s": time.perf_counter() - t0}
+
+
+def _previous(resume: dict | None, lengths: list[int]) -> dict:
+    previous = {r["length"]: r for r in (resume or {}).get("results", [])}
+    return {n: previous[n] for n in lengths if n in previous}
+
+
 def run_retrieval(make_session: Callable[[], Session], tokenizer, task: str, lengths: list[int], trials: int,
                   seed: int = 0, progress: bool = True, on_trial_done: Callable | None = None,
                   resume: dict | None = None) -> RetrievalResult:
@@ -272,10 +338,9 @@ def run_retrieval(make_session: Callable[[], Session], tokenizer, task: str, len
         raise InfinictxError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     if trials < 1:
         raise InfinictxError("--trials must be >= 1")
-    build = TRIAL_BUILDERS[task]
     t0 = time.perf_counter()
-    previous = {r["length"]: r for r in (resume or {}).get("results", [])}
-    rows_by_length = {n: previous[n] for n in lengths if n in previous}
+    previous = _previous(resume, lengths)
+    rows_by_length = dict(previous)
     result = (RetrievalResult(task=resume["task"], method=resume["method"], config=resume["config"])
               if resume else None)
     checked = resume is None
@@ -287,9 +352,7 @@ def run_retrieval(make_session: Callable[[], Session], tokenizer, task: str, len
     resumed = sum(r is not None for n in lengths for r in (previous.get(n, {}).get("per_trial") or []))
     with progress_bar(progress, len(lengths) * trials, "trial", task, initial=resumed) as bar:
         for length in lengths:
-            rng = random.Random(f"{seed}-{task}-{length}")
-            depths = [t / (trials - 1) if trials > 1 else 0.5 for t in range(trials)]
-            built = [build(tokenizer, length, depth, rng) for depth in depths]
+            depths, built = build_trials(tokenizer, task, length, trials, seed)
             old = previous.get(length, {})
             rows = list(old.get("per_trial") or [None] * trials)
             wall = float(old.get("wall_s", 0.0))
@@ -308,40 +371,66 @@ def run_retrieval(make_session: Callable[[], Session], tokenizer, task: str, len
                 session, prefix = _start(make_session, shared, trial, built, t, depths, on_read)
                 if prefix is not None:
                     shared = prefix
+                meta = session.session if isinstance(session, _Restoring) else session
                 if not checked:
-                    check_resumable(resume, task, session.method, session.describe(), trials, seed)
+                    check_resumable(resume, task, meta.method, meta.describe(), trials, seed)
                     checked = True
                 if result is None:
-                    result = RetrievalResult(task=task, method=session.method, config=session.describe())
-                with session:
-                    start = len(session.history)
-                    out, held = ask(session, trial.ids[start:], trial.answer_tokens, start=start,
-                                    question_at=trial.question_start - start, on_read=on_read)
-                    # a retriever: was the evidence in the prompt it built?
-                    shown = session.shown_spans() if session.capabilities.question else None
-                text = tokenizer.decode(out.tolist())
-                hits, items, ok = score_output(trial, text)
-                rows[t] = {"depth": round(depths[t], 3), "needle_at": trial.needle_at, "ok": bool(ok),
-                           "answer": " ".join(trial.answers) if trial.answers else trial.answer,
-                           "output": text.strip()[:40 if items == 1 else 120]}
-                if items > 1:
-                    rows[t].update(hits=hits, items=items)
-                if held is not None:
-                    rows[t]["kv_bytes"] = held
-                if shown is not None:
-                    rows[t]["evidence_shown"] = round(trial.evidence_shown(shown), 4)
+                    result = RetrievalResult(task=task, method=meta.method, config=meta.describe())
+                with session as reader:
+                    rows[t] = run_trial(reader, tokenizer, trial, depths[t], on_read)
+                    model, dtype = reader.model, reader.lm.dtype
                 wall += time.perf_counter() - trial_t0
                 done = [r for r in rows if r is not None]
                 bar.set_postfix(length=length, acc=f"{sum(r['ok'] for r in done)}/{len(done)}")
                 bar.update(1)
                 rows_by_length[length] = length_row(length, rows, len(trial.ids), full_cache_bytes(
-                    session.model, len(trial.ids), session.lm.dtype), wall)
+                    model, len(trial.ids), dtype), wall)
                 publish()
                 if on_trial_done is not None:
                     on_trial_done(result)
             if shared is not None:
                 shared.close()
     publish()
+    result.wall_s = time.perf_counter() - t0 + float((resume or {}).get("wall_s", 0.0))
+    return result
+
+
+def run_retrieval_units(executor, task: str, lengths: list[int], trials: int, seed: int = 0, progress: bool = True,
+                        on_trial_done: Callable | None = None, resume: dict | None = None) -> RetrievalResult:
+    """`run_retrieval` with every trial a unit of work handed to `executor` (`infinictx.executors`: Ray workers,
+    or in-process): the same rows, merged in the same summary and partial file, in whatever order they finish.
+    Seconds per trial are each unit's own (a worker reads its whole prompt: no prefix shared between trials)."""
+    t0 = time.perf_counter()
+    previous = _previous(resume, lengths)
+    rows = {n: list(previous.get(n, {}).get("per_trial") or [None] * trials) for n in lengths}
+    walls = {n: float(previous.get(n, {}).get("wall_s", 0.0)) for n in lengths}
+    units = [(n, t) for n in lengths for t in range(trials) if rows[n][t] is None]
+    result = (RetrievalResult(task=resume["task"], method=resume["method"], config=resume["config"])
+              if resume else None)
+    rows_by_length = dict(previous)
+    checked = resume is None
+    with progress_bar(progress, len(lengths) * trials, "trial", task,
+                      initial=len(lengths) * trials - len(units)) as bar:
+        for out in executor.map(units):
+            if not checked:
+                check_resumable(resume, task, out["method"], out["config"], trials, seed)
+                checked = True
+            if result is None:
+                result = RetrievalResult(task=task, method=out["method"], config=out["config"])
+            n = out["length"]
+            rows[n][out["t"]] = out["row"]
+            walls[n] += out["wall_s"]
+            rows_by_length[n] = length_row(n, rows[n], out["prompt_tokens"], out["kv_bytes_full"], walls[n])
+            result.results = [rows_by_length[m] for m in lengths if m in rows_by_length]
+            done = [r for m in lengths for r in rows[m] if r is not None]
+            bar.set_postfix(acc=f"{sum(r['ok'] for r in done)}/{len(done)}")
+            bar.update(1)
+            if on_trial_done is not None:
+                on_trial_done(result)
+    if result is None:   # nothing left to run
+        result = RetrievalResult(task=resume["task"], method=resume["method"], config=resume["config"])
+        result.results = [rows_by_length[m] for m in lengths if m in rows_by_length]
     result.wall_s = time.perf_counter() - t0 + float((resume or {}).get("wall_s", 0.0))
     return result
 
@@ -382,6 +471,12 @@ class RetrievalTask(Task):
     name = "passkey"
     default_method = "window"
     method_defaults = {"window": {"window": 1024}, "temp-lora": {"window": 1024}}
+    splits = True   # a unit is one trial: (length, trial index)
+
+    def run_unit(self, lm, config, unit) -> dict:
+        length, t = unit
+        return retrieval_unit(lambda: config.make_session(lm), lm.tokenizer, self.task, length, self.trials, t,
+                              self.seed)
 
     def check(self, config):
         if self.task not in TRIAL_BUILDERS:
@@ -391,7 +486,7 @@ class RetrievalTask(Task):
         if self.trials < 1:
             raise InfinictxError("--trials must be >= 1")
 
-    def run(self, lm, config, inputs, outputs: Outputs, progress: bool) -> Result:
+    def run(self, lm, config, inputs, outputs: Outputs, progress: bool, executor=None) -> Result:
         from .report import accuracy_markdown
 
         partial = Path(outputs.json).with_suffix(".partial.json") if outputs.json else None
@@ -403,9 +498,14 @@ class RetrievalTask(Task):
         def save_partial(result):  # after every trial: a rerun of the same command continues from here
             write_json(result.summary() | meta | {"complete": False}, partial)
 
-        result = run_retrieval(lambda: config.make_session(lm), lm.tokenizer, self.task, self.lengths, self.trials,
-                               seed=self.seed, progress=progress, on_trial_done=save_partial if partial else None,
-                               resume=resume)
+        if executor is not None:
+            result = run_retrieval_units(executor, self.task, self.lengths, self.trials, seed=self.seed,
+                                         progress=progress, on_trial_done=save_partial if partial else None,
+                                         resume=resume)
+        else:
+            result = run_retrieval(lambda: config.make_session(lm), lm.tokenizer, self.task, self.lengths,
+                                   self.trials, seed=self.seed, progress=progress,
+                                   on_trial_done=save_partial if partial else None, resume=resume)
         result.meta = meta
         summary = result.summary()
         return Result(summary=summary, stdout=accuracy_markdown(summary), data=result)
