@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..core.errors import InfinictxError
 from .fetch import cache_dir, fetch_pypi_member
-from .texts import decode_text
+from .texts import decode_text, jsonl_rows
 
 # language code -> the name the prompt uses, and sacrebleu's tokenizer for BLEU on that target language
 LANGUAGES = {
@@ -205,14 +205,8 @@ def _read_jsonl(path: Path, src_lang: str, tgt_lang: str, chunk_sentences: int) 
         raise InfinictxError(f"source file {path} does not exist")
     docs: dict[str, list[Pair]] = {}
     with_ref = None
-    for lineno, line in enumerate(decode_text(path.read_bytes(), str(path)).split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise InfinictxError(f"{path}:{lineno} is not valid JSON")
-        if not isinstance(row, dict) or not isinstance(row.get("src"), str) or not row["src"].strip():
+    for lineno, row in jsonl_rows(path):
+        if not isinstance(row.get("src"), str) or not row["src"].strip():
             raise InfinictxError(f"{path}:{lineno} has no non-empty string field 'src'")
         r = row.get("ref")
         if r is not None and (not isinstance(r, str) or not r.strip()):

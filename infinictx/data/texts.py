@@ -74,17 +74,26 @@ def _read_txt(path: Path) -> str:
     return decode_text(path.read_bytes(), str(path))
 
 
+def jsonl_rows(path: Path):
+    """(line number, object) of every non-blank line of a JSONL file; a line that is not a JSON object is a
+    one-line error."""
+    for lineno, line in enumerate(decode_text(path.read_bytes(), str(path)).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise InfinictxError(f"{path}:{lineno} is not valid JSON")
+        if not isinstance(row, dict):
+            raise InfinictxError(f"{path}:{lineno} is not a JSON object")
+        yield lineno, row
+
+
 def _read_records(path: Path) -> list[str]:
     if path.suffix == ".jsonl":
         rows = []
-        for lineno, line in enumerate(decode_text(path.read_bytes(), str(path)).splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise InfinictxError(f"{path}:{lineno} is not valid JSON")
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+        for lineno, row in jsonl_rows(path):
+            if not isinstance(row.get("text"), str):
                 raise InfinictxError(f"{path}:{lineno} has no string field 'text'")
             rows.append(row["text"])
         return rows

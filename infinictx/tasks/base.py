@@ -55,3 +55,16 @@ class Task:
 
     def write(self, result: Result, outputs: Outputs):
         raise NotImplementedError
+
+
+def write_summary(result: Result, outputs: Outputs):
+    """The JSON and the Markdown report (by default next to the JSON, .md), each written whole or not at all."""
+    from pathlib import Path
+
+    from ..core.files import atomic_write, write_json
+
+    if outputs.json:
+        write_json(result.summary, outputs.json)
+    report = outputs.report or (str(Path(outputs.json).with_suffix(".md")) if outputs.json else None)
+    if report:
+        atomic_write(report, result.stdout)

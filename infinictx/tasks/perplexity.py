@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from ..core.errors import InfinictxError
-from ..core.files import atomic_write, write_json
+from ..core.files import atomic_write
 from ..core.progress import progress_bar
 from ..core.registry import setting
 from ..core.session import Session
-from .base import Outputs, Result, Task
+from .base import Outputs, Result, Task, write_summary
 
 
 @dataclass
@@ -283,23 +283,11 @@ class PerplexityTask(Task):
     def write(self, result: Result, outputs: Outputs):
         from .report import plot_ppl
 
-        if self.books is not None:
-            if outputs.json:
-                write_json(result.summary, outputs.json)
-            report = outputs.report or (str(Path(outputs.json).with_suffix(".md")) if outputs.json else None)
-            if report:
-                atomic_write(report, result.stdout)
-            if outputs.plot:
-                plot_ppl(result.summary, outputs.plot)
-            return
-
-        if outputs.json:
-            write_json(result.summary, outputs.json)
-        report = outputs.report or (str(Path(outputs.json).with_suffix(".md")) if outputs.json else None)
-        if report:
-            atomic_write(report, result.stdout)
-        if outputs.plot:
-            plot_ppl(result.summary, outputs.plot, nll=result.data.nll, base_nll=result.data.base_nll)
+        write_summary(result, outputs)
+        if outputs.plot:   # a dataset's plot has only the pooled buckets, a book's its token NLLs too
+            data = result.data
+            plot_ppl(result.summary, outputs.plot, nll=getattr(data, "nll", None),
+                     base_nll=getattr(data, "base_nll", None))
 
 
 def _save_book(folder: Path, out: dict):

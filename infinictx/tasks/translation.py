@@ -37,12 +37,12 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import InfinictxError
-from ..core.files import atomic_write, write_json
+from ..core.files import atomic_write
 from ..core.progress import progress_bar
 from ..core.registry import setting
 from ..core.session import Sampler, Session
 from ..data.parallel import LANGUAGES, ParallelDoc
-from .base import Outputs, Result, Task
+from .base import Outputs, Result, Task, write_summary
 
 TRANSLATE_METHODS = ("window", "temp-lora")
 
@@ -549,11 +549,7 @@ class TranslationTask(Task):
                 "translations": [{"key": s.key, "hyp": s.hyp} for s in all_sentences]}
 
     def write(self, result: Result, outputs: Outputs):
-        if outputs.json:
-            write_json(result.summary, outputs.json)
-        report = outputs.report or (str(Path(outputs.json).with_suffix(".md")) if outputs.json else None)
-        if report:
-            atomic_write(report, result.stdout)
+        write_summary(result, outputs)
         if outputs.text:
             atomic_write(outputs.text, "".join(t["hyp"] + "\n" for t in result.summary["translations"]))
 
