@@ -168,7 +168,7 @@ def test_training_sample_masks_all_but_the_chunk_targets(tiny, monkeypatch):
 
     monkeypatch.setattr(TempLora, "train_on", spy)
     _, tr = translate(tiny, doc, window=512, temp_lora=True)
-    assert len(samples) == 2
+    assert len(samples) == 2   # the helper trains after every chunk, the last included (the task skips that one)
     for c, (context, piece, mask) in enumerate(samples):
         ids, spans = stream_of(tr, doc, c)
         start = len(ids) - len(piece)
@@ -224,11 +224,11 @@ def test_cli_run_writes_outputs_and_resumes(tmp_path, tiny_model_dir, monkeypatc
     calls = {"n": 0}
     original = DocumentTranslator.translate_chunk
 
-    def stop_at_third(self, index, chunk):
+    def stop_at_third(self, index, chunk, learn=True):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return original(self, index, chunk)
+        return original(self, index, chunk, learn)
 
     monkeypatch.setattr(DocumentTranslator, "translate_chunk", stop_at_third)
     ckpt = tmp_path / "run.ckpt"
@@ -370,3 +370,12 @@ def test_mst_on_a_non_llama_model_matches_the_plain_loss_and_gradients(tiny_gemm
     torch.testing.assert_close(mst, plain, rtol=1e-5, atol=1e-5)
     for a, b in zip([p.grad for p in params], expected):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_chinese_outputs_are_scored_in_simplified_script():
+    from infinictx.tasks.translation import SentenceResult, quality
+
+    ref = "起初，神创造天地。"
+    traditional = [SentenceResult("1:1", 0, "In the beginning", ref, "起初，神創造天地。")]
+    assert quality(traditional, "zh")["chrf"] == pytest.approx(100.0)
+    assert quality(traditional, "en")["chrf"] < 100.0   # no conversion for other targets

@@ -201,7 +201,9 @@ class DocumentTranslator:
         return need
 
     @torch.no_grad()
-    def translate_chunk(self, index: int, chunk) -> list[SentenceResult]:
+    def translate_chunk(self, index: int, chunk, learn: bool = True) -> list[SentenceResult]:
+        """Translate one chunk, then (`learn`: not after a document's last chunk, where nothing would use it)
+        let Temp-Lora train on it."""
         context = self.context_pairs()
         teacher_forced = not self.settings.free_running and all(p.ref is not None for p in chunk)
         with self.session.meter.phase("translation"):
@@ -209,7 +211,8 @@ class DocumentTranslator:
                 out, current = self._chunk_batched(index, chunk, context)
             else:
                 out, current = self._chunk_sequential(index, chunk, context)
-        self.learn(context, current)
+        if learn:
+            self.learn(context, current)
         self.history.append(current)
         return out
 
@@ -401,13 +404,18 @@ def ref_ppl(sentences: list[SentenceResult]) -> dict:
 
 
 def quality(sentences: list[SentenceResult], tgt_lang: str) -> dict:
-    """BLEU and chrF of the hypotheses against the references (sacrebleu, corpus level), and reference PPL."""
+    """BLEU and chrF of the hypotheses against the references (sacrebleu, corpus level; a Chinese output is
+    scored in simplified script, as the references are), and reference PPL."""
     import sacrebleu
 
     d = {"sentences": len(sentences), **ref_ppl(sentences)}
     with_ref = [s for s in sentences if s.ref is not None]
     if with_ref:
         hyps, refs = [s.hyp for s in with_ref], [[s.ref for s in with_ref]]
+        if tgt_lang == "zh":   # references are in simplified script; a traditional-script output is not wrong
+            from ..data.parallel import to_simplified
+
+            hyps = to_simplified(hyps)
         d["bleu"] = sacrebleu.corpus_bleu(hyps, refs, tokenize=LANGUAGES[tgt_lang][1]).score
         d["chrf"] = sacrebleu.corpus_chrf(hyps, refs).score
     return d
@@ -519,7 +527,7 @@ class TranslationTask(Task):
                 start, elapsed = state["chunk"], state["elapsed"]
             t0 = time.perf_counter()
             for c in range(start, len(doc.chunks)):
-                sentences += translator.translate_chunk(c, doc.chunks[c])
+                sentences += translator.translate_chunk(c, doc.chunks[c], learn=c + 1 < len(doc.chunks))
                 bar.update(1)
                 q = ref_ppl(sentences)
                 if q:
