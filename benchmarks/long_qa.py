@@ -70,6 +70,19 @@ def trials_for(spec: str, default: int):
     return pick
 
 
+def flags_for(spec: str) -> dict[str, list[str]]:
+    """'temp-lora=--steps 1 --lora-layers top:8; rag-dense=--top-k 8' -> {method: [flags]}."""
+    import shlex
+
+    out = {}
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        label, _, flags = part.partition("=")
+        if label.strip() not in METHODS:
+            sys.exit(f"long_qa: --flags-for names an unknown method {label.strip()!r}")
+        out[label.strip()] = shlex.split(flags)
+    return out
+
+
 def run_cell(cells: Path, name: str, model: str | None, flags: list[str], task: str, length: int, trials: int,
              threads: int) -> dict | None:
     """One `infinictx passkey` run (resumed from its partial JSON if it was stopped)."""
@@ -180,6 +193,9 @@ def main():
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--lengths", default="4k,16k,32k")
     ap.add_argument("--trials", type=int, default=10)
+    ap.add_argument("--flags-for", default="", help="extra flags of a method, e.g. 'temp-lora=--steps 1 "
+                    "--lora-layers top:8' (methods separated by ';'); recorded in each cell's command, not its "
+                    "name: change --name with them")
     ap.add_argument("--trials-for", default="", help="fewer trials where a method is slow: temp-lora=3,"
                     "longcache@32k=5")
     ap.add_argument("--ablation-length", default="16k")
@@ -193,6 +209,7 @@ def main():
     if unknown:
         sys.exit(f"long_qa: unknown method or task {', '.join(unknown)}")
     pick = trials_for(a.trials_for, a.trials)
+    extra = flags_for(a.flags_for)
     parts = a.parts.split(",")
     path = RESULTS / f"{a.name}.json"
     folder = RESULTS / a.name
@@ -201,6 +218,7 @@ def main():
     if "table" in parts:
         for m in methods:
             model, flags = METHODS[m]
+            flags = [*flags, *extra.get(m, [])]
             for task in tasks:
                 for n in lengths:
                     if m == "full" and n > FULL_MAX:
