@@ -106,3 +106,29 @@ def test_train_every_resumes_with_its_pending_chunks(tiny_model_dir, stream, tmp
     with TempLoraConfig(**cfg).make_session(lm) as s:
         resumed = streaming_perplexity(s, stream, progress=False, checkpoint=ckpt).nll
     np.testing.assert_allclose(resumed, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_two_sessions_with_adapters_share_one_model_without_mixing(tiny, stream):
+    """A server's case: two Temp-Lora sessions alive on one model, their chunks interleaved; each activates its own
+    adapter and gets exactly what it gets alone; closing both leaves the model as it was."""
+    before = weights_fingerprint(tiny.model)
+    texts = [stream[:96], torch.flip(stream, [0])[:96]]
+    cfg = dict(window=48, chunk=16, lr=1e-2, rank=4)
+    alone = []
+    for text in texts:
+        with TempLoraConfig(**cfg).make_session(tiny) as s:
+            alone.append(torch.cat([s.score_and_absorb(text[i:i + 16])[0] for i in range(0, 96, 16)]))
+    sessions = [TempLoraConfig(**cfg).make_session(tiny) for _ in texts]
+    assert sessions[0].learner.name != sessions[1].learner.name
+    together = [[], []]
+    for i in range(0, 96, 16):
+        for k, (s, text) in enumerate(zip(sessions, texts)):
+            s.learner.activate()
+            together[k].append(s.score_and_absorb(text[i:i + 16])[0])
+    for k in range(2):
+        torch.testing.assert_close(torch.cat(together[k]), alone[k], rtol=1e-5, atol=1e-6)
+    sessions[0].close()
+    assert any("lora_" in n for n, _ in tiny.model.named_parameters())   # the other session's adapter stays
+    sessions[1].close()
+    assert not any("lora_" in n for n, _ in tiny.model.named_parameters())
+    assert weights_fingerprint(tiny.model) == before

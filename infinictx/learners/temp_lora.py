@@ -36,7 +36,7 @@ from ..core.errors import InfinictxError, check_finite
 from ..core.models import LoadedModel
 from ..core.registry import register_method, setting
 from ..core.session import Session, check_window
-from ..training.lora import add_lora
+from ..training.lora import AdapterHost
 
 
 @register_method("temp-lora")
@@ -148,12 +148,19 @@ class TempLora:
         # for FLOP counts: LoRA work scales with the adapted layers; the backward runs down to the lowest of them
         self.flop_rank = config.rank * (1 if self.layers is None else len(self.layers) / n_layers)
         self.backward_depth = None if self.layers is None else n_layers - self.layers[0]
-        self.model, self.params = add_lora(lm.model, config.rank, config.alpha, config.dropout, seed=config.seed,
-                                           task_type="CAUSAL_LM", layers=self.layers)
+        # an adapter of its own on the model's adapter host: other sessions on the same model keep theirs
+        self.host = AdapterHost.of(lm.model)
+        self.name, self.params = self.host.add(config.rank, config.alpha, config.dropout, seed=config.seed,
+                                               task_type="CAUSAL_LM", layers=self.layers)
+        self.model = self.host.peft_model
         self._pending = 0   # tokens absorbed since the last training (train_every > 1)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, eps=1e-7, betas=(0.9, 0.999),
                                            weight_decay=config.weight_decay)
         self.chunks_trained = 0
+
+    def activate(self):
+        """Make this adapter the one forwards use (several sessions with adapters on one model: a server)."""
+        self.host.activate(self.name)
 
     def base_model(self):
         """Context manager: forwards inside run the base model, the adapter switched off."""
@@ -261,7 +268,8 @@ class TempLora:
     def state_dict(self) -> dict:
         from peft import get_peft_model_state_dict
 
-        return {"adapter": {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.model).items()},
+        adapter = get_peft_model_state_dict(self.model, adapter_name=self.name)
+        return {"adapter": {k: v.detach().cpu().clone() for k, v in adapter.items()},
                 "optimizer": self.optimizer.state_dict(), "chunks_trained": self.chunks_trained,
                 "pending": self._pending}
 
@@ -279,7 +287,7 @@ class TempLora:
     def load_state_dict(self, state: dict):
         from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(self.model, state["adapter"])
+        set_peft_model_state_dict(self.model, state["adapter"], adapter_name=self.name)
         self.optimizer.load_state_dict(state["optimizer"])
         self.chunks_trained = state["chunks_trained"]
         self._pending = state.get("pending", 0)
@@ -288,7 +296,8 @@ class TempLora:
         """Discard the adapter (saving it first if asked): the base model is back as it was."""
         if self.config.save_adapter:
             Path(self.config.save_adapter).mkdir(parents=True, exist_ok=True)
-            self.model.save_pretrained(self.config.save_adapter)
-        self.model.unload()  # removes the LoRA layers without merging them into the base weights
+            # a lone session's adapter is "default": saved at the folder's root, as peft does
+            self.model.save_pretrained(self.config.save_adapter, selected_adapters=[self.name])
+        self.host.release(self.name)   # the last adapter out takes the LoRA layers out, unmerged
         self.optimizer = None
         self.params = []

@@ -30,3 +30,69 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float, dropout: float = 0
     for p in params:
         p.requires_grad_(True)
     return peft_model, params
+
+
+class AdapterHost:
+    """One peft wrapper on a base model holding any number of named LoRA adapters, one per owner (a Temp-Lora
+    session): a server keeps many sessions, each with its own adapter, on one model in memory. `activate(name)`
+    picks the adapter forwards use; the base weights are shared and never written. When the last adapter is
+    released the LoRA layers are taken out (not merged) and the model is back as it was."""
+
+    _hosts: dict[int, "AdapterHost"] = {}   # id(base model) -> its host
+
+    def __init__(self, model: torch.nn.Module):
+        self.base = model
+        self.peft_model = None
+        self.names: list[str] = []
+        self._count = 0
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "AdapterHost":
+        host = cls._hosts.get(id(model))
+        return host if host is not None and host.base is model else cls(model)   # registered by its first `add`
+
+    def add(self, rank: int, alpha: float, dropout: float = 0.0, seed: int | None = None,
+            task_type: str | None = None, layers: list[int] | None = None) -> tuple[str, list]:
+        """A new adapter (A initialised under `seed`, as `add_lora`), made active. Returns (its name, its
+        trainable parameters)."""
+        from peft import LoraConfig, get_peft_model
+
+        targets = "all-linear"
+        if layers is not None:
+            head = self.base.get_output_embeddings()
+            targets = sorted({n.rsplit(".", 1)[-1] for n, m in self.base.named_modules()
+                              if isinstance(m, torch.nn.Linear) and m is not head and "lora_" not in n})
+        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                            task_type=task_type, layers_to_transform=layers)
+        self._count += 1
+        name = "default" if "default" not in self.names else f"a{self._count}"   # alone: peft's usual name
+        with torch.random.fork_rng(devices=[]) if seed is not None else nullcontext():
+            if seed is not None:
+                torch.manual_seed(seed)
+            if self.peft_model is None:
+                self.peft_model = get_peft_model(self.base, config, adapter_name=name)
+            else:
+                self.peft_model.add_adapter(name, config)
+        self.names.append(name)
+        AdapterHost._hosts[id(self.base)] = self
+        self.activate(name)
+        params = [p for n, p in self.peft_model.named_parameters() if "lora_" in n and n.endswith(f".{name}.weight")]
+        for p in params:
+            p.requires_grad_(True)
+        return name, params
+
+    def activate(self, name: str):
+        if self.peft_model.active_adapter != name:
+            self.peft_model.set_adapter(name)
+
+    def release(self, name: str):
+        """Remove adapter `name`; the last one out takes the LoRA layers out of the model."""
+        self.names.remove(name)
+        if not self.names:
+            self.peft_model.unload()   # removes the LoRA layers without merging them into the base weights
+            self.peft_model = None
+            AdapterHost._hosts.pop(id(self.base), None)
+        else:
+            if self.peft_model.active_adapter == name:
+                self.peft_model.set_adapter(self.names[-1])
+            self.peft_model.delete_adapter(name)
