@@ -134,6 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
             ray.add_argument("--workers", type=int, default=None, help="Ray workers (default: CPUs ÷ threads)")
             ray.add_argument("--threads-per-worker", type=int, default=1, help="torch threads per worker (1)")
         run_group.add_argument("--debug", action="store_true", help="show tracebacks")
+    srv = sub.add_parser("serve", help="long-context sessions over HTTP on one loaded model")
+    srv.add_argument("--model", default=None, help="HF model directory, .gguf file or a named model")
+    srv.add_argument("--host", default="127.0.0.1", help="interface to bind (127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", action="append", default=[], help="a bearer key clients must send (repeatable)")
+    srv.add_argument("--max-sessions", type=int, default=16)
+    srv.add_argument("--max-request-tokens", type=int, default=32768)
+    srv.add_argument("--queue-size", type=int, default=64, help="model jobs waiting at most (beyond: 503)")
+    srv.add_argument("--device", default="auto")
+    srv.add_argument("--dtype", default="auto")
+    srv.add_argument("--threads", type=int, default=None)
+    srv.add_argument("--debug", action="store_true")
     fetch = sub.add_parser("fetch", help="download and cache the embedded model, the default book and RAG's embedder")
     fetch.add_argument("--translation", action="store_true", help="also Gemma-3-270M and the Bible (CUV, KJV)")
     fetch.add_argument("--debug", action="store_true")
@@ -213,11 +225,34 @@ def cmd_fetch(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import torch
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise InfinictxError("serve needs FastAPI and uvicorn: pip install 'infinictx[serve]'")
+    from ..core.models import load_model
+    from .server import ServeSettings, serve
+
+    settings = ServeSettings(api_keys=tuple(args.api_key), max_sessions=args.max_sessions,
+                             max_request_tokens=args.max_request_tokens, queue_size=args.queue_size)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    print(f"infinictx: serving {lm.name} on http://{args.host}:{args.port}", file=sys.stderr)
+    serve(lm, settings, args.host, args.port)
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "fetch":
             return cmd_fetch(args)
+        if args.command == "serve":
+            return cmd_serve(args)
         result = run(spec_from_args(args))
         if result.stdout:
             print(result.stdout)
