@@ -8,6 +8,16 @@ from contextlib import nullcontext
 import torch
 
 
+def lora_targets(model: torch.nn.Module, layers: list[int] | None):
+    """peft's target modules: "all-linear" (every linear layer but the LM head), spelled out as module names when
+    only some layers are adapted (peft takes a layer list only with names)."""
+    if layers is None:
+        return "all-linear"
+    head = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and m is not head and "lora_" not in name})
+
+
 def add_lora(model: torch.nn.Module, rank: int, alpha: float, dropout: float = 0.0, seed: int | None = None,
              task_type: str | None = None, layers: list[int] | None = None):
     """Wrap `model` in place with a peft LoRA (r=`rank`, alpha, dropout; A initialised under `seed` without
@@ -15,12 +25,7 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float, dropout: float = 0
     of them). Returns (peft model, trainable params). peft's "all-linear" leaves the LM head out."""
     from peft import LoraConfig, get_peft_model
 
-    targets = "all-linear"
-    if layers is not None:   # peft takes a layer list only with module names: every linear's but the LM head's
-        head = model.get_output_embeddings()
-        targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                          if isinstance(m, torch.nn.Linear) and m is not head})
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_targets(model, layers),
                         task_type=task_type, layers_to_transform=layers)
     with torch.random.fork_rng(devices=[]) if seed is not None else nullcontext():
         if seed is not None:
@@ -57,13 +62,9 @@ class AdapterHost:
         trainable parameters)."""
         from peft import LoraConfig, get_peft_model
 
-        targets = "all-linear"
-        if layers is not None:
-            head = self.base.get_output_embeddings()
-            targets = sorted({n.rsplit(".", 1)[-1] for n, m in self.base.named_modules()
-                              if isinstance(m, torch.nn.Linear) and m is not head and "lora_" not in n})
-        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                            task_type=task_type, layers_to_transform=layers)
+        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                            target_modules=lora_targets(self.base, layers), task_type=task_type,
+                            layers_to_transform=layers)
         self._count += 1
         name = "default" if "default" not in self.names else f"a{self._count}"   # alone: peft's usual name
         with torch.random.fork_rng(devices=[]) if seed is not None else nullcontext():
