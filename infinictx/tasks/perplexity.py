@@ -277,7 +277,8 @@ class PerplexityTask(Task):
         if parts and parts.is_dir():
             for f in parts.glob("book-*"):
                 f.unlink()
-            parts.rmdir() if not any(parts.iterdir()) else None
+            if not any(parts.iterdir()):   # a folder the user keeps other files in stays
+                parts.rmdir()
         return Result(summary=summary, stdout=books_markdown(summary))
 
     def write(self, result: Result, outputs: Outputs):
