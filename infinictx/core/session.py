@@ -65,6 +65,10 @@ class Sampler:
     repetition_penalty: float = 1.12
     ban_eos: bool = True
     seed: int = 0
+    stop_at_eos: bool = False   # end the chunk early at an end-of-sequence token (a chat reply); else exactly n
+
+    def done(self, token: int, eos_ids: list[int]) -> bool:
+        return self.stop_at_eos and token in eos_ids
 
     def __post_init__(self):
         self.generator = torch.Generator().manual_seed(self.seed)
@@ -267,9 +271,9 @@ class Session:
         if len(pending) == 0:
             raise InfinictxError("generation needs a non-empty prompt")
         out = self._sample_loop(pending, n, sampler, self.history[-self.window:])
-        self.meter.tokens["generated"] += n
+        self.meter.tokens["generated"] += len(out)
         # The cache now covers everything up to, not including, the last sampled token.
-        self._gen_fed_upto = len(self.history) + n - 1
+        self._gen_fed_upto = len(self.history) + len(out) - 1
         return out
 
     def _sample_loop(self, feed: torch.Tensor, n: int, sampler: Sampler, recent: torch.Tensor) -> torch.Tensor:
@@ -284,6 +288,8 @@ class Session:
                 self._gen_cache_len += len(feed)
                 token = sampler(logits, torch.cat([recent, torch.tensor(out, dtype=torch.long)]), self.eos_ids)
                 out.append(token)
+                if sampler.done(token, self.eos_ids):
+                    break
                 feed = torch.tensor([token], dtype=torch.long)
         return torch.tensor(out, dtype=torch.long)
 
@@ -299,7 +305,7 @@ class Session:
             out = self._sample_loop(prompt, n, sampler, recent)
         finally:
             self._gen_cache, self._gen_cache_len = kept
-        self.meter.tokens["generated"] += n
+        self.meter.tokens["generated"] += len(out)
         return out
 
     # --- resume and clean-up -------------------------------------------------------------------------
@@ -412,8 +418,10 @@ class StatefulSession(Session):
                                 self.eos_ids)
                 out.append(token)
                 self._last_logits = self._process(torch.tensor([token]), commit=True, all_logits=False)[-1].float()
-        self._ahead += n
-        self.meter.tokens["generated"] += n
+                if sampler.done(token, self.eos_ids):
+                    break
+        self._ahead += len(out)
+        self.meter.tokens["generated"] += len(out)
         return torch.tensor(out, dtype=torch.long)
 
     def fork(self) -> "StatefulSession":

@@ -142,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-sessions", type=int, default=16)
     srv.add_argument("--max-request-tokens", type=int, default=32768)
     srv.add_argument("--queue-size", type=int, default=64, help="model jobs waiting at most (beyond: 503)")
+    srv.add_argument("--state-dir", default=None,
+                     help="checkpoint every session here after each change; a restart continues them")
+    srv.add_argument("--idle-expiry", type=float, default=3600.0,
+                     help="seconds a session may stay idle before it and its state are deleted (0: never)")
     srv.add_argument("--device", default="auto")
     srv.add_argument("--dtype", default="auto")
     srv.add_argument("--threads", type=int, default=None)
@@ -234,10 +238,11 @@ def cmd_serve(args) -> int:
     except ImportError:
         raise InfinictxError("serve needs FastAPI and uvicorn: pip install 'infinictx[serve]'")
     from ..core.models import load_model
-    from .server import ServeSettings, serve
+    from .serve import ServeSettings, serve
 
     settings = ServeSettings(api_keys=tuple(args.api_key), max_sessions=args.max_sessions,
-                             max_request_tokens=args.max_request_tokens, queue_size=args.queue_size)
+                             max_request_tokens=args.max_request_tokens, queue_size=args.queue_size,
+                             state_dir=args.state_dir, idle_expiry_s=args.idle_expiry)
     if args.threads:
         torch.set_num_threads(args.threads)
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
