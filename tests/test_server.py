@@ -87,6 +87,14 @@ def test_two_sessions_keep_their_own_adapter(server):
     own = server.post(f"/v1/sessions/{ids[0]}/read", json={"text": texts[0], "score": True}, headers=K1).json()
     other = server.post(f"/v1/sessions/{ids[1]}/read", json={"text": texts[0], "score": True}, headers=K1).json()
     assert own["ppl"] < other["ppl"]
+    # /score reads a text on its own with the session's weights and leaves the session as it was
+    tokens = [server.get(f"/v1/sessions/{sid}", headers=K1).json()["tokens"] for sid in ids]
+    scores = [[server.post(f"/v1/sessions/{sid}/score", json={"text": t}, headers=K1).json()["ppl"] for t in texts]
+              for sid in ids]
+    base = server.post(f"/v1/sessions/{ids[0]}/score", json={"text": texts[0], "base": True}, headers=K1).json()
+    assert scores[0][0] < scores[1][0] and scores[1][1] < scores[0][1] and scores[0][0] < base["ppl"]
+    assert tokens == [server.get(f"/v1/sessions/{sid}", headers=K1).json()["tokens"] for sid in ids]
+    assert server.get("/status", params={"weights": True}).json()["weights_unchanged"] is True
 
 
 def test_auth_and_ownership(server):

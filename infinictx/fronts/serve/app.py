@@ -2,6 +2,7 @@
 
   POST   /v1/sessions                {method, settings, temp_lora}       -> {id, method, config}
   POST   /v1/sessions/{id}/read      {text, score, offset}               -> {tokens_read, tokens, ppl (if score)}
+  POST   /v1/sessions/{id}/score     {text, base}                        -> {tokens_scored, ppl} (session unchanged)
   POST   /v1/sessions/{id}/generate  {max_tokens, temperature, top_p, seed, stop_at_eos, stream}
                                                                          -> {text, tokens} (or server-sent events)
   GET    /v1/sessions/{id}           tokens read, bytes held, adapter steps, cost so far
@@ -43,6 +44,11 @@ class Read(BaseModel):
     text: str
     score: bool = False
     offset: int | None = Field(None, ge=0)
+
+
+class Score(BaseModel):
+    text: str
+    base: bool = False
 
 
 class Generate(BaseModel):
@@ -211,6 +217,13 @@ def create_app(lm, settings: ServeSettings):
         ids = tokens(body.text)
         return await run(lambda: engine.read(sid, owner, ids, body.score, body.offset), sid)
 
+    @app.post("/v1/sessions/{sid}/score")
+    async def score(sid: str, body: Score, request: Request):
+        owner = owner_of(request)
+        engine.entry(sid, owner)
+        ids = tokens(body.text)
+        return await run(lambda: engine.score(sid, owner, ids, body.base), sid)
+
     @app.post("/v1/sessions/{sid}/generate")
     async def generate(sid: str, body: Generate, request: Request):
         owner = owner_of(request)
@@ -324,8 +337,16 @@ def create_app(lm, settings: ServeSettings):
 
     # --- status --------------------------------------------------------------------------------------
     @app.get("/status")
-    async def status_json():
-        return engine.status()
+    async def status_json(weights: bool = False):
+        """Counters; `?weights=true` also hashes the base weights now (on the worker, between jobs) and says
+        whether they are still the weights loaded: no adapter ever leaks into them."""
+        out = engine.status()
+        if weights:
+            from ...core.models import weights_fingerprint
+
+            now = await run(lambda: weights_fingerprint(lm.model), "__status__")
+            out["weights_unchanged"] = now == engine.loaded_weights
+        return out
 
     @app.get("/", response_class=HTMLResponse)
     async def status_page():

@@ -100,6 +100,7 @@ class Engine:
 
     def __init__(self, lm, settings: ServeSettings):
         self.lm, self.settings = lm, settings
+        self.loaded_weights = lm.fingerprint   # as loaded, before any session: checkpoints and /status compare to it
         self.sessions: dict[str, Entry] = {}
         self.jobs = Jobs(settings.queue_size)
         self.stats = {"started": time.time(), "requests": 0, "jobs": 0, "busy_s": 0.0, "tokens_read": 0,
@@ -161,7 +162,7 @@ class Engine:
             return
         entry = self.sessions[sid]
         buf = io.BytesIO()
-        torch.save({"format": CHECKPOINT_FORMAT, "model": self.lm.fingerprint, "spec": entry.spec,
+        torch.save({"format": CHECKPOINT_FORMAT, "model": self.loaded_weights, "spec": entry.spec,
                     "owner": entry.owner, "last_used": entry.last_used, "last_read": entry.last_read,
                     "history": entry.session.history, "session": entry.session.state_dict()}, buf)
         tmp = self._path(sid).with_suffix(".tmp")
@@ -193,7 +194,7 @@ class Engine:
         state = torch.load(path, weights_only=False)
         if state.get("format") != CHECKPOINT_FORMAT:
             raise InfinictxError("not a session checkpoint of this version")
-        if state["model"] != self.lm.fingerprint:
+        if state["model"] != self.loaded_weights:
             raise InfinictxError("it was made with other model weights")
         if self.settings.idle_expiry_s and time.time() - state["last_used"] > self.settings.idle_expiry_s:
             path.unlink()
@@ -298,6 +299,27 @@ class Engine:
         self._save(sid)
         self.stats["tokens_read"] += len(ids)
         return out
+
+    def score(self, sid: str, owner, ids: list[int], base: bool) -> dict:
+        """Perplexity of a text read on its own (no context but itself, in windows of W) by the session's model,
+        its adapter included (`base`: switched off); the session does not change. What tells whether an adapter
+        learnt a passage, and only its own session's passages."""
+        from contextlib import nullcontext
+
+        import torch
+
+        session = self._active(self.entry(sid, owner))
+        ids = torch.tensor(ids, dtype=torch.long)
+        nll = []
+        with torch.no_grad(), (session.base_model_context() if base else nullcontext()):
+            for s in range(0, len(ids), session.window):
+                if len(ids[s:s + session.window]) >= 2:
+                    nll.append(session.chunk_nll(ids[:0], ids[s:s + session.window]).float().cpu())
+        if not nll:
+            raise InfinictxError("the text needs at least 2 tokens to be scored")
+        nll = torch.cat(nll)
+        session.check_nll(nll)
+        return {"tokens_scored": len(nll), "ppl": float(nll.double().mean().exp())}
 
     def generate(self, sid: str, owner, sampler: Sampler, max_tokens: int) -> dict:
         entry = self.entry(sid, owner)
