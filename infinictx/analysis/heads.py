@@ -6,7 +6,8 @@ earlier in the sequence. An *echo* head attends to those copies; an *induction* 
 its mean attention mass on those positions over every query of the repeats after the first.
 
 Used to choose the memory layers of the Focused-Transformer memory (`mem_layers="auto"`: the layers holding the
-strongest echo or induction heads read memory) and by KV-cache policies that keep full caches only for retrieval heads."""
+strongest echo or induction heads read memory) and by KV-cache policies that keep full caches only for retrieval
+heads."""
 
 from __future__ import annotations
 

@@ -5,6 +5,8 @@
   infinictx passkey --method M --lengths 1k,4k --trials N   retrieval accuracy
   infinictx translate bible:Genesis --src-lang zh --tgt-lang en --model gemma3-270m   long-document translation
   infinictx fetch                              cache the embedded model, the default book and RAG's embedder
+  infinictx serve                              long-context sessions over HTTP
+  infinictx ngram-index CORPUS --out DIR       index a corpus's n-grams; `infinictx trace TASK.jsonl --index DIR`
 
 The flags are built from the settings of every registered method and task (`core.registry.setting`): a flag
 several methods share (-W, -D, --sinks) is one flag, and each default lives in its dataclass. A flag of another
@@ -153,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = sub.add_parser("fetch", help="download and cache the embedded model, the default book and RAG's embedder")
     fetch.add_argument("--translation", action="store_true", help="also Gemma-3-270M and the Bible (CUV, KJV)")
     fetch.add_argument("--debug", action="store_true")
+    from .ngram_cli import add_parsers
+
+    add_parsers(sub)
     return parser
 
 
@@ -258,6 +263,10 @@ def main(argv=None) -> int:
             return cmd_fetch(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command in ("ngram-index", "trace"):
+            from .ngram_cli import cmd_ngram_index, cmd_trace
+
+            return (cmd_ngram_index if args.command == "ngram-index" else cmd_trace)(args)
         result = run(spec_from_args(args))
         if result.stdout:
             print(result.stdout)

@@ -82,7 +82,7 @@ def plot_ppl(s: dict, path: str | Path, points: int = 20, nll=None, base_nll=Non
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def length_label(n: int) -> str:
@@ -181,10 +181,10 @@ def plot_accuracy(summaries: list[dict], path: str | Path, title: str | None = N
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
-def _save_figure(fig, path: str | Path):
+def save_figure(fig, path: str | Path):
     """Write a figure atomically (a temporary file renamed into place) and close it."""
     import matplotlib.pyplot as plt
 
