@@ -159,7 +159,8 @@ def test_correlations_on_known_rankings():
     from infinictx.analysis.ngrams.trace import correlation
 
     up = correlation([1, 2, 3, 4, 5], [2, 4, 6, 8, 10])
-    assert up["spearman"] == pytest.approx(1) and up["kendall_tau"] == pytest.approx(1) and up["kendall_distance"] == pytest.approx(0, abs=1e-12)
+    assert up["spearman"] == pytest.approx(1) and up["kendall_tau"] == pytest.approx(1)
+    assert up["kendall_distance"] == pytest.approx(0, abs=1e-12)
     down = correlation([1, 2, 3, 4, 5], [5, 4, 3, 2, 1])
     assert down["spearman"] == pytest.approx(-1) and down["kendall_distance"] == pytest.approx(1)
     assert correlation([1, 1, 1], [1, 2, 3])["spearman"] is None
@@ -192,3 +193,24 @@ def test_index_and_trace_commands(tmp_path, tiny_model_dir):
     assert any(r["c_xy"] > 0 for r in result["pairs"]) and (tmp_path / "t.png").exists()
     task.write_text('{"input": 1}\n')
     assert main(["trace", str(task), "--index", str(tmp_path / "idx"), "--model", str(tiny_model_dir)]) == 2
+
+
+def test_planted_frequencies_land_as_asked():
+    import re
+
+    from infinictx.analysis.ngrams.planted import FACT_TEMPLATES, build, exposure_levels
+
+    assert exposure_levels() == [1, 3, 10, 32, 100, 316, 1000]
+    books = [("a", "\n\n".join(f"Paragraph {k} of the first book." for k in range(50))),
+             ("b", "\n\n".join(f"Paragraph {k} of the second book." for k in range(30)))]
+    planted = build(books, facts_per_level=2, levels=[1, 5, 20], towns=3, seed=3)
+    text = "\n".join(t for _, t in planted.documents)
+    assert [name for name, _ in planted.documents] == ["a", "b"]
+    for f in planted.facts:
+        stated = sum(text.count(t.format(person=f["person"], town=f["town"])) for t in FACT_TEMPLATES)
+        assert stated == f["exposures"]
+        assert len(re.findall(re.escape(f["person"]), text)) == f["exposures"] + f["noise"]
+    assert planted.arithmetic and all(f"{r['a']} plus {r['b']} is" not in text for r in planted.arithmetic)
+    assert build(books, facts_per_level=2, levels=[1, 5, 20], towns=3, seed=3).documents == planted.documents
+    with pytest.raises(InfinictxError, match="non-empty"):
+        build([("a", "  ")])
