@@ -154,7 +154,7 @@ def isolation(threads: int) -> dict:
 
 def load(threads: int, clients: int = 16, requests: int = 200) -> dict:
     passages = texts(clients, 6000)
-    settings = {"window": 256, "chunk": 64}
+    settings = {"window": 128, "chunk": 64}   # a read of 250 characters is one chunk: one training step
     per_client = [requests // clients + (1 if i < requests % clients else 0) for i in range(clients)]
     server = Server(threads)
     latencies: dict[str, list[float]] = {}
@@ -305,7 +305,8 @@ def markdown(out: dict) -> str:
                   f"{r['weights_unchanged_with_adapters']}, after: {r['weights_unchanged_after']}.", ""]
     if "load" in out:
         r = out["load"]
-        lines += [f"## Load: {r['clients']} clients, {r['requests']} requests (Temp-Lora W=256, Δ=64)", "",
+        lines += [f"## Load: {r['clients']} clients, {r['requests']} requests (Temp-Lora W={r['settings']['window']}, "
+                  f"Δ={r['settings']['chunk']})", "",
                   f"{r['requests_per_s']} requests/s over {r['wall_s']} s; statuses {r['statuses']}; 5xx: "
                   f"{r['server_errors']}; lost reads: {r['lost_reads']} of {r['sessions']} sessions; base weights "
                   f"unchanged: {r['weights_unchanged']}.", "", "| requests | n | p50 s | p95 s |", "|---|---|---|---|"]
