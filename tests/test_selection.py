@@ -1,0 +1,78 @@
+"""TAGCOS selection: OMP, budgets, the random projection, gradient features."""
+
+import pytest
+import torch
+
+from infinictx.core.errors import InfinictxError
+from infinictx.selection.coreset import random_subset, tagcos
+from infinictx.selection.omp import budgets, omp, select_in_cluster
+from infinictx.selection.projection import RademacherProjector
+
+
+def test_omp_recovers_a_planted_sparse_nonnegative_combination():
+    torch.manual_seed(0)
+    A = torch.nn.functional.normalize(torch.randn(200, 64), dim=1)
+    truth = {7: 2.0, 42: 1.0, 150: 0.5}
+    b = sum(w * A[i] for i, w in truth.items())
+    rows, x = omp(A, b, nnz=10, lam=1e-6)
+    assert set(rows) == set(truth)
+    assert torch.allclose(x, torch.tensor([truth[r] for r in rows]), atol=1e-3)
+
+
+def test_omp_stops_instead_of_looping_when_nothing_helps():
+    A = -torch.eye(5)                       # every row points away from the target
+    rows, _ = omp(A, torch.ones(5), nnz=3)
+    assert rows == []
+    got = select_in_cluster(A, torch.ones(5), 3)   # filled by closeness instead of looping forever
+    assert len(got) == 3 and len(set(got)) == 3
+
+
+@pytest.mark.parametrize("sizes, frac", [([10, 10, 10], 0.05), ([1, 2, 97], 0.05), ([3, 3, 3, 1], 0.5),
+                                         ([1000, 7, 1], 0.05), ([1], 0.5)])
+def test_budgets_sum_exactly(sizes, frac):
+    b = budgets(sizes, frac)
+    assert sum(b) == round(frac * sum(sizes)) and all(0 <= x <= s for x, s in zip(b, sizes))
+
+
+def test_projection_preserves_inner_products():
+    torch.manual_seed(1)
+    x = torch.nn.functional.normalize(torch.randn(20, 5000), dim=1)
+    p = RademacherProjector(5000, 2048, seed=3, block=1000)
+    y = p.project(x)
+    err = (y @ y.T - x @ x.T).abs().max()
+    assert err < 0.15   # JL: about sqrt(8 log n / D)
+    assert torch.allclose(y[:5], p.project(x[:5]), atol=1e-6)   # blocks generated the same in every call
+    assert not torch.equal(y, RademacherProjector(5000, 2048, seed=4, block=1000).project(x))
+
+
+def test_tagcos_selects_exactly_and_deterministically():
+    torch.manual_seed(2)
+    f = torch.nn.functional.normalize(torch.randn(300, 32) + 3 * torch.randn(3, 32).repeat(100, 1), dim=1)
+    a, b = tagcos(f, 0.05, clusters=3, seed=0), tagcos(f, 0.05, clusters=3, seed=0)
+    assert a == b and len(a) == 15 and len(set(a)) == 15
+    assert len(random_subset(300, 0.05)) == 15
+    with pytest.raises(InfinictxError, match=r"\(0, 1\)"):
+        tagcos(f, 1.0, clusters=3)
+    with pytest.raises(InfinictxError, match="clusters"):
+        tagcos(f[:4], 0.5, clusters=5)
+
+
+def test_adam_feature_and_per_example_gradients(tiny):
+    from infinictx.selection.features import adam_moments, example_gradient, trainable, transform
+    from infinictx.training.lora import add_lora
+
+    model, _ = add_lora(tiny.model, rank=4, alpha=8, seed=0)
+    params = trainable(model)
+    ids = torch.randint(0, 300, (2, 12))
+    g0 = example_gradient(model, ids[0], ids[0])
+    model.zero_grad()
+    loss = model(input_ids=ids[:1], labels=ids[:1]).loss
+    loss.backward()
+    assert torch.allclose(g0, torch.cat([p.grad.flatten() for p in params]), atol=1e-6)
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    opt.step()
+    m, v = adam_moments(model, opt)
+    g1 = example_gradient(model, ids[1], ids[1])
+    expected = (0.9 * m + 0.1 * g1) / torch.sqrt(0.999 * v + 0.001 * g1 ** 2 + 1e-8)
+    assert torch.allclose(transform(g1, "adam", (m, v)), expected)
+    assert torch.equal(transform(g1, "sign"), torch.sign(g1))
