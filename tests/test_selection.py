@@ -76,3 +76,23 @@ def test_adam_feature_and_per_example_gradients(tiny):
     expected = (0.9 * m + 0.1 * g1) / torch.sqrt(0.999 * v + 0.001 * g1 ** 2 + 1e-8)
     assert torch.allclose(transform(g1, "adam", (m, v)), expected)
     assert torch.equal(transform(g1, "sign"), torch.sign(g1))
+
+
+def test_instruction_pool_makeup():
+    from conftest import SAMPLE
+
+    from infinictx.data.instructions import build_pool
+
+    texts = ["\n".join([SAMPLE[i:i + 60] for i in range(0, len(SAMPLE) - 60, 20)])]
+    bible = [("起初神创造天地。", "In the beginning God created the heaven and the earth.")] * 3
+    pool = build_pool(size=600, test_per_family=20, texts=texts, bible=bible, seed=1)
+    assert len(pool.train) == 600 and [r["id"] for r in pool.train] == list(range(600))
+    assert set(pool.makeup) == {"arithmetic", "cloze", "strings", "lists", "lookup", "dates", "translation"}
+    assert pool.makeup["arithmetic"]["pool"] > 3 * pool.makeup["dates"]["pool"]   # unbalanced as asked
+    assert sum(m["noisy"] for m in pool.makeup.values()) == 30                   # 5%
+    assert sum(m["duplicates"] for m in pool.makeup.values()) == 60              # 10%
+    test_prompts = {r["prompt"] for rows in pool.test.values() for r in rows}
+    assert not test_prompts & {r["prompt"] for r in pool.train}
+    again = build_pool(size=600, test_per_family=20, texts=texts, bible=bible, seed=1)
+    assert again.train == pool.train
+    assert all(str(eval(r["prompt"][8:-1])) == r["answer"] for r in pool.test["arithmetic"])   # noqa: S307
