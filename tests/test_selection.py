@@ -96,3 +96,24 @@ def test_instruction_pool_makeup():
     again = build_pool(size=600, test_per_family=20, texts=texts, bible=bible, seed=1)
     assert again.train == pool.train
     assert all(str(eval(r["prompt"][8:-1])) == r["answer"] for r in pool.test["arithmetic"])   # noqa: S307
+
+
+def test_batched_per_example_gradients_equal_one_at_a_time(tiny):
+    from infinictx.selection.features import batch_gradients, example_gradient
+    from infinictx.training.lora import add_lora
+
+    model, params = add_lora(tiny.model, rank=4, alpha=8, seed=0)
+    with torch.no_grad():   # B starts at zero (then A's gradient is zero): give it weights
+        for p in params:
+            p.normal_(0, 0.1)
+    torch.manual_seed(3)
+    examples = []
+    for n in (9, 14, 5):
+        ids = torch.randint(0, 300, (n,))
+        labels = ids.clone()
+        labels[: n // 2] = -100   # the prompt is not scored
+        examples.append((ids, labels))
+    batched = batch_gradients(model, examples)
+    for k, (ids, labels) in enumerate(examples):
+        one = example_gradient(model, ids, labels)
+        assert torch.allclose(batched[k], one, atol=1e-5, rtol=1e-4), k

@@ -49,6 +49,55 @@ def example_gradient(model, input_ids: torch.Tensor, labels: torch.Tensor) -> to
                       for g, p in zip(grads, params)])
 
 
+def batch_gradients(model, examples) -> torch.Tensor:
+    """(n, P) per-example gradients of `examples` [(input_ids, labels)] from one padded forward and backward: every
+    trainable parameter is the weight of a linear layer (LoRA's A and B), whose per-example gradient is
+    Σ_t grad_out[t] ⊗ input[t] over that example's tokens (Opacus's method). The loss is the sum of the examples'
+    mean token losses, so each example's share is exactly its own gradient; right padding changes nothing before
+    it (causal attention) and carries no loss."""
+    params = trainable(model)
+    owner = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.requires_grad:
+            if module.bias is not None and module.bias.requires_grad:
+                raise InfinictxError("batched gradients cover linear weights only (a trainable bias found)")
+            owner[id(module.weight)] = module
+    if any(id(p) not in owner for p in params):
+        raise InfinictxError("batched gradients need every trainable parameter to be a linear layer's weight")
+    device = params[0].device
+    n, T = len(examples), max(len(ids) for ids, _ in examples)
+    ids = torch.zeros(n, T, dtype=torch.long)
+    labels = torch.full((n, T), -100, dtype=torch.long)
+    mask = torch.zeros(n, T, dtype=torch.long)
+    for k, (x, y) in enumerate(examples):
+        ids[k, :len(x)], labels[k, :len(y)], mask[k, :len(x)] = x, y, 1
+    inputs, grads, handles = {}, {}, []
+
+    def keep(module, inp, out):
+        inputs[module] = inp[0].detach()
+        out.register_hook(lambda g, m=module: grads.__setitem__(m, g.detach()))
+
+    for module in set(owner.values()):
+        handles.append(module.register_forward_hook(keep))
+    try:
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
+        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:].to(device), ignore_index=-100,
+                              reduction="none")
+        counts = (labels[:, 1:] != -100).sum(1).clamp(min=1).to(device)
+        per_example = nll.sum(1) / counts
+        if not torch.isfinite(per_example).all():
+            raise InfinictxError("an example's loss is not finite")
+        per_example.sum().backward()
+    finally:
+        for h in handles:
+            h.remove()
+    out = [torch.einsum("bto,bti->boi", grads[owner[id(p)]].float(), inputs[owner[id(p)]].float()).reshape(n, -1)
+           for p in params]
+    for p in params:
+        p.grad = None
+    return torch.cat(out, dim=1).cpu()
+
+
 def transform(g: torch.Tensor, kind: str, moments=None, betas=(0.9, 0.999), eps: float = 1e-8) -> torch.Tensor:
     if kind == "sgd":
         return g
@@ -67,14 +116,13 @@ def transform(g: torch.Tensor, kind: str, moments=None, betas=(0.9, 0.999), eps:
 def gradient_features(model, examples, projector, kind: str = "adam", moments=None, batch: int = 16,
                       progress=None) -> torch.Tensor:
     """(n, D) L2-normalised projected features of `examples` [(input_ids, labels)]."""
-    out, pending = [], []
-    for k, (ids, labels) in enumerate(examples):
-        pending.append(transform(example_gradient(model, ids, labels), kind, moments))
-        if len(pending) == batch or k == len(examples) - 1:
-            out.append(projector.project(torch.stack(pending)))
-            pending = []
+    out = []
+    for s in range(0, len(examples), batch):
+        part = examples[s:s + batch]
+        g = batch_gradients(model, part)
+        out.append(projector.project(torch.stack([transform(row, kind, moments) for row in g])))
         if progress:
-            progress(1)
+            progress(len(part))
     return F.normalize(torch.cat(out), dim=1)
 
 
