@@ -117,3 +117,39 @@ def test_batched_per_example_gradients_equal_one_at_a_time(tiny):
     for k, (ids, labels) in enumerate(examples):
         one = example_gradient(model, ids, labels)
         assert torch.allclose(batched[k], one, atol=1e-5, rtol=1e-4), k
+
+
+def test_tagcos_end_to_end_on_the_tiny_model(tiny, tmp_path):
+    from infinictx import weights_fingerprint
+    from infinictx.data.instructions import build_pool
+    from infinictx.selection.coreset import SelectConfig, pool_features, tagcos
+    from infinictx.training.instruct import InstructConfig
+
+    rows = build_pool(size=60, test_per_family=2, seed=0).train
+    cfg = SelectConfig(frac=0.1, clusters=2, dim=64, warmup_frac=0.2, checkpoints=2, batch=8)
+    before = weights_fingerprint(tiny.model)
+    feats, record = pool_features(tiny.model, tiny.tokenizer, rows, cfg, InstructConfig(lr=1e-2, epochs=2, rank=4),
+                                  cache=tmp_path / "f.pt")
+    assert feats.shape == (60, 64) and torch.allclose(feats.norm(dim=1), torch.ones(60), atol=1e-5)
+    assert len(record["warmup"]["lrs"]) == 2 and weights_fingerprint(tiny.model) == before
+    assert not any("lora_" in n for n, _ in tiny.model.named_parameters())
+    again, _ = pool_features(tiny.model, tiny.tokenizer, rows, cfg, cache=tmp_path / "f.pt")   # from the cache
+    assert torch.equal(again, feats)
+    picked = tagcos(feats, cfg.frac, cfg.clusters)
+    assert len(picked) == 6
+
+
+def test_instruction_tuning_lowers_the_answer_nll(tiny):
+    from infinictx import weights_fingerprint
+    from infinictx.data.instructions import build_pool
+    from infinictx.training.instruct import InstructConfig, evaluate, finetune
+
+    rows = build_pool(size=40, test_per_family=2, seed=0).train[:8]
+    tests = {"seen": rows}
+    before_w = weights_fingerprint(tiny.model)
+    before = evaluate(tiny.model, tiny.tokenizer, tests, max_new_tokens=4)["seen"]["nll"]
+    model, record, _ = finetune(tiny.model, tiny.tokenizer, rows, InstructConfig(lr=1e-2, epochs=6, rank=4, batch=4))
+    after = evaluate(model, tiny.tokenizer, tests, max_new_tokens=4)["seen"]["nll"]
+    model.unload()
+    assert after < before - 0.5 and record["steps"] == 12
+    assert weights_fingerprint(tiny.model) == before_w

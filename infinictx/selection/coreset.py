@@ -5,6 +5,9 @@ centroid), and OMP over the whole pool without clusters."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -47,3 +50,73 @@ def kmeans_nearest(embeddings: torch.Tensor, frac: float, clusters: int, seed: i
         d = (E - E.mean(0)).norm(dim=1)
         picked += [int(members[i]) for i in d.argsort()[:budget].tolist()]
     return sorted(picked)
+
+
+@dataclass
+class SelectConfig:
+    frac: float = 0.05
+    clusters: int = 20               # 1: OMP over the whole pool (the no-clustering ablation)
+    features: str = "adam"           # adam | sgd | sign
+    dim: int = 8192                  # projection size D
+    warmup_frac: float = 0.05        # the warm-up LoRA is trained on this random share of the pool
+    warmup_epochs: float = 1.0
+    checkpoints: int = 3             # warm-up checkpoints whose features are averaged (weighted by lr)
+    lam: float = 1.0                 # OMP's ridge
+    batch: int = 16                  # examples per batched gradient
+    seed: int = 0
+
+    def __post_init__(self):
+        budgets([1], self.frac)
+        budgets([1], self.warmup_frac)
+        if self.clusters < 1 or self.dim < 1 or self.checkpoints < 1 or self.batch < 1:
+            raise InfinictxError("clusters, dim, checkpoints and batch must be >= 1")
+        if self.features not in ("adam", "sgd", "sign"):
+            raise InfinictxError(f"features must be adam, sgd or sign (got {self.features!r})")
+
+
+def pool_features(model, tokenizer, rows: list[dict], cfg: SelectConfig, instruct=None, cache: Path | None = None,
+                  progress=None) -> tuple[torch.Tensor, dict]:
+    """TAGCOS's features of every row: a warm-up LoRA on a random share of the pool, checkpoints through it, each
+    checkpoint's projected (Adam-normalised) per-example gradients, averaged with the learning rates. Cached in
+    `cache` (a rerun with the same settings reads them)."""
+    import time
+    from dataclasses import asdict
+
+    from peft import set_peft_model_state_dict
+
+    from ..training.instruct import InstructConfig, encode, finetune
+    from .features import average_checkpoints, gradient_features, trainable
+    from .projection import RademacherProjector
+
+    key = {k: v for k, v in asdict(cfg).items() if k not in ("frac", "clusters", "lam")}
+    if cache is not None and cache.exists():
+        saved = torch.load(cache, weights_only=False)
+        if saved["key"] == key and saved["rows"] == len(rows):
+            return saved["features"], saved["record"]
+    instruct = instruct or InstructConfig(epochs=cfg.warmup_epochs, seed=cfg.seed)
+    t0 = time.perf_counter()
+    warm_rows = [rows[i] for i in random_subset(len(rows), cfg.warmup_frac, cfg.seed)]
+    steps = max(1, round(-(-len(warm_rows) // instruct.batch) * instruct.epochs))
+    marks = sorted({max(1, round(steps * (k + 1) / cfg.checkpoints)) for k in range(cfg.checkpoints)})
+    peft_model, warm_record, saved = finetune(model, tokenizer, warm_rows, instruct, checkpoints=tuple(marks))
+    t_warm = time.perf_counter() - t0
+    try:
+        params = trainable(peft_model)
+        projector = RademacherProjector(sum(p.numel() for p in params), cfg.dim, seed=cfg.seed)
+        examples = [encode(tokenizer, r, instruct.max_len) for r in rows]
+        feats, lrs = [], []
+        for ck in saved:
+            set_peft_model_state_dict(peft_model, ck["adapter"])
+            moments = (ck["optimizer"]["exp_avg"].float(), ck["optimizer"]["exp_avg_sq"].float())
+            feats.append(gradient_features(peft_model, examples, projector, cfg.features, moments, cfg.batch,
+                                           progress))
+            lrs.append(ck["lr"])
+    finally:
+        peft_model.unload()   # the LoRA layers out: the base model as it was
+    features = average_checkpoints(feats, lrs)
+    record = {"warmup": {**warm_record, "checkpoints": marks, "lrs": lrs, "seconds": round(t_warm, 1)},
+              "feature_seconds": round(time.perf_counter() - t0 - t_warm, 1), "grad_dim": projector.grad_dim}
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": key, "rows": len(rows), "features": features, "record": record}, cache)
+    return features, record
