@@ -60,6 +60,8 @@ class SelectConfig:
     dim: int = 8192                  # projection size D
     warmup_frac: float = 0.05        # the warm-up LoRA is trained on this random share of the pool
     warmup_epochs: float = 1.0
+    warmup_modules: tuple[str, ...] = ("q_proj", "v_proj")   # the warm-up LoRA's layers: P, the gradient size,
+    # sets the cost of the features (P × D per example to project); q and v keep it to ~0.5M on SmolLM2
     checkpoints: int = 3             # warm-up checkpoints whose features are averaged (weighted by lr)
     lam: float = 1.0                 # OMP's ridge
     batch: int = 16                  # examples per batched gradient
@@ -93,7 +95,7 @@ def pool_features(model, tokenizer, rows: list[dict], cfg: SelectConfig, instruc
         saved = torch.load(cache, weights_only=False)
         if saved["key"] == key and saved["rows"] == len(rows):
             return saved["features"], saved["record"]
-    instruct = instruct or InstructConfig(epochs=cfg.warmup_epochs, seed=cfg.seed)
+    instruct = instruct or InstructConfig(epochs=cfg.warmup_epochs, seed=cfg.seed, modules=cfg.warmup_modules)
     t0 = time.perf_counter()
     warm_rows = [rows[i] for i in random_subset(len(rows), cfg.warmup_frac, cfg.seed)]
     steps = max(1, round(-(-len(warm_rows) // instruct.batch) * instruct.epochs))

@@ -114,15 +114,21 @@ def transform(g: torch.Tensor, kind: str, moments=None, betas=(0.9, 0.999), eps:
 
 
 def gradient_features(model, examples, projector, kind: str = "adam", moments=None, batch: int = 16,
-                      progress=None) -> torch.Tensor:
-    """(n, D) L2-normalised projected features of `examples` [(input_ids, labels)]."""
+                      progress=None, max_bytes: int = 4 << 30) -> torch.Tensor:
+    """(n, D) L2-normalised projected features of `examples` [(input_ids, labels)]. The transformed gradients are
+    gathered (in bfloat16, up to `max_bytes` at a time) and projected together: generating the projection costs
+    P × D per pass whatever the number of rows, so the fewer passes the better."""
+    per_pass = max(1, max_bytes // (2 * projector.grad_dim))
     out = []
-    for s in range(0, len(examples), batch):
-        part = examples[s:s + batch]
-        g = batch_gradients(model, part)
-        out.append(projector.project(torch.stack([transform(row, kind, moments) for row in g])))
-        if progress:
-            progress(len(part))
+    for s in range(0, len(examples), per_pass):
+        part = examples[s:s + per_pass]
+        buf = torch.empty(len(part), projector.grad_dim, dtype=torch.bfloat16)
+        for b in range(0, len(part), batch):
+            g = batch_gradients(model, part[b:b + batch])
+            buf[b:b + len(g)] = transform(g, kind, moments)
+            if progress:
+                progress(len(g))
+        out.append(projector.project(buf))
     return F.normalize(torch.cat(out), dim=1)
 
 

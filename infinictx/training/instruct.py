@@ -28,6 +28,7 @@ class InstructConfig:
     batch: int = 8
     warmup_ratio: float = 0.03
     max_len: int = 192
+    modules: tuple[str, ...] | None = None   # LoRA on these linear layers only (None: every one)
     seed: int = 0
 
     def __post_init__(self):
@@ -65,7 +66,7 @@ def finetune(model, tokenizer, rows: list[dict], cfg: InstructConfig, checkpoint
 
     if not rows:
         raise InfinictxError("no examples to train on")
-    peft_model, params = add_lora(model, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed)
+    peft_model, params = add_lora(model, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed, modules=cfg.modules)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     data = [encode(tokenizer, r, cfg.max_len) for r in rows]
     per_epoch = math.ceil(len(data) / cfg.batch)

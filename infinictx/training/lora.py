@@ -19,13 +19,15 @@ def lora_targets(model: torch.nn.Module, layers: list[int] | None):
 
 
 def add_lora(model: torch.nn.Module, rank: int, alpha: float, dropout: float = 0.0, seed: int | None = None,
-             task_type: str | None = None, layers: list[int] | None = None):
+             task_type: str | None = None, layers: list[int] | None = None, modules: list[str] | None = None):
     """Wrap `model` in place with a peft LoRA (r=`rank`, alpha, dropout; A initialised under `seed` without
     touching the global RNG, or from the global RNG when seed is None; on the decoder layers `layers` only, or all
-    of them). Returns (peft model, trainable params). peft's "all-linear" leaves the LM head out."""
+    of them; on the linear layers named `modules` only, e.g. ["q_proj", "v_proj"], or every one). Returns (peft
+    model, trainable params). peft's "all-linear" leaves the LM head out."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_targets(model, layers),
+    targets = list(modules) if modules else lora_targets(model, layers)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                         task_type=task_type, layers_to_transform=layers)
     with torch.random.fork_rng(devices=[]) if seed is not None else nullcontext():
         if seed is not None:
