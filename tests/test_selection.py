@@ -153,3 +153,23 @@ def test_instruction_tuning_lowers_the_answer_nll(tiny):
     model.unload()
     assert after < before - 0.5 and record["steps"] == 12
     assert weights_fingerprint(tiny.model) == before_w
+
+
+def test_select_command(tmp_path, tiny_model_dir):
+    import json
+
+    from infinictx.data.instructions import build_pool
+    from infinictx.fronts.cli import main
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps(r) + "\n" for r in build_pool(size=40, test_per_family=1, seed=0).train))
+    out = tmp_path / "sub.jsonl"
+    assert main(["select", str(pool), "--out", str(out), "--method", "random", "--frac", "0.1"]) == 0
+    assert len(out.read_text().splitlines()) == 4
+    assert main(["select", str(pool), "--out", str(out), "--model", str(tiny_model_dir), "--clusters", "2",
+                 "--dim", "32", "--frac", "0.1"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 4 and all("prompt" in r for r in rows)
+    for bad in (["--frac", "1.5"], ["--clusters", "100"]):
+        assert main(["select", str(pool), "--out", str(tmp_path / "x.jsonl"), "--method", "random", *bad]) == 2
+    assert not (tmp_path / "x.jsonl").exists()

@@ -7,6 +7,7 @@
   infinictx fetch                              cache the embedded model, the default book and RAG's embedder
   infinictx serve                              long-context sessions over HTTP
   infinictx ngram-index CORPUS --out DIR       index a corpus's n-grams; `infinictx trace TASK.jsonl --index DIR`
+  infinictx select POOL.jsonl --out SUB.jsonl  choose 5% of an instruction pool (TAGCOS)
 
 The flags are built from the settings of every registered method and task (`core.registry.setting`): a flag
 several methods share (-W, -D, --sinks) is one flag, and each default lives in its dataclass. A flag of another
@@ -156,8 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--translation", action="store_true", help="also Gemma-3-270M and the Bible (CUV, KJV)")
     fetch.add_argument("--debug", action="store_true")
     from .ngram_cli import add_parsers
+    from .select_cli import add_parser as add_select
 
     add_parsers(sub)
+    add_select(sub)
     return parser
 
 
@@ -263,6 +266,10 @@ def main(argv=None) -> int:
             return cmd_fetch(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "select":
+            from .select_cli import cmd_select
+
+            return cmd_select(args)
         if args.command in ("ngram-index", "trace"):
             from .ngram_cli import cmd_ngram_index, cmd_trace
 
