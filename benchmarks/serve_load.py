@@ -77,7 +77,11 @@ class Server:
     def kill(self, sig=signal.SIGKILL):
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        self.proc.wait()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:   # a graceful stop waiting on a job in flight
+            self.proc.kill()
+            self.proc.wait()
 
 
 def ok(r: httpx.Response) -> dict:

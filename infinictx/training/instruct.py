@@ -118,24 +118,27 @@ def _flat_state(opt, params) -> dict:
 
 @torch.no_grad()
 def evaluate(model, tokenizer, tests: dict[str, list[dict]], max_new_tokens: int = 24, max_len: int = 192) -> dict:
-    """Per family: exact match of the greedy answer, and the reference answer's mean NLL."""
+    """Per family: exact match of the greedy answer (and each example's, `correct`), and the reference answer's
+    mean NLL."""
     out = {}
     device = next(model.parameters()).device
     model.eval()
     for fam, rows in tests.items():
-        right, nll = 0, []
+        right, nll, correct = 0, [], []
         for r in rows:
             prompt = tokenizer(format_prompt(r["prompt"]), return_tensors="pt", add_special_tokens=False).input_ids
             gen = model.generate(input_ids=prompt.to(device), attention_mask=torch.ones_like(prompt).to(device),
                                  max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
             answer = tokenizer.decode(gen[0, prompt.shape[1]:], skip_special_tokens=True).strip()
-            right += answer == r["answer"].strip()
+            correct.append(answer == r["answer"].strip())
+            right += correct[-1]
             ids, labels = encode(tokenizer, r, max_len)
             logits = model(input_ids=ids[None].to(device), use_cache=False).logits[0, :-1].float()
             token_nll = F.cross_entropy(logits, labels[1:].to(device), ignore_index=-100, reduction="sum")
             nll.append(float(token_nll) / int((labels[1:] != -100).sum()))
-        out[fam] = {"exact": right / len(rows), "right": right, "n": len(rows), "nll": sum(nll) / len(nll)}
+        out[fam] = {"exact": right / len(rows), "right": right, "n": len(rows), "nll": sum(nll) / len(nll),
+                    "correct": correct}
     fams = list(out)
     out["average"] = {"exact": sum(out[f]["exact"] for f in fams) / len(fams),
                       "nll": sum(out[f]["nll"] for f in fams) / len(fams)}
