@@ -1,0 +1,244 @@
+"""Preference pairs whose preference a context reverses (the shape of RPR, arXiv 2407.14916), built offline.
+
+Each pair is one prompt with two responses that carry the same content in two styles along one dimension
+(concise vs detailed, formal vs casual, list vs prose, cautious vs direct, with vs without an example,
+technical vs plain), so neither is better without a context. Two contexts reverse the preference: under the `x`
+contexts response_a is preferred, under the `y` contexts response_b — as stated criteria ("The user wants the
+short answer.") and as scenarios the criterion must be inferred from ("The user is reading on a phone between
+meetings."). The columns are RPR's: prompt, response_a, response_b, criteria_x, criteria_y, scenario_x,
+scenario_y, plus `dimension` and `split`.
+
+Held out for testing: whole dimensions (`TEST_DIMENSIONS`) and, for the other dimensions, some phrasings of the
+contexts. Adversarial rows: a response that does not answer the prompt against one that does, with an irrelevant
+or nonsense context: the prompt alone decides them (`label` says which response is right under every context).
+
+`read_rpr` loads the real RPR layout from a CSV / JSONL / parquet for users who have it."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..core.errors import InfinictxError
+
+# prompt, its facts (the content every response carries), an example
+TOPICS = [
+    ("How do I keep bread fresh?", ["store it in a paper bag or a bread box", "keep it away from the fridge, where "
+     "it goes stale faster", "freeze slices you will not eat within two days"], "a sourdough loaf keeps three days "
+     "in a cloth bag"),
+    ("How can I sleep better?", ["keep a fixed bedtime", "avoid screens for the last hour", "keep the bedroom cool "
+     "and dark"], "going to bed at 22:30 every night, weekends included"),
+    ("How do I start running?", ["begin with short intervals of running and walking", "run three times a week",
+     "increase the distance by about ten percent a week"], "one minute of running, two of walking, eight times"),
+    ("How do I water a cactus?", ["water only when the soil is completely dry", "soak the soil, then let it "
+     "drain", "water far less in winter"], "once every two weeks in summer and once a month in winter"),
+    ("How do I make a good cup of tea?", ["use freshly boiled water", "steep black tea for three to five minutes",
+     "remove the leaves so it does not turn bitter"], "a teaspoon of Assam in 250 ml of water for four minutes"),
+    ("How should I prepare for a job interview?", ["research the company", "prepare short stories about your past "
+     "work", "have questions ready for the interviewer"], "asking how the team measures success in the first year"),
+    ("How do I learn a new language faster?", ["practise a little every day", "speak with native speakers early",
+     "learn the most common words first"], "fifteen minutes of flashcards each morning"),
+    ("How do I remove a coffee stain?", ["blot the stain, do not rub it", "rinse with cold water from the back",
+     "treat it with a little dish soap before washing"], "a drop of dish soap on a cotton shirt, then a cold wash"),
+    ("How do I save money on groceries?", ["plan meals for the week", "shop with a list", "buy store brands and "
+     "seasonal produce"], "cooking a large pot of soup on Sunday for three lunches"),
+    ("How do I keep houseplants alive?", ["match each plant to the light it needs", "water when the top of the "
+     "soil is dry", "use pots with drainage holes"], "a snake plant in a dim corner watered every three weeks"),
+    ("How do I write a clear email?", ["put the request in the first sentence", "keep paragraphs short", "end "
+     "with the next step and a date"], "'Could you send the figures by Friday?' as the opening line"),
+    ("How do I back up my photos?", ["keep at least two copies", "store one copy in another place", "check now "
+     "and then that the backups open"], "an external drive at home and a cloud folder"),
+    ("How do I clean a cast iron pan?", ["wash it with hot water and a brush", "dry it at once on the stove",
+     "rub in a thin layer of oil"], "two drops of sunflower oil spread with a paper towel"),
+    ("How do I remember names at a party?", ["repeat the name when you hear it", "link it to something about the "
+     "person", "use it once more before you leave"], "'Nice to meet you, Clara' right after the introduction"),
+    ("How do I reduce stress at work?", ["take short breaks every hour", "write down tomorrow's tasks before "
+     "leaving", "say no to tasks you cannot take on"], "a five-minute walk after each long meeting"),
+    ("How do I choose a ripe avocado?", ["press gently near the stem", "it should yield a little", "avoid ones with "
+     "dents or very soft spots"], "one that gives slightly, like a ripe peach"),
+    ("How do I stop procrastinating?", ["break the task into small steps", "start with five minutes", "remove "
+     "distractions like the phone"], "writing only the first paragraph of the report"),
+    ("How do I care for leather boots?", ["brush off dirt after wearing", "condition the leather every few "
+     "months", "let wet boots dry slowly, away from heaters"], "stuffing them with newspaper to dry overnight"),
+    ("How do I plan a budget?", ["list your income", "list fixed costs first", "set a limit for each other "
+     "category"], "a limit of 300 for food and 100 for going out each month"),
+    ("How do I make rice fluffy?", ["rinse the rice until the water is clear", "use the right amount of water",
+     "let it rest covered after cooking"], "one cup of rice to one and a half cups of water, ten minutes of rest"),
+    ("How do I get better at public speaking?", ["rehearse out loud", "know your opening by heart", "pause instead "
+     "of filling silence"], "recording yourself once and watching it back"),
+    ("How do I keep my laptop battery healthy?", ["avoid keeping it at full charge all day", "keep it cool",
+     "update the system regularly"], "charging to about eighty percent when plugged in at a desk"),
+    ("How do I fix a squeaky door?", ["find the hinge that squeaks", "lubricate the hinge pin", "open and close "
+     "the door to spread it"], "a few drops of oil on the top hinge pin"),
+    ("How do I pack a suitcase efficiently?", ["roll clothes instead of folding", "put heavy items near the "
+     "wheels", "use small bags for cables and toiletries"], "rolled shirts along the bottom and shoes at the wheels"),
+]
+
+# dimension: (style a, style b, criteria for a, criteria for b, scenarios for a, scenarios for b); the last
+# phrasing of each list is held out for testing
+DIMENSIONS = {
+    "length": ("concise", "detailed",
+               ["The user wants the short answer.", "Keep it brief: the user only needs the gist.",
+                "The user prefers answers of one or two sentences."],
+               ["The user wants a thorough, complete answer.", "The user wants every step explained.",
+                "The user prefers long, detailed answers."],
+               ["The user is reading on a phone between two meetings.", "The user is in a hurry at the station.",
+                "The user glances at the answer while cooking dinner."],
+               ["The user is writing a detailed guide and has the afternoon free.",
+                "The user is studying the topic for an exam next week.",
+                "The user is preparing a report that must cover everything."]),
+    "formality": ("formal", "casual",
+                  ["The user wants a formal, professional tone.", "Answer in a polite, formal register.",
+                   "The user prefers impersonal, businesslike language."],
+                  ["The user wants a relaxed, friendly tone.", "Answer casually, like a friend would.",
+                   "The user prefers chatty, informal language."],
+                  ["The answer will be pasted into a letter to the board of directors.",
+                   "The user is writing to a government office.", "The text goes into a company handbook."],
+                  ["The user is texting with a close friend.", "The answer is for a group chat with old friends.",
+                   "The user is chatting with a roommate."]),
+    "format": ("list", "prose",
+               ["The user wants the answer as a bulleted list.", "Give the points as a list, one per line.",
+                "The user prefers lists to paragraphs."],
+               ["The user wants flowing paragraphs, not lists.", "Answer in running prose.",
+                "The user dislikes bullet points."],
+               ["The user will print the answer as a checklist for the fridge.",
+                "The user wants to tick the steps off one by one.", "The answer goes on a slide."],
+               ["The answer will be read aloud on a radio show.", "The user is writing an essay.",
+                "The text goes into a short story."]),
+    "tone": ("cautious", "direct",
+             ["The user wants caveats and a careful, hedged answer.", "Mention uncertainty and exceptions.",
+              "The user prefers cautious advice."],
+             ["The user wants a direct answer without hedging.", "Just say what to do, no caveats.",
+              "The user prefers confident, plain instructions."],
+             ["The user is a careful beginner worried about getting it wrong.",
+              "The user has had bad results following advice before.", "The user is anxious about mistakes."],
+             ["The user is an expert who only needs the steps.", "The user is impatient with disclaimers.",
+              "The user has done this many times and wants a reminder."]),
+    "example": ("with an example", "without an example",
+                ["The user wants a concrete example.", "Include an example to illustrate.",
+                 "The user learns best from examples."],
+                ["The user wants the general advice only, no examples.", "Leave out examples.",
+                 "The user finds examples distracting."],
+                ["The user is a beginner who has never done this.", "The user is a child learning the topic.",
+                 "The user asked for something to copy."],
+                ["The user is making a very short summary card.", "The text must fit in a tweet-length note.",
+                 "The user only needs the principles for a slide title."]),
+    "register": ("technical", "plain",
+                 ["The user wants precise, technical wording.", "Use the vocabulary of a specialist.",
+                  "The user prefers exact technical terms."],
+                 ["The user wants plain everyday words.", "Avoid jargon entirely.",
+                  "The user prefers simple language."],
+                 ["The answer is for a professional journal.", "The reader is a specialist in the field.",
+                  "The user is an engineer writing documentation."],
+                 ["The answer is for a ten-year-old.", "The reader is new to the subject.",
+                  "The user will read it to a grandparent."]),
+}
+TEST_DIMENSIONS = ("register", "example")
+IRRELEVANT = ["The user likes the colour blue.", "It is raining in Lisbon today.", "The user owns two cats.",
+              "Purple elephants compute the tide.", "The user was born on a Tuesday."]
+COLUMNS = ("prompt", "response_a", "response_b", "criteria_x", "criteria_y", "scenario_x", "scenario_y")
+
+
+def render(prompt: str, facts: list[str], example: str, style: str) -> str:
+    """One response to `prompt` in `style` (the other dimensions neutral)."""
+    first = facts[0][0].upper() + facts[0][1:]
+    rest = ", ".join(facts[1:-1] + [f"and {facts[-1]}"]) if len(facts) > 2 else facts[-1]
+    neutral = f"{first}, {rest}."
+    if style == "concise":
+        return f"{first}."
+    if style == "detailed":
+        return (f"{first}; this matters more than anything else. " + " ".join(
+            f"Next, {f}, which makes a real difference over time." for f in facts[1:]) +
+            " Taken together, these steps cover the usual problems.")
+    if style == "formal":
+        return f"It is advisable to {facts[0]}. One should also {'; one should also '.join(facts[1:])}."
+    if style == "casual":
+        return f"Honestly? Just {facts[0]}, and hey, {' and '.join(facts[1:])} too. Easy!"
+    if style == "list":
+        return "\n".join(f"- {f[0].upper() + f[1:]}" for f in facts)
+    if style == "prose":
+        return neutral
+    if style == "cautious":
+        return (f"It may help to {facts[0]}, though results vary. You might also {' and '.join(facts[1:])}; "
+                "check what suits your situation first.")
+    if style == "direct":
+        return " ".join(f"{f[0].upper() + f[1:]}." for f in facts)
+    if style == "with an example":
+        return f"{neutral} For example: {example}."
+    if style == "without an example":
+        return neutral
+    if style == "technical":
+        return f"Procedure: (1) {facts[0]}; (2) {'; (3) '.join(facts[1:])}. Deviations degrade the outcome."
+    if style == "plain":
+        return f"Here is the easy way. {neutral} That's all."
+    raise InfinictxError(f"unknown style {style!r}")
+
+
+@dataclass
+class PreferenceSet:
+    train: list[dict]
+    test: list[dict]
+    adversarial: list[dict]
+
+
+def build_reversal_set(seed: int = 0) -> PreferenceSet:
+    """Every topic × dimension as a reversal pair (response order shuffled, contexts matched to it); training rows
+    use the first phrasings of the training dimensions, test rows the held-out phrasings of every dimension and
+    the held-out dimensions."""
+    rng = random.Random(seed)
+    train, test = [], []
+    for dim, (sa, sb, crit_a, crit_b, scen_a, scen_b) in DIMENSIONS.items():
+        # (phrasing, split): a held-out dimension is test only; the others keep their last phrasing for the test
+        plan = [(k, "test") for k in range(3)] if dim in TEST_DIMENSIONS else [(0, "train"), (1, "train"),
+                                                                              (2, "test")]
+        for prompt, facts, example in TOPICS:
+            a, b = render(prompt, facts, example, sa), render(prompt, facts, example, sb)
+            for k, split in plan:
+                swap = rng.random() < 0.5   # which style is response_a
+                (test if split == "test" else train).append({
+                    "prompt": prompt, "response_a": b if swap else a, "response_b": a if swap else b,
+                    "criteria_x": crit_b[k] if swap else crit_a[k], "criteria_y": crit_a[k] if swap else crit_b[k],
+                    "scenario_x": scen_b[k] if swap else scen_a[k], "scenario_y": scen_a[k] if swap else scen_b[k],
+                    "dimension": dim, "split": split})
+    adversarial = []
+    for k, (prompt, facts, example) in enumerate(TOPICS):
+        other = TOPICS[(k + 7) % len(TOPICS)]
+        good = render(prompt, facts, example, "prose")
+        bad = render(other[0], other[1], other[2], "prose")   # answers another question
+        for ctx in IRRELEVANT:
+            swap = rng.random() < 0.5
+            adversarial.append({"prompt": prompt, "response_a": bad if swap else good,
+                                "response_b": good if swap else bad, "context": ctx, "label": "b" if swap else "a"})
+    return PreferenceSet(train, test, adversarial)
+
+
+def read_rpr(path: str | Path) -> list[dict]:
+    """Rows of the real RPR layout (CSV, JSONL or parquet) with the columns in `COLUMNS`."""
+    path = Path(path)
+    if not path.exists():
+        raise InfinictxError(f"{path} does not exist")
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif path.suffix == ".csv":
+        import csv
+
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path).to_pylist()
+    else:
+        raise InfinictxError(f"RPR data must be .csv, .jsonl or .parquet, not {path.suffix or 'no suffix'}")
+    if not rows:
+        raise InfinictxError(f"{path} has no rows")
+    missing = [c for c in COLUMNS if c not in rows[0]]
+    if missing:
+        raise InfinictxError(f"{path} lacks the RPR column(s) {', '.join(missing)}")
+    for k, r in enumerate(rows):
+        empty = [c for c in COLUMNS if not isinstance(r.get(c), str) or not r[c].strip()]
+        if empty:
+            raise InfinictxError(f"{path}: row {k + 1} has an empty {empty[0]}")
+    return rows

@@ -1,0 +1,58 @@
+"""Reversal preference pairs: construction, reversal labels, held-out splits, the RPR loader's errors."""
+
+import json
+
+import pytest
+
+from infinictx.core.errors import InfinictxError
+from infinictx.data.preferences import DIMENSIONS, TEST_DIMENSIONS, TOPICS, build_reversal_set, read_rpr, render
+
+
+def style_of(row, response):
+    dim = DIMENSIONS[row["dimension"]]
+    for style in dim[:2]:
+        for prompt, facts, example in TOPICS:
+            if prompt == row["prompt"] and render(prompt, facts, example, style) == response:
+                return style
+    raise AssertionError("unknown response")
+
+
+def test_contexts_reverse_the_preference():
+    data = build_reversal_set(seed=0)
+    assert len(data.train) == len(TOPICS) * 2 * (len(DIMENSIONS) - len(TEST_DIMENSIONS))
+    for row in data.train + data.test:
+        sa, sb, crit_a, crit_b, scen_a, scen_b = DIMENSIONS[row["dimension"]]
+        a, b = style_of(row, row["response_a"]), style_of(row, row["response_b"])
+        assert {a, b} == {sa, sb} and row["response_a"] != row["response_b"]
+        # the x contexts ask for response_a's style, the y contexts for response_b's
+        assert row["criteria_x"] in (crit_a if a == sa else crit_b)
+        assert row["criteria_y"] in (crit_b if a == sa else crit_a)
+        assert row["scenario_x"] in (scen_a if a == sa else scen_b)
+        assert row["scenario_y"] in (scen_b if a == sa else scen_a)
+    assert {r["response_a"] == render(r["prompt"], *next((f, e) for p, f, e in TOPICS if p == r["prompt"]),
+                                      DIMENSIONS[r["dimension"]][0]) for r in data.train} == {True, False}
+
+
+def test_held_out_dimensions_and_phrasings():
+    data = build_reversal_set(seed=0)
+    assert not {r["dimension"] for r in data.train} & set(TEST_DIMENSIONS)
+    assert set(TEST_DIMENSIONS) <= {r["dimension"] for r in data.test}
+    seen = {r[c] for r in data.train for c in ("criteria_x", "criteria_y", "scenario_x", "scenario_y")}
+    for r in data.test:
+        assert not {r["criteria_x"], r["criteria_y"], r["scenario_x"], r["scenario_y"]} & seen
+    assert all(r["label"] in ("a", "b") for r in data.adversarial)
+
+
+def test_rpr_loader(tmp_path):
+    rows = build_reversal_set().train[:3]
+    good = tmp_path / "rpr.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(read_rpr(good)) == 3
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({k: v for k, v in rows[0].items() if k != "scenario_y"}) + "\n")
+    with pytest.raises(InfinictxError, match="scenario_y"):
+        read_rpr(bad)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({**rows[0], "criteria_x": " "}) + "\n")
+    with pytest.raises(InfinictxError, match="empty criteria_x"):
+        read_rpr(empty)
