@@ -1,0 +1,110 @@
+"""Context-aware reward modelling (issue 23) on the embedded SmolLM2-135M-Instruct: a CARM trained on reversal
+pairs with criteria and scenarios, against the same model trained without contexts and two untrained baselines
+(a fresh score head; the language model's own likelihood of the response as an implicit reward), on held-out
+dimensions and phrasings (`infinictx/data/preferences.py`); adversarial contexts; the two-step decomposition with
+the language model as the context selector.
+
+  .venv/bin/python benchmarks/carm.py [--models carm,no-context,base-head,lm-likelihood] [--threads 2]"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from common import save
+
+from infinictx.data.fetch import cache_dir
+
+WORK = cache_dir() / "carm"
+MODELS = ["carm", "no-context", "base-head", "lm-likelihood"]
+
+
+class LikelihoodReward(torch.nn.Module):
+    """The causal LM's mean log-probability of the response after the context and prompt, as a reward."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.model = lm.model   # a submodule: parameters() finds the device
+        self.tokenizer = lm.tokenizer
+
+    def forward(self, input_ids, attention_mask):
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+        logp = torch.log_softmax(logits, -1).gather(2, input_ids[:, 1:, None])[..., 0]
+        out = []
+        for k in range(len(input_ids)):   # the response: the tokens after the first prefix that holds "Assistant:"
+            ids = input_ids[k].tolist()
+            n = int(attention_mask[k].sum())
+            start = next((i for i in range(1, n) if "Assistant:" in self.tokenizer.decode(ids[:i])), 1)
+            out.append(logp[k, start - 1:n - 1].mean())
+        return type("Out", (), {"logits": torch.stack(out)[:, None]})()
+
+
+def main():
+    from infinictx import load_model
+    from infinictx.core.models import resolve_model_path
+    from infinictx.data.preferences import build_reversal_set
+    from infinictx.reward.carm import RewardConfig, bt_rows, evaluate, load_reward_model, train
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    data = build_reversal_set(seed=0)
+    model_dir = resolve_model_path(None)[0]
+    lm = load_model(None)
+    WORK.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name in args.models.split(","):
+        if name not in MODELS:
+            raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+        path = WORK / f"{name}.json"
+        if path.exists():
+            results[name] = json.loads(path.read_text())
+            continue
+        print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
+        record = {}
+        if name in ("carm", "no-context"):
+            rows = bt_rows(data.train, "both" if name == "carm" else "none")
+            record = train(model_dir, rows, RewardConfig(), WORK / name)
+            record["rows"] = len(rows)
+            model, tok = load_reward_model(model_dir, WORK / name)
+        elif name == "base-head":
+            model, tok = load_reward_model(model_dir)
+        else:
+            model, tok = LikelihoodReward(lm), lm.tokenizer
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+        t0 = time.perf_counter()
+        scores = evaluate(model, tok, data.test, data.adversarial, lm=lm if name == "carm" else None)
+        results[name] = {"train": record, "eval_s": round(time.perf_counter() - t0, 1), **scores}
+        path.write_text(json.dumps(results[name]))
+        out = {"train_pairs": len(data.train), "test_pairs": len(data.test), "adversarial": len(data.adversarial),
+               "models": results}
+        save("carm", out, markdown(out))
+
+
+def markdown(out: dict) -> str:
+    lines = ["# Context-aware reward models (SmolLM2-135M-Instruct, held-out dimensions and phrasings)", "",
+             f"{out['train_pairs']} training pairs, {out['test_pairs']} test pairs, {out['adversarial']} adversarial.",
+             "", "| model | criteria acc. | reversal (criteria) | scenario acc. | reversal (scenario) | no context "
+             "P(a) | adversarial: no ctx / irrelevant ctx / flipped |", "|---|---|---|---|---|---|---|"]
+    for name, r in out["models"].items():
+        adv = r.get("adversarial", {})
+        lines.append(f"| {name} | {r['criteria']['accuracy']:.3f} | {r['criteria']['reversal_consistency']:.3f} | "
+                     f"{r['scenario']['accuracy']:.3f} | {r['scenario']['reversal_consistency']:.3f} | "
+                     f"{r['no_context']['mean_p_a']:.3f} | {adv.get('no_context', 0):.2f} / "
+                     f"{adv.get('irrelevant_context', 0):.2f} / {adv.get('flipped', 0):.2f} |")
+    carm = out["models"].get("carm", {})
+    if "two_step" in carm:
+        t = carm["two_step"]
+        lines += ["", f"Two steps on scenarios (CARM; the LM picks the criterion): context error "
+                  f"{t['context_error']:.3f}, preference error given the right context "
+                  f"{t['preference_error_given_context']:.3f}, two-step error {t['two_step_error']:.3f}."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Reward models: context-aware preference modelling (`carm.py`, arXiv 2407.14916)."""

@@ -1,0 +1,204 @@
+"""Context-aware reward models (CARM, arXiv 2407.14916): a scalar reward on (context, prompt, response), trained with
+the Bradley–Terry loss on pairs whose preference a context reverses, and the two-step view of preference.
+
+- Input format: an explicit context slot, absent in the no-context view:
+      Context: <criteria or scenario>\\nUser: <prompt>\\nAssistant: <response>
+- The model: `AutoModelForSequenceClassification` (one label) on any HF causal LM, a LoRA on it plus the score
+  head, trained by TRL's `RewardTrainer` (Bradley–Terry: −log σ(r_chosen − r_rejected)).
+- Two steps: P(a ≻ b | x) = Σ_c P(c | x) · P(a ≻ b | x, c), with P(a ≻ b | x, c) = σ(r(a | x, c) − r(b | x, c)) and
+  P(c | x) from a context-selection step (`context_posterior`: the language model's likelihood of each candidate
+  criterion after the scenario). The error splits into picking the wrong context and judging wrongly under the
+  right one (`evaluate` reports both)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..core.errors import InfinictxError
+
+
+def format_text(prompt: str, response: str, context: str | None = None) -> str:
+    if context is not None and not context.strip():
+        raise InfinictxError("a context, when given, must not be empty")
+    head = f"Context: {context.strip()}\n" if context is not None else ""
+    return f"{head}User: {prompt}\nAssistant: {response}"
+
+
+def bt_rows(rows: list[dict], view: str) -> list[dict]:
+    """Bradley–Terry training rows {"chosen", "rejected"} from reversal pairs: each pair under its x context
+    (response_a preferred) and its y context (response_b preferred). `view`: "criteria", "scenario", "both", or
+    "none" (the contexts dropped: the same pairs with contradicting labels, the no-context baseline)."""
+    views = {"criteria": ("criteria",), "scenario": ("scenario",), "both": ("criteria", "scenario"), "none": (None,)}
+    if view not in views:
+        raise InfinictxError(f"unknown view {view!r}; choose one of {', '.join(views)}")
+    out = []
+    for r in rows:
+        for kind in views[view]:
+            for side, good, bad in (("x", "response_a", "response_b"), ("y", "response_b", "response_a")):
+                ctx = r[f"{kind}_{side}"] if kind else None
+                out.append({"chosen": format_text(r["prompt"], r[good], ctx),
+                            "rejected": format_text(r["prompt"], r[bad], ctx)})
+    return out
+
+
+@dataclass
+class RewardConfig:
+    rank: int = 16
+    alpha: float = 32.0
+    lr: float = 2e-4
+    epochs: float = 3.0
+    batch: int = 8
+    max_length: int = 384
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.rank < 1 or self.batch < 1 or self.max_length < 16 or not self.lr > 0 or not self.epochs > 0:
+            raise InfinictxError("rank, batch >= 1, max_length >= 16, lr and epochs > 0")
+
+
+def load_reward_model(model_dir: str | Path, adapter: str | Path | None = None):
+    """(model, tokenizer): the sequence-classification head on the causal LM in `model_dir` (the score head new
+    unless an adapter folder with it is given)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    torch.manual_seed(0)   # the new score head's initialisation
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tok.pad_token_id
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
+    return model, tok
+
+
+def train(model_dir: str | Path, rows: list[dict], cfg: RewardConfig, out_dir: str | Path) -> dict:
+    """Train a LoRA reward model on Bradley–Terry rows with TRL; the adapter (and score head) saved in `out_dir`."""
+    try:
+        from datasets import Dataset
+        from peft import LoraConfig
+        from trl import RewardConfig as TrlConfig
+        from trl import RewardTrainer
+    except ImportError:
+        raise InfinictxError("reward-model training needs TRL: pip install 'infinictx[reward]'")
+    if not rows:
+        raise InfinictxError("no training pairs")
+    model, tok = load_reward_model(model_dir)
+    args = TrlConfig(output_dir=str(out_dir), per_device_train_batch_size=cfg.batch, num_train_epochs=cfg.epochs,
+                     learning_rate=cfg.lr, max_length=cfg.max_length, seed=cfg.seed, logging_steps=10,
+                     save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
+                     dataset_num_proc=None, disable_tqdm=True)
+    peft = LoraConfig(task_type="SEQ_CLS", r=cfg.rank, lora_alpha=cfg.alpha, target_modules="all-linear")
+    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                            peft_config=peft)
+    result = trainer.train()
+    trainer.model.save_pretrained(str(out_dir))
+    tok.save_pretrained(str(out_dir))
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    return {"steps": result.global_step, "train_loss": result.training_loss,
+            "seconds": round(result.metrics.get("train_runtime", math.nan), 1),
+            "accuracy_last": history[-1].get("accuracy") if history else None}
+
+
+@torch.no_grad()
+def rewards(model, tok, texts: list[str], batch: int = 16) -> torch.Tensor:
+    """The reward of each text (an <eos> appended, as in training)."""
+    out = []
+    device = next(model.parameters()).device
+    for s in range(0, len(texts), batch):
+        enc = tok([t + tok.eos_token for t in texts[s:s + batch]], return_tensors="pt", padding=True,
+                  add_special_tokens=False)
+        out.append(model(**{k: v.to(device) for k, v in enc.items()}).logits[:, 0].float().cpu())
+    return torch.cat(out)
+
+
+def two_step(context_probs, preference_probs) -> float:
+    """P(a ≻ b | x) = Σ_c P(c | x) · P(a ≻ b | x, c)."""
+    p = torch.as_tensor(context_probs, dtype=torch.float64)
+    q = torch.as_tensor(preference_probs, dtype=torch.float64)
+    if p.shape != q.shape or (p < 0).any() or abs(float(p.sum()) - 1) > 1e-6:
+        raise InfinictxError("context probabilities must be non-negative, sum to 1, one per preference")
+    return float((p * q).sum())
+
+
+@torch.no_grad()
+def context_posterior(lm, scenario: str, candidates: list[str]) -> torch.Tensor:
+    """P(c | scenario) over candidate criteria: softmax of the language model's mean log-likelihood of each
+    criterion written after the scenario."""
+    scores = []
+    device = lm.device
+    prefix = lm.tokenizer(f"Situation: {scenario}\nSo what the user wants is:", add_special_tokens=False).input_ids
+    for c in candidates:
+        ids = lm.tokenizer(" " + c, add_special_tokens=False).input_ids
+        x = torch.tensor([prefix + ids], device=device)
+        logp = torch.log_softmax(lm.model(input_ids=x).logits[0, len(prefix) - 1:-1].float(), dim=-1)
+        scores.append(logp.gather(1, torch.tensor(ids, device=device)[:, None]).mean())
+    return torch.softmax(torch.stack(scores), dim=0).cpu()
+
+
+def evaluate(model, tok, rows: list[dict], adversarial: list[dict] | None = None, lm=None) -> dict:
+    """Accuracy with criteria and with scenarios (each pair judged under its x and its y context), reversal
+    consistency (both right), the no-context view's P(a ≻ b) and its agreement with the x label, adversarial
+    accuracy (irrelevant context) against no context, and with `lm`, the two-step decomposition on scenarios."""
+    texts, index = [], {}
+
+    def add(key, text):
+        index[key] = len(texts)
+        texts.append(text)
+
+    for k, r in enumerate(rows):
+        for resp in ("response_a", "response_b"):
+            add((k, resp, None), format_text(r["prompt"], r[resp]))
+            for kind in ("criteria", "scenario"):
+                for side in ("x", "y"):
+                    add((k, resp, f"{kind}_{side}"), format_text(r["prompt"], r[resp], r[f"{kind}_{side}"]))
+    for k, r in enumerate(adversarial or []):
+        for resp in ("response_a", "response_b"):
+            add(("adv", k, resp, None), format_text(r["prompt"], r[resp]))
+            add(("adv", k, resp, "ctx"), format_text(r["prompt"], r[resp], r["context"]))
+    rw = rewards(model, tok, texts)
+
+    def margin(k, ctx):   # r(a) − r(b)
+        return float(rw[index[(k, "response_a", ctx)]] - rw[index[(k, "response_b", ctx)]])
+
+    out = {"pairs": len(rows)}
+    for kind in ("criteria", "scenario"):
+        right_x = [margin(k, f"{kind}_x") > 0 for k in range(len(rows))]
+        right_y = [margin(k, f"{kind}_y") < 0 for k in range(len(rows))]
+        out[kind] = {"accuracy": (sum(right_x) + sum(right_y)) / (2 * len(rows)) if rows else None,
+                     "reversal_consistency": sum(a and b for a, b in zip(right_x, right_y)) / len(rows) if rows
+                     else None}
+    none = [1 / (1 + math.exp(-margin(k, None))) for k in range(len(rows))]
+    out["no_context"] = {"mean_p_a": sum(none) / len(none) if none else None,
+                         "agrees_with_x": sum(p > 0.5 for p in none) / len(none) if none else None}
+    if adversarial:
+        def adv_right(k, ctx):
+            m = float(rw[index[("adv", k, "response_a", ctx)]] - rw[index[("adv", k, "response_b", ctx)]])
+            return (m > 0) == (adversarial[k]["label"] == "a")
+
+        n = len(adversarial)
+        out["adversarial"] = {"no_context": sum(adv_right(k, None) for k in range(n)) / n,
+                              "irrelevant_context": sum(adv_right(k, "ctx") for k in range(n)) / n,
+                              "flipped": sum(adv_right(k, None) != adv_right(k, "ctx") for k in range(n)) / n}
+    if lm is not None and rows:
+        ctx_wrong = pref_wrong = two_step_wrong = 0
+        for k, r in enumerate(rows):
+            for side, other in (("x", "y"), ("y", "x")):
+                post = context_posterior(lm, r[f"scenario_{side}"], [r[f"criteria_{side}"], r[f"criteria_{other}"]])
+                ctx_wrong += float(post[0]) < 0.5
+                q_true = 1 / (1 + math.exp(-margin(k, f"criteria_{side}")))
+                q_other = 1 / (1 + math.exp(-margin(k, f"criteria_{other}")))
+                want_a = side == "x"
+                pref_wrong += (q_true > 0.5) != want_a
+                two_step_wrong += (two_step([float(post[0]), float(post[1])], [q_true, q_other]) > 0.5) != want_a
+        n = 2 * len(rows)
+        out["two_step"] = {"context_error": ctx_wrong / n, "preference_error_given_context": pref_wrong / n,
+                           "two_step_error": two_step_wrong / n}
+    return out
