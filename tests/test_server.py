@@ -260,7 +260,8 @@ def test_jobs_take_turns_between_sessions():
         jobs.put("a", item)
     jobs.put("b", "b1")
     jobs.put("c", "c1")
-    assert [jobs.get() for _ in range(5)] == ["a1", "b1", "c1", "a2", "a3"]
+    jobs.put("d", "create", urgent=True)   # a cheap job does not wait for a round of reads
+    assert [jobs.get() for _ in range(6)] == ["create", "a1", "b1", "c1", "a2", "a3"]
 
 
 def test_kill_9_and_restart(tiny_model_dir, tiny, tmp_path):

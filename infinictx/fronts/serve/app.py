@@ -152,8 +152,8 @@ def create_app(lm, settings: ServeSettings):
             raise HttpError(401, "a valid API key is needed (Authorization: Bearer KEY)")
         return owner_hash(key)
 
-    async def run(fn, key=None):
-        return await asyncio.wrap_future(engine.submit(fn, key))
+    async def run(fn, key=None, urgent: bool = False):
+        return await asyncio.wrap_future(engine.submit(fn, key, urgent))
 
     def tokens(text: str) -> list[int]:
         if not text.strip():
@@ -208,7 +208,7 @@ def create_app(lm, settings: ServeSettings):
     @app.post("/v1/sessions")
     async def new_session(body: NewSession, request: Request):
         owner = owner_of(request)
-        return await run(lambda: engine.create(owner, body.method, body.settings, body.temp_lora))
+        return await run(lambda: engine.create(owner, body.method, body.settings, body.temp_lora), urgent=True)
 
     @app.post("/v1/sessions/{sid}/read")
     async def read(sid: str, body: Read, request: Request):
@@ -240,13 +240,13 @@ def create_app(lm, settings: ServeSettings):
     async def describe(sid: str, request: Request):
         owner = owner_of(request)
         engine.entry(sid, owner)
-        return await run(lambda: engine.describe(sid, owner), sid)
+        return await run(lambda: engine.describe(sid, owner), sid, urgent=True)
 
     @app.delete("/v1/sessions/{sid}")
     async def delete(sid: str, request: Request):
         owner = owner_of(request)
         engine.entry(sid, owner)
-        return await run(lambda: engine.delete(sid, owner), sid)
+        return await run(lambda: engine.delete(sid, owner), sid, urgent=True)
 
     # --- OpenAI-compatible ---------------------------------------------------------------------------
     async def openai_answer(request, prompt: str, max_tokens: int, body, kind: str):

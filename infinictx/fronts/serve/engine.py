@@ -1,7 +1,8 @@
 """The serving engine: one loaded model, its sessions, and the one worker thread that runs every model job.
 
 The worker takes one job per session in turn (round robin), so requests for one session run in order and a busy
-session cannot starve the others; torch's own thread pool is the parallelism. A full queue raises `Busy` (the
+session cannot starve the others; cheap jobs (create, describe, delete) go ahead of the reads and generations.
+torch's own thread pool is the parallelism. A full queue raises `Busy` (the
 HTTP layer answers 503 with Retry-After) instead of hanging.
 
 With a state directory every session is checkpointed, atomically, after each job that changes it; a server killed
@@ -67,18 +68,24 @@ class Entry:
 
 
 class Jobs:
-    """Model jobs, one queue per session, served round robin; at most `limit` waiting in all."""
+    """Model jobs, one queue per session, served round robin; at most `limit` waiting in all. Urgent jobs (cheap
+    ones: create, describe, delete, taking milliseconds) go first, so they never wait a round of every session's
+    reads."""
 
     def __init__(self, limit: int):
         self.limit, self.waiting = limit, 0
         self.queues: OrderedDict = OrderedDict()
+        self.urgent: deque = deque()
         self.cond = threading.Condition()
 
-    def put(self, key, item, force: bool = False):
+    def put(self, key, item, force: bool = False, urgent: bool = False):
         with self.cond:
             if self.waiting >= self.limit and not force:
                 raise Busy()
-            self.queues.setdefault(key, deque()).append(item)
+            if urgent:
+                self.urgent.append(item)
+            else:
+                self.queues.setdefault(key, deque()).append(item)
             self.waiting += 1
             self.cond.notify()
 
@@ -86,6 +93,9 @@ class Jobs:
         with self.cond:
             while not self.waiting:
                 self.cond.wait()
+            if self.urgent:
+                self.waiting -= 1
+                return self.urgent.popleft()
             key, q = next(iter(self.queues.items()))
             item = q.popleft()
             del self.queues[key]
@@ -129,10 +139,10 @@ class Engine:
                 self.stats["jobs"] += 1
                 self.stats["busy_s"] += time.perf_counter() - t0
 
-    def submit(self, fn, key=None) -> Future:
-        """Queue `fn` for the worker, behind the earlier jobs of the same session `key`."""
+    def submit(self, fn, key=None, urgent: bool = False) -> Future:
+        """Queue `fn` for the worker, behind the earlier jobs of the same session `key` (or, `urgent`, first)."""
         fut: Future = Future()
-        self.jobs.put(key, (fn, fut))
+        self.jobs.put(key, (fn, fut), urgent=urgent)
         return fut
 
     def close(self):
