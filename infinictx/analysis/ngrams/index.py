@@ -187,39 +187,16 @@ class SuffixArrayIndex(NgramIndex):
         if k == 0:
             return 0, n
 
-        def prefix(row):   # the first k tokens of suffix `row`, cut at the text's end
+        def cmp(row) -> int:   # the sign of suffix(row)[:k] against q; a proper prefix of q sorts before it
             start = int(self.sa[row])
-            return self.tokens[start:start + k]
-
-        def less(row) -> bool:   # suffix(row)[:k] < q
-            p = prefix(row)
+            p = self.tokens[start:start + k]
             diff = np.flatnonzero(p != q[:len(p)])
             if len(diff):
-                return bool(p[diff[0]] < q[diff[0]])
-            return len(p) < k   # a proper prefix of q sorts before it
+                return -1 if p[diff[0]] < q[diff[0]] else 1
+            return -1 if len(p) < k else 0
 
-        def leq(row) -> bool:   # suffix(row)[:k] <= q
-            p = prefix(row)
-            diff = np.flatnonzero(p != q[:len(p)])
-            if len(diff):
-                return bool(p[diff[0]] < q[diff[0]])
-            return True
-
-        lo, hi = 0, n
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if less(mid):
-                lo = mid + 1
-            else:
-                hi = mid
-        first, hi = lo, n
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if leq(mid):
-                lo = mid + 1
-            else:
-                hi = mid
-        return first, lo
+        first = _partition(lambda row: cmp(row) < 0, 0, n)
+        return first, _partition(lambda row: cmp(row) <= 0, first, n)
 
     def positions(self, ids) -> np.ndarray:
         lo, hi = self._range(ids)
@@ -257,6 +234,17 @@ class SuffixArrayIndex(NgramIndex):
         kept = np.where(left_ok & right_ok, same_left & same_right,
                         (left_ok & same_left) | (right_ok & same_right))
         return int(kept.sum())
+
+
+def _partition(pred, lo: int, hi: int) -> int:
+    """The first index in [lo, hi) where `pred` turns False (it is True, then False, along the range)."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if pred(mid):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 def suffix_array(tokens: np.ndarray) -> np.ndarray:
