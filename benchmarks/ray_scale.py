@@ -5,7 +5,9 @@ per-book seconds, the wall time a PG19-size dataset (100 books) would take on 1,
 Every job is one `infinictx` command (its own process, run alone); the results must equal the single-process
 run's (per-book PPL to 1e-6).
 
-  .venv/bin/python benchmarks/ray_scale.py [--tokens 8192] [--books 4]"""
+Each finished job is kept in the cache folder, so an interrupted run continues where it stopped.
+
+  .venv/bin/python benchmarks/ray_scale.py [--tokens 2048] [--books 4]"""
 
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,6 +42,9 @@ def job(books: Path, out: Path, threads: int | None = None, ray: list[str] | Non
     cmd = [str(BIN / "infinictx"), "ppl", str(books), "--books", "all", "--method", "temp-lora", "-W", "512",
            "--json", str(out), "--no-progress", *(["--threads", str(threads)] if threads else []), *(ray or []),
            *(["--checkpoint", str(checkpoint)] if checkpoint else [])]
+    done = out.with_suffix(".run.json")
+    if done.exists():   # measured by an earlier, interrupted run of this benchmark
+        return json.loads(done.read_text())
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     killed = None
@@ -55,34 +59,42 @@ def job(books: Path, out: Path, threads: int | None = None, ray: list[str] | Non
         raise SystemExit(f"ray_scale: {' '.join(cmd)} failed:\n{log[-2000:]}")
     wall = time.perf_counter() - t0
     summary = json.loads(out.read_text())
-    return {"command": " ".join(["infinictx", *cmd[1:]]), "wall_s": round(wall, 1), "killed_pid": killed,
-            "book_ppl": [b["ppl"] for b in summary["books"]], "book_s": [b["wall_s"] for b in summary["books"]],
-            "ppl": summary["ppl"]}
+    record = {"command": " ".join(["infinictx", *cmd[1:]]), "wall_s": round(wall, 1), "killed_pid": killed,
+              "book_ppl": [b["ppl"] for b in summary["books"]], "book_s": [b["wall_s"] for b in summary["books"]],
+              "ppl": summary["ppl"]}
+    done.write_text(json.dumps(record))
+    return record
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--books", type=int, default=4)
-    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--tokens", type=int, default=2048)
     a = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="ray-scale-"))
+    sys.path.insert(0, str(ROOT))
+    from infinictx.data.fetch import cache_dir
+
+    work = cache_dir() / f"ray_scale-{a.books}x{a.tokens}"   # finished jobs are kept: a rerun continues
+    work.mkdir(parents=True, exist_ok=True)
     books = make_books(work / "books", a.books, a.tokens)
     runs = {"single process, 2 threads": job(books, work / "single.json", threads=2),
             "Ray, 1 worker × 2 threads": job(books, work / "r12.json",
                                              ray=["--ray", "--workers", "1", "--threads-per-worker", "2"]),
             "Ray, 2 workers × 1 thread": job(books, work / "r21.json",
                                              ray=["--ray", "--workers", "2", "--threads-per-worker", "1"])}
-    # a simulated cluster: a head and a second node on this machine, one CPU each
-    env = dict(os.environ, RAY_DISABLE_USAGE_STATS="1")
-    subprocess.run([str(BIN / "ray"), "start", "--head", "--num-cpus", "1", "--port", "6390",
-                    "--include-dashboard", "false"], check=True, capture_output=True, env=env)
+    # a simulated cluster: a head and a second node on this machine, one CPU each (`ray start` refuses a second
+    # node on one host; Ray's own test cluster starts a raylet per node), joined by address from the job
+    from ray.cluster_utils import Cluster
+
+    os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
-        subprocess.run([str(BIN / "ray"), "start", "--address", "127.0.0.1:6390", "--num-cpus", "1"], check=True,
-                       capture_output=True, env=env)
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
         runs["2 Ray nodes × 1 worker × 1 thread (--address)"] = job(
-            books, work / "nodes.json", ray=["--ray", "--address", "127.0.0.1:6390", "--workers", "2"])
+            books, work / "nodes.json", ray=["--ray", "--address", cluster.address, "--workers", "2"])
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, env=env)
+        cluster.shutdown()
     runs["Ray, 2 workers, one killed mid-job"] = job(
         books, work / "killed.json", ray=["--ray", "--workers", "2"], checkpoint=work / "ckpt",
         kill_after=runs["Ray, 2 workers × 1 thread"]["wall_s"] / 3)
