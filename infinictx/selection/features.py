@@ -64,13 +64,11 @@ def batch_gradients(model, examples) -> torch.Tensor:
             owner[id(module.weight)] = module
     if any(id(p) not in owner for p in params):
         raise InfinictxError("batched gradients need every trainable parameter to be a linear layer's weight")
+    from ..training.instruct import pad
+
     device = params[0].device
-    n, T = len(examples), max(len(ids) for ids, _ in examples)
-    ids = torch.zeros(n, T, dtype=torch.long)
-    labels = torch.full((n, T), -100, dtype=torch.long)
-    mask = torch.zeros(n, T, dtype=torch.long)
-    for k, (x, y) in enumerate(examples):
-        ids[k, :len(x)], labels[k, :len(y)], mask[k, :len(x)] = x, y, 1
+    n = len(examples)
+    ids, labels, mask = pad(examples)
     inputs, grads, handles = {}, {}, []
 
     def keep(module, inp, out):
