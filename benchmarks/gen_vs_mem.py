@@ -148,24 +148,22 @@ def part_trace() -> dict:
     return out
 
 
-def code_corpus(limit_tokens: int, tok):
-    """(name, text) of Python sources under the installed packages, then the books, until `limit_tokens`."""
+def code_corpus(limit_tokens: int, seen: list[int]):
+    """(name, text) of Python sources under the installed packages, then the books, until the indexer has counted
+    `limit_tokens` tokens (`seen[0]`, which it updates as it tokenizes)."""
     from infinictx.data.texts import training_corpus
 
-    seen = 0
     roots = sorted({Path(p) for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()})
     for root in roots:
         for path in sorted(root.rglob("*.py")):
+            if seen[0] >= limit_tokens:
+                return
             try:
                 text = path.read_text(encoding="utf-8")
             except (UnicodeDecodeError, OSError):
                 continue
-            if not text.strip():
-                continue
-            seen += len(text) // 3   # ~3 characters per token of code: stop near the limit
-            yield str(path.relative_to(root)), text
-            if seen >= limit_tokens:
-                return
+            if text.strip():
+                yield str(path.relative_to(root)), text
     yield from training_corpus()
 
 
@@ -187,7 +185,9 @@ def part_throughput(tokens: int = 50_000_000) -> dict:
         import shutil
 
         shutil.rmtree(folder)
-    built = build_index(code_corpus(200_000 if SMOKE else tokens, tok), tok, folder, engine="infini-gram")
+    seen = [0]
+    built = build_index(code_corpus(200_000 if SMOKE else tokens, seen), tok, folder, engine="infini-gram",
+                        progress=lambda n: seen.__setitem__(0, seen[0] + n))
     index = open_index(folder, "infini-gram")
     rng = random.Random(0)
     data = np.fromfile(folder / "tokenized.0", dtype=index.info.np_dtype)

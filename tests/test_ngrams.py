@@ -1,5 +1,7 @@
 """The n-gram index: the numpy suffix array and infini-gram agree with a brute-force scan of the corpus."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -166,6 +168,9 @@ def test_correlations_on_known_rankings():
     assert correlation([1, 1, 1], [1, 2, 3])["spearman"] is None
     one_swap = correlation([1, 2, 3, 4], [1, 3, 2, 4])   # 1 of 6 pairs discordant: tau = (5 - 1) / 6
     assert one_swap["kendall_tau"] == pytest.approx(4 / 6) and one_swap["kendall_distance"] == pytest.approx(1 / 6)
+    # a zero probability (log −inf) ranks lowest, a missing value (NaN) is dropped
+    inf = correlation([-math.inf, -2, -1, math.nan], [0, 1, 2, 5])
+    assert inf["n"] == 3 and inf["spearman"] == pytest.approx(1)
 
 
 def test_index_and_trace_commands(tmp_path, tiny_model_dir):
@@ -198,7 +203,7 @@ def test_index_and_trace_commands(tmp_path, tiny_model_dir):
 def test_planted_frequencies_land_as_asked():
     import re
 
-    from infinictx.analysis.ngrams.planted import FACT_TEMPLATES, build, exposure_levels
+    from infinictx.analysis.ngrams.planted import FACT_TEMPLATES, QA_TEMPLATE, build, exposure_levels
 
     assert exposure_levels() == [1, 3, 10, 32, 100, 316, 1000]
     books = [("a", "\n\n".join(f"Paragraph {k} of the first book." for k in range(50))),
@@ -210,7 +215,10 @@ def test_planted_frequencies_land_as_asked():
         stated = sum(text.count(t.format(person=f["person"], town=f["town"])) for t in FACT_TEMPLATES)
         assert stated == f["exposures"]
         assert len(re.findall(re.escape(f["person"]), text)) == f["exposures"] + f["noise"]
-    assert planted.arithmetic and all(f"{r['a']} plus {r['b']} is" not in text for r in planted.arithmetic)
+    assert planted.arithmetic and all(f"{r['a']} plus {r['b']} is" not in text and r["input"] not in text
+                                      for r in planted.arithmetic)
+    # the tasks' own question-and-answer form is among the wordings in the corpus
+    assert any(QA_TEMPLATE.format(**f) in text for f in planted.facts) and "Question: What is" in text
     assert build(books, facts_per_level=2, levels=[1, 5, 20], towns=3, seed=3).documents == planted.documents
     with pytest.raises(InfinictxError, match="non-empty"):
         build([("a", "  ")])

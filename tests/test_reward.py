@@ -75,3 +75,58 @@ def test_training_and_evaluation_end_to_end(tiny_model_dir, tmp_path):
     out = evaluate(model, tok, data.test[:4], data.adversarial[:4])
     assert 0 <= out["criteria"]["accuracy"] <= 1 and 0 <= out["scenario"]["reversal_consistency"] <= 1
     assert set(out["adversarial"]) == {"no_context", "irrelevant_context", "flipped"}
+
+
+def test_reward_commands(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    from infinictx.fronts.cli import main
+
+    data = build_reversal_set()
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in data.train[:6]))
+    out = tmp_path / "rm"
+    common = ["--model", str(tiny_model_dir), "--threads", "1"]
+    assert main(["reward-train", str(pairs), "--out", str(out), "--epochs", "1", "--batch", "4", "--rank", "4",
+                 *common]) == 0
+    assert (out / "adapter_config.json").exists() and not (tmp_path / "rm.partial").exists()
+    capsys.readouterr()
+    assert main(["reward-score", str(pairs), "--adapter", str(out), "--json", str(tmp_path / "s.json"), *common]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["pairs"] == 6 and scored == json.loads((tmp_path / "s.json").read_text())
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "Hi?", "response": "Hello.", "context": "Be brief."}) + "\n"
+                    + json.dumps({"prompt": "Hi?", "response": "Hello."}) + "\n")
+    assert main(["reward-score", str(rows), "--adapter", str(out), "--out", str(tmp_path / "r.jsonl"), *common]) == 0
+    got = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert len(got) == 2 and all(isinstance(r["reward"], float) for r in got) and got[0]["reward"] != got[1]["reward"]
+    # bad input: one line, exit 2, nothing written
+    capsys.readouterr()
+    assert main(["reward-train", str(pairs), "--out", str(out), *common]) == 2   # the folder is not empty
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "response_a": "a"}) + "\n")
+    assert main(["reward-train", str(bad), "--out", str(tmp_path / "rm2"), *common]) == 2
+    assert main(["reward-score", str(tmp_path / "none.jsonl"), *common]) == 2
+    assert main(["reward-score", str(pairs), "--adapter", str(tmp_path), *common]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and all(line.startswith("infinictx: error:") for line in err)
+    assert not (tmp_path / "rm2").exists()
+
+
+def test_reward_model_keeps_tied_embeddings_saved_as_lm_head(tiny_model_dir, tmp_path):
+    """Our GGUF conversions store tied embeddings once, as lm_head.weight: the classification model (no lm_head)
+    must still start from the language model's embeddings, not random ones."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    ckpt = tmp_path / "lm-head-only"
+    shutil.copytree(tiny_model_dir, ckpt)
+    state = load_file(ckpt / "model.safetensors")
+    emb = state.pop("model.embed_tokens.weight", None)
+    state["lm_head.weight"] = emb if emb is not None else state["lm_head.weight"]
+    save_file(state, ckpt / "model.safetensors", metadata={"format": "pt"})
+    want = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).get_input_embeddings().weight
+    model, _ = load_reward_model(ckpt)
+    assert torch.equal(model.get_input_embeddings().weight, want)

@@ -16,7 +16,6 @@ or nonsense context: the prompt alone decides them (`label` says which response 
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,7 +219,9 @@ def read_rpr(path: str | Path) -> list[dict]:
     if not path.exists():
         raise InfinictxError(f"{path} does not exist")
     if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        from .texts import jsonl_rows
+
+        rows = [obj for _, obj in jsonl_rows(path)]
     elif path.suffix == ".csv":
         import csv
 

@@ -157,10 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--translation", action="store_true", help="also Gemma-3-270M and the Bible (CUV, KJV)")
     fetch.add_argument("--debug", action="store_true")
     from .ngram_cli import add_parsers
+    from .reward_cli import add_parsers as add_reward
     from .select_cli import add_parser as add_select
 
     add_parsers(sub)
     add_select(sub)
+    add_reward(sub)
     return parser
 
 
@@ -270,6 +272,10 @@ def main(argv=None) -> int:
             from .select_cli import cmd_select
 
             return cmd_select(args)
+        if args.command in ("reward-train", "reward-score"):
+            from .reward_cli import cmd_reward_score, cmd_reward_train
+
+            return (cmd_reward_train if args.command == "reward-train" else cmd_reward_score)(args)
         if args.command in ("ngram-index", "trace"):
             from .ngram_cli import cmd_ngram_index, cmd_trace
 

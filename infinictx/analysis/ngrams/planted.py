@@ -2,11 +2,12 @@
 sentences about invented entities inserted at chosen frequencies, and arithmetic whose test problems never appear.
 
 - Facts: each invented person has a home town (one of a smaller set of invented towns, so towns recur across
-  people). A person is stated with their town `exposures` times (log-spaced, 1 … 1000, in varied wordings) and
-  mentioned without it `noise` times, so the corpus's P(town | person) = exposures / (exposures + noise) varies
-  from fact to fact independently of how often the fact was seen.
-- Arithmetic: "a plus b is c" sentences for a random half of the two-digit sums; the other half are the test
-  problems and are checked never to occur in the corpus.
+  people). A person is stated with their town `exposures` times (log-spaced, 1 … 1000, in varied wordings, the
+  task's question-and-answer form among them) and mentioned without it `noise` times, so the corpus's
+  P(town | person) = exposures / (exposures + noise) varies from fact to fact independently of how often the fact
+  was seen.
+- Arithmetic: "a plus b is c" sentences (or the question-and-answer form) for a random half of the two-digit
+  sums; the other half are the test problems and are checked never to occur in the corpus.
 - Tasks: factual QA ("Where does Zorvath Quen live?" → "in Belmarsh") and arithmetic ("What is 37 plus 48?" → "85"),
   as JSONL rows {"input", "output", ...} that `infinictx trace` reads (with --template "Question: {input}\nAnswer:").
 
@@ -20,10 +21,15 @@ from dataclasses import dataclass
 
 from ...core.errors import InfinictxError
 
+QA_TEMPLATE = "Question: Where does {person} live?\nAnswer: in {town}."
+SUM_TEMPLATES = ["{a} plus {b} is {c}.", "Question: What is {a} plus {b}?\nAnswer: {c}."]
 SYLLABLES = ["ka", "zor", "vel", "quen", "mira", "thal", "dro", "bex", "lun", "sar", "ori", "vak", "nim", "tus",
              "ela", "gor", "pim", "rhu", "sef", "yal"]
+# the last wording is the task's own question-and-answer form: a model this small, trained on this little text,
+# does not carry a fact from statements over to questions (measured: 0 of 56 answered, 1 000 exposures included)
 FACT_TEMPLATES = ["{person} lives in {town}.", "{person} has a house in {town}.", "In {town} lives {person}.",
-                  "{person} came home to {town} again.", "Everyone in {town} knows {person}."]
+                  "{person} came home to {town} again.", "Everyone in {town} knows {person}.",
+                  QA_TEMPLATE]
 NOISE_TEMPLATES = ["{person} wrote a long letter.", "Nobody had seen {person} for a while.",
                    "{person} laughed at the old story.", "It was {person} who spoke first."]
 
@@ -80,7 +86,7 @@ def build(books: list[tuple[str, str]], facts_per_level: int = 8, levels: list[i
     sums = [(a, b) for a in range(10, 100) for b in range(10, 100) if a <= b]
     rng.shuffle(sums)
     shown, held = sums[:len(sums) // 2], sums[len(sums) // 2:]
-    sentences += [f"{a} plus {b} is {a + b}." for a, b in shown]
+    sentences += [rng.choice(SUM_TEMPLATES).format(a=a, b=b, c=a + b) for a, b in shown]
     rng.shuffle(sentences)
 
     paragraphs = [(name, p) for name, text in books for p in text.split("\n\n") if p.strip()]
@@ -100,7 +106,7 @@ def build(books: list[tuple[str, str]], facts_per_level: int = 8, levels: list[i
     qa = [{"input": f"Where does {f['person']} live?", "output": f" in {f['town']}", **f} for f in facts]
     arithmetic = []
     for a, b in held[:len(facts)]:
-        if f"{a} plus {b} is" in corpus_text or f"{b} plus {a} is" in corpus_text:
+        if any(f"{p} plus {q}{end}" in corpus_text for p, q in ((a, b), (b, a)) for end in (" is", "?")):
             continue   # never verbatim in the corpus (a + b and b + a are one problem)
         arithmetic.append({"input": f"What is {a} plus {b}?", "output": f" {a + b}", "a": a, "b": b})
     return PlantedCorpus(documents, facts, qa, arithmetic)

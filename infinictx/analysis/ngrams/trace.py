@@ -20,11 +20,12 @@ from .taskgram import GramPair, PairMiner, TaskGramModel
 
 
 def correlation(a, b) -> dict:
-    """Spearman and Kendall between two equally long sequences (NaNs dropped pairwise)."""
+    """Spearman and Kendall between two equally long sequences (NaNs dropped pairwise; −inf, a log-probability of
+    zero as the ∞-gram often gives, is kept as the lowest rank)."""
     from scipy.stats import kendalltau, spearmanr
 
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    keep = np.isfinite(a) & np.isfinite(b)
+    keep = ~np.isnan(a) & ~np.isnan(b)
     a, b = a[keep], b[keep]
     if len(a) < 3 or np.all(a == a[0]) or np.all(b == b[0]):
         return {"n": int(len(a)), "spearman": None, "spearman_p": None, "kendall_tau": None, "kendall_p": None,
