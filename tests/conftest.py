@@ -18,6 +18,15 @@ SAMPLE = (
 )
 
 
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    """Commands under test set torch's thread count for the whole process (`--threads 1`); put it back so a later
+    test's numerics do not depend on which tests ran before it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from tokenizers import ByteLevelBPETokenizer

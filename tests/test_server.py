@@ -59,8 +59,10 @@ K1, K2 = {"Authorization": "Bearer k1"}, {"Authorization": "Bearer k2"}
 
 
 def new(client, headers=K1, **body):
+    # lr 2e-3: at 1e-2 this tiny random model's adapter training is chaotic (the same test's perplexities moved
+    # from 190 to 312 with the thread count); at 2e-3 they agree across thread counts and the margins are wide
     r = client.post("/v1/sessions", json={"method": "temp-lora", "settings": {"window": 64, "chunk": 16, "rank": 4,
-                                                                              "lr": 1e-2}, **body}, headers=headers)
+                                                                              "lr": 2e-3}, **body}, headers=headers)
     assert r.status_code == 200, r.text
     return r.json()["id"]
 
