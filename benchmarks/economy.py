@@ -4,9 +4,13 @@ tokens of context, W=2048/8192 with Δ=1024 are the cheap ways to run a long win
 (fp32 and bf16, 2048², this run's threads) is measured at the start and the end, so achieved GFLOP/s (the cost
 meter's analytic FLOPs over wall time) can be read as a fraction of it.
 
+A row label may end in ":bf16" (or ":fp32"): that row runs on a copy of the model with its frozen weights in that
+dtype (Temp-Lora's adapter, optimizer and the scores stay fp32), so dtypes are compared in one run. Rows without
+a suffix use --dtype (default float32; "auto" is what `load_model` picks: bf16 on CPUs with AMX).
+
 Rows are written to results/<name>.partial.json as they finish; a rerun continues with the missing ones.
 
-  .venv/bin/python benchmarks/economy.py [--tokens 32768] [--book PATH] [--rows temp-lora,window-2048]"""
+  .venv/bin/python benchmarks/economy.py [--tokens 32768] [--book PATH] [--rows temp-lora,temp-lora:bf16]"""
 
 import argparse
 import json
@@ -35,6 +39,17 @@ ROWS = {
 REFERENCE = "window-2048"   # the plain 2K window the issue's target is measured against
 
 
+DTYPE_SUFFIX = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+    except OSError:
+        return "unknown"
+
+
 def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 3.0) -> float:
     """GFLOP/s of an n×n matmul in `dtype` on this process's threads."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
@@ -46,72 +61,95 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 3.0) -> floa
     return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
 
 
-def run_row(lm, ids, label: str) -> dict:
-    method, w, d, extra = ROWS[label]
+def split_label(label: str, default_dtype: str) -> tuple[str, str]:
+    """"temp-lora:bf16" -> ("temp-lora", "bfloat16")."""
+    row, _, suffix = label.partition(":")
+    if row not in ROWS or (suffix and suffix not in DTYPE_SUFFIX):
+        raise SystemExit(f"economy: unknown row {label!r}; choose from {', '.join(ROWS)}, optionally with "
+                         f":{' or :'.join(DTYPE_SUFFIX)}")
+    return row, DTYPE_SUFFIX[suffix] if suffix else default_dtype
+
+
+def run_row(lm, ids, label: str, row: str) -> dict:
+    method, w, d, extra = ROWS[row]
     with method_config(method, window=w, chunk=d, **extra).make_session(lm) as s:
         r = streaming_perplexity(s, ids, progress=True)
-    return {"label": label, "method": method, "window": w, "chunk": d, "settings": extra, "ppl": perplexity(r.nll),
+    return {"label": label, "method": method, "dtype": str(lm.dtype).removeprefix("torch."), "window": w,
+            "chunk": d, "settings": extra, "ppl": perplexity(r.nll),
             "wall_s": r.wall_s, "wall_s_by_phase": r.cost["wall_s_by_phase"], "flops": r.cost["flops"],
             "gflops_per_s": r.cost["flops"] / r.wall_s / 1e9, "peak_rss_bytes": r.cost["peak_rss_bytes"],
             "buckets": r.buckets(8192)}
 
 
 def main():
+    from infinictx import load_model
+    from infinictx.core.models import cpu_has_fast_bf16, pick_dtype
+
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, default=32768)
     p.add_argument("--book", default=None, help="a text file (default: the default book)")
     p.add_argument("--rows", default=",".join(ROWS))
+    p.add_argument("--dtype", default="float32", help="rows without a :fp32/:bf16 suffix (auto, float32, bfloat16)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--name", default="economy")
     args = p.parse_args()
+    default_dtype = str(pick_dtype(args.dtype, torch.device("cpu"))).removeprefix("torch.")
     labels = args.rows.split(",")
-    unknown = [r for r in labels if r not in ROWS]
-    if unknown:
-        raise SystemExit(f"economy: unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    plan = {label: split_label(label, default_dtype) for label in labels}
     lm, ids, book = setup(args.threads)
     if args.book:
         text, book = read_text(args.book)
         ids = lm.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     ids = ids[:args.tokens]
+    models = {str(lm.dtype).removeprefix("torch."): lm}
     partial = RESULTS / f"{args.name}.partial.json"
     state = json.loads(partial.read_text()) if partial.exists() else {}
     if state and (state.get("tokens") != len(ids) or state.get("book") != book):
         raise SystemExit(f"economy: {partial} is another run's (book or tokens differ); delete it or use --name")
-    state.update({"tokens": len(ids), "book": book})
+    state.update({"tokens": len(ids), "book": book, "cpu": cpu_name(), "cpu_amx": cpu_has_fast_bf16()})
+    # without AMX a bf16 matmul is emulated (~70x slower than fp32 here): a smaller one keeps the probe short
+    bf16_n = 2048 if cpu_has_fast_bf16() else 512
     peaks = state.setdefault("peaks", [])
-    peaks.append({"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)})
+    peaks.append({"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16, bf16_n), "bf16_n": bf16_n})
     rows = state.setdefault("rows", {})
     for label in labels:
         if label not in rows:
-            rows[label] = run_row(lm, ids, label)
+            row, dtype = plan[label]
+            if dtype not in models:
+                models[dtype] = load_model(None, dtype=dtype)
+            rows[label] = run_row(models[dtype], ids, label, row)
             write_json(state, partial)
-    peaks.append({"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)})
+    peaks.append({"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16, bf16_n), "bf16_n": bf16_n})
     write_json(state, partial)
 
-    fp32 = max(p["fp32"] for p in peaks)
-    bf16 = max(p["bf16"] for p in peaks)
+    peak = {"float32": max(p["fp32"] for p in peaks), "bfloat16": max(p["bf16"] for p in peaks)}
     ref = rows.get(REFERENCE)
-    shown = [rows[label] for label in ROWS if label in rows]
+    order = {label: k for k, label in enumerate(ROWS)}
+    shown = sorted(rows.values(), key=lambda r: (order[r["label"].partition(":")[0]], r["label"]))
     md = [f"## Economy: {book}, first {len(ids)} tokens", "",
-          f"Matmul peak on {args.threads} threads (2048², best of the measurements in the runs that wrote these rows):"
-          f" fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.1f} GFLOP/s. Achieved: the cost meter's analytic FLOPs over wall "
-          "time, as a fraction of the fp32 peak (every row runs in fp32).", "",
-          "| row | method | W | Δ | settings | PPL | wall s | wall / window-2048 | training s | TFLOP | GFLOP/s | "
-          "of fp32 peak |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          f"CPU: {state['cpu']} ({'with' if state['cpu_amx'] else 'without'} AMX), {args.threads} threads. Matmul "
+          f"peak (best of the measurements in the runs that wrote these rows): fp32 {peak['float32']:.0f} GFLOP/s "
+          f"(2048²), bf16 {peak['bfloat16']:.1f} GFLOP/s ({peaks[-1].get('bf16_n', 2048)}²). Achieved: the cost "
+          "meter's analytic FLOPs over wall time, as a fraction of the peak of the row's dtype (the frozen "
+          "weights' dtype; adapters and scores are fp32).", "",
+          "| row | method | dtype | W | Δ | settings | PPL | wall s | wall / window-2048 | training s | TFLOP | "
+          "GFLOP/s | of peak |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in shown:
         ratio = f"{r['wall_s'] / ref['wall_s']:.2f}" if ref else "–"
         settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "–"
-        md.append(f"| {r['label']} | {r['method']} | {r['window']} | {r['chunk']} | {settings} | {r['ppl']:.3f} | "
-                  f"{r['wall_s']:.0f} | {ratio} | {r['wall_s_by_phase'].get('training', 0):.0f} | "
-                  f"{r['flops'] / 1e12:.1f} | {r['gflops_per_s']:.0f} | {100 * r['gflops_per_s'] / fp32:.0f}% |")
+        dtype = r.get("dtype", "float32")
+        md.append(f"| {r['label']} | {r['method']} | {dtype} | {r['window']} | {r['chunk']} | {settings} | "
+                  f"{r['ppl']:.3f} | {r['wall_s']:.0f} | {ratio} | {r['wall_s_by_phase'].get('training', 0):.0f} | "
+                  f"{r['flops'] / 1e12:.1f} | {r['gflops_per_s']:.0f} | {100 * r['gflops_per_s'] / peak[dtype]:.0f}% |")
     first = shown[0]["buckets"]
     md += ["", "Per 8K-token bucket (PPL):", "", "| row | " + " | ".join(
         f"{b['start'] // 1024}K–{b['end'] // 1024}K" for b in first) + " |", "|---|" + "---|" * len(first)]
     md += [f"| {r['label']} | " + " | ".join(f"{b['ppl']:.2f}" for b in r["buckets"]) + " |" for r in shown]
     md += ["", f"Command: `.venv/bin/python benchmarks/economy.py --tokens {args.tokens}"
-           + (f" --book {args.book}" if args.book else "") + f" --name {args.name}`"]
-    if set(ROWS) <= set(rows) or set(labels) <= set(rows):
-        save(args.name, {"tokens": len(ids), "book": book, "peaks": peaks, "rows": shown}, "\n".join(md) + "\n")
+           + (f" --book {args.book}" if args.book else "") + f" --rows {','.join(rows)} --name {args.name}`"]
+    if set(labels) <= set(rows):
+        save(args.name, {"tokens": len(ids), "book": book, "cpu": state["cpu"], "cpu_amx": state["cpu_amx"],
+                         "peaks": peaks, "rows": shown}, "\n".join(md) + "\n")
 
 
 if __name__ == "__main__":

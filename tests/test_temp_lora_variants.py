@@ -132,3 +132,34 @@ def test_two_sessions_with_adapters_share_one_model_without_mixing(tiny, stream)
     sessions[1].close()
     assert not any("lora_" in n for n, _ in tiny.model.named_parameters())
     assert weights_fingerprint(tiny.model) == before
+
+
+def test_bf16_base_keeps_adapter_optimizer_and_scores_in_fp32(tiny_model_dir):
+    """The bf16 path (CPUs with AMX, GPUs): only the frozen base is bf16; what learns and what is summed is fp32."""
+    from infinictx import load_model
+
+    lm = load_model(tiny_model_dir, device="cpu", dtype="bfloat16")
+    before = weights_fingerprint(lm.model)
+    torch.manual_seed(3)
+    passage = torch.randint(0, 300, (32,))
+    with TempLoraConfig(window=64, chunk=32, lr=2e-2, steps=3).make_session(lm) as s:
+        assert {p.dtype for p in s.learner.params} == {torch.float32}
+        assert all(p.dtype == torch.bfloat16 for n, p in s.model.named_parameters() if "lora_" not in n)
+        base = s.score(passage, base=True)
+        s.absorb(passage)
+        assert {v.dtype for st in s.learner.optimizer.state.values() for v in st.values() if v.dim()} == {torch.float32}
+        s.history = s.history[:0]
+        adapted = s.score(passage)
+        assert base.dtype == adapted.dtype == torch.float32
+        assert adapted.mean().item() < 0.97 * base.mean().item()
+    assert weights_fingerprint(lm.model) == before
+
+
+def test_auto_dtype_is_bf16_only_on_cpus_with_amx(monkeypatch):
+    from infinictx.core import models
+
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
+    assert models.pick_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    assert models.pick_dtype("float32", torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: False)
+    assert models.pick_dtype(None, torch.device("cpu")) == torch.float32
