@@ -149,6 +149,83 @@ def test_past_is_split_into_local_window_and_memory(tiny, stream):
     assert not np.allclose(res.nll[48:], ref[48:], atol=1e-4)  # memory changes the scores once it holds tokens
 
 
+def test_memory_capped_at_zero_is_the_plain_cached_window(tiny, stream):
+    """No memory left: the local window alone, a cache whose keys were computed once, as they were read, i.e.
+    StreamingLLM without sink tokens. (The `window` method re-reads its W−Δ context for every chunk instead:
+    that is the session's base variant, `compare_base`.)"""
+    from infinictx import StreamingConfig
+
+    with MemoryConfig(window=48, chunk=16, mem_layers=[0, 1], memory_tokens=0).make_session(tiny) as s:
+        res = streaming_perplexity(s, stream, compare_base=True, progress=False)
+        assert len(s.memory[0]) == len(s.memory[1]) == 0 and s.kv_bytes() == sum(x.nbytes() for x in s.local)
+    with StreamingConfig(window=48, chunk=16, sinks=0).make_session(tiny) as w:
+        ref = streaming_perplexity(w, stream, progress=False).nll
+    np.testing.assert_allclose(res.nll, ref, rtol=1e-5, atol=1e-4)
+    with WindowConfig(window=48, chunk=16).make_session(tiny) as w:
+        np.testing.assert_allclose(res.base_nll, streaming_perplexity(w, stream, progress=False).nll, rtol=1e-5,
+                                   atol=1e-5)
+
+
+@pytest.mark.parametrize("lookup, kernel", [("dense", "fast"), ("topk", "fast"), ("topk", "reference")])
+def test_memory_cap_keeps_the_newest_past(tiny, stream, lookup, kernel):
+    """A cap of n holds exactly the n newest tokens that left the window (bytes held say so), and reads as an
+    uncapped memory would if the older past had never been there."""
+    kw = dict(window=32, chunk=8, mem_layers=[1], lookup=lookup, topk=4, kernel=kernel, faiss_min=8)
+    with MemoryConfig(memory_tokens=20, **kw).make_session(tiny) as capped, \
+            MemoryConfig(**kw).make_session(tiny) as full:
+        for s in range(0, 96, 8):
+            capped.absorb(stream[s:s + 8])
+            full.absorb(stream[s:s + 8])
+            assert len(capped.memory[1]) == min(20, len(full.memory[1]))
+        one_entry = capped.memory[1].nbytes() // 20
+        assert capped.kv_bytes() == sum(x.nbytes() for x in capped.local) + 20 * one_entry
+        torch.testing.assert_close(capped.memory[1].keys(), full.memory[1].keys()[:, :, -20:])
+        torch.testing.assert_close(capped.memory[1].values(), full.memory[1].values()[:, :, -20:])
+        # what it forgot is gone from its scores: they differ from the uncapped memory's
+        assert not torch.allclose(capped.score(stream[96:104]), full.score(stream[96:104]), atol=1e-4)
+
+
+def test_reread_local_context_with_no_memory_is_the_window_method(tiny, stream):
+    """local_context="reread": every chunk is read with its W−Δ local tokens re-read in the same forward, as the
+    window method reads it; with the memory capped at 0 the two are the same model on the same inputs."""
+    with MemoryConfig(window=48, chunk=16, mem_layers=[0, 1], memory_tokens=0,
+                      local_context="reread").make_session(tiny) as s:
+        nll = streaming_perplexity(s, stream, progress=False).nll
+    with WindowConfig(window=48, chunk=16).make_session(tiny) as w:
+        ref = streaming_perplexity(w, stream, progress=False).nll
+    np.testing.assert_allclose(nll, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_reread_memory_reads_the_past_and_resumes(tiny, stream, tmp_path):
+    cfg = MemoryConfig(window=32, chunk=8, mem_layers=[1], local_context="reread")
+    with cfg.make_session(tiny) as a, cfg.make_session(tiny) as b:
+        for s in range(0, 96, 8):   # scoring alone, then absorbing, is one fused step
+            chunk = stream[s:s + 8]
+            alone = a.score(chunk)
+            a.absorb(chunk)
+            torch.testing.assert_close(alone, b.score_and_absorb(chunk)[0], rtol=1e-5, atol=1e-5)
+        assert len(a.memory[1]) + len(a.local[0]) == 96 and a.local_ids.tolist() == stream[64:96].tolist()
+        a.generate_chunk(12, 0, Sampler())   # generation continues from the cached window, into memory
+        assert len(a.local_ids) == len(a.local[0]) == 32 and len(a.memory[1]) == 96 + 12 - 32
+    res = None
+    with cfg.make_session(tiny) as s:
+        res = streaming_perplexity(s, stream, compare_base=True, progress=False)
+    assert not np.allclose(res.nll[32:], res.base_nll[32:], atol=1e-4)   # the memory changes what it reads
+    ckpt = tmp_path / "mem.ckpt"
+    with cfg.make_session(tiny) as s:
+        streaming_perplexity(s, stream[:104], progress=False, checkpoint=ckpt, checkpoint_every=1)
+    with cfg.make_session(tiny) as s:
+        resumed = streaming_perplexity(s, stream, progress=False, checkpoint=ckpt).nll
+    np.testing.assert_allclose(resumed, res.nll, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_memory_cap(tiny):
+    with pytest.raises(InfinictxError, match="memory-tokens"):
+        MemoryConfig(window=32, chunk=8, memory_tokens=-1)
+    with pytest.raises(InfinictxError, match="local context"):
+        MemoryConfig(window=32, chunk=8, local_context="nope")
+
+
 def test_score_without_absorb_equals_fused_score_and_absorb(tiny, stream):
     cfg = MemoryConfig(window=32, chunk=8, mem_layers=[0], positionals="distance")
     with cfg.make_session(tiny) as a, cfg.make_session(tiny) as b:

@@ -23,8 +23,11 @@ retrieval layers and 30 minutes of CrossBatch, 100% up to 16K tokens).
 Peak memory is bounded by computing the memory attention in blocks of query heads × queries (LongLLaMA's
 `mem_attention_grouping`); by default the block size keeps the score matrix under ~256 MiB.
 
-Scoring a chunk sees: W−Δ local tokens (exactly what the `window` method sees) plus the memory, so
-`--compare-base` (the plain window, same inputs) measures what the memory adds. Temp-Lora goes on top like on any
+Scoring a chunk sees: W−Δ local tokens (the `window` method's context) plus the memory, so `--compare-base`
+(the plain window, same inputs) measures what the memory adds. The local window is a cache: its keys were
+computed once, when their tokens were read, not re-read for every chunk as the `window` method does; with the
+memory capped at 0 tokens (`memory_tokens`; the oldest past leaves a capped memory first) the session is exactly
+StreamingLLM without sink tokens. Temp-Lora goes on top like on any
 method (`temp_lora=`): the memory keeps the past's keys and values, the adapter learns from each chunk.
 
 LongLLaMA checkpoints load with their memory settings (`longllama.py`); CrossBatch fine-tuning teaches a model to
@@ -36,6 +39,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ...analysis.heads import retrieval_layers
 from ...core import native
@@ -60,6 +64,7 @@ from ..base import MethodConfig
 POSITIONALS = ("first", "distance", "window", "none")
 LOOKUPS = ("dense", "topk")
 KERNELS = ("fast", "reference")
+LOCAL_CONTEXTS = ("reread", "cache")
 SCORE_BUDGET_BYTES = 256 << 20
 
 
@@ -128,6 +133,11 @@ class MemoryConfig(MethodConfig):
                                       choices=POSITIONALS)
     lookup: str = setting("dense", "all memory entries or the top k", choices=LOOKUPS)
     topk: int = setting(128, "k of the top-k lookup (the paper's value)")
+    memory_tokens: int | None = setting(None, "at most this many past tokens in memory, the oldest leaving first "
+                                        "(0: no memory; default: the whole past)")
+    local_context: str = setting("cache", "how a chunk sees its W−Δ local tokens: reread them with it, as the "
+                                 "window method does (2x the forward work), or their keys as cached when they were "
+                                 "read", choices=LOCAL_CONTEXTS)
     mem_dtype: str | None = setting(None, "dtype of the stored memory (default: the model's, or the checkpoint's)")
     grouping: tuple | list | None = setting(None, "HEADS,QUERIES: memory attention in blocks of query heads × "
                                             "queries, bounding peak memory (default automatic)", parse=parse_grouping)
@@ -155,6 +165,11 @@ class MemoryConfig(MethodConfig):
             raise InfinictxError(f"unknown memory lookup {self.lookup!r}; choose one of {', '.join(LOOKUPS)}")
         if self.topk < 1:
             raise InfinictxError(f"top-k must be >= 1 (got {self.topk})")
+        if self.local_context not in LOCAL_CONTEXTS:
+            raise InfinictxError(f"unknown local context {self.local_context!r}; choose one of "
+                                 f"{', '.join(LOCAL_CONTEXTS)}")
+        if self.memory_tokens is not None and self.memory_tokens < 0:
+            raise InfinictxError(f"--memory-tokens must be >= 0 (got {self.memory_tokens})")
         if self.kernel not in KERNELS:
             raise InfinictxError(f"unknown memory kernel {self.kernel!r}; choose one of {', '.join(KERNELS)}")
         if self.mem_dtype is not None and self.mem_dtype not in DTYPES:
@@ -177,6 +192,7 @@ class MemoryConfig(MethodConfig):
             mem_layers=resolve_mem_layers(self.mem_layers if self.mem_layers is not None
                                           else ckpt.get("mem_layers", "auto"), lm),
             positionals=self.positionals or ckpt.get("positionals", "first"), lookup=self.lookup, topk=self.topk,
+            memory_tokens=self.memory_tokens, local_context=self.local_context,
             mem_dtype=self.mem_dtype or ckpt.get("mem_dtype") or str(lm.dtype).split(".")[-1],
             grouping=self.grouping if self.grouping is not None else ckpt.get("grouping"),
             faiss_min=self.faiss_min, kernel=self.kernel, temp_lora=self.temp_lora)
@@ -208,6 +224,18 @@ class Memory(KVBuffer):
         if self.indexes is not None:
             self._index_add(self.size - n, self.size)
         elif self.faiss_min is not None and self.size >= self.faiss_min and k.shape[0] == 1:
+            self._build_indexes()
+
+    def keep_last(self, n: int):
+        """Forget all but the newest n entries (a capped memory: the oldest past leaves first)."""
+        drop = self.size - n
+        if drop <= 0:
+            return
+        if n:
+            self.k[:, :, :n] = self.k[:, :, drop:self.size].clone()
+            self.v[:, :, :n] = self.v[:, :, drop:self.size].clone()
+        self.size = n
+        if self.indexes is not None:
             self._build_indexes()
 
     def copy(self) -> "Memory":
@@ -345,6 +373,7 @@ class MemorySession(StatefulSession):
         self.mem_dtype = DTYPES[config.mem_dtype]
         self.rope = Rope(self.model, lm.device, lm.dtype)
         self.local = self._new_local()
+        self.local_ids = torch.zeros(0, dtype=torch.long)   # the tokens whose keys the local windows hold
         self.memory = {i: self._new_memory() for i in config.mem_layers}
         self.scratch = Scratch() if config.kernel == "fast" else None
         # called as on_lookup(layer, q, k, q_mem, memory, scale) before each memory layer's attention (q, k: the
@@ -375,17 +404,79 @@ class MemorySession(StatefulSession):
         n_out = len(self.local[0]) + n_new - self.window
         if n_out <= 0:
             return
+        self.local_ids = self.local_ids[n_out:]
+        cap = self.config.memory_tokens
         for i, local in enumerate(self.local):
             k_old, v_old = local.pop_oldest(n_out)
-            if i in self.memory:
+            if i in self.memory and cap != 0:
                 if self.config.positionals == "window":
                     k_old = self.rope.rotate(k_old, 0)
+                if cap is not None and k_old.shape[2] > cap:
+                    k_old, v_old = k_old[:, :, -cap:], v_old[:, :, -cap:]
                 self.memory[i].append(k_old, v_old)
+                if cap is not None:
+                    self.memory[i].keep_last(cap)
 
     def _process(self, tokens: torch.Tensor, commit: bool, all_logits: bool) -> torch.Tensor:
         """Run `tokens` (≤ W − 1 of them) after everything processed so far; return their logits (T, V), or
         only the last position's (1, V). With commit=False nothing about the past changes (except that tokens
         may move from the local window into memory, which does not change what the past is)."""
+        if self.config.local_context == "reread" and len(tokens) > 1:
+            logits = self._reread(tokens, commit)[1]
+            return logits if all_logits else logits[-1:]
+        return self._cached(tokens, commit, all_logits)
+
+    def _scored(self, chunk: torch.Tensor, commit: bool) -> torch.Tensor:
+        if self.config.local_context != "reread" or len(chunk) < 2:
+            return super()._scored(chunk, commit)
+        first, logits = self._reread(chunk, commit)   # `first`, from the last context token, predicts chunk[0]
+        if commit:
+            self._last_logits = logits[-1].float()
+        chunk = chunk.to(logits.device)
+        if first is None:  # stream start: the first token has no prediction
+            return F.cross_entropy(logits[:-1].float(), chunk[1:], reduction="none")
+        return F.cross_entropy(torch.cat([first[None], logits[:-1]]).float(), chunk, reduction="none")
+
+    def _reread(self, tokens: torch.Tensor, commit: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Read `tokens` after their local context re-read with them in one forward (positions 0..L−1, as the
+        window method reads a chunk), the memory layers also attending to the memory. Returns (logits of the
+        last context token, or None when there is none; logits of the tokens). Committing keeps the tokens' keys
+        and values from this forward in the local windows: what goes to memory when they leave."""
+        T = len(tokens)
+        self._make_room(max(T, self.chunk))   # W−Δ tokens of context even for a short chunk (as the window method)
+        C = len(self.local_ids)
+        ids = torch.cat([self.local_ids, tokens.cpu()])
+        cfg = self.config
+
+        def attend(i, a, q, k, v):
+            memory = self.memory.get(i)
+            if commit:
+                self.local[i].with_new(k[:, :, C:], v[:, :, C:], self.rope)
+                self.local[i].commit(T)
+            if memory is not None and cfg.positionals == "none":
+                qr, kr = q, k
+            else:
+                qr, kr = self.rope.rotate(q, 0), self.rope.rotate(k, 0)
+            if memory is None or not len(memory):
+                return local_attention(qr, kr, v, a.scaling)
+            if cfg.positionals == "distance":
+                qm = self.rope.rotate_at(q, torch.full((len(ids),), self.window, device=q.device))
+            else:
+                qm = qr
+            if self.on_lookup is not None:
+                self.on_lookup(i, qr, kr, qm, memory, a.scaling)
+            return memory_attention(qr, kr, v, qm, memory, a.scaling, cfg.lookup, cfg.topk, cfg.grouping,
+                                    self.scratch)
+
+        logits = decoder_forward(self.model, ids.to(self.device)[None], attend, logits_to_keep=T + (C > 0))[0]
+        if commit:
+            self.local_ids = torch.cat([self.local_ids, tokens.cpu()])
+        self._account(len(ids), 0, T + (C > 0))
+        return (logits[0], logits[1:]) if C else (None, logits)
+
+    def _cached(self, tokens: torch.Tensor, commit: bool, all_logits: bool) -> torch.Tensor:
+        """`_process` over the local windows' cached keys: each token attends to the keys computed when the
+        window's tokens were read."""
         T = len(tokens)
         self._make_room(T)
         cached = len(self.local[0])
@@ -418,6 +509,8 @@ class MemorySession(StatefulSession):
 
         logits = decoder_forward(self.model, tokens.to(self.device)[None], attend,
                                  logits_to_keep=None if all_logits else 1)[0]
+        if commit:
+            self.local_ids = torch.cat([self.local_ids, tokens.cpu()])
         self._account(T, cached, T if all_logits else 1)
         return logits
 
@@ -439,13 +532,14 @@ class MemorySession(StatefulSession):
     def _fork_state(self, other: "MemorySession"):
         # plain local caches are shared (never modified in place), rotated windows and memories copied
         other.local = [x.copy(self.rope) for x in self.local]
+        other.local_ids = self.local_ids.clone()
         other.memory = {i: m.copy() for i, m in self.memory.items()}
 
     # --- resume and clean-up -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {**super().state_dict(), "local": [tuple(t.clone() if t is not None else None for t in x.live())
                                                   for x in self.local],
-                "local_slots": [getattr(x, "start", 0) for x in self.local],
+                "local_slots": [getattr(x, "start", 0) for x in self.local], "local_ids": self.local_ids.clone(),
                 "memory": {i: (m.keys().clone(), m.values().clone()) if len(m) else None
                            for i, m in self.memory.items()}}
 
@@ -454,6 +548,8 @@ class MemorySession(StatefulSession):
         slots = state.get("local_slots") or [0] * len(self.local)
         for local, (k, v), start in zip(self.local, state["local"], slots):
             local.set(k, v, self.rope, start)
+        n_local = len(self.local[0])   # checkpoints from before local_ids: the window's tokens end the history
+        self.local_ids = state.get("local_ids", history[len(history) - n_local:] if n_local else history[:0])
         for i, kv in state["memory"].items():
             self.memory[i] = self._new_memory()
             if kv is not None:
@@ -462,4 +558,5 @@ class MemorySession(StatefulSession):
     def close(self):
         super().close()
         self.local = self._new_local()
+        self.local_ids = torch.zeros(0, dtype=torch.long)
         self.memory = {}
