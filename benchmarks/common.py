@@ -96,9 +96,18 @@ def run_cli(name: str, args: list[str], out: Path) -> dict | None:
     return summary
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+    except OSError:
+        return "unknown"
+
+
 def machine() -> dict:
+    # the CPU changes between machines (an Intel one with AMX, an AMD EPYC without): timings are per machine
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
-            "machine": platform.machine(), "date": time.strftime("%Y-%m-%d")}
+            "machine": platform.machine(), "cpu": cpu_name(), "date": time.strftime("%Y-%m-%d")}
 
 
 def save(name: str, data: dict, markdown: str):

@@ -17,7 +17,7 @@ import json
 import time
 
 import torch
-from common import RESULTS, save, setup
+from common import RESULTS, cpu_name, save, setup
 
 from infinictx import method_config, read_text, streaming_perplexity
 from infinictx.core.files import write_json
@@ -40,14 +40,6 @@ REFERENCE = "window-2048"   # the plain 2K window the issue's target is measured
 
 
 DTYPE_SUFFIX = {"fp32": "float32", "bf16": "bfloat16"}
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
-    except OSError:
-        return "unknown"
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 3.0) -> float:

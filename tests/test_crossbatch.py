@@ -8,8 +8,14 @@ import torch
 
 from infinictx import MemoryConfig, load_model, streaming_perplexity, weights_fingerprint
 from infinictx.core.attention import Rope, local_attention
-from infinictx.methods.memory.crossbatch import (Batch, CrossBatchConfig, crossbatch_attention, crossbatch_loss, make_batch,
-                                  train_crossbatch)
+from infinictx.methods.memory.crossbatch import (
+    Batch,
+    CrossBatchConfig,
+    crossbatch_attention,
+    crossbatch_loss,
+    make_batch,
+    train_crossbatch,
+)
 
 
 def test_no_memory_rows_is_plain_causal_attention(tiny):
@@ -131,3 +137,39 @@ def test_needles_mark_the_repeated_code_and_weight_its_loss(tiny):
         plain = crossbatch_loss(tiny.model, b, {1}, rope).item()
         weighted = crossbatch_loss(tiny.model, b, {1}, rope, needle_weight=5.0).item()
     assert weighted > plain
+
+
+def test_held_out_and_test_documents_never_reach_training():
+    import pytest
+
+    from infinictx import InfinictxError
+    from infinictx.methods.memory.crossbatch import split_documents
+
+    docs = [(f"book{i}", i) for i in range(6)]
+    train, held = split_documents(docs, ["book1", "book4"], ["book5"])
+    assert [n for n, _ in train] == ["book0", "book2", "book3"] and [n for n, _ in held] == ["book1", "book4"]
+    with pytest.raises(InfinictxError, match="unknown documents"):
+        split_documents(docs, ["book9"])
+    with pytest.raises(InfinictxError, match="both held out and excluded"):
+        split_documents(docs, ["book1"], ["book1"])
+
+
+def test_the_best_evaluated_adapter_is_the_one_merged(tiny_model_dir):
+    """Checkpoint selection: evaluate() every k steps and at the end; the adapter of the lowest score is kept."""
+    lm = load_model(tiny_model_dir, device="cpu", dtype="float32")
+    torch.manual_seed(0)
+    docs = [torch.randint(0, 300, (300,)) for _ in range(4)]
+    probe = torch.randint(0, 300, (1, 24))
+    seen = []
+
+    def evaluate(model_lm, mem_layers):
+        assert mem_layers == [1] and not torch.is_grad_enabled()
+        seen.append(model_lm.model(probe).logits.clone())
+        return {"score": [3.0, 1.0, 2.0][len(seen) - 1]}   # the second evaluation (after step 8) is the best
+
+    cfg = CrossBatchConfig(context=16, steps=10, lr=1e-2, mem_layers=[1], needle_rate=0.0, warmup=1)
+    log = train_crossbatch(lm, docs, cfg, progress=False, evaluate=evaluate, eval_every=4)
+    assert [e["step"] for e in log["evals"]] == [4, 8, 10] and log["kept_step"] == 8
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(probe).logits, seen[1], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(seen[1], seen[2], atol=1e-3)   # the last adapter differed: selection mattered

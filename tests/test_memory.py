@@ -138,9 +138,9 @@ def test_past_is_split_into_local_window_and_memory(tiny, stream):
         assert 0 not in s.memory  # other layers drop what leaves the window
         assert s.kv_bytes() == sum(x.nbytes() for x in s.local) + s.memory[1].nbytes()
         # generation continues past the window: the local cache spills into memory
-        before = len(s.memory[1])
+        before, n_local = len(s.memory[1]), len(s.local[0])
         s.generate_chunk(20, 0, Sampler())
-        assert len(s.memory[1]) == before + 20
+        assert len(s.memory[1]) == before + n_local + 20 - 48 and len(s.local[0]) == 48
     assert np.isfinite(res.nll).all()
     # base = the plain window on the same inputs
     with WindowConfig(window=48, chunk=16).make_session(tiny) as w:
@@ -155,7 +155,8 @@ def test_memory_capped_at_zero_is_the_plain_cached_window(tiny, stream):
     that is the session's base variant, `compare_base`.)"""
     from infinictx import StreamingConfig
 
-    with MemoryConfig(window=48, chunk=16, mem_layers=[0, 1], memory_tokens=0).make_session(tiny) as s:
+    with MemoryConfig(window=48, chunk=16, mem_layers=[0, 1], memory_tokens=0,
+                      local_context="cache").make_session(tiny) as s:
         res = streaming_perplexity(s, stream, compare_base=True, progress=False)
         assert len(s.memory[0]) == len(s.memory[1]) == 0 and s.kv_bytes() == sum(x.nbytes() for x in s.local)
     with StreamingConfig(window=48, chunk=16, sinks=0).make_session(tiny) as w:

@@ -78,6 +78,20 @@ class CrossBatchConfig:
             raise InfinictxError("needle_rate must be within [0, 1]")
 
 
+def split_documents(docs: list[tuple[str, object]], held_out: list[str], excluded: list[str] = ()) -> tuple[list, list]:
+    """(training, held-out) of named documents: `held_out` names go to the second list (checkpoint selection),
+    `excluded` ones (test books) to neither, everything else to training. Unknown names are an error, so a typo
+    cannot leak a book into training."""
+    names = {n for n, _ in docs}
+    unknown = sorted(set(held_out) - names) + sorted(set(excluded) - names)
+    if unknown:
+        raise InfinictxError(f"unknown documents {unknown}; the corpus has e.g. {sorted(names)[:3]}")
+    if set(held_out) & set(excluded):
+        raise InfinictxError(f"documents both held out and excluded: {sorted(set(held_out) & set(excluded))}")
+    train = [(n, d) for n, d in docs if n not in held_out and n not in excluded]
+    return train, [(n, d) for n, d in docs if n in held_out]
+
+
 @dataclass
 class Batch:
     ids: torch.Tensor            # (B, T)
@@ -182,7 +196,8 @@ def crossbatch_logits(model, batch: Batch, mem_layers: set[int], rope: Rope, ext
 
 
 def crossbatch_loss(model, batch: Batch, mem_layers: set[int], rope: Rope, extra: dict | None = None,
-                    capture: dict | None = None, needle_weight: float = 0.0, mst: MSTConfig | None = None) -> torch.Tensor:
+                    capture: dict | None = None, needle_weight: float = 0.0,
+                    mst: MSTConfig | None = None) -> torch.Tensor:
     """Mean next-token loss over every row, with the memory layers attending across the batch; plus
     `needle_weight` × the mean loss on the repeated codes (a dozen tokens among thousands: unweighted, their
     gradient is lost in the language-modelling loss). With `mst`, the Mini-Sequence way (`infinictx.training.mst`):
@@ -218,9 +233,13 @@ def memory_probe(model, batches: list[Batch], mem_layers: set[int], rope: Rope) 
 
 
 def train_crossbatch(lm: LoadedModel, docs: list[torch.Tensor], cfg: CrossBatchConfig, out: Path | None = None,
-                     log=print, progress: bool = True) -> dict:
+                     log=print, progress: bool = True, evaluate=None, eval_every: int = 0) -> dict:
     """Fine-tune `lm` in place (LoRA, merged at the end) with CrossBatch; save a LongLLaMA-format checkpoint to
-    `out` if given. Returns the training log."""
+    `out` if given. Returns the training log.
+
+    With `evaluate` (called as evaluate(lm, mem_layers) -> dict with a "score", lower is better, on held-out data:
+    the adapter is live in lm.model, in eval mode, without gradients) every `eval_every` steps and at the end, the
+    adapter of the best evaluation is the one merged and saved."""
     mem_layers = sorted(set(resolve_mem_layers(cfg.mem_layers if cfg.mem_layers is not None else "auto", lm)))
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -231,7 +250,20 @@ def train_crossbatch(lm: LoadedModel, docs: list[torch.Tensor], cfg: CrossBatchC
         opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
     rope = Rope(model, lm.device, lm.dtype)
     extra = {}
-    history, t0 = [], time.perf_counter()
+    history, evals, best, t0 = [], [], None, time.perf_counter()
+
+    def run_eval(step: int):
+        nonlocal best
+        model.eval()
+        e0 = time.perf_counter()
+        with torch.no_grad():
+            result = {"step": step, **evaluate(lm, mem_layers), "s": round(time.perf_counter() - e0, 1)}
+        model.train()
+        evals.append(result)
+        log(f"eval after {step} steps: {result}")
+        if best is None or result["score"] < best[0]:
+            best = (result["score"], step, [p.detach().clone() for p in params])
+
     with progress_bar(progress, cfg.steps, "step", "crossbatch") as bar:
         for step in range(cfg.steps):
             elapsed = time.perf_counter() - t0
@@ -257,12 +289,22 @@ def train_crossbatch(lm: LoadedModel, docs: list[torch.Tensor], cfg: CrossBatchC
                             "s": round(time.perf_counter() - t0, 1)})
             bar.set_postfix(loss=f"{loss.item():.3f}", mem=batch.memory_rows.shape[1])
             bar.update(1)
+            if evaluate is not None and eval_every and (step + 1) % eval_every == 0:
+                run_eval(step + 1)
+    if evaluate is not None:
+        if not evals or evals[-1]["step"] != len(history):
+            run_eval(len(history))
+        with torch.no_grad():   # the best evaluated adapter is the one kept
+            for p, kept in zip(params, best[2]):
+                p.copy_(kept)
     model.eval()
     merged = model.merge_and_unload()
     merged.requires_grad_(False)
     lm.model = merged
     result = {"config": asdict(cfg), "mem_layers": mem_layers, "steps_done": len(history),
               "train_s": round(time.perf_counter() - t0, 1), "history": history}
+    if evaluate is not None:
+        result.update(evals=evals, kept_step=best[1])
     if out is not None:
         save_longllama_checkpoint(lm, out, mem_layers, cfg.last_context_length, extra=result)
     return result
