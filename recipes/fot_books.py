@@ -13,7 +13,7 @@ Wonderland is excluded here) are for `benchmarks/memory_reach.py`.
 Saves a LongLLaMA-format checkpoint (default: cache/models/smollm2-135m-fot-books, usable as `--model PATH`) and
 its log to out/<name>.{json,md}.
 
-  .venv/bin/python recipes/fot_books.py [--time-budget 3600] [--eval-every 20] [--needle-rate 0.2]"""
+  .venv/bin/python recipes/fot_books.py [--time-budget 3600] [--eval-every 25] [--needle-rate 0.2]"""
 
 import math
 import random
@@ -60,8 +60,8 @@ class Settings:
     window: int = setting(1024, "local window W: saved as last_context_length, and the evaluation's")
     held_out: str = setting(HELD_OUT, "comma-separated corpus documents for checkpoint selection")
     test: str = setting(TEST, "comma-separated corpus documents left out of training and selection")
-    eval_every: int = setting(20, "steps between held-out evaluations")
-    eval_tokens: int = setting(4096, "tokens of each held-out book read per evaluation")
+    eval_every: int = setting(25, "steps between held-out evaluations")
+    eval_tokens: int = setting(3072, "tokens of each held-out book read per evaluation (~1 min per book here)")
     out: str | None = setting(None, "checkpoint folder (default cache/models/smollm2-135m-fot-books)")
     threads: int | None = setting(None, "torch CPU threads")
     seed: int = setting(0, "seed of the batches and the LoRA initialisation")
