@@ -55,8 +55,27 @@ def test_memory_topk_kernel_finds_planted_keys_among_thousands_and_matches_the_r
         assert torch.equal(idx[0, h].sort(-1).values, where[h].sort().values.expand(idx.shape[2], k))
 
 
+@pytest.mark.parametrize("same_queries", [True, False])
+@pytest.mark.parametrize("T", [1, 7])
+def test_fused_dense_memory_attention_matches_the_reference(same_queries, T):
+    """The fast dense lookup (one fused attention over [memory ‖ local]) is the blocked softmax of the reference,
+    also when the memory's queries carry their own rotation (the doubled-head-size form)."""
+    torch.manual_seed(0)
+    B, Hq, Hkv, L, D, M = 1, 6, 2, 40, 16, 3000
+    memory = Memory(torch.float32, faiss_min=None)
+    memory.append(torch.randn(B, Hkv, M, D), torch.randn(B, Hkv, M, D))
+    q, k, v = torch.randn(B, Hq, T, D), torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, D)
+    q_mem = q if same_queries else torch.randn(B, Hq, T, D)
+    want = memory_attention(q, k, v, q_mem, memory, 0.25, "dense")
+    got = memory_attention(q, k, v, q_mem, memory, 0.25, "dense", scratch=Scratch())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("method, settings", [
     ("memory", {"window": 64, "chunk": 16, "mem_layers": [0, 1], "lookup": "topk", "topk": 8}),
+    ("memory", {"window": 64, "chunk": 16, "mem_layers": [0, 1], "lookup": "dense"}),
+    ("memory", {"window": 64, "chunk": 16, "mem_layers": [1], "lookup": "dense", "local_context": "cache"}),
+    ("memory", {"window": 64, "chunk": 16, "mem_layers": [1], "lookup": "dense", "positionals": "distance"}),
     ("memory", {"window": 64, "chunk": 32, "mem_layers": [1], "lookup": "topk", "topk": 4, "positionals": "distance",
                 "faiss_min": 64}),   # the reference side searches with faiss
     ("longcache", {"window": 96, "chunk": 16, "global_tokens": 4, "span": 4, "topk": 2}),  # rows < 512: plain topk
