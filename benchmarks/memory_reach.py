@@ -2,7 +2,8 @@
 memory capped at 2K, 8K, 32K tokens of the past (the oldest leaving first), the plain window beside it (= the
 memory capped at 0: tested equal), on the same chunks of held-out books, one model at a time. Every row reads
 with W=1024, Δ=512; the memory method re-reads each chunk's W−Δ local tokens (`local_context="reread"`, the
-default) unless the row says `cache`. Short-context quality: perplexity of each book's first 1K tokens (one
+default) unless the row says `cache`; memory lookups dense (every entry) or, for `top128` rows, each query's 128 best
+entries (the paper's kNN). Short-context quality: perplexity of each book's first 1K tokens (one
 forward) for the model and the base SmolLM2.
 
 Cells (model, book, row) are written to results/<name>.partial.json as they finish; a rerun continues.
@@ -22,12 +23,21 @@ from infinictx.data.texts import strip_gutenberg, training_corpus
 from infinictx.tasks.perplexity import perplexity
 
 W, D = 1024, 512
-ROWS = {   # label: memory cap in tokens (None: the whole past), local context; "window": the window method
+TOPK = 128
+ROWS = {   # label: memory cap in tokens, local context, lookup[, memory_share_tokens]; "window": the window method
     "window": None,
-    "memory-2k": (2048, "reread"),
-    "memory-8k": (8192, "reread"),
-    "memory-32k": (32768, "reread"),
-    "memory-32k-cache": (32768, "cache"),   # the local window as cached keys: what the method did before
+    "memory-2k": (2048, "reread", "dense"),
+    "memory-8k": (8192, "reread", "dense"),
+    "memory-32k": (32768, "reread", "dense"),
+    "memory-32k-cache": (32768, "cache", "dense"),   # the local window as cached keys: what the method did before
+    # the paper's kNN lookup: each query attends to its 128 best memory entries, not to all of them
+    "memory-2k-top128": (2048, "reread", "topk"),
+    "memory-8k-top128": (8192, "reread", "topk"),
+    "memory-32k-top128": (32768, "reread", "topk"),
+    # the fixed gate: beyond N entries, memory scores get −log(M/N) (the memory's softmax share stops growing)
+    "memory-8k-share2k": (8192, "reread", "dense", 2048),
+    "memory-32k-share2k": (32768, "reread", "dense", 2048),
+    "memory-32k-share8k": (32768, "reread", "dense", 8192),
 }
 
 
@@ -45,8 +55,9 @@ def run_cell(lm, ids, row: str) -> dict:
     if row == "window":
         cfg = WindowConfig(window=W, chunk=D)
     else:
-        cap, local = ROWS[row]
-        cfg = MemoryConfig(window=W, chunk=D, memory_tokens=cap, local_context=local)
+        cap, local, lookup, *share = ROWS[row]
+        cfg = MemoryConfig(window=W, chunk=D, memory_tokens=cap, local_context=local, lookup=lookup, topk=TOPK,
+                           memory_share_tokens=share[0] if share else None)
     t0 = time.perf_counter()
     held = 0
     with cfg.make_session(lm) as s:
@@ -104,8 +115,10 @@ def main():
 def markdown(state: dict, args) -> str:
     md = ["## Perplexity vs reachable past: the memory method, its memory capped (W=1024, Δ=512)", "",
           "Rows: the plain window (= memory capped at 0 tokens, tested equal); the memory method with the newest "
-          "2K / 8K / 32K tokens of the past in memory, each chunk's local context re-read (the default); the last "
-          "row the local context as cached keys (the method's behaviour before issue 18). Ratio: to the window.",
+          "2K / 8K / 32K tokens of the past in memory, each chunk's local context re-read (the default), every "
+          "query attending to all memory entries (dense) or to its 128 best (top128, the paper's kNN lookup); "
+          "`-cache`: the local context as cached keys (the method's behaviour before issue 18); `shareN`: the fixed "
+          "gate, memory scores −log(M/N) beyond N entries (`--memory-share-tokens N`). Ratio: to the window.",
           ""]
     keys = sorted({c.rsplit("|", 1)[0] for c in state["cells"]})
     for key in keys:

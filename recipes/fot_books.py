@@ -4,7 +4,10 @@ The first recipe (`crossbatch_finetune.py`, behind `smollm2-fot`) taught the mem
 (75% of the groups with a past carried one, weighted ×2 in the loss): passkey 100% to 16K, but book perplexity
 with memory worse than the plain window. This one trains on the same corpus with natural text as most of the
 signal: groups of consecutive contexts of one book, negatives from other books, and needles in a minority of
-groups (`--needle-rate 0.2`, weight 0.5). Two books are held out for checkpoint selection (never trained on):
+groups (`--needle-rate 0.2`, weight 0.5), and 2,048 detached keys and values from earlier batches in every memory
+layer as further negatives (`--extra-negatives`): in-batch memory is ~1K tokens, and `smollm2-fot`, trained that
+way, reads a book worse with 32K tokens in (dense) memory than with 8K — the paper's distraction issue, which more
+negatives in training are meant to cure. Two books are held out for checkpoint selection (never trained on):
 every `--eval-every` steps the adapter reads each of them (first `--eval-tokens` tokens) with the memory method at
 W=`--window` (local context re-read, memory of the whole past), and the adapter with the lowest mean log
 perplexity is the one saved. The test books (Paradise Lost, the default book, is never in the corpus; Alice in
@@ -56,6 +59,7 @@ class Settings:
     rank: int = setting(32, "LoRA rank (alpha = rank), merged into the weights when saved")
     needle_rate: float = setting(0.2, "share of groups with positives that carry a synthetic fact")
     needle_weight: float = setting(0.5, "extra loss weight on the repeated codes")
+    extra_negatives: int = setting(2048, "detached memory-layer K/V tokens of earlier batches as further negatives")
     mem_layers: str = setting("auto", "e.g. 8,15,22, 'auto[:N]' (retrieval layers) or 'spread'")
     window: int = setting(1024, "local window W: saved as last_context_length, and the evaluation's")
     held_out: str = setting(HELD_OUT, "comma-separated corpus documents for checkpoint selection")
@@ -98,6 +102,7 @@ def main(argv=None):
     t0 = time.time()
     cfg = CrossBatchConfig(context=s.context, steps=s.steps, time_budget_s=s.time_budget, lr=s.lr, rank=s.rank,
                            alpha=s.rank, needle_rate=s.needle_rate, seed=s.seed, needle_weight=s.needle_weight,
+                           extra_negatives=s.extra_negatives,
                            mem_layers=parse_mem_layers(s.mem_layers), last_context_length=s.window)
     lm = load_model(None)
     tokenize = lambda text: lm.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]  # noqa: E731
@@ -128,7 +133,8 @@ def main(argv=None):
     md = [f"## CrossBatch for books: SmolLM2-135M-Instruct ({log['steps_done']} steps, {log['train_s']:.0f} s "
           "with evaluations)", "",
           f"Memory layers {sorted(mem_layers)}, context {cfg.context} tokens per row, LoRA r={cfg.rank} merged, "
-          f"lr {cfg.lr}, mix {list(cfg.mix)}, needle rate {cfg.needle_rate} (weight {cfg.needle_weight}); "
+          f"lr {cfg.lr}, mix {list(cfg.mix)}, needle rate {cfg.needle_rate} (weight {cfg.needle_weight}), "
+          f"{cfg.extra_negatives} detached extra negatives per memory layer; "
           f"{len(docs)} training documents ({result['corpus_tokens']:,} tokens). Held out for selection: "
           f"{', '.join(n for n, _ in held)} (first {s.eval_tokens} tokens, memory method W={s.window}, local "
           f"context re-read); left out: {', '.join(names(s.test))} and Paradise Lost.",

@@ -4,6 +4,7 @@ grouping changes nothing, the past is split exactly into local window + memory, 
 LongLLaMA-format checkpoint loads with its weights and memory settings."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -220,9 +221,46 @@ def test_reread_memory_reads_the_past_and_resumes(tiny, stream, tmp_path):
     np.testing.assert_allclose(resumed, res.nll, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("lookup, fast", [("dense", False), ("dense", True), ("topk", False), ("topk", True)])
+@pytest.mark.parametrize("T", [1, 5])
+def test_memory_share_gate_makes_r_copies_weigh_as_one(lookup, fast, T):
+    """The fixed gate: a memory score bias of −log r. Every memory entry repeated r times, read with the bias,
+    is exactly the memory read once without it: the memory's share of the softmax no longer grows with its size."""
+    from infinictx.core.kernels import Scratch
+
+    q, k, v, mk, mv = random_qkv(T=T, M=40)
+    once, copies = Memory(torch.float32, faiss_min=None), Memory(torch.float32, faiss_min=None)
+    once.append(mk, mv)
+    copies.append(mk.repeat_interleave(4, 2), mv.repeat_interleave(4, 2))
+    topk = 6
+    kw = dict(lookup=lookup, scratch=Scratch() if fast else None)
+    want = memory_attention(q, k, v, q, once, 0.25, topk=topk, **kw)
+    got = memory_attention(q, k, v, q, copies, 0.25, topk=4 * topk, mem_bias=-math.log(4), **kw)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # and without the gate the copies weigh four times as much: a different output
+    assert not torch.allclose(memory_attention(q, k, v, q, copies, 0.25, topk=4 * topk, **kw), want, atol=1e-3)
+
+
+def test_memory_share_tokens_is_off_below_its_size_and_on_above(tiny, stream):
+    kw = dict(window=32, chunk=8, mem_layers=[1])
+    with MemoryConfig(**kw).make_session(tiny) as plain, \
+            MemoryConfig(memory_share_tokens=48, **kw).make_session(tiny) as gated:
+        for s in range(0, 72, 8):     # 40 tokens in memory, 48 while the next chunk is read: the gate not yet on
+            plain.absorb(stream[s:s + 8])
+            gated.absorb(stream[s:s + 8])
+        assert len(gated.memory[1]) == 40
+        torch.testing.assert_close(gated.score(stream[72:80]), plain.score(stream[72:80]))
+        for s in range(72, 120, 8):
+            plain.absorb(stream[s:s + 8])
+            gated.absorb(stream[s:s + 8])
+        assert not torch.allclose(gated.score(stream[120:128]), plain.score(stream[120:128]), atol=1e-4)
+
+
 def test_bad_memory_cap(tiny):
     with pytest.raises(InfinictxError, match="memory-tokens"):
         MemoryConfig(window=32, chunk=8, memory_tokens=-1)
+    with pytest.raises(InfinictxError, match="memory-share-tokens"):
+        MemoryConfig(window=32, chunk=8, memory_share_tokens=0)
     with pytest.raises(InfinictxError, match="local context"):
         MemoryConfig(window=32, chunk=8, local_context="nope")
 

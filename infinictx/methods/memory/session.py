@@ -5,9 +5,10 @@ Every layer keeps a local window of at most W recent tokens (keys and values bef
 memory layers append their keys and values to an external memory (per layer, per KV head, in `mem_dtype`);
 the other layers drop them. So the past is always split exactly in two: local window + memory.
 
-In a memory layer each query attends to its causal local context and to the memory in ONE softmax (no gate),
-over every memory entry ("dense", what the released LongLLaMA does) or over the k best by q·k ("topk", the
-paper's kNN; exact, with faiss for large memories, torch for small). Memory keys are rotated
+In a memory layer each query attends to its causal local context and to the memory in ONE softmax (no learned
+gate; `memory_share_tokens` is a fixed one: memory scores −log(M/N) beyond N entries), over every memory
+entry ("dense", what the released LongLLaMA does) or over the k best by q·k ("topk", the paper's kNN; exact,
+with faiss for large memories, torch for small). Memory keys are rotated
 
   first     as if at position 0, the first position of the local window (LongLLaMA's `mem_positionals`)
   distance  as if at distance W from every query (InfLLM: the query is rotated at W, the key at 0)
@@ -39,6 +40,7 @@ use the memory (`crossbatch.py`)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -139,6 +141,12 @@ class MemoryConfig(MethodConfig):
     topk: int = setting(128, "k of the top-k lookup (the paper's value)")
     memory_tokens: int | None = setting(None, "at most this many past tokens in memory, the oldest leaving first "
                                         "(0: no memory; default: the whole past)")
+    # a fixed gate, for memories larger than the model learned to read: dense memory attention over M entries
+    # gives the memory a share of the softmax that grows with M (smollm2-fot on Paradise Lost, 32K tokens read:
+    # PPL 71.1 with 8K tokens in memory, 72.2 with 32K; top-128 lookups worse still)
+    memory_share_tokens: int | None = setting(None, "beyond this many memory entries, every memory score gets "
+                                              "−log(M / N): the memory's weight in the softmax stops growing with "
+                                              "its size M (default: off)")
     # reread by default: with cached local keys (no attention sink once the stream's first tokens leave) memory
     # reading cost perplexity (smollm2-fot, 6K tokens of Paradise Lost: 88.5 vs the window's 71.7); re-read, 69.8
     local_context: str = setting("reread", "how a chunk sees its W−Δ local tokens: re-read with it, as the window "
@@ -175,6 +183,8 @@ class MemoryConfig(MethodConfig):
         if self.local_context not in LOCAL_CONTEXTS:
             raise InfinictxError(f"unknown local context {self.local_context!r}; choose one of "
                                  f"{', '.join(LOCAL_CONTEXTS)}")
+        if self.memory_share_tokens is not None and self.memory_share_tokens < 1:
+            raise InfinictxError(f"--memory-share-tokens must be >= 1 (got {self.memory_share_tokens})")
         if self.memory_tokens is not None and self.memory_tokens < 0:
             raise InfinictxError(f"--memory-tokens must be >= 0 (got {self.memory_tokens})")
         if self.kernel not in KERNELS:
@@ -199,7 +209,8 @@ class MemoryConfig(MethodConfig):
             mem_layers=resolve_mem_layers(self.mem_layers if self.mem_layers is not None
                                           else ckpt.get("mem_layers", "auto"), lm),
             positionals=self.positionals or ckpt.get("positionals", "first"), lookup=self.lookup, topk=self.topk,
-            memory_tokens=self.memory_tokens, local_context=self.local_context,
+            memory_tokens=self.memory_tokens, memory_share_tokens=self.memory_share_tokens,
+            local_context=self.local_context,
             mem_dtype=self.mem_dtype or ckpt.get("mem_dtype") or str(lm.dtype).split(".")[-1],
             grouping=self.grouping if self.grouping is not None else ckpt.get("grouping"),
             faiss_min=self.faiss_min, kernel=self.kernel, temp_lora=self.temp_lora)
@@ -282,8 +293,8 @@ class Memory(KVBuffer):
 
 def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_mem: torch.Tensor, memory: Memory,
                      scale: float, lookup: str = "dense", topk: int = 128, grouping: tuple | None = None,
-                     scratch: Scratch | None = None) -> torch.Tensor:
-    """One softmax over [memory ‖ causal local context].
+                     scratch: Scratch | None = None, mem_bias: float = 0.0) -> torch.Tensor:
+    """One softmax over [memory ‖ causal local context], `mem_bias` added to every memory score.
 
     q (B, Hq, T, D): queries rotated at their local positions; q_mem: the queries as rotated for memory keys;
     k, v (B, Hkv, L, D): local keys (rotated) and values, the queries being the last T of the L positions.
@@ -293,7 +304,7 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_mem: t
     top-k, the same softmax, in fewer passes over memory) and a dense lookup `_dense_fused` (one fused attention
     call over [memory ‖ local]; it blocks internally, so `grouping` does not apply)."""
     if lookup == "dense" and scratch is not None and len(memory):
-        return _dense_fused(q, k, v, q_mem, memory, scale)
+        return _dense_fused(q, k, v, q_mem, memory, scale, mem_bias)
     B, Hq, T, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]
     g = Hq // Hkv
@@ -326,13 +337,15 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_mem: t
             if mask is not None:  # rows are (query head in group, query): the same mask for each head
                 s_loc.masked_fill_(~mask[t0:t1].repeat(g, 1), float("-inf"))
             if lookup == "topk" and scratch is not None:
-                o = _topk_block(qm, s_loc, v_loc, memory, h0, h1, kk, scale, scratch)
+                o = _topk_block(qm, s_loc, v_loc, memory, h0, h1, kk, scale, scratch, mem_bias)
                 out[:, h0:h1, :, t0:t1] = o.view(B, nh, g, tq, D)
                 continue
             if lookup == "dense":
                 s_mem = (qm @ k_mem.transpose(-1, -2)) * scale
             else:
                 s_mem, idx = memory.top_k(qm, h0, h1, kk, scale)
+            if mem_bias:
+                s_mem = s_mem + mem_bias
             p = torch.softmax(torch.cat([s_mem, s_loc], dim=-1).float(), dim=-1).to(q.dtype)
             p_mem, p_loc = p[..., :s_mem.shape[-1]], p[..., s_mem.shape[-1]:]
             o = p_loc @ v_loc
@@ -348,7 +361,7 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_mem: t
 
 
 def _dense_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_mem: torch.Tensor, memory: Memory,
-                 scale: float) -> torch.Tensor:
+                 scale: float, mem_bias: float = 0.0) -> torch.Tensor:
     """Dense memory attention as one `scaled_dot_product_attention` over the keys [memory ‖ local] (memory
     visible to every query, local keys causal): the fused kernel never holds the (queries × keys) score matrix
     and runs at matmul speed (a 1024-query chunk over 8K memory entries: ~4x faster than the blocked softmax).
@@ -366,7 +379,12 @@ def _dense_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_mem: torch
         k = torch.cat([k, torch.zeros_like(k)], -1)
     keys, values = torch.cat([k_mem, k], 2), torch.cat([v_mem, v], 2)
     mask = None
-    if T > 1:
+    if mem_bias:   # an additive mask: the bias on memory columns, −inf on the local keys a query may not see
+        mask = torch.zeros(T, M + L, dtype=q.dtype, device=q.device)
+        mask[:, :M] = mem_bias
+        if T > 1:
+            mask[:, M:].masked_fill_(~causal_mask(T, L, q.device), float("-inf"))
+    elif T > 1:
         mask = torch.ones(T, M + L, dtype=torch.bool, device=q.device)
         mask[:, M:] = causal_mask(T, L, q.device)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
@@ -374,7 +392,7 @@ def _dense_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_mem: torch
 
 
 def _topk_block(qm: torch.Tensor, s_loc: torch.Tensor, v_loc: torch.Tensor, memory: Memory, h0: int, h1: int,
-                k: int, scale: float, scratch: Scratch) -> torch.Tensor:
+                k: int, scale: float, scratch: Scratch, mem_bias: float = 0.0) -> torch.Tensor:
     """The fast top-k kernel for one block of rows: qm (B, nh, R, D) queries for the memory keys of KV heads
     h0..h1−1, s_loc (B, nh, R, L) their scaled, masked local scores. The memory scores go into a reused buffer,
     the top-k is the native row-wise kernel (`core.native`; torch's where it cannot be built), the joint softmax is
@@ -391,6 +409,8 @@ def _topk_block(qm: torch.Tensor, s_loc: torch.Tensor, v_loc: torch.Tensor, memo
     else:
         vals, idx = s.topk(k, dim=-1)
     s_mem = vals.mul_(scale)
+    if mem_bias:
+        s_mem.add_(mem_bias)
     top = torch.maximum(s_mem.amax(-1, keepdim=True), s_loc.amax(-1, keepdim=True))
     e_mem, e_loc = s_mem.sub_(top).exp_(), s_loc.sub_(top).exp_()   # s_loc is this block's own: overwritten
     total = e_mem.sum(-1, keepdim=True) + e_loc.sum(-1, keepdim=True)
@@ -432,6 +452,10 @@ class MemorySession(StatefulSession):
         # build and copy at every fork); a dense lookup reads every entry anyway
         faiss = self.config.lookup == "topk" and self.config.kernel == "reference"
         return Memory(self.mem_dtype, self.config.faiss_min if faiss else None)
+
+    def _memory_bias(self, memory: Memory) -> float:
+        n = self.config.memory_share_tokens
+        return -math.log(len(memory) / n) if n and len(memory) > n else 0.0
 
     # --- the forward over new tokens --------------------------------------------------------------------
     def _make_room(self, n_new: int):
@@ -502,7 +526,7 @@ class MemorySession(StatefulSession):
             if self.on_lookup is not None:
                 self.on_lookup(i, qr, kr, qm, memory, a.scaling)
             return memory_attention(qr, kr, v, qm, memory, a.scaling, cfg.lookup, cfg.topk, cfg.grouping,
-                                    self.scratch)
+                                    self.scratch, self._memory_bias(memory))
 
         logits = decoder_forward(self.model, ids.to(self.device)[None], attend, logits_to_keep=T + (C > 0))[0]
         if commit:
@@ -536,7 +560,7 @@ class MemorySession(StatefulSession):
                 if self.on_lookup is not None:
                     self.on_lookup(i, qr, kr, qm, memory, a.scaling)
                 out = memory_attention(qr, kr, v_all, qm, memory, a.scaling, cfg.lookup, cfg.topk, cfg.grouping,
-                                       self.scratch)
+                                       self.scratch, self._memory_bias(memory))
             else:
                 out = local_attention(qr, kr, v_all, a.scaling)
             if commit:
