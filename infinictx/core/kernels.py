@@ -19,9 +19,17 @@ class Scratch:
 
     def __init__(self):
         self.buf = None
+        self.memo = (None, None)
 
     def __getstate__(self):   # a work buffer, not state: checkpoints and deep copies start empty
-        return {"buf": None}
+        return {"buf": None, "memo": (None, None)}
+
+    def cached(self, key, build):
+        """`build()`'s tensor, reused while `key` stays the same (one entry: e.g. the attention mask every
+        memory layer of one forward shares)."""
+        if self.memo[0] != key:
+            self.memo = (key, build())
+        return self.memo[1]
 
     def get(self, shape, dtype: torch.dtype, device) -> torch.Tensor:
         n = 1

@@ -304,7 +304,7 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_mem: t
     top-k, the same softmax, in fewer passes over memory) and a dense lookup `_dense_fused` (one fused attention
     call over [memory ‖ local]; it blocks internally, so `grouping` does not apply)."""
     if lookup == "dense" and scratch is not None and len(memory):
-        return _dense_fused(q, k, v, q_mem, memory, scale, mem_bias)
+        return _dense_fused(q, k, v, q_mem, memory, scale, mem_bias, scratch)
     B, Hq, T, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]
     g = Hq // Hkv
@@ -361,7 +361,7 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_mem: t
 
 
 def _dense_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_mem: torch.Tensor, memory: Memory,
-                 scale: float, mem_bias: float = 0.0) -> torch.Tensor:
+                 scale: float, mem_bias: float = 0.0, scratch: Scratch | None = None) -> torch.Tensor:
     """Dense memory attention as one `scaled_dot_product_attention` over the keys [memory ‖ local] (memory
     visible to every query, local keys causal): the fused kernel never holds the (queries × keys) score matrix
     and runs at matmul speed (a 1024-query chunk over 8K memory entries: ~4x faster than the blocked softmax).
@@ -378,15 +378,21 @@ def _dense_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_mem: torch
         k_mem = torch.cat([torch.zeros_like(k_mem), k_mem], -1)
         k = torch.cat([k, torch.zeros_like(k)], -1)
     keys, values = torch.cat([k_mem, k], 2), torch.cat([v_mem, v], 2)
-    mask = None
-    if mem_bias:   # an additive mask: the bias on memory columns, −inf on the local keys a query may not see
+
+    def build_mask():
+        # additive (a boolean one is converted to this inside every call): the bias on the memory columns, −inf
+        # on the local keys a query may not see
+        if T == 1 and not mem_bias:
+            return None
         mask = torch.zeros(T, M + L, dtype=q.dtype, device=q.device)
         mask[:, :M] = mem_bias
         if T > 1:
             mask[:, M:].masked_fill_(~causal_mask(T, L, q.device), float("-inf"))
-    elif T > 1:
-        mask = torch.ones(T, M + L, dtype=torch.bool, device=q.device)
-        mask[:, M:] = causal_mask(T, L, q.device)
+        return mask
+
+    # every memory layer of one forward has the same sizes and bias: build the mask once for all of them
+    key = (T, M, L, mem_bias, q.dtype, q.device)
+    mask = scratch.cached(key, build_mask) if scratch is not None else build_mask()
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
                                           enable_gqa=q.shape[1] != keys.shape[1])
 
