@@ -57,7 +57,7 @@ def run_cell(lm, ids, row: str) -> dict:
     else:
         cap, local, lookup, *share = ROWS[row]
         cfg = MemoryConfig(window=W, chunk=D, memory_tokens=cap, local_context=local, lookup=lookup, topk=TOPK,
-                           memory_share_tokens=share[0] if share else None)
+                           memory_share_tokens=share[0] if share else 0)   # 0: off, whatever the checkpoint says
     t0 = time.perf_counter()
     held = 0
     with cfg.make_session(lm) as s:
@@ -98,7 +98,7 @@ def main():
             ids = lm.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0][:args.tokens]
             if len(ids) < args.tokens:
                 print(f"{title}: only {len(ids)} tokens")
-            key = f"{model}|{title}"
+            key = f"{lm.name}|{title}"
             if key not in state["first_1k"]:
                 base = base or load_model(None)
                 state["first_1k"][key] = {"model": first_k_ppl(lm, ids), "base": first_k_ppl(base, ids)}

@@ -94,7 +94,7 @@ def test_training_lowers_loss_and_saves_a_loadable_longllama_checkpoint(tiny_mod
     torch.manual_seed(0)
     docs = [torch.randint(0, 300, (300,)) for _ in range(4)]
     cfg = CrossBatchConfig(context=16, steps=25, lr=3e-3, mem_layers=[1], needle_rate=0.0, warmup=1,
-                           last_context_length=48, extra_negatives=40)
+                           last_context_length=48, extra_negatives=40, share_tokens=24)
     fixed = make_batch(docs, cfg, random.Random(5), lm.tokenizer)
     rope = Rope(lm.model, lm.device, lm.dtype)
     with torch.no_grad():
@@ -112,6 +112,15 @@ def test_training_lowers_loss_and_saves_a_loadable_longllama_checkpoint(tiny_mod
         assert s.window == 48 and list(s.memory) == [1]
         res = streaming_perplexity(s, torch.randint(0, 300, (120,)), progress=False)
     assert res.summary()["ppl"] > 0
+    # the memory gate saved with the checkpoint is its default; an explicit N wins, 0 turns it off
+    text = torch.randint(0, 300, (200,))
+    nll = {}
+    for share in (None, 24, 0):
+        with MemoryConfig(memory_share_tokens=share).make_session(back) as s:
+            assert s.config.memory_share_tokens == (None if share == 0 else 24)
+            nll[share] = streaming_perplexity(s, text, progress=False).nll
+    assert (nll[None] == nll[24]).all()
+    assert abs(nll[None] - nll[0]).max() > 1e-5   # 200 tokens, W=48: the memory holds more than 24 entries
 
 
 def test_needles_mark_the_repeated_code_and_weight_its_loss(tiny):
@@ -173,3 +182,21 @@ def test_the_best_evaluated_adapter_is_the_one_merged(tiny_model_dir):
     with torch.no_grad():
         torch.testing.assert_close(lm.model(probe).logits, seen[1], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(seen[1], seen[2], atol=1e-3)   # the last adapter differed: selection mattered
+
+
+def test_trained_checkpoints_load_by_name_from_the_cache(tmp_path, monkeypatch):
+    """`--model smollm2-fot` / `smollm2-fot-books`: the recipe's folder under the cache; untrained, the error names
+    the recipe that makes it."""
+    import pytest
+
+    from infinictx import InfinictxError
+    from infinictx.core.models import TRAINED_MODELS, resolve_model_path
+
+    monkeypatch.setenv("INFINICTX_CACHE", str(tmp_path))
+    assert {"smollm2-fot", "smollm2-fot-books"} <= set(TRAINED_MODELS)
+    for name, (folder, recipe) in TRAINED_MODELS.items():
+        with pytest.raises(InfinictxError, match=f"{name} is not trained yet: run .*{recipe}"):
+            resolve_model_path(name)
+        (tmp_path / "models" / folder).mkdir(parents=True)
+        (tmp_path / "models" / folder / "config.json").write_text("{}")
+        assert resolve_model_path(name) == (tmp_path / "models" / folder, name)

@@ -260,7 +260,7 @@ def test_bad_memory_cap(tiny):
     with pytest.raises(InfinictxError, match="memory-tokens"):
         MemoryConfig(window=32, chunk=8, memory_tokens=-1)
     with pytest.raises(InfinictxError, match="memory-share-tokens"):
-        MemoryConfig(window=32, chunk=8, memory_share_tokens=0)
+        MemoryConfig(window=32, chunk=8, memory_share_tokens=-1)
     with pytest.raises(InfinictxError, match="local context"):
         MemoryConfig(window=32, chunk=8, local_context="nope")
 
@@ -321,7 +321,7 @@ def test_longllama_checkpoint_loads_with_weights_and_memory_settings(tiny, tmp_p
 
     lm = load_model(tmp_path, device="cpu", dtype="float32")
     assert lm.memory == {"mem_layers": [1], "last_context_length": 32, "positionals": "first",
-                         "mem_dtype": "bfloat16", "grouping": [2, 16]}
+                         "mem_dtype": "bfloat16", "grouping": [2, 16], "memory_share_tokens": None}
     for name, tensor in lm.model.state_dict().items():
         torch.testing.assert_close(tensor, state[name], rtol=0, atol=0)
     with MemoryConfig().make_session(lm) as s:

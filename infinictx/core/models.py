@@ -194,10 +194,19 @@ def gemma3_gguf() -> Path:
 
 
 FOT_NAME = "smollm2-fot"  # the embedded model after CrossBatch fine-tuning (recipes/crossbatch_finetune.py)
+# Checkpoints our recipes train from the embedded model: name -> (folder under cache/models, the recipe that makes it)
+TRAINED_MODELS = {
+    FOT_NAME: ("smollm2-135m-fot", "recipes/crossbatch_finetune.py"),       # memory for needles (passkey)
+    "smollm2-fot-books": ("smollm2-135m-fot-books", "recipes/fot_books.py"),  # memory for reading books
+}
+
+
+def trained_model_dir(name: str = FOT_NAME) -> Path:
+    return cache_dir() / "models" / TRAINED_MODELS[name][0]
 
 
 def fot_model_dir() -> Path:
-    return cache_dir() / "models" / "smollm2-135m-fot"
+    return trained_model_dir(FOT_NAME)
 
 
 def resolve_model_path(path: str | os.PathLike | None) -> tuple[Path, str]:
@@ -206,11 +215,11 @@ def resolve_model_path(path: str | os.PathLike | None) -> tuple[Path, str]:
         return convert_gguf(embedded_gguf()), EMBEDDED_NAME
     if path == GEMMA_NAME:
         return convert_gguf(gemma3_gguf()), GEMMA_DISPLAY
-    if path == FOT_NAME:
-        if not (fot_model_dir() / "config.json").is_file():
-            raise InfinictxError(f"{FOT_NAME} is not trained yet: run "
-                                 f"`.venv/bin/python recipes/crossbatch_finetune.py` (it saves to {fot_model_dir()})")
-        return fot_model_dir(), FOT_NAME
+    if path in TRAINED_MODELS:
+        folder, recipe = trained_model_dir(path), TRAINED_MODELS[path][1]
+        if not (folder / "config.json").is_file():
+            raise InfinictxError(f"{path} is not trained yet: run `.venv/bin/python {recipe}` (it saves to {folder})")
+        return folder, path
     p = Path(path).expanduser()
     if p.is_file() and p.suffix == ".gguf":
         return convert_gguf(p), p.stem

@@ -124,8 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
         for field_name, flag, metavar, help_text in OUTPUTS[name]:
             out.add_argument(flag, dest=f"out_{field_name}", metavar=metavar, default=None, help=help_text)
         run_group = p.add_argument_group("model and machine")
-        run_group.add_argument("--model", default=None, help="HF model directory, .gguf file or smollm2-fot "
-                               "(default: embedded SmolLM2)")
+        run_group.add_argument("--model", default=None, help="HF model directory, .gguf file, gemma3-270m, "
+                               "smollm2-fot or smollm2-fot-books (default: embedded SmolLM2)")
         run_group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
         run_group.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
         run_group.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

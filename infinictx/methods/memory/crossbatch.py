@@ -66,6 +66,7 @@ class CrossBatchConfig:
     clip: float = 1.0
     seed: int = 0
     last_context_length: int = 1024          # saved in the checkpoint: the local window W inference uses
+    share_tokens: int | None = None          # saved in the checkpoint: the memory gate's N inference uses (None: off)
     mst: bool = False                        # Mini-Sequence training (training.mst): long rows in less memory
     mst_save_attention: bool = False         # ... keeping attention outputs (MSTConfig.save_attention); implies mst
 
@@ -306,5 +307,6 @@ def train_crossbatch(lm: LoadedModel, docs: list[torch.Tensor], cfg: CrossBatchC
     if evaluate is not None:
         result.update(evals=evals, kept_step=best[1])
     if out is not None:
-        save_longllama_checkpoint(lm, out, mem_layers, cfg.last_context_length, extra=result)
+        save_longllama_checkpoint(lm, out, mem_layers, cfg.last_context_length, extra=result,
+                                  share_tokens=cfg.share_tokens)
     return result

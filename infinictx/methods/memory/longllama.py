@@ -13,7 +13,9 @@ from pathlib import Path
 from ...core.errors import InfinictxError
 from ...core.models import LoadedModel
 
-LONGLLAMA_FIELDS = ("mem_layers", "last_context_length", "mem_positionals", "mem_dtype", "mem_attention_grouping")
+# the last field is ours, not LongLLaMA's: the memory gate's N the checkpoint reads with (--memory-share-tokens)
+LONGLLAMA_FIELDS = ("mem_layers", "last_context_length", "mem_positionals", "mem_dtype", "mem_attention_grouping",
+                    "mem_share_tokens")
 LONGLLAMA_CODE_FIELDS = ("auto_map", "architectures", "model_type", "torch_attention", "gradient_checkpoint_every_ith")
 
 
@@ -33,7 +35,8 @@ def longllama_config(raw: dict):
               "last_context_length": fields.get("last_context_length", 1024),
               "positionals": "first" if fields.get("mem_positionals", True) else "none",
               "mem_dtype": fields.get("mem_dtype", "bfloat16"),
-              "grouping": fields.get("mem_attention_grouping")}
+              "grouping": fields.get("mem_attention_grouping"),
+              "memory_share_tokens": fields.get("mem_share_tokens")}
     return LlamaConfig(**raw), memory
 
 
@@ -43,7 +46,7 @@ def is_longllama(raw: dict) -> bool:
 
 
 def save_longllama_checkpoint(lm: LoadedModel, out: Path, mem_layers: list[int], last_context_length: int,
-                              extra: dict | None = None):
+                              extra: dict | None = None, share_tokens: int | None = None):
     """Save the (merged) model as a LongLLaMA-format directory: Llama weights, config.json with LongLLaMA's
     memory fields, the tokenizer. Written to a temporary folder and renamed: complete or absent."""
     from safetensors.torch import save_model
@@ -57,6 +60,8 @@ def save_longllama_checkpoint(lm: LoadedModel, out: Path, mem_layers: list[int],
                        "mem_layers": list(mem_layers), "last_context_length": last_context_length,
                        "mem_positionals": True, "mem_dtype": str(lm.dtype).split(".")[-1],
                        "mem_attention_grouping": None})
+        if share_tokens:
+            config["mem_share_tokens"] = share_tokens
         config.pop("quantization_config", None)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         lm.tokenizer.save_pretrained(tmp)

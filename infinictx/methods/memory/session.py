@@ -146,7 +146,7 @@ class MemoryConfig(MethodConfig):
     # PPL 71.1 with 8K tokens in memory, 72.2 with 32K; top-128 lookups worse still)
     memory_share_tokens: int | None = setting(None, "beyond this many memory entries, every memory score gets "
                                               "−log(M / N): the memory's weight in the softmax stops growing with "
-                                              "its size M (default: off)")
+                                              "its size M (0: off; default: the checkpoint's, else off)")
     # reread by default: with cached local keys (no attention sink once the stream's first tokens leave) memory
     # reading cost perplexity (smollm2-fot, 6K tokens of Paradise Lost: 88.5 vs the window's 71.7); re-read, 69.8
     local_context: str = setting("reread", "how a chunk sees its W−Δ local tokens: re-read with it, as the window "
@@ -183,8 +183,8 @@ class MemoryConfig(MethodConfig):
         if self.local_context not in LOCAL_CONTEXTS:
             raise InfinictxError(f"unknown local context {self.local_context!r}; choose one of "
                                  f"{', '.join(LOCAL_CONTEXTS)}")
-        if self.memory_share_tokens is not None and self.memory_share_tokens < 1:
-            raise InfinictxError(f"--memory-share-tokens must be >= 1 (got {self.memory_share_tokens})")
+        if self.memory_share_tokens is not None and self.memory_share_tokens < 0:
+            raise InfinictxError(f"--memory-share-tokens must be >= 0 (0: off; got {self.memory_share_tokens})")
         if self.memory_tokens is not None and self.memory_tokens < 0:
             raise InfinictxError(f"--memory-tokens must be >= 0 (got {self.memory_tokens})")
         if self.kernel not in KERNELS:
@@ -209,7 +209,9 @@ class MemoryConfig(MethodConfig):
             mem_layers=resolve_mem_layers(self.mem_layers if self.mem_layers is not None
                                           else ckpt.get("mem_layers", "auto"), lm),
             positionals=self.positionals or ckpt.get("positionals", "first"), lookup=self.lookup, topk=self.topk,
-            memory_tokens=self.memory_tokens, memory_share_tokens=self.memory_share_tokens,
+            memory_tokens=self.memory_tokens,
+            memory_share_tokens=(self.memory_share_tokens if self.memory_share_tokens is not None
+                                 else ckpt.get("memory_share_tokens")) or None,
             local_context=self.local_context,
             mem_dtype=self.mem_dtype or ckpt.get("mem_dtype") or str(lm.dtype).split(".")[-1],
             grouping=self.grouping if self.grouping is not None else ckpt.get("grouping"),
