@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from infinictx import InfinictxError, load_model, setting  # noqa: E402
 from infinictx.core.attention import Rope  # noqa: E402
 from infinictx.core.files import atomic_write, write_json  # noqa: E402
-from infinictx.core.models import fot_model_dir  # noqa: E402
+from infinictx.core.models import FOT_NAME, trained_model_dir  # noqa: E402
 from infinictx.data.texts import training_corpus  # noqa: E402
 from infinictx.fronts.cli import parse_settings  # noqa: E402
 from infinictx.methods.memory import parse_mem_layers, resolve_mem_layers  # noqa: E402
@@ -43,7 +43,7 @@ class Settings:
     extra_negatives: int = setting(0, "detached K/V tokens of earlier batches as negatives")
     mem_layers: str = setting("auto", "e.g. 8,15,22, 'auto[:N]' (retrieval layers) or 'spread'")
     window: int = setting(1024, "local window W saved as last_context_length")
-    out: str | None = setting(None, f"checkpoint folder (default {fot_model_dir()})")
+    out: str | None = setting(None, f"checkpoint folder (default {trained_model_dir(FOT_NAME)})")
     mst: bool = setting(False, "Mini-Sequence training: the same gradients in less memory (long --context)")
     mst_save_attention: bool = setting(False, "--mst, keeping attention outputs: faster, one more hidden-size "
                                        "tensor per layer")
@@ -73,7 +73,7 @@ def main(argv=None):
     rope = Rope(lm.model, lm.device, lm.dtype)
     before = memory_probe(lm.model, probe, mem_layers, rope)
     print("memory probe before:", before)
-    out = Path(s.out) if s.out else fot_model_dir()
+    out = Path(s.out) if s.out else trained_model_dir(FOT_NAME)
     log = train_crossbatch(lm, docs, cfg, out=out)
     after = memory_probe(lm.model, probe, mem_layers, rope)
     print("memory probe after:", after)

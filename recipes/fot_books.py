@@ -108,7 +108,7 @@ def main(argv=None):
     t0 = time.time()
     cfg = CrossBatchConfig(context=s.context, steps=s.steps, time_budget_s=s.time_budget, lr=s.lr, rank=s.rank,
                            alpha=s.rank, needle_rate=s.needle_rate, seed=s.seed, needle_weight=s.needle_weight,
-                           extra_negatives=s.extra_negatives, share_tokens=s.share_tokens or None,
+                           extra_negatives=s.extra_negatives, share_tokens=s.share_tokens,
                            mem_layers=parse_mem_layers(s.mem_layers), last_context_length=s.window)
     lm = load_model(None)
     tokenize = lambda text: lm.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]  # noqa: E731

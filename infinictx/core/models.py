@@ -201,12 +201,8 @@ TRAINED_MODELS = {
 }
 
 
-def trained_model_dir(name: str = FOT_NAME) -> Path:
+def trained_model_dir(name: str) -> Path:
     return cache_dir() / "models" / TRAINED_MODELS[name][0]
-
-
-def fot_model_dir() -> Path:
-    return trained_model_dir(FOT_NAME)
 
 
 def resolve_model_path(path: str | os.PathLike | None) -> tuple[Path, str]:
