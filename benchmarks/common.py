@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from infinictx import load_model, read_text  # noqa: E402
 from infinictx.core.files import atomic_write, write_json  # noqa: E402
+from infinictx.core.models import cpu_name  # noqa: E402,F401  (benchmarks import it from here)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -94,14 +95,6 @@ def run_cli(name: str, args: list[str], out: Path) -> dict | None:
     summary["peak_rss_mib"] = json.loads(rss_file.read_text())["peak_rss_mib"] if rss_file.exists() else None
     summary["command"] = " ".join(["infinictx", *cmd[1:]])
     return summary
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
-    except OSError:
-        return "unknown"
 
 
 def machine() -> dict:

@@ -15,7 +15,7 @@ import json
 import time
 
 import torch
-from common import RESULTS, save
+from common import RESULTS, cpu_name, save
 
 from infinictx import MemoryConfig, WindowConfig, load_model, read_text, streaming_perplexity
 from infinictx.core.files import write_json
@@ -65,6 +65,7 @@ def run_cell(lm, ids, row: str) -> dict:
         if row != "window":
             held = s.kv_bytes()
     return {"ppl": perplexity(r.nll), "buckets": r.buckets(8192), "wall_s": round(time.perf_counter() - t0, 1),
+            "dtype": str(lm.dtype).removeprefix("torch."), "cpu": cpu_name(),
             "kv_bytes_end": held}
 
 
@@ -129,7 +130,9 @@ def markdown(state: dict, args) -> str:
         short = (f"First 1K tokens in one forward: PPL {first['model']:.2f} (base SmolLM2 {first['base']:.2f}, "
                  f"{100 * (first['model'] / first['base'] - 1):+.1f}%)." if first else "")
         spans = [f"{b['start'] // 1024}K–{b['end'] // 1024}K" for b in any_cell["buckets"]]
-        md += [f"### {model} on {title} ({any_cell['tokens']} tokens)", "", short, "",
+        where = (f"Frozen weights in {any_cell.get('dtype', 'float32')} on {any_cell['cpu']}." if "cpu" in any_cell
+                 else "Frozen weights in float32 (AMD EPYC).")
+        md += [f"### {model} on {title} ({any_cell['tokens']} tokens)", "", short, where, "",
                "| row | PPL | ratio to window | " + " | ".join(spans) + " | wall s | KV held at end (MiB) |",
                "|---|---|---|" + "---|" * len(spans) + "---|---|"]
         for row in ROWS:
@@ -140,7 +143,7 @@ def markdown(state: dict, args) -> str:
                           + f" | {c['wall_s']:.0f} | {c['kv_bytes_end'] / 2**20:.1f} |")
         md.append("")
     md.append(f"Command: `.venv/bin/python benchmarks/memory_reach.py --models {args.models} --books {args.books} "
-              f"--tokens {args.tokens} --name {args.name}`")
+              f"--rows {args.rows} --tokens {args.tokens} --name {args.name}`")
     return "\n".join(md) + "\n"
 
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from infinictx import InfinictxError, MemoryConfig, load_model, setting, streaming_perplexity  # noqa: E402
 from infinictx.core.attention import Rope  # noqa: E402
 from infinictx.core.files import atomic_write, write_json  # noqa: E402
-from infinictx.core.models import trained_model_dir  # noqa: E402
+from infinictx.core.models import cpu_name, trained_model_dir  # noqa: E402
 from infinictx.data.texts import training_corpus  # noqa: E402
 from infinictx.fronts.cli import parse_settings  # noqa: E402
 from infinictx.methods.memory import parse_mem_layers, resolve_mem_layers  # noqa: E402
@@ -131,6 +131,7 @@ def main(argv=None):
     out = Path(s.out) if s.out else trained_model_dir("smollm2-fot-books")
     log = train_crossbatch(lm, docs, cfg, out=out, evaluate=evaluate, eval_every=s.eval_every)
     result = {"recipe": "fot_books", "settings": asdict(s), "checkpoint": str(out), "model": "SmolLM2-135M-Instruct",
+              "base_dtype": str(lm.dtype).removeprefix("torch."), "cpu": cpu_name(),
               "training_documents": [n for n, _ in train], "held_out": [n for n, _ in held], "before": before,
               "corpus_tokens": int(sum(len(d) for d in docs)), "wall_s": round(time.time() - t0, 1), **log}
     write_json(result, ROOT / "out" / f"{s.name}.json")
@@ -138,6 +139,8 @@ def main(argv=None):
     mean = lambda rows: sum(r["loss"] for r in rows) / max(1, len(rows))  # noqa: E731
     md = [f"## CrossBatch for books: SmolLM2-135M-Instruct ({log['steps_done']} steps, {log['train_s']:.0f} s "
           "with evaluations)", "",
+          f"Frozen base in {result['base_dtype']} (LoRA, optimizer and loss fp32; merged and saved in fp32) on "
+          f"{result['cpu']}. Wall {result['wall_s']:.0f} s with the start-up evaluation.",
           f"Memory layers {sorted(mem_layers)}, context {cfg.context} tokens per row, LoRA r={cfg.rank} merged, "
           f"lr {cfg.lr}, mix {list(cfg.mix)}, needle rate {cfg.needle_rate} (weight {cfg.needle_weight}), "
           f"{cfg.extra_negatives} detached extra negatives per memory layer; "

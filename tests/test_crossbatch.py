@@ -123,6 +123,27 @@ def test_training_lowers_loss_and_saves_a_loadable_longllama_checkpoint(tiny_mod
     assert abs(nll[None] - nll[0]).max() > 1e-5   # 200 tokens, W=48: the memory holds more than 24 entries
 
 
+def test_a_bf16_base_is_merged_and_saved_in_fp32(tiny_model_dir, tmp_path):
+    # AMX CPUs and GPUs train on a bf16 base: merging the fp32 update into bf16 weights would round it away
+    from safetensors.torch import load_file
+
+    lm = load_model(tiny_model_dir, device="cpu", dtype="bfloat16")
+    base = {n: p.detach().float().clone() for n, p in lm.model.named_parameters()}
+    torch.manual_seed(0)
+    docs = [torch.randint(0, 300, (300,)) for _ in range(4)]
+    cfg = CrossBatchConfig(context=16, steps=3, lr=1e-4, mem_layers=[1], needle_rate=0.0, warmup=1,
+                           last_context_length=48, extra_negatives=0)
+    train_crossbatch(lm, docs, cfg, out=tmp_path / "fot", progress=False)
+    saved = load_file(tmp_path / "fot" / "model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    assert next(lm.model.parameters()).dtype == torch.bfloat16     # handed back as loaded
+    name = "model.layers.1.self_attn.q_proj.weight"
+    update = saved[name] - base[name]
+    assert update.abs().max() > 0
+    # an update this small, merged in bf16, would mostly vanish; in fp32 it is kept whole
+    assert ((base[name] + update).bfloat16().float() - base[name] != update).float().mean() > 0.5
+
+
 def test_needles_mark_the_repeated_code_and_weight_its_loss(tiny):
     """The recorded needle spans hold the repeated code (a character tokenizer makes them easy to read), and
     needle_weight adds their loss to the language-modelling loss."""

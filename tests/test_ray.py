@@ -26,8 +26,9 @@ def rows(summary: dict) -> list:
 
 def spec(tiny_model_dir, method="streaming", **ray_options):
     settings = {"window": 64, **({"rank": 4, "lr": 1e-2} if method == "temp-lora" else {})}
+    # float32 as the `tiny` fixture: "auto" is bf16 on a CPU with AMX, and Ray workers load the model themselves
     return make_spec("passkey", method, settings, task_settings={"lengths": "200,300", "trials": 3},
-                     model=str(tiny_model_dir), progress=False, ray=ray_options or None)
+                     model=str(tiny_model_dir), dtype="float32", progress=False, ray=ray_options or None)
 
 
 # streaming forks a shared prefix in one process; temp-lora reads it once and goes back to a snapshot of it

@@ -275,6 +275,7 @@ def test_kill_9_and_restart(tiny_model_dir, tiny, tmp_path):
     def start(port):
         proc = subprocess.Popen([sys.executable, "-m", "infinictx", "serve", "--model", str(tiny_model_dir),
                                  "--port", str(port), "--state-dir", str(state), "--api-key", "k1",
+                                 "--dtype", "float32",   # as the `tiny` reference ("auto" is bf16 with AMX)
                                  "--threads", str(torch.get_num_threads())],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
         deadline = time.time() + 120

@@ -55,6 +55,15 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device(device)
 
 
+def cpu_name() -> str:
+    """The CPU's model name (timings are per machine: the CPU changes between machines here)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+    except OSError:
+        return "unknown"
+
+
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 matrices in hardware (Intel AMX): there a bf16 matmul runs several
     times faster than fp32 (~1.25 vs ~0.18 TFLOP/s measured on 2 cores); without it (AVX2 only, e.g. an AMD

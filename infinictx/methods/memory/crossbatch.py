@@ -299,6 +299,9 @@ def train_crossbatch(lm: LoadedModel, docs: list[torch.Tensor], cfg: CrossBatchC
             for p, kept in zip(params, best[2]):
                 p.copy_(kept)
     model.eval()
+    # A bf16 base (AMX CPUs, GPUs) would round the merged update into bf16 a second time: merge and save in fp32,
+    # then hand the model back in the dtype it was loaded in.
+    model.float()
     merged = model.merge_and_unload()
     merged.requires_grad_(False)
     lm.model = merged
@@ -309,4 +312,5 @@ def train_crossbatch(lm: LoadedModel, docs: list[torch.Tensor], cfg: CrossBatchC
     if out is not None:
         save_longllama_checkpoint(lm, out, mem_layers, cfg.last_context_length, extra=result,
                                   share_tokens=cfg.share_tokens)
+    lm.model = merged.to(lm.dtype)
     return result
