@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from infinictx import load_model, read_text  # noqa: E402
 from infinictx.core.files import atomic_write, write_json  # noqa: E402
-from infinictx.core.models import cpu_name  # noqa: E402,F401  (benchmarks import it from here)
+from infinictx.core.models import cpu_name  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

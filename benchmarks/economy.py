@@ -17,10 +17,11 @@ import json
 import time
 
 import torch
-from common import RESULTS, cpu_name, save, setup
+from common import RESULTS, save, setup
 
 from infinictx import method_config, read_text, streaming_perplexity
 from infinictx.core.files import write_json
+from infinictx.core.models import cpu_name
 from infinictx.tasks.perplexity import perplexity
 
 # label: (method, W, Δ, settings)

@@ -15,10 +15,11 @@ import json
 import time
 
 import torch
-from common import RESULTS, cpu_name, save
+from common import RESULTS, save
 
 from infinictx import MemoryConfig, WindowConfig, load_model, read_text, streaming_perplexity
 from infinictx.core.files import write_json
+from infinictx.core.models import cpu_name
 from infinictx.data.texts import strip_gutenberg, training_corpus
 from infinictx.tasks.perplexity import perplexity
 
@@ -130,8 +131,8 @@ def markdown(state: dict, args) -> str:
         short = (f"First 1K tokens in one forward: PPL {first['model']:.2f} (base SmolLM2 {first['base']:.2f}, "
                  f"{100 * (first['model'] / first['base'] - 1):+.1f}%)." if first else "")
         spans = [f"{b['start'] // 1024}K–{b['end'] // 1024}K" for b in any_cell["buckets"]]
-        where = (f"Frozen weights in {any_cell.get('dtype', 'float32')} on {any_cell['cpu']}." if "cpu" in any_cell
-                 else "Frozen weights in float32 (AMD EPYC).")
+        where = (f"Frozen weights in {any_cell['dtype']} on {any_cell['cpu']}." if "cpu" in any_cell
+                 else "(Dtype and CPU not recorded in these cells.)")
         md += [f"### {model} on {title} ({any_cell['tokens']} tokens)", "", short, where, "",
                "| row | PPL | ratio to window | " + " | ".join(spans) + " | wall s | KV held at end (MiB) |",
                "|---|---|---|" + "---|" * len(spans) + "---|---|"]
