@@ -9,12 +9,16 @@ GFLOP/s as a fraction of this machine's fp32 matmul peak, measured in the same r
 it: a CPU without AMX / AVX-512-BF16 runs bf16 matmul far slower, which decides whether bf16 paths can help).
 
   memory     the stock model with smollm2-fot's 12 memory layers, exact top-128, W=1024 (the same compute as
-             `--model smollm2-fot`: weights differ, the work does not)
+             `--model smollm2-fot`: weights differ, the work does not); local keys cached (fast, reference) or
+             re-read with each chunk (reread: the method's default, twice the forward work)
   longcache  W=1024, fp32 selection scores
   window, razor (W=1024 defaults), full (≤ 8K: its cache grows with the prompt and positions pass the trained 8K)
 
+--dtype bfloat16 runs the whole model in bf16 (a separate, measured option, not the fast path: on a CPU with AMX
+its matmuls are several times faster); its rows carry the dtype and their fraction is of the bf16 peak.
 Rows are appended to the JSON as they finish; a rerun skips rows already there (a long measurement is taken in
 parts). Run alone:  .venv/bin/python benchmarks/long_prefill.py [--lengths 8k,16k,32k] [--rows memory,...]
+[--dtype float32|bfloat16] [--out benchmarks/results/long_prefill_amx.json]
 """
 
 from __future__ import annotations
@@ -27,19 +31,24 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, atomic_write, load_model, write_json
+from common import RESULTS, atomic_write, cpu_name, load_model, write_json
 
 from infinictx import method_config
 from infinictx.core.session import Sampler
 from infinictx.tasks.retrieval import parse_lengths, passkey_trial
 
 FOT_LAYERS = [2, 5, 8, 14, 15, 17, 18, 20, 21, 22, 23, 24]   # smollm2-fot's memory layers (CrossBatch, auto)
+MEMORY = {"window": 1024, "mem_layers": FOT_LAYERS, "lookup": "topk", "topk": 128}
 ROWS = {   # label: (method, settings, longest length it runs at)
-    "memory-fast": ("memory", {"window": 1024, "mem_layers": FOT_LAYERS, "lookup": "topk", "topk": 128}, None),
-    "memory-reference": ("memory", {"window": 1024, "mem_layers": FOT_LAYERS, "lookup": "topk", "topk": 128,
-                                    "kernel": "reference"}, None),
+    # local keys as cached when read (the FoT paper's reading, and what the passkey results used)
+    "memory-fast": ("memory", {**MEMORY, "local_context": "cache"}, None),
+    "memory-reference": ("memory", {**MEMORY, "local_context": "cache", "kernel": "reference"}, None),
+    # the memory method's default since issue 18: each chunk re-reads its W−Δ local tokens (2x the forward work)
+    "memory-reread": ("memory", MEMORY, None),
     "longcache-fast": ("longcache", {"window": 1024}, None),
     "longcache-reference": ("longcache", {"window": 1024, "kernel": "reference"}, None),
+    # opt-in, not exact: selection scores in bf16 (AMX) on an fp32 model; the selected blocks can differ
+    "longcache-bf16select": ("longcache", {"window": 1024, "select_dtype": "bfloat16"}, None),
     "window": ("window", {"window": 1024}, None),
     "razor": ("razor", {}, None),
     "full": ("full", {}, 8192),
@@ -112,28 +121,43 @@ def measure(lm, label: str, length: int, peak_gflops: float) -> dict:
             "passkey_ok": trial.answer in answer, "output": answer.strip()[:30]}
 
 
+def row_dtype(row: dict) -> str:
+    return row.get("dtype", "float32")   # rows written before --dtype existed are fp32
+
+
 def markdown(res: dict) -> str:
     peaks = sorted({r["machine_fp32_gflops"] for r in res["rows"]})
+    machine = res["machine"]
+    fast_bf16 = machine["bf16_gflops"] > machine["fp32_gflops"]
+    bf16_peaks = sorted({r["machine_bf16_gflops"] for r in res["rows"] if row_dtype(r) == "bfloat16"})
+    all_bf16 = sorted({r.get("machine_bf16_gflops", machine["bf16_gflops"]) for r in res["rows"]})
     lines = ["# Long prompts: prefill and decode speed, fast vs reference kernels", "",
-             f"Machine: {res['machine']['threads']} threads; fp32 2048² matmul {', '.join(f'{p:.0f}' for p in peaks)} "
-             f"GFLOP/s in the runs that wrote these rows (each row's fraction uses its own run's peak); bf16 "
-             f"{res['machine']['bf16_gflops']:.1f} GFLOP/s (no AMX / AVX-512-BF16 on this CPU: bf16 paths cannot "
-             "help here). FLOPs: the cost meter's count (model linears, attention, memory / selection scores). "
+             f"Machine: {machine.get('cpu', 'CPU not recorded')}, {machine['threads']} threads; fp32 2048² matmul "
+             f"{', '.join(f'{p:.0f}' for p in peaks)} GFLOP/s in the runs that wrote these rows (each row's fraction "
+             + (f"uses its own run's peak); bf16 {', '.join(f'{p:.0f}' for p in all_bf16)} GFLOP/s (AMX: the bf16 rows "
+                "run the whole model in bf16, a separate option, and their fraction is of their run's bf16 peak, "
+                f"{', '.join(f'{p:.0f}' for p in bf16_peaks) or '–'} GFLOP/s). " if fast_bf16 else
+                f"uses its own run's peak); bf16 {machine['bf16_gflops']:.1f} GFLOP/s (no AMX / AVX-512-BF16 on this "
+                "CPU: bf16 paths cannot help here). ")
+             + "FLOPs: the cost meter's count (model linears, attention, memory / selection scores). "
              "Passkey: whether this one prompt (needle at mid depth) was answered; the memory rows use the stock "
              "model (same compute as smollm2-fot, which is trained to use its memory; the stock model is not).", "",
-             "| method | kernel | length | prefill s | tokens/s | decode ms/token | peak RSS MiB | TFLOP | GFLOP/s | "
-             "of fp32 peak | passkey |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(res["rows"], key=lambda r: (r["method"], r["length"], r["label"])):
+             "| method | kernel | dtype | length | prefill s | tokens/s | decode ms/token | peak RSS MiB | TFLOP | "
+             "GFLOP/s | of peak | passkey |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(res["rows"], key=lambda r: (r["method"], r["length"], row_dtype(r), r["label"])):
         kernel = r["label"].split("-")[1] if "-" in r["label"] else "–"
-        lines.append(f"| {r['method']} | {kernel} | {r['length'] // 1024}K | {r['prefill_s']:.1f} | "
+        kernel = {"reread": "fast, re-read", "bf16select": "fast, bf16 selection"}.get(kernel, kernel)
+        dtype = {"float32": "fp32", "bfloat16": "bf16"}[row_dtype(r)]
+        lines.append(f"| {r['method']} | {kernel} | {dtype} | {r['length'] // 1024}K | {r['prefill_s']:.1f} | "
                      f"{r['tokens_per_s']:.0f} | {r['decode_ms_per_token']:.0f} | {r['peak_rss_mib']} | "
                      f"{r['prefill_tflop']:.2f} | {r['gflops']:.0f} | {100 * r['fraction_of_peak']:.0f}% | "
                      f"{'yes' if r['passkey_ok'] else 'no'} |")
     speedups = []
     for method in ("memory", "longcache"):
         for n in sorted({r["length"] for r in res["rows"]}):
-            fast = [r for r in res["rows"] if r["label"] == f"{method}-fast" and r["length"] == n]
-            ref = [r for r in res["rows"] if r["label"] == f"{method}-reference" and r["length"] == n]
+            fp32 = [r for r in res["rows"] if r["length"] == n and row_dtype(r) == "float32"]
+            fast = [r for r in fp32 if r["label"] == f"{method}-fast"]
+            ref = [r for r in fp32 if r["label"] == f"{method}-reference"]
             if fast and ref:
                 speedups.append(f"{method} {n // 1024}K: {ref[0]['prefill_s'] / fast[0]['prefill_s']:.2f}x")
     lines += [""] + [f"- {note}" for note in res.get("notes", [])]
@@ -149,6 +173,8 @@ def main():
     ap.add_argument("--lengths", default="8k,16k,32k")
     ap.add_argument("--rows", default=",".join(ROWS), help="row labels, in the order to run them")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the model's dtype (bfloat16: the whole model in bf16, a separate option)")
     ap.add_argument("--markdown-only", action="store_true")
     ap.add_argument("--out", default=str(OUT), help="results JSON (the Markdown goes beside it)")
     args = ap.parse_args()
@@ -158,18 +184,24 @@ def main():
 
     res = json.loads(out.read_text()) if out.exists() else {"rows": []}
     if not args.markdown_only:
-        res["machine"] = {"threads": args.threads, "fp32_gflops": round(matmul_peak(torch.float32), 1),
-                          "bf16_gflops": round(matmul_peak(torch.bfloat16, n=512, repeats=1), 1)}
+        bf16 = matmul_peak(torch.bfloat16, n=512, repeats=1)   # emulated bf16 (no AMX) is too slow for 2048²
+        if bf16 > 100:
+            bf16 = matmul_peak(torch.bfloat16)
+        res["machine"] = {"cpu": cpu_name(), "threads": args.threads,
+                          "fp32_gflops": round(matmul_peak(torch.float32), 1), "bf16_gflops": round(bf16, 1)}
         print(f"matmul peak: fp32 {res['machine']['fp32_gflops']} GFLOP/s, bf16 {res['machine']['bf16_gflops']}",
               flush=True)
-        lm = load_model(None, device="cpu", dtype="float32")
+        lm = load_model(None, device="cpu", dtype=args.dtype)
+        peak = res["machine"]["bf16_gflops" if args.dtype == "bfloat16" else "fp32_gflops"]
         for n in parse_lengths(args.lengths):
             for label in args.rows.split(","):
                 limit = ROWS[label][2]
-                if (limit and n > limit) or any(r["label"] == label and r["length"] == n for r in res["rows"]):
+                if (limit and n > limit) or any(r["label"] == label and r["length"] == n and row_dtype(r) == args.dtype
+                                                for r in res["rows"]):
                     continue
-                row = measure(lm, label, n, res["machine"]["fp32_gflops"])
-                row["machine_fp32_gflops"] = res["machine"]["fp32_gflops"]
+                row = measure(lm, label, n, peak)
+                row.update(dtype=args.dtype, machine_fp32_gflops=res["machine"]["fp32_gflops"],
+                           machine_bf16_gflops=res["machine"]["bf16_gflops"])
                 res["rows"].append(row)
                 print(row, flush=True)
                 write_json(res, out)

@@ -94,6 +94,36 @@ def test_fast_and_reference_sessions_give_the_same_logits_and_generation(tiny, m
     assert torch.equal(generated["fast"], generated["reference"])
 
 
+def test_longcache_bf16_selection_keeps_bf16_keys_in_step_with_the_cache(tiny):
+    from infinictx.core.session import Sampler
+
+    torch.manual_seed(3)
+    ids = torch.randint(0, 300, (400,))
+    settings = {"window": 96, "chunk": 16, "global_tokens": 4, "span": 4, "topk": 2}
+    with method_config("longcache", **settings, select_dtype="bfloat16").make_session(tiny) as s:
+        for i in range(0, 320, s.chunk):
+            s.score_and_absorb(ids[i:i + s.chunk])
+        s.score(ids[320:352])                      # an uncommitted forward: both buffers roll back
+        fork = s.fork()
+        fork.absorb(ids[352:400])
+        fork.generate_chunk(5, 0, Sampler(temperature=0.0, repetition_penalty=1.0))
+        for session in (s, fork):
+            policy = session.policy
+            for cache, mirror in zip(policy.layers, policy.select_keys):
+                assert torch.equal(mirror.keys(), cache.keys().to(torch.bfloat16))
+        assert s.kv_bytes() == sum(b.nbytes() for b in s.policy.layers) * 5 // 4   # + bf16 keys: half the keys'
+        fork.close()
+        # a policy pickled without the copy (an older checkpoint) rebuilds it from the cache at its next step
+        state = s.policy.__getstate__() if hasattr(s.policy, "__getstate__") else dict(s.policy.__dict__)
+        state = {k: v for k, v in state.items() if k != "select_keys"}
+        old = type(s.policy).__new__(type(s.policy))
+        old.__setstate__(state)
+        s.policy = old
+        s.absorb(ids[320:336])
+        for cache, mirror in zip(old.layers, old.select_keys):
+            assert torch.equal(mirror.keys(), cache.keys().to(torch.bfloat16))
+
+
 def test_bad_kernel_settings_get_one_line_errors():
     with pytest.raises(InfinictxError, match="kernel"):
         method_config("memory", kernel="turbo")

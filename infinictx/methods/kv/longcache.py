@@ -44,7 +44,15 @@ class LongCachePolicy(KVPolicy):
 
     def start(self, n_layers: int):
         self.layers = [KVBuffer() for _ in range(n_layers)]
+        # keys in select_dtype when it differs from the cache's (bf16 selection on an fp32 model): converted once
+        # as tokens arrive, not the whole middle at every step of every layer
+        self.select_keys = [KVBuffer(self.select_dtype) for _ in range(n_layers)]
         self.selected = [0] * n_layers   # tokens recalled from the middle at the last step, per layer
+
+    def __setstate__(self, state: dict):
+        self.__dict__.update(state)
+        if "select_keys" not in state and "layers" in state:   # pickled by a version without the bf16 copy
+            self.select_keys = [KVBuffer(self.select_dtype) for _ in self.layers]
 
     def local_size(self, n_new: int) -> int:
         return self.scope - self.global_tokens - self.recall_clip * self.span - n_new
@@ -54,9 +62,17 @@ class LongCachePolicy(KVPolicy):
         buf = self.layers[i]
         buf.append(k, v)
         keys, values = buf.keys(), buf.values()
+        select_keys = keys
+        if self.select_dtype is not None and self.select_dtype != k.dtype:
+            mirror = self.select_keys[i]
+            if len(mirror) != past:   # e.g. a cache saved before the copy existed: rebuilt once
+                mirror.truncate(0)
+                mirror.append(keys[:, :, :past].to(self.select_dtype), keys[:, :, :past, :0])
+            mirror.append(k.to(self.select_dtype), k[..., :0])   # keys only: values of width 0
+            select_keys = mirror.keys()
         mid_start, mid_end = self.global_tokens, past - self.local_size(T)
         if mid_end > mid_start:
-            picked = self.select(q, keys[:, :, mid_start:mid_end]) + mid_start
+            picked = self.select(q, select_keys[:, :, mid_start:mid_end]) + mid_start
             self.selected[i] = len(picked)
             idx = torch.cat([torch.arange(mid_start, device=q.device), picked,
                              torch.arange(mid_end, past + T, device=q.device)])
@@ -65,6 +81,7 @@ class LongCachePolicy(KVPolicy):
         out = local_attention(rope.rotate(q, L - T), rope.rotate(keys, 0), values, a.scaling)
         if not commit:
             buf.truncate(past)
+            self.select_keys[i].truncate(past)
         return out
 
     @torch.no_grad()
@@ -111,7 +128,8 @@ class LongCachePolicy(KVPolicy):
         return flops
 
     def nbytes(self) -> int:
-        return sum(b.nbytes() for b in self.layers)
+        mirrors = sum(len(m) and m.keys().nelement() * m.keys().element_size() for m in self.select_keys)
+        return sum(b.nbytes() for b in self.layers) + mirrors
 
     def describe(self) -> dict:
         return {"global_tokens": self.global_tokens, "span": self.span, "recall_clip": self.recall_clip,
@@ -131,9 +149,11 @@ class LongCacheConfig(MethodConfig):
     recall_clip: int | None = setting(None, "spans recalled per step (default: half of what W leaves after global "
                                       "tokens and Δ)")
     topk: int = setting(4, "positions each query and head votes for", flag="--select-topk")
-    # bfloat16 halves the selection time on CPUs with bf16 matmul (AMX), 98% same top-1 at 16K
-    select_dtype: str | None = setting(None, "dtype of the selection scores (default: the model's; bfloat16 is ~2x "
-                                       "faster on CPUs with AMX, far slower on CPUs without bf16 matmul)")
+    # bfloat16 on an fp32 model (AMX): the keys are kept a second time in bf16 for the selection (+25% cache bytes);
+    # votes agree with fp32 selection 94% (top-4 sets, real text at 15K); not exact, so opt-in (long_prefill_amx.md)
+    select_dtype: str | None = setting(None, "dtype of the selection scores (default: the model's; bfloat16 on an "
+                                       "AMX CPU: ~6% faster prefill at 32K, slower decode; far slower on CPUs "
+                                       "without bf16 matmul)")
     # identity=False: both kernels select the same spans (tests: same selections, logits to 1e-4)
     kernel: str = setting("fast", "selection kernel: fast (reused score buffer, exact top-k through block maxima) "
                           "or reference (the original path, kept to check against)", choices=("fast", "reference"),
