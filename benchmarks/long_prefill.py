@@ -11,11 +11,12 @@ it: a CPU without AMX / AVX-512-BF16 runs bf16 matmul far slower, which decides 
   memory     the stock model with smollm2-fot's 12 memory layers, exact top-128, W=1024 (the same compute as
              `--model smollm2-fot`: weights differ, the work does not); local keys cached (fast, reference) or
              re-read with each chunk (reread: the method's default, twice the forward work)
-  longcache  W=1024, fp32 selection scores
+  longcache  W=1024, fp32 selection scores (bf16select: bf16 scores on the fp32 model, opt-in, not exact)
   window, razor (W=1024 defaults), full (≤ 8K: its cache grows with the prompt and positions pass the trained 8K)
 
 --dtype bfloat16 runs the whole model in bf16 (a separate, measured option, not the fast path: on a CPU with AMX
-its matmuls are several times faster); its rows carry the dtype and their fraction is of the bf16 peak.
+its matmuls are several times faster, these prefills were not: long_prefill_amx.md); its rows carry the dtype and
+their fraction is of the bf16 peak.
 Rows are appended to the JSON as they finish; a rerun skips rows already there (a long measurement is taken in
 parts). Run alone:  .venv/bin/python benchmarks/long_prefill.py [--lengths 8k,16k,32k] [--rows memory,...]
 [--dtype float32|bfloat16] [--out benchmarks/results/long_prefill_amx.json]
