@@ -11,7 +11,9 @@ it: a CPU without AMX / AVX-512-BF16 runs bf16 matmul far slower, which decides 
   memory     the stock model with smollm2-fot's 12 memory layers, exact top-128, W=1024 (the same compute as
              `--model smollm2-fot`: weights differ, the work does not); local keys cached (fast, reference) or
              re-read with each chunk (reread: the method's default, twice the forward work)
-  longcache  W=1024, fp32 selection scores (bf16select: bf16 scores on the fp32 model, opt-in, not exact)
+  longcache  W=1024, exact selection: fast (on a CPU with AMX, bf16 scores find candidates, fp32 re-scores them;
+             fastfp32: fp32 scores only) and reference (bf16select: bf16 scores on the fp32 model, opt-in, not
+             exact)
   window, razor (W=1024 defaults), full (≤ 8K: its cache grows with the prompt and positions pass the trained 8K)
 
 --dtype bfloat16 runs the whole model in bf16 (a separate, measured option, not the fast path: on a CPU with AMX
@@ -46,7 +48,9 @@ ROWS = {   # label: (method, settings, longest length it runs at)
     "memory-reference": ("memory", {**MEMORY, "local_context": "cache", "kernel": "reference"}, None),
     # the memory method's default since issue 18: each chunk re-reads its W−Δ local tokens (2x the forward work)
     "memory-reread": ("memory", MEMORY, None),
+    # fast: exact; on a CPU with AMX bf16 scores find candidates that fp32 re-scores (fastfp32: fp32 scores only)
     "longcache-fast": ("longcache", {"window": 1024}, None),
+    "longcache-fastfp32": ("longcache", {"window": 1024, "kernel": "fast-fp32"}, None),
     "longcache-reference": ("longcache", {"window": 1024, "kernel": "reference"}, None),
     # opt-in, not exact: selection scores in bf16 (AMX) on an fp32 model; the selected blocks can differ
     "longcache-bf16select": ("longcache", {"window": 1024, "select_dtype": "bfloat16"}, None),
@@ -112,8 +116,11 @@ def measure(lm, label: str, length: int, peak_gflops: float) -> dict:
                                       sampler)
         decode = time.perf_counter() - t1
         out = torch.cat([first, rest])
+        policy = getattr(session, "policy", None)
+        rescored = getattr(policy, "bf16_rows", 0) and round(policy.rescored / policy.bf16_rows, 1)
     answer = lm.tokenizer.decode(out.tolist())
-    return {"label": label, "method": method, "length": length, "prefill_s": round(prefill, 2),
+    extra = {"rescored_per_row": rescored} if rescored else {}
+    return {**extra, "label": label, "method": method, "length": length, "prefill_s": round(prefill, 2),
             "tokens_per_s": round(length / prefill, 1),
             "decode_ms_per_token": round(1000 * decode / (DECODE_TOKENS - 1), 1),
             "peak_rss_mib": round(rss.peak / 2**20), "prefill_tflop": round(flops / 1e12, 3),
@@ -147,7 +154,8 @@ def markdown(res: dict) -> str:
              "GFLOP/s | of peak | passkey |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(res["rows"], key=lambda r: (r["method"], r["length"], row_dtype(r), r["label"])):
         kernel = r["label"].split("-")[1] if "-" in r["label"] else "–"
-        kernel = {"reread": "fast, re-read", "bf16select": "fast, bf16 selection"}.get(kernel, kernel)
+        kernel = {"reread": "fast, re-read", "bf16select": "fast, bf16 selection",
+                  "fastfp32": "fast, fp32 scores only"}.get(kernel, kernel)
         dtype = {"float32": "fp32", "bfloat16": "bf16"}[row_dtype(r)]
         lines.append(f"| {r['method']} | {kernel} | {dtype} | {r['length'] // 1024}K | {r['prefill_s']:.1f} | "
                      f"{r['tokens_per_s']:.0f} | {r['decode_ms_per_token']:.0f} | {r['peak_rss_mib']} | "

@@ -180,3 +180,93 @@ def test_memory_kernel_without_native_topk_is_the_same(tiny, monkeypatch):
         with cfg.make_session(tiny) as s:
             runs.append(torch.cat([s.score_and_absorb(ids[i:i + 16])[0] for i in range(0, len(ids), 16)]))
     torch.testing.assert_close(runs[0], runs[1], rtol=1e-5, atol=1e-5)
+
+
+def _select_exact(q, keys, k):
+    from infinictx.core import native
+    from infinictx.methods.kv.longcache import BF16_SCORE_BOUND
+
+    scores = torch.matmul(q.to(torch.bfloat16), keys.to(torch.bfloat16).transpose(-1, -2))
+    eps = BF16_SCORE_BOUND * torch.linalg.vector_norm(q, dim=-1)
+    return native.select_exact(scores, q, keys, torch.linalg.vector_norm(keys, dim=-1), eps, k)
+
+
+def _stable_topk_idx(q, keys, k):
+    s = torch.einsum("hrd,hnd->hrn", q.double(), keys.double())   # exact enough to rank distinct fp32 scores
+    return torch.argsort(-s, dim=-1, stable=True)[..., :k].sort(-1).values
+
+
+@pytest.mark.parametrize("n, D, k", [(5000, 64, 4), (4111, 16, 4), (3000, 64, 20)])   # k=20: the quickselect branch
+def test_native_bf16_candidate_selection_is_the_exact_fp32_topk(n, D, k):
+    """bf16 scores only find candidates: the k chosen are the exact top-k, also among planted keys whose scores
+    differ far below bf16's resolution, and identical keys tie to the earlier position."""
+    from infinictx.core import native
+
+    if not native.available():
+        pytest.skip("no C compiler: the fp32 path is used instead")
+    torch.manual_seed(0)
+    H, R = 2, 70
+    q, keys = torch.randn(H, R, D), torch.randn(H, n, D) * 2
+    # near-ties: k + 3 keys along the first row's query, 1e-5 apart (bf16 resolves ~4e-3)
+    where = torch.randperm(n)[:k + 3]
+    keys[0, where] = q[0, 0] * (3 + 1e-5 * torch.arange(k + 3, dtype=torch.float32))[:, None]
+    keys[1, n - 40:] = keys[1, 100:140]   # bit-identical keys, the later copies in the short last block
+    idx, rescored = _select_exact(q, keys, k)
+    assert torch.equal(idx.sort(-1).values, _stable_topk_idx(q, keys, k))
+    assert torch.equal(idx[0, 0].sort().values, where[3:].sort().values)   # the k largest of the planted ones
+    assert (rescored >= k).all() and rescored.float().mean() < n / 10      # it re-scored few keys per row
+    # strided views, as the cache hands them over (the middle of a longer buffer)
+    wide = torch.randn(H, n + 50, D)
+    wide[:, 20:20 + n] = keys
+    idx2, _ = _select_exact(q, wide[:, 20:20 + n], k)
+    assert torch.equal(idx2.sort(-1).values, idx.sort(-1).values)
+
+
+def test_native_bf16_candidate_selection_survives_nan():
+    from infinictx.core import native
+
+    if not native.available():
+        pytest.skip("no C compiler")
+    torch.manual_seed(0)
+    q, keys = torch.randn(1, 8, 64), torch.randn(1, 3000, 64)
+    keys[0, 100:200] = float("nan")
+    found = _select_exact(q, keys, 4)   # returns: None (the caller falls back) or indices in range
+    assert found is None or (found[0].min() >= 0 and found[0].max() < 3000)
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_longcache_bf16_candidates_select_what_the_reference_selects(tiny, monkeypatch, bf16):
+    """The fast selection with bf16 candidates (forced on where the CPU has no AMX), fp32 scores only, and the
+    reference give the same logits and greedy generation over a stream with repeated tokens (exact ties)."""
+    from infinictx.core import native
+    from infinictx.core.session import Sampler
+    from infinictx.methods.kv import longcache
+
+    if bf16 and not native.available():
+        pytest.skip("no C compiler")
+    monkeypatch.setattr(longcache, "_fast_bf16_here", lambda: bf16)
+    monkeypatch.setattr(longcache, "BF16_MIN_KEYS", 0)   # this stream's middle is shorter than where bf16 pays
+    torch.manual_seed(4)
+    ids = torch.randint(0, 300, (1100,))
+    settings = {"window": 256, "chunk": 64, "global_tokens": 4, "span": 4, "topk": 2}   # 128 rows per KV head
+    nll, generated = {}, {}
+    for kernel in ("fast", "fast-fp32", "reference"):
+        with method_config("longcache", **settings, kernel=kernel).make_session(tiny) as s:
+            nll[kernel] = torch.cat([s.score_and_absorb(ids[i:i + s.chunk])[0] for i in range(0, 960, s.chunk)])
+            s.score(ids[960:1024])                     # an uncommitted forward: the copies roll back too
+            fork = s.fork()
+            generated[kernel] = fork.generate_chunk(12, 0, Sampler(temperature=0.0, repetition_penalty=1.0))
+            policy = fork.policy
+            if kernel == "fast" and bf16:
+                assert policy.rescored > 0                      # the bf16 path really ran
+                for cache, k16, norms, centre in zip(policy.layers, policy.candidate_keys, policy.key_norms,
+                                                     policy.key_centres):
+                    centred = cache.keys() - centre
+                    assert torch.equal(k16.keys(), centred.to(torch.bfloat16))
+                    torch.testing.assert_close(norms.keys()[..., 0], torch.linalg.vector_norm(centred, dim=-1))
+            else:
+                assert policy.rescored == 0 and all(len(c) == 0 for c in policy.candidate_keys)
+            fork.close()
+    for kernel in ("fast", "fast-fp32"):
+        torch.testing.assert_close(nll[kernel], nll["reference"], rtol=1e-4, atol=1e-4)
+        assert torch.equal(generated[kernel], generated["reference"])

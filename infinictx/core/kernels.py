@@ -13,16 +13,20 @@ import torch.nn.functional as F
 
 
 class Scratch:
-    """A reusable buffer for large temporaries (score matrices): `get(shape)` returns an uninitialised tensor
-    of that shape backed by one allocation that only grows, so repeated steps do not pay page faults for a
-    fresh hundred-megabyte tensor each time. A tensor from `get` is valid until the next `get`."""
+    """A reusable buffer for large temporaries (score matrices): `get(shape, dtype)` returns an uninitialised tensor
+    of that shape backed by one allocation per dtype and device that only grows, so repeated steps do not pay page
+    faults for a fresh hundred-megabyte tensor each time. A tensor from `get` is valid until the next `get` of the
+    same dtype."""
 
     def __init__(self):
-        self.buf = None
+        self.bufs = {}
         self.memo = (None, None)
 
     def __getstate__(self):   # a work buffer, not state: checkpoints and deep copies start empty
-        return {"buf": None, "memo": (None, None)}
+        return {"bufs": {}, "memo": (None, None)}
+
+    def __setstate__(self, state: dict):
+        self.bufs, self.memo = {}, (None, None)
 
     def cached(self, key, build):
         """`build()`'s tensor, reused while `key` stays the same (one entry: e.g. the attention mask every
@@ -36,9 +40,10 @@ class Scratch:
         for s in shape:
             n *= s
         device = torch.device(device)
-        if self.buf is None or self.buf.numel() < n or self.buf.dtype != dtype or self.buf.device != device:
-            self.buf = torch.empty(n, dtype=dtype, device=device)
-        return self.buf[:n].view(shape)
+        buf = self.bufs.get((dtype, device))
+        if buf is None or buf.numel() < n:
+            buf = self.bufs[(dtype, device)] = torch.empty(n, dtype=dtype, device=device)
+        return buf[:n].view(shape)
 
 
 def stable_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,41 +18,75 @@ from dataclasses import dataclass
 
 import torch
 
+from ...core import native
 from ...core.attention import KVBuffer, local_attention
 from ...core.errors import InfinictxError
 from ...core.kernels import Scratch, block_topk, stable_topk
-from ...core.models import DTYPES, LoadedModel
+from ...core.models import DTYPES, LoadedModel, cpu_has_fast_bf16
 from ...core.registry import register_method, setting
 from ...core.session import check_window
 from ..base import MethodConfig
 from .cache import KVCacheSession, KVPolicy, check_positive
 
 SCORE_BUDGET_BYTES = 256 << 20
+# fp32 scores in blocks of this many rows per KV head: a block's scores stay near the cache instead of being
+# written out and read back (2 cores, 16K keys: 31 ms per chunk and layer with 64-row blocks vs 55 ms with all
+# 384 rows at once)
+FP32_BLOCK_ROWS = 64
+# |bf16 score − fp32 score| ≤ BF16_SCORE_BOUND · ‖q‖·‖k‖: q and k rounded to bf16 (2^-9 each, relative), the
+# product summed in fp32 (64 terms: ~2^-18) and rounded to bf16 (2^-9), Σ|q_i k_i| ≤ ‖q‖·‖k‖ (Cauchy–Schwarz);
+# 2^-7 leaves a third of margin over the 2^-8 + 2^-9 + 2^-17 these add up to
+BF16_SCORE_BOUND = 2.0 ** -7
+KERNELS = ("fast", "fast-fp32", "reference")
+# where bf16 candidates pay: rows per KV head (a prefill chunk, not a decode step) and keys in the middle (below,
+# the fp32 matmul is cheap and re-scoring costs more than it saves)
+BF16_MIN_ROWS = 64
+BF16_MIN_KEYS = 4096
 
 
 class LongCachePolicy(KVPolicy):
     name = "longcache"
 
     def __init__(self, window: int, global_tokens: int = 32, span: int = 32, recall_clip: int = 8, topk: int = 4,
-                 select_dtype: torch.dtype | None = None, fast: bool = True):
+                 select_dtype: torch.dtype | None = None, fast: bool = True, bf16_candidates: bool = True):
         self.scope, self.global_tokens, self.span, self.recall_clip, self.topk = (
             window, global_tokens, span, recall_clip, topk)
         self.select_dtype = select_dtype   # dtype of the selection scores (None: the model's)
-        self.fast = fast                   # exact fast selection (reused score buffer, top-k via block maxima)
+        self.fast = fast                   # exact fast selection (reused score buffers, native or block top-k)
+        # fast, on an fp32 model on a CPU with AMX: candidates from bf16 scores, re-scored exactly in fp32
+        self.bf16_candidates = bf16_candidates
         self.scratch = Scratch()
         self._flops = 0
+        # keys re-scored in fp32 by the bf16-candidate selection, over rows selected that way (its bound's cost)
+        self.rescored = self.bf16_rows = 0
 
     def start(self, n_layers: int):
         self.layers = [KVBuffer() for _ in range(n_layers)]
         # keys in select_dtype when it differs from the cache's (bf16 selection on an fp32 model): converted once
         # as tokens arrive, not the whole middle at every step of every layer
         self.select_keys = [KVBuffer(self.select_dtype) for _ in range(n_layers)]
+        # the bf16-candidate selection's copies: keys minus a fixed centre, in bf16, and their fp32 norms (as keys
+        # of width 1); the centre (per layer and KV head) is the mean key when the copies were started
+        self.candidate_keys = [KVBuffer(torch.bfloat16) for _ in range(n_layers)]
+        self.key_norms = [KVBuffer(torch.float32) for _ in range(n_layers)]
+        self.key_centres = [None] * n_layers
         self.selected = [0] * n_layers   # tokens recalled from the middle at the last step, per layer
 
     def __setstate__(self, state: dict):
         self.__dict__.update(state)
-        if "select_keys" not in state and "layers" in state:   # pickled by a version without the bf16 copy
-            self.select_keys = [KVBuffer(self.select_dtype) for _ in self.layers]
+        layers = state.get("layers")
+        if "select_keys" not in state and layers is not None:   # pickled by a version without the bf16 copy
+            self.select_keys = [KVBuffer(self.select_dtype) for _ in layers]
+        if "candidate_keys" not in state:   # a version without bf16 candidates: copies rebuilt on first use
+            self.bf16_candidates, self.rescored, self.bf16_rows = True, 0, 0
+            if layers is not None:
+                self.candidate_keys = [KVBuffer(torch.bfloat16) for _ in layers]
+                self.key_norms = [KVBuffer(torch.float32) for _ in layers]
+                self.key_centres = [None] * len(layers)
+
+    def _uses_bf16_candidates(self, k: torch.Tensor) -> bool:
+        return (self.fast and self.bf16_candidates and self.select_dtype is None and k.dtype == torch.float32
+                and k.device.type == "cpu" and k.shape[0] == 1 and _fast_bf16_here())
 
     def local_size(self, n_new: int) -> int:
         return self.scope - self.global_tokens - self.recall_clip * self.span - n_new
@@ -63,16 +97,15 @@ class LongCachePolicy(KVPolicy):
         buf.append(k, v)
         keys, values = buf.keys(), buf.values()
         select_keys = keys
+        candidates = None
         if self.select_dtype is not None and self.select_dtype != k.dtype:
-            mirror = self.select_keys[i]
-            if len(mirror) != past:   # e.g. a cache saved before the copy existed: rebuilt once
-                mirror.truncate(0)
-                mirror.append(keys[:, :, :past].to(self.select_dtype), keys[:, :, :past, :0])
-            mirror.append(k.to(self.select_dtype), k[..., :0])   # keys only: values of width 0
-            select_keys = mirror.keys()
+            select_keys = _mirror(self.select_keys[i], keys, k, past, lambda x: x.to(self.select_dtype))
+        elif self._uses_bf16_candidates(k):
+            candidates = self._candidate_copies(i, keys, k, past)
         mid_start, mid_end = self.global_tokens, past - self.local_size(T)
         if mid_end > mid_start:
-            picked = self.select(q, select_keys[:, :, mid_start:mid_end]) + mid_start
+            middle = None if candidates is None else tuple(c[:, :, mid_start:mid_end] for c in candidates)
+            picked = self.select(q, select_keys[:, :, mid_start:mid_end], middle) + mid_start
             self.selected[i] = len(picked)
             idx = torch.cat([torch.arange(mid_start, device=q.device), picked,
                              torch.arange(mid_end, past + T, device=q.device)])
@@ -80,29 +113,60 @@ class LongCachePolicy(KVPolicy):
         L = keys.shape[2]
         out = local_attention(rope.rotate(q, L - T), rope.rotate(keys, 0), values, a.scaling)
         if not commit:
-            buf.truncate(past)
-            self.select_keys[i].truncate(past)
+            for b in (buf, self.select_keys[i], self.candidate_keys[i], self.key_norms[i]):
+                b.truncate(past)
         return out
 
+    def _candidate_copies(self, i: int, keys: torch.Tensor, k: torch.Tensor, past: int) -> tuple:
+        """The bf16-candidate selection's copies of layer i, kept in step with the cache (rebuilt once when out
+        of step, e.g. a cache saved before they existed): (keys − centre in bf16, their fp32 norms). Why a
+        centre: q·(k − c) ranks keys as q·k does (q·c is the same for every key of a row), and the keys share a
+        large common part: its removal shrinks the norms the error bound scales with (real text, 4K tokens:
+        31 → 13 keys re-scored per row)."""
+        k16, norms = self.candidate_keys[i], self.key_norms[i]
+        if len(k16) != past or len(norms) != past or self.key_centres[i] is None:
+            k16.truncate(0)
+            norms.truncate(0)
+            self.key_centres[i] = keys.mean(2, keepdim=True)
+            new = keys - self.key_centres[i]
+        else:
+            new = k - self.key_centres[i]
+        k16.append(new.to(torch.bfloat16), new[..., :0])   # keys only: values of width 0
+        n = torch.linalg.vector_norm(new, dim=-1, keepdim=True)
+        norms.append(n, n[..., :0])
+        return k16.keys(), norms.keys()[..., 0]
+
     @torch.no_grad()
-    def select(self, q: torch.Tensor, k_mid: torch.Tensor) -> torch.Tensor:
+    def select(self, q: torch.Tensor, k_mid: torch.Tensor, candidates: tuple | None = None) -> torch.Tensor:
         """Positions (sorted) of the middle to attend to: q (1, Hq, T, D) and k_mid (1, Hkv, M, D), both before
         RoPE. Each (query, head) votes for its top-k keys by q·k (ties to the earlier position: identical keys
-        tie exactly); the most voted `recall_clip` positions become spans."""
+        tie exactly); the most voted `recall_clip` positions become spans. `candidates`: the middle's keys in
+        bf16 and their norms, for the bf16-candidate selection (`_bf16_votes`), used for blocks of enough rows."""
         B, Hq, T, D = q.shape
         Hkv, M = k_mid.shape[1], k_mid.shape[2]
         dtype = self.select_dtype or q.dtype
         rows = q.reshape(B, Hkv, (Hq // Hkv) * T, D).to(dtype)   # query heads of one KV head, then queries
         k_top = min(self.topk, M)
         votes = torch.zeros(M, dtype=torch.long, device=q.device)
-        block = max(1, SCORE_BUDGET_BYTES // (4 * B * Hkv * M))
+        n_rows = rows.shape[2]
+        bf16 = candidates is not None and n_rows >= BF16_MIN_ROWS and M >= max(BF16_MIN_KEYS, 128 * k_top)
+        if bf16:
+            block = max(1, SCORE_BUDGET_BYTES // (2 * B * Hkv * M))
+        elif self.fast:
+            block = FP32_BLOCK_ROWS
+        else:
+            block = max(1, SCORE_BUDGET_BYTES // (4 * B * Hkv * M))
+        native_topk = (self.fast and dtype == torch.float32 and q.device.type == "cpu" and M >= 32 * k_top
+                       and native.available())
         kt = k_mid.to(dtype).transpose(-1, -2)
-        for r0 in range(0, rows.shape[2], block):
+        for r0 in range(0, n_rows, block):
             r = rows[:, :, r0:r0 + block]
-            if self.fast:
+            idx = self._bf16_votes(r, k_mid, candidates, k_top) if bf16 else None
+            if idx is None and self.fast:
                 scores = self.scratch.get((B, Hkv, r.shape[2], M), dtype, q.device)
-                idx = block_topk(torch.matmul(r, kt, out=scores), k_top)[1]
-            else:
+                torch.matmul(r, kt, out=scores)
+                idx = native.topk_rows(scores, k_top)[1] if native_topk else block_topk(scores, k_top)[1]
+            elif idx is None:
                 idx = stable_topk(r @ kt, k_top)[1]
             votes += torch.bincount(idx.flatten(), minlength=M)
         self._flops += 2 * Hq * T * M * D
@@ -113,6 +177,22 @@ class LongCachePolicy(KVPolicy):
         keep = torch.zeros(M, dtype=torch.bool, device=q.device)
         keep[(starts[:, None] + torch.arange(span, device=q.device)[None]).flatten()] = True
         return keep.nonzero().squeeze(1)
+
+    def _bf16_votes(self, r: torch.Tensor, k_mid: torch.Tensor, candidates: tuple, k_top: int):
+        """The exact fp32 top-k of the rows r (1, Hkv, R, D) over k_mid, found through bf16 scores of the
+        centred keys (AMX: ~5x the fp32 matmul's speed): every key whose exact score can reach the row's k-th
+        best by the bound `BF16_SCORE_BOUND` is re-scored in fp32 from the cache's keys
+        (`native.select_exact`). Indices (Hkv, R, k), or None (NaN scores: the caller takes the fp32 path)."""
+        k16, norms = candidates
+        scores = self.scratch.get((1, k16.shape[1], r.shape[2], k16.shape[2]), torch.bfloat16, r.device)
+        torch.matmul(r.to(torch.bfloat16), k16.transpose(-1, -2), out=scores)
+        eps = BF16_SCORE_BOUND * torch.linalg.vector_norm(r[0], dim=-1)
+        found = native.select_exact(scores[0], r[0], k_mid[0], norms[0], eps, k_top)
+        if found is None:
+            return None
+        self.rescored += int(found[1].sum())
+        self.bf16_rows += found[1].numel()
+        return found[0]
 
     def fork(self) -> "LongCachePolicy":
         scratch, self.scratch = self.scratch, None   # a work buffer, not state: shared, never copied
@@ -128,13 +208,38 @@ class LongCachePolicy(KVPolicy):
         return flops
 
     def nbytes(self) -> int:
-        mirrors = sum(len(m) and m.keys().nelement() * m.keys().element_size() for m in self.select_keys)
-        return sum(b.nbytes() for b in self.layers) + mirrors
+        copies = self.select_keys + self.candidate_keys + self.key_norms
+        return sum(b.nbytes() for b in self.layers) + sum(
+            len(m) and m.keys().nelement() * m.keys().element_size() for m in copies)
 
     def describe(self) -> dict:
         return {"global_tokens": self.global_tokens, "span": self.span, "recall_clip": self.recall_clip,
                 "topk": self.topk, "local": self.local_size(0),
                 "select_dtype": str(self.select_dtype).split(".")[-1] if self.select_dtype else None}
+
+
+def _mirror(copy: KVBuffer, keys: torch.Tensor, k: torch.Tensor, past: int, convert) -> torch.Tensor:
+    """Keep `copy` = convert(keys) in step with the cache (keys: the cache's keys, the new k already appended)
+    and return its keys: converted once as tokens arrive, not the whole middle at every step of every layer. A
+    copy out of step (e.g. a cache saved before it existed) is rebuilt once."""
+    if len(copy) != past:
+        copy.truncate(0)
+        old = convert(keys[:, :, :past])
+        copy.append(old, old[..., :0])
+    new = convert(k)
+    copy.append(new, new[..., :0])   # keys only: values of width 0
+    return copy.keys()
+
+
+_FAST_BF16 = None
+
+
+def _fast_bf16_here() -> bool:
+    """bf16 candidates need AMX (bf16 matmul in hardware) and the native selection kernel."""
+    global _FAST_BF16
+    if _FAST_BF16 is None:
+        _FAST_BF16 = cpu_has_fast_bf16() and native.available()
+    return _FAST_BF16
 
 
 @register_method("longcache")
@@ -154,10 +259,11 @@ class LongCacheConfig(MethodConfig):
     select_dtype: str | None = setting(None, "dtype of the selection scores (default: the model's; bfloat16 on an "
                                        "AMX CPU: ~6% faster prefill at 32K, slower decode; far slower on CPUs "
                                        "without bf16 matmul)")
-    # identity=False: both kernels select the same spans (tests: same selections, logits to 1e-4)
-    kernel: str = setting("fast", "selection kernel: fast (reused score buffer, exact top-k through block maxima) "
-                          "or reference (the original path, kept to check against)", choices=("fast", "reference"),
-                          identity=False)
+    # identity=False: the kernels select the same spans (tests: same selections, logits to 1e-4)
+    kernel: str = setting("fast", "selection kernel: fast (exact; on a CPU with AMX, bf16 scores find the "
+                          "candidates and fp32 re-scores them; elsewhere fp32 scores in blocks, native top-k), "
+                          "fast-fp32 (fast with fp32 scores only) or reference (the original path, kept to check "
+                          "against)", choices=KERNELS, identity=False)
 
     def validate(self):
         self.policy()
@@ -176,10 +282,11 @@ class LongCacheConfig(MethodConfig):
             raise InfinictxError(f"recall clip must be >= 0 (got {clip})")
         if self.select_dtype is not None and self.select_dtype not in DTYPES:
             raise InfinictxError(f"unknown selection dtype {self.select_dtype!r}; choose one of {', '.join(DTYPES)}")
-        if self.kernel not in ("fast", "reference"):
-            raise InfinictxError(f"unknown selection kernel {self.kernel!r}; choose fast or reference")
+        if self.kernel not in KERNELS:
+            raise InfinictxError(f"unknown selection kernel {self.kernel!r}; choose one of {', '.join(KERNELS)}")
         policy = LongCachePolicy(self.window, self.global_tokens, self.span, clip, self.topk,
-                                 DTYPES[self.select_dtype] if self.select_dtype else None, self.kernel == "fast")
+                                 DTYPES[self.select_dtype] if self.select_dtype else None,
+                                 fast=self.kernel != "reference", bf16_candidates=self.kernel == "fast")
         if policy.local_size(chunk) < 1:
             raise InfinictxError(
                 f"LongCache budgets exceed the scope: global {self.global_tokens} + recall {clip}×{self.span} + "
