@@ -90,8 +90,9 @@ static float kth_largest(float *x, int64_t n, int64_t k) {
 }
 
 /* the k-th largest of x[0..n-1] (1 <= k <= n), x unchanged (work: room for n): for a small k a sorted list of the
-   k best so far, rarely touched after the first entries (no branch misses, unlike a quickselect: measured 2x
-   faster for LongCache's k = 4), else a quickselect on a copy */
+   k best so far, rarely touched after the first entries (no branch misses, unlike a quickselect: the bf16
+   selection's scan of 1,152 rows × 16K keys took 5 ms instead of 15 for LongCache's k = 4), else a quickselect
+   on a copy; NaN entries are passed over */
 static float kth_best(const float *x, float *work, int64_t n, int64_t k) {
     if (k <= 16) {
         float best[16];
@@ -167,7 +168,7 @@ int topk_rows(const float *s, int64_t ld, int64_t n, int64_t k, int64_t r0, int6
                 if (row[j] >= tau) { cand[c] = row[j]; pos[c] = j; c++; }
             }
         }
-        if (c < k)   /* only with NaN scores (tau NaN): the plain heap over the row */
+        if (c < k)   /* only with NaN scores (fewer than k comparable entries): the plain heap over the row */
             heap_topk(row, 0, n, k, v, ix);
         else         /* c >= k: every one of the k best blocks has its maximum >= tau */
             heap_topk(cand, pos, c, k, v, ix);
