@@ -125,15 +125,12 @@ class LongCachePolicy(KVPolicy):
         31 → 13 keys re-scored per row)."""
         k16, norms = self.candidate_keys[i], self.key_norms[i]
         if len(k16) != past or len(norms) != past or self.key_centres[i] is None:
-            k16.truncate(0)
+            k16.truncate(0)   # a new centre: both copies are rebuilt from the cache
             norms.truncate(0)
             self.key_centres[i] = keys.mean(2, keepdim=True)
-            new = keys - self.key_centres[i]
-        else:
-            new = k - self.key_centres[i]
-        k16.append(new.to(torch.bfloat16), new[..., :0])   # keys only: values of width 0
-        n = torch.linalg.vector_norm(new, dim=-1, keepdim=True)
-        norms.append(n, n[..., :0])
+        centre = self.key_centres[i]
+        _mirror(k16, keys, k, past, lambda x: (x - centre).to(torch.bfloat16))
+        _mirror(norms, keys, k, past, lambda x: torch.linalg.vector_norm(x - centre, dim=-1, keepdim=True))
         return k16.keys(), norms.keys()[..., 0]
 
     @torch.no_grad()
