@@ -184,12 +184,14 @@ def test_memory_kernel_without_native_topk_is_the_same(tiny, monkeypatch):
 
 def _select_exact(q, keys, k):
     from infinictx.core import native
-    from infinictx.methods.kv.longcache import BF16_SCORE_REL, bf16_score_bounds
+    from infinictx.methods.kv.longcache import BF16_SCORE_REL, bf16_score_bounds, residual_weights
 
-    scores = torch.matmul(q.to(torch.bfloat16), keys.to(torch.bfloat16).transpose(-1, -2))
+    q16 = q.to(torch.bfloat16)
+    scores = torch.matmul(q16, keys.to(torch.bfloat16).transpose(-1, -2))
     norms = torch.linalg.vector_norm(keys, dim=-1)
-    eps, slack = bf16_score_bounds(q, norms.amax(-1))
-    return native.select_exact(scores, q, keys, norms, eps, k, BF16_SCORE_REL, slack)
+    eps, eps_residual, slack = bf16_score_bounds(q, q16, norms.amax(-1))
+    return native.select_exact(scores, q, keys, norms, eps, k, BF16_SCORE_REL, slack, None, residual_weights(keys),
+                               eps_residual)
 
 
 def _stable_topk_idx(q, keys, k):
@@ -342,7 +344,7 @@ def test_bf16_score_bound_holds_where_rounding_adds_up():
     """The bound on a bf16 score's error holds for a query and key built so that every rounding goes the same
     way (inputs rounded down by almost a unit roundoff, the sum rounded down by almost one): 2^-7·‖q‖·‖k‖ alone
     does not, there; and on random rows."""
-    from infinictx.methods.kv.longcache import BF16_SCORE_REL, bf16_score_bounds
+    from infinictx.methods.kv.longcache import BF16_SCORE_REL, bf16_score_bounds, residual_weights
 
     below_half_ulp = 2.0 ** -8 - 2.0 ** -20   # just under half of bf16's spacing at 1: rounds down to 1
     q = torch.full((1, 1, 64), 1 + below_half_ulp)
@@ -355,8 +357,9 @@ def test_bf16_score_bound_holds_where_rounding_adds_up():
     exact = torch.einsum("hrd,hnd->hrn", q.double(), k.double())
     err = (s16.double() - exact).abs()
     norms = torch.linalg.vector_norm(k, dim=-1)
-    eps, _ = bf16_score_bounds(q, norms.amax(-1))
-    bound = eps[..., None] * norms[:, None, :] + BF16_SCORE_REL * s16.abs()
+    eps, eps_residual, _ = bf16_score_bounds(q, q.to(torch.bfloat16), norms.amax(-1))
+    bound = (eps[..., None] * norms[:, None, :] + eps_residual[..., None] * residual_weights(k)[:, None, :]
+             + BF16_SCORE_REL * s16.abs())
     assert (err <= bound).all()
     naive = 2.0 ** -7 * torch.linalg.vector_norm(q, dim=-1)[..., None] * norms[:, None, :]
     assert err[0, 0, 0] > naive[0, 0, 0]

@@ -222,22 +222,23 @@ static inline float dot_fixed(const float *q, const float *kj, int64_t D) {
 
 /* Exact top-k by fp32 q·k from bf16 scores that are only close to it. For each row t in r0..r1-1 of a set of
    H heads × R rows (head t / R, row t % R): s holds the row's bf16 scores of n keys, and
-   d(j) = eps[t]·kn[j] + rel·|s_j| + slack[t] bounds |bf16 score − exact score| of key j (kn: key norms; bn:
-   their maxima over blocks of 32). s ± rel·|s| grows with s, so a block's best bf16 score m gives
-   m ± (eps·bn + rel·|m| + slack): a lower bound on the exact score of its best key and an upper bound on every
-   key's; every key whose exact score can reach the k-th largest lower bound (the k blocks holding those are k
-   distinct keys) is a candidate. Keys marked in `excl` (NULL: none) are never candidates: each has at least k
-   earlier keys bit-identical to it, which score exactly as it does and win the tie, so it cannot be among the
-   k best (and the bound above still holds: those twins score at least what it scores). The candidates are
-   collected first (AVX-512: 16 keys per compare, compress-stored), then re-scored in fp32 from q and the fp32
-   keys with the next ones' cache lines prefetched (the loads are independent: no heap work between them), and
-   a heap keeps the k best, ties to the earlier index. out_i gets the k indices (heap order), ncand the count
-   re-scored. Returns 0, or 1 when a row had fewer than k candidates (only with NaN scores: the caller falls
-   back). */
+   d(j) = eps[t]·kn[j] + eps2[t]·kn2[j] + rel·|s_j| + slack[t] bounds |bf16 score − exact score| of key j (kn,
+   kn2: two per-key weights, e.g. norms; bn, bn2: their maxima over blocks of 32). s ± rel·|s| grows with s, so
+   a block's best bf16 score m gives m ± (eps·bn + eps2·bn2 + rel·|m| + slack): a lower bound on the exact
+   score of its best key and an upper bound on every key's; every key whose exact score can reach the k-th
+   largest lower bound (the k blocks holding those are k distinct keys) is a candidate. Keys marked in `excl` (NULL:
+   none) are never candidates: each has at least k earlier keys bit-identical to it, which score exactly as it does
+   and win the tie, so it cannot be among the k best (and the bound above still holds: those twins score at least
+   what it scores). The candidates are collected first (AVX-512: 16 keys per compare, compress-stored), then
+   re-scored in fp32 from q and the fp32 keys with the next ones' cache lines prefetched (the loads are independent:
+   no heap work between them), and a heap keeps the k best, ties to the earlier index. out_i gets the k indices
+   (heap order), ncand the count re-scored. Returns 0, or 1 when a row had fewer than k candidates (only with NaN
+   scores: the caller falls back). */
 int select_exact_rows(const uint16_t *s, int64_t s_hs, int64_t s_rs,
                       const float *q, int64_t q_hs, int64_t q_rs,
                       const float *keys, int64_t k_hs, int64_t k_rs,
                       const float *kn, int64_t kn_hs, const float *bn, int64_t bn_hs, const float *eps,
+                      const float *kn2, int64_t kn2_hs, const float *bn2, int64_t bn2_hs, const float *eps2,
                       float rel, const float *slack, const uint8_t *excl, int64_t ex_hs,
                       int64_t R, int64_t D, int64_t n, int64_t k, int64_t r0, int64_t r1,
                       int64_t *out_i, int64_t *ncand) {
@@ -255,9 +256,9 @@ int select_exact_rows(const uint16_t *s, int64_t s_hs, int64_t s_rs,
         int64_t h = t / R, r = t % R;
         const uint16_t *row = s + h * s_hs + r * s_rs;
         const float *qr = q + h * q_hs + r * q_rs, *kh = keys + h * k_hs, *norm = kn + h * kn_hs;
-        const float *bnorm = bn + h * bn_hs;
+        const float *bnorm = bn + h * bn_hs, *norm2 = kn2 + h * kn2_hs, *bnorm2 = bn2 + h * bn2_hs;
         const uint8_t *ex = excl ? excl + h * ex_hs : 0;
-        const float e = eps[t], sl = slack[t];
+        const float e = eps[t], e2 = eps2[t], sl = slack[t];
         int64_t *ix = out_i + t * k;
         for (int64_t b = 0; b < full; b++) ub[b] = block32_max_bf16(row + b * BLOCK);
         if (full < nb) {   /* the short last block */
@@ -266,7 +267,7 @@ int select_exact_rows(const uint16_t *s, int64_t s_hs, int64_t s_rs,
             ub[full] = m;
         }
         for (int64_t b = 0; b < nb; b++) {
-            float d = e * bnorm[b] + rel * fabsf(ub[b]) + sl;
+            float d = e * bnorm[b] + e2 * bnorm2[b] + rel * fabsf(ub[b]) + sl;
             lb[b] = ub[b] - d;
             ub[b] += d;
         }
@@ -277,14 +278,15 @@ int select_exact_rows(const uint16_t *s, int64_t s_hs, int64_t s_rs,
             if (!(ub[b] >= tau)) continue;
             int64_t j = b * BLOCK, j1 = j + BLOCK < n ? j + BLOCK : n;
 #if defined(__AVX512F__)
-            const __m512 ve = _mm512_set1_ps(e), vrel = _mm512_set1_ps(rel), vsl = _mm512_set1_ps(sl);
-            const __m512 vtau = _mm512_set1_ps(tau);
+            const __m512 ve = _mm512_set1_ps(e), ve2 = _mm512_set1_ps(e2), vrel = _mm512_set1_ps(rel);
+            const __m512 vsl = _mm512_set1_ps(sl), vtau = _mm512_set1_ps(tau);
             const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
             for (; j + 16 <= j1; j += 16) {   /* key j passes when bf16 score + its bound >= tau */
                 __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(row + j)));
                 __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-                __m512 up = _mm512_add_ps(_mm512_fmadd_ps(ve, _mm512_loadu_ps(norm + j), sc),
-                                          _mm512_fmadd_ps(vrel, _mm512_abs_ps(sc), vsl));
+                __m512 w = _mm512_fmadd_ps(ve2, _mm512_loadu_ps(norm2 + j),
+                                           _mm512_mul_ps(ve, _mm512_loadu_ps(norm + j)));
+                __m512 up = _mm512_add_ps(_mm512_add_ps(w, sc), _mm512_fmadd_ps(vrel, _mm512_abs_ps(sc), vsl));
                 __mmask16 m = _mm512_cmp_ps_mask(up, vtau, _CMP_GE_OQ);
                 if (ex) m &= _mm512_cmpeq_epi32_mask(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(ex + j))),
                                                      _mm512_setzero_si512());
@@ -297,7 +299,8 @@ int select_exact_rows(const uint16_t *s, int64_t s_hs, int64_t s_rs,
 #endif
             for (; j < j1; j++) {
                 float sc = bf16_value(row[j]);
-                if (sc + e * norm[j] + (rel * fabsf(sc) + sl) >= tau && !(ex && ex[j])) ci[c++] = (int32_t)j;
+                float w = e2 * norm2[j] + e * norm[j];
+                if ((w + sc) + (rel * fabsf(sc) + sl) >= tau && !(ex && ex[j])) ci[c++] = (int32_t)j;
             }
         }
         /* exact scores of the candidates, in index order (the heap's tie rule relies on it) */
@@ -358,9 +361,9 @@ def _build() -> ctypes.CDLL | None:
     f.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_void_p, ctypes.c_void_p]
     f = handle.select_exact_rows
     f.restype = ctypes.c_int
-    f.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64] * 2
-                  + [ctypes.c_void_p, ctypes.c_float] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 7
-                  + [ctypes.c_void_p, ctypes.c_void_p])
+    f.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] * 3
+                  + ([ctypes.c_void_p, ctypes.c_int64] * 2 + [ctypes.c_void_p]) * 2 + [ctypes.c_float]
+                  + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 7 + [ctypes.c_void_p, ctypes.c_void_p])
     return handle
 
 
@@ -387,12 +390,14 @@ def _run_rows(call, R: int) -> list[int]:
 
 def select_exact(scores: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, key_norms: torch.Tensor,
                  eps: torch.Tensor, k: int, rel: float = 0.0, slack: torch.Tensor | None = None,
-                 excluded: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+                 excluded: torch.Tensor | None = None, key_norms2: torch.Tensor | None = None,
+                 eps2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Exact fp32 top-k indices of q·k per row, found through approximate bf16 scores (`select_exact_rows`).
 
     scores (H, R, n) bfloat16 (last dim contiguous), q (H, R, D) float32, keys (H, n, D) float32 (last dim
     contiguous), key_norms (H, n) float32, eps (H, R) float32 with |scores − q·kᵀ| ≤ eps · key_norms + rel · |scores|
-    entrywise; slack (H, R) float32 or None (0): added to every bound (how far fp32 rounding can move a score);
+    (+ eps2 · key_norms2, a second weight, when given) entrywise; slack (H, R) float32 or None (0): added to every
+    bound (how far fp32 rounding can move a score);
     excluded (H, n) uint8 or None: keys that never enter the top-k (each has at least k earlier bit-identical keys).
     Returns (indices (H, R, k), candidates re-scored per row (H, R)), or None when a row had NaN scores (the
     caller computes that selection another way). Requires 1 <= k and 4k·32 <= n. Call only when `available()`."""
@@ -405,13 +410,23 @@ def select_exact(scores: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, key_
         key_norms = key_norms.contiguous()
     nb = -(-n // 32)   # the kernel's blocks of 32 keys: their largest norms
     block_norms = F.pad(key_norms, (0, 32 * nb - n)).view(H, nb, 32).amax(-1)
+    if key_norms2 is None:   # no second term: weight 0
+        key_norms2, block_norms2, eps2 = key_norms, block_norms, torch.zeros_like(eps)
+    else:
+        if key_norms2.stride(-1) != 1:
+            key_norms2 = key_norms2.contiguous()
+        block_norms2 = F.pad(key_norms2, (0, 32 * nb - n)).view(H, nb, 32).amax(-1)
+        eps2 = eps2.contiguous()
     assert scores.dtype == torch.bfloat16 and scores.stride(-1) == 1 and keys.stride(-1) == 1
     assert excluded is None or (excluded.dtype == torch.uint8 and excluded.stride(-1) == 1)
     idx = torch.empty(H * R, k, dtype=torch.int64)
     ncand = torch.empty(H * R, dtype=torch.int64)
     args = (scores.data_ptr(), scores.stride(0), scores.stride(1), q.data_ptr(), q.stride(0), q.stride(1),
             keys.data_ptr(), keys.stride(0), keys.stride(1), key_norms.data_ptr(), key_norms.stride(0),
-            block_norms.data_ptr(), block_norms.stride(0), eps.data_ptr(), float(rel), slack.data_ptr(),
+            block_norms.data_ptr(), block_norms.stride(0), eps.data_ptr(),
+            key_norms2.data_ptr(), key_norms2.stride(0), block_norms2.data_ptr(), block_norms2.stride(0),
+            eps2.data_ptr(),
+            float(rel), slack.data_ptr(),
             None if excluded is None else excluded.data_ptr(), 0 if excluded is None else excluded.stride(0),
             R, D, n, k)
     codes = _run_rows(lambda r0, r1: _lib.select_exact_rows(*args, r0, r1, idx.data_ptr(), ncand.data_ptr()),

@@ -33,14 +33,16 @@ SCORE_BUDGET_BYTES = 256 << 20
 # written out and read back (2 cores, 16K keys: 31 ms per chunk and layer with 64-row blocks vs 55 ms with all
 # 384 rows at once)
 FP32_BLOCK_ROWS = 64
-# The bf16 score ŝ of a query q and a centred key k − c, bounded rigorously (u = 2^-8: bf16's unit roundoff, 8
-# significant bits, round to nearest even): q and k − c rounded to bf16 (relative u each: 2u + u² for their
-# product), the exact products summed in fp32 (D ≤ 256 terms: ≤ 2^-16 relative to Σ|q_i k_i|), the sum rounded to
-# bf16 (≤ u·|x| ≤ u/(1 − u)·|ŝ|), and Σ|q_i k_i| ≤ ‖q‖·‖k − c‖ (Cauchy–Schwarz):
-#   |ŝ − q·(k − c)| ≤ BF16_NORM_BOUND·‖q‖·‖k − c‖ + BF16_SCORE_REL·|ŝ|   (2^-7 + 2^-14 and 2^-8·1.004, with margin)
+# The bf16 score ŝ of a query q and a centred key x = k − c, bounded rigorously from the rounding residuals
+# themselves (u = 2^-8: bf16's unit roundoff, 8 significant bits, round to nearest even). With q̂ = bf16(q),
+# ρ = q − q̂, k̂ = bf16(x), r = x − k̂ (both residuals exact in fp32): q·x = q̂·k̂ + q̂·r + ρ·x, so by Cauchy–Schwarz
+# the inputs' rounding moves the score by at most ‖q̂‖·‖r‖ + ‖ρ‖·‖x‖ (each residual ~2^-9.3 of its vector on
+# average, against bf16's worst case u: ~2.5x tighter than u·‖q‖·‖x‖ twice); the exact products summed in fp32
+# (D ≤ 256 terms) add at most 2^-16·‖q̂‖·‖k̂‖ ≤ 2^-16·(1 + u)·‖q̂‖·‖x‖; the sum rounded to bf16 adds at most
+# u/(1 − u)·|ŝ|. So, per key weights ‖x‖ and w = ‖r‖·(1 + 2^-10) + 2^-15·‖x‖ (`residual_weights`):
+#   |ŝ − q·x| ≤ ‖ρ‖·(1 + 2^-10)·‖x‖ + ‖q̂‖·(1 + 2^-10)·w + BF16_SCORE_REL·|ŝ|   (margins cover fp32 norms)
 # The exact re-score is fp32 q·k in one summation order, within γ_D·‖q‖·‖k‖ ≤ 2^-16·‖q‖·‖k‖ of q·k: keys whose
 # q·k differ by less than twice that may swap, so BF16_SLACK·‖q‖·max‖k‖ widens every bound.
-BF16_NORM_BOUND = 2.0 ** -7 + 2.0 ** -12
 BF16_SCORE_REL = 2.0 ** -8 * (1 + 2.0 ** -6)
 BF16_SLACK = 2.0 ** -15
 BF16_MAX_HEAD_DIM = 256   # the bounds above hold up to this many terms per score
@@ -76,6 +78,7 @@ class LongCachePolicy(KVPolicy):
         # of width 1); the centre (per layer and KV head) is the mean key when the copies were started
         self.candidate_keys = [KVBuffer(torch.bfloat16) for _ in range(n_layers)]
         self.key_norms = [KVBuffer(torch.float32) for _ in range(n_layers)]
+        self.key_residuals = [KVBuffer(torch.float32) for _ in range(n_layers)]   # the bound's weights w
         self.key_centres = [None] * n_layers
         self._start_dedupe(n_layers)
         self.selected = [0] * n_layers   # tokens recalled from the middle at the last step, per layer
@@ -91,6 +94,8 @@ class LongCachePolicy(KVPolicy):
                 self.candidate_keys = [KVBuffer(torch.bfloat16) for _ in layers]
                 self.key_norms = [KVBuffer(torch.float32) for _ in layers]
                 self.key_centres = [None] * len(layers)
+        if "key_residuals" not in state and layers is not None:   # rebuilt in step on first use
+            self.key_residuals = [KVBuffer(torch.float32) for _ in layers]
         if "key_hashes" not in state and layers is not None:   # a version without the duplicate-key flags
             self._start_dedupe(len(layers))
 
@@ -124,7 +129,7 @@ class LongCachePolicy(KVPolicy):
         mid_start, mid_end = self.global_tokens, past - self.local_size(T)
         if mid_end > mid_start:
             middle = None if candidates is None else (
-                *(c[:, :, mid_start:mid_end] for c in candidates[:3]), candidates[3])
+                *(c[:, :, mid_start:mid_end] for c in candidates[:4]), candidates[4])
             picked = self.select(q, select_keys[:, :, mid_start:mid_end], middle) + mid_start
             self.selected[i] = len(picked)
             idx = torch.cat([torch.arange(mid_start, device=q.device), picked,
@@ -133,8 +138,8 @@ class LongCachePolicy(KVPolicy):
         L = keys.shape[2]
         out = local_attention(rope.rotate(q, L - T), rope.rotate(keys, 0), values, a.scaling)
         if not commit:
-            for b in (buf, self.select_keys[i], self.candidate_keys[i], self.key_norms[i], self.key_excluded[i],
-                      self.key_hashes[i]):
+            for b in (buf, self.select_keys[i], self.candidate_keys[i], self.key_norms[i], self.key_residuals[i],
+                      self.key_excluded[i], self.key_hashes[i]):
                 b.truncate(past)
         return out
 
@@ -144,19 +149,21 @@ class LongCachePolicy(KVPolicy):
         centre: q·(k − c) ranks keys as q·k does (q·c is the same for every key of a row), and the keys share a
         large common part: its removal shrinks the norms the error bound scales with (real text, 4K tokens:
         31 → 13 keys re-scored per row)."""
-        k16, norms = self.candidate_keys[i], self.key_norms[i]
-        if len(k16) != past or len(norms) != past or self.key_centres[i] is None:
-            k16.truncate(0)   # a new centre: both copies are rebuilt from the cache
-            norms.truncate(0)
+        k16, norms, residuals = self.candidate_keys[i], self.key_norms[i], self.key_residuals[i]
+        if len(k16) != past or len(norms) != past or len(residuals) != past or self.key_centres[i] is None:
+            for b in (k16, norms, residuals):   # a new centre: the copies are rebuilt from the cache
+                b.truncate(0)
             self.key_centres[i] = keys.mean(2, keepdim=True)
         centre = self.key_centres[i]
         _mirror(k16, keys, k, past, lambda x: (x - centre).to(torch.bfloat16))
         _mirror(norms, keys, k, past, lambda x: torch.linalg.vector_norm(x - centre, dim=-1, keepdim=True))
+        _mirror(residuals, keys, k, past, lambda x: residual_weights(x - centre)[..., None])
         # a running maximum: keys dropped by an uncommitted forward may still count (a larger slack, still a bound)
         old_max = self.key_norm_max[i]
         new_max = torch.linalg.vector_norm(keys if old_max is None else k, dim=-1).amax(-1)[0]
         self.key_norm_max[i] = new_max if old_max is None else torch.maximum(old_max, new_max)
-        return k16.keys(), norms.keys()[..., 0], self._duplicate_flags(i, keys, k, past), self.key_norm_max[i]
+        return (k16.keys(), norms.keys()[..., 0], residuals.keys()[..., 0], self._duplicate_flags(i, keys, k, past),
+                self.key_norm_max[i])
 
     def _duplicate_flags(self, i: int, keys: torch.Tensor, k: torch.Tensor, past: int) -> torch.Tensor:
         """Flags (1, Hkv, past + T) of layer i's keys that can never be selected: each has at least `topk`
@@ -244,12 +251,13 @@ class LongCachePolicy(KVPolicy):
         centred keys (AMX: ~5x the fp32 matmul's speed): every key whose exact score can reach the row's k-th
         best by the bound `BF16_SCORE_BOUND` is re-scored in fp32 from the cache's keys
         (`native.select_exact`). Indices (Hkv, R, k), or None (NaN scores: the caller takes the fp32 path)."""
-        k16, norms, excluded, norm_max = candidates
+        k16, norms, residuals, excluded, norm_max = candidates
         scores = self.scratch.get((1, k16.shape[1], r.shape[2], k16.shape[2]), torch.bfloat16, r.device)
-        torch.matmul(r.to(torch.bfloat16), k16.transpose(-1, -2), out=scores)
-        eps, slack = bf16_score_bounds(r[0], norm_max)
+        r16 = r.to(torch.bfloat16)
+        torch.matmul(r16, k16.transpose(-1, -2), out=scores)
+        eps, eps_residual, slack = bf16_score_bounds(r[0], r16[0], norm_max)
         found = native.select_exact(scores[0], r[0], k_mid[0], norms[0], eps, k_top, BF16_SCORE_REL, slack,
-                                    excluded[0] if k_top == self.topk else None)
+                                    excluded[0] if k_top == self.topk else None, residuals[0], eps_residual)
         if found is None:
             return None
         self.rescored += int(found[1].sum())
@@ -270,7 +278,8 @@ class LongCachePolicy(KVPolicy):
         return flops
 
     def nbytes(self) -> int:
-        copies = self.select_keys + self.candidate_keys + self.key_norms + self.key_excluded + self.key_hashes
+        copies = (self.select_keys + self.candidate_keys + self.key_norms + self.key_residuals + self.key_excluded
+                  + self.key_hashes)
         index = sum(x[0].nbytes + x[1].nbytes for x in self.key_index if x is not None)
         return sum(b.nbytes() for b in self.layers) + index + sum(
             len(m) and m.keys().nelement() * m.keys().element_size() for m in copies)
@@ -294,12 +303,25 @@ def _mirror(copy: KVBuffer, keys: torch.Tensor, k: torch.Tensor, past: int, conv
     return copy.keys()
 
 
-def bf16_score_bounds(rows: torch.Tensor, key_norm_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For rows (H, R, D) of queries: (eps, slack), both (H, R), such that the bf16 score ŝ of a row and a
-    centred key k − c has |ŝ − q·(k − c)| ≤ eps·‖k − c‖ + BF16_SCORE_REL·|ŝ| and the fp32 re-scores of two keys
-    swap order only within slack (key_norm_max (H,): at least the largest ‖k‖ of each head)."""
-    q_norms = torch.linalg.vector_norm(rows, dim=-1)
-    return BF16_NORM_BOUND * q_norms, BF16_SLACK * q_norms * key_norm_max[:, None]
+def residual_weights(x: torch.Tensor) -> torch.Tensor:
+    """Each centred key's weight w = ‖x − bf16(x)‖·(1 + 2^-10) + 2^-15·‖x‖ in the bf16 score bound (x (..., D))."""
+    residual = x - x.to(torch.bfloat16).float()
+    return (torch.linalg.vector_norm(residual, dim=-1) * (1 + 2.0 ** -10)
+            + 2.0 ** -15 * torch.linalg.vector_norm(x, dim=-1))
+
+
+def bf16_score_bounds(rows: torch.Tensor, rows16: torch.Tensor, key_norm_max: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For rows (H, R, D) of queries and their bf16 roundings: (eps, eps_residual, slack), each (H, R), such that
+    the bf16 score ŝ of a row and a centred key x = k − c has |ŝ − q·x| ≤ eps·‖x‖ + eps_residual·w(x) +
+    BF16_SCORE_REL·|ŝ| (w: `residual_weights`) and the fp32 re-scores of two keys swap order only within slack
+    (key_norm_max (H,): at least the largest ‖k‖ of each head)."""
+    rows16 = rows16.float()
+    margin = 1 + 2.0 ** -10
+    eps = torch.linalg.vector_norm(rows - rows16, dim=-1) * margin
+    eps_residual = torch.linalg.vector_norm(rows16, dim=-1) * margin
+    slack = BF16_SLACK * torch.linalg.vector_norm(rows, dim=-1) * key_norm_max[:, None]
+    return eps, eps_residual, slack
 
 
 # odd 64-bit multipliers, one per key component, for `_key_hashes` (fixed: hashes are compared across steps)
