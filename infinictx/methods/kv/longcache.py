@@ -208,8 +208,9 @@ class LongCachePolicy(KVPolicy):
     def select(self, q: torch.Tensor, k_mid: torch.Tensor, candidates: tuple | None = None) -> torch.Tensor:
         """Positions (sorted) of the middle to attend to: q (1, Hq, T, D) and k_mid (1, Hkv, M, D), both before
         RoPE. Each (query, head) votes for its top-k keys by q·k (ties to the earlier position: identical keys
-        tie exactly); the most voted `recall_clip` positions become spans. `candidates`: the middle's keys in
-        bf16 and their norms, for the bf16-candidate selection (`_bf16_votes`), used for blocks of enough rows."""
+        tie exactly); the most voted `recall_clip` positions become spans. `candidates`: the middle's centred keys
+        in bf16, their norms, residual weights and duplicate flags, and each head's largest key norm, for the
+        bf16-candidate selection (`_bf16_votes`), used for blocks of enough rows."""
         B, Hq, T, D = q.shape
         Hkv, M = k_mid.shape[1], k_mid.shape[2]
         dtype = self.select_dtype or q.dtype
@@ -249,7 +250,7 @@ class LongCachePolicy(KVPolicy):
     def _bf16_votes(self, r: torch.Tensor, k_mid: torch.Tensor, candidates: tuple, k_top: int):
         """The exact fp32 top-k of the rows r (1, Hkv, R, D) over k_mid, found through bf16 scores of the
         centred keys (AMX: ~5x the fp32 matmul's speed): every key whose exact score can reach the row's k-th
-        best by the bound `BF16_SCORE_BOUND` is re-scored in fp32 from the cache's keys
+        best by the bound (`bf16_score_bounds`) is re-scored in fp32 from the cache's keys
         (`native.select_exact`). Indices (Hkv, R, k), or None (NaN scores: the caller takes the fp32 path)."""
         k16, norms, residuals, excluded, norm_max = candidates
         scores = self.scratch.get((1, k16.shape[1], r.shape[2], k16.shape[2]), torch.bfloat16, r.device)
