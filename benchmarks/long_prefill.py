@@ -46,6 +46,8 @@ ROWS = {   # label: (method, settings, longest length it runs at)
     # local keys as cached when read (the FoT paper's reading, and what the passkey results used)
     "memory-fast": ("memory", {**MEMORY, "local_context": "cache"}, None),
     "memory-reference": ("memory", {**MEMORY, "local_context": "cache", "kernel": "reference"}, None),
+    # fast, without the bf16 copy of the memory keys that decode lookups read
+    "memory-nocopy": ("memory", {**MEMORY, "local_context": "cache", "decode_copy": False}, None),
     # the memory method's default since issue 18: each chunk re-reads its W−Δ local tokens (2x the forward work)
     "memory-reread": ("memory", MEMORY, None),
     # fast: exact; on a CPU with AMX bf16 scores find candidates that fp32 re-scores (fastfp32: fp32 scores only)
@@ -118,8 +120,14 @@ def measure(lm, label: str, length: int, peak_gflops: float) -> dict:
         out = torch.cat([first, rest])
         policy = getattr(session, "policy", None)
         rescored = getattr(policy, "bf16_rows", 0) and round(policy.rescored / policy.bf16_rows, 1)
+        # memory decode lookups through the bf16 key copies: keys re-scored in fp32 per query row
+        copies = [m.bf16_copy for m in getattr(session, "memory", {}).values() if m.bf16_copy is not None]
+        lookup_rows = sum(c.rows for c in copies)
+        decode_rescored = lookup_rows and round(sum(c.rescored for c in copies) / lookup_rows, 1)
     answer = lm.tokenizer.decode(out.tolist())
     extra = {"rescored_per_row": rescored} if rescored else {}
+    if decode_rescored:
+        extra["decode_rescored_per_row"] = decode_rescored
     return {**extra, "label": label, "method": method, "length": length, "prefill_s": round(prefill, 2),
             "tokens_per_s": round(length / prefill, 1),
             "decode_ms_per_token": round(1000 * decode / (DECODE_TOKENS - 1), 1),
@@ -154,7 +162,7 @@ def markdown(res: dict) -> str:
              "GFLOP/s | of peak | passkey |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(res["rows"], key=lambda r: (r["method"], r["length"], row_dtype(r), r["label"])):
         kernel = r["label"].split("-")[1] if "-" in r["label"] else "–"
-        kernel = {"reread": "fast, re-read", "bf16select": "fast, bf16 selection",
+        kernel = {"reread": "fast, re-read", "bf16select": "fast, bf16 selection", "nocopy": "fast, no decode copy",
                   "fastfp32": "fast, fp32 scores only"}.get(kernel, kernel)
         dtype = {"float32": "fp32", "bfloat16": "bf16"}[row_dtype(r)]
         lines.append(f"| {r['method']} | {kernel} | {dtype} | {r['length'] // 1024}K | {r['prefill_s']:.1f} | "

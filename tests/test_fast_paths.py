@@ -134,11 +134,15 @@ def test_bad_kernel_settings_get_one_line_errors():
 
 
 @pytest.mark.parametrize("n, k", [(5000, 128), (40000, 128), (9000, 4), (300, 7)])
-def test_native_topk_equals_the_stable_definition(n, k):
+@pytest.mark.parametrize("pooled", [True, False])
+def test_native_topk_equals_the_stable_definition(n, k, pooled, monkeypatch):
+    """Rows split over the thread pool (large calls) or all on the calling thread (small ones): the same top-k."""
     from infinictx.core import native
 
     if not native.available():
         pytest.skip("no C compiler: the torch path is used (and tested) instead")
+    monkeypatch.setattr(native, "POOL_MIN_ENTRIES", 0 if pooled else 1 << 62)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)   # a split even where tests run on one thread
     torch.manual_seed(0)
     for s in (torch.randn(2, 50, n), torch.randint(0, 9, (2, 50, n)).float()):   # continuous, and massive ties
         s[0, 0, -1] = 100.0                                                       # a winner in the last block
@@ -363,3 +367,61 @@ def test_bf16_score_bound_holds_where_rounding_adds_up():
     assert (err <= bound).all()
     naive = 2.0 ** -7 * torch.linalg.vector_norm(q, dim=-1)[..., None] * norms[:, None, :]
     assert err[0, 0, 0] > naive[0, 0, 0]
+
+
+@pytest.mark.parametrize("k", [4, 128])
+def test_bf16_key_copy_top_k_is_the_exact_fp32_topk(k):
+    """Decode lookups through the bf16 copy of the memory keys: the exact top-k (indices and fp32 scores) of a
+    few query rows, among planted keys 1e-5 apart (far below bf16's resolution) and bit-identical keys (ties to
+    the earlier one), with the copy grown chunk by chunk and over a head subset."""
+    from infinictx.core import native
+    from infinictx.core.kernels import Bf16KeyCopy
+
+    if not native.available():
+        pytest.skip("no C compiler")
+    torch.manual_seed(1)
+    H, R, n, D = 3, 3, 5000, 64
+    q, keys = torch.randn(H, R, D), torch.randn(H, n, D) + 0.5   # an offset: the centre matters
+    where = torch.randperm(n)[:k + 3]
+    keys[1, where] = q[1, 0] * (3 + 1e-5 * torch.arange(k + 3, dtype=torch.float32))[:, None]
+    keys[2, n - 40:] = keys[2, 100:140]
+    copy = Bf16KeyCopy()
+    for s in range(0, n, 700):
+        copy.append(keys[:, s:s + 700])
+    vals, idx = copy.top_k(q[1:], keys[1:], 1, 3, k)
+    assert torch.equal(idx.sort(-1).values, _stable_topk_idx(q[1:], keys[1:], k))
+    assert torch.equal(idx[0, 0].sort().values, where[3:].sort().values)
+    exact = torch.einsum("hrd,hrkd->hrk", q[1:].double(), keys[1:].gather(1, idx.view(2, -1, 1).expand(-1, -1, D))
+                         .view(2, R, k, D).double())
+    torch.testing.assert_close(vals.double(), exact, rtol=1e-5, atol=1e-5)
+    assert copy.rescored < 0.3 * copy.rows * n   # it re-scored a small part of the keys
+
+
+def test_memory_decode_reads_the_bf16_copy_and_matches_the_reference(tiny):
+    """The fast kernel's decode lookups go through the bf16 copy (on CPUs with AVX-512) and give the reference
+    kernel's logits and greedy generation."""
+    from infinictx.core import native
+    from infinictx.core.session import Sampler
+
+    if not native.has_avx512():
+        pytest.skip("the copy is kept only where the native kernels have AVX-512")
+    torch.manual_seed(6)
+    ids = torch.randint(0, 300, (800,))
+    settings = {"window": 64, "chunk": 16, "mem_layers": [0, 1], "lookup": "topk", "topk": 8}
+    logits, generated = {}, {}
+    runs = {"fast": {"kernel": "fast"}, "no-copy": {"kernel": "fast", "decode_copy": False},
+            "reference": {"kernel": "reference"}}
+    for name, extra in runs.items():
+        with method_config("memory", **settings, **extra).make_session(tiny) as s:
+            s.absorb(ids)
+            logits[name] = torch.stack([s.score(ids[i:i + 1])[0] for i in range(8)])   # one-token steps
+            generated[name] = s.generate_chunk(16, 0, Sampler(temperature=0.0, repetition_penalty=1.0))
+            copies = [m.bf16_copy for m in s.memory.values()]
+            if name == "fast":
+                assert all(c is not None and len(c) == len(m) for c, m in zip(copies, s.memory.values()))
+                assert sum(c.rows for c in copies) > 0   # the copy answered lookups
+            else:   # --no-decode-copy, or the reference kernel: no copy kept
+                assert all(c is None for c in copies)
+    for name in ("fast", "no-copy"):
+        torch.testing.assert_close(logits[name], logits["reference"], rtol=1e-4, atol=1e-4)
+        assert torch.equal(generated[name], generated["reference"])

@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from infinictx import FullConfig, InfinictxError, LongCacheConfig, RazorConfig, StreamingConfig, TempLoraConfig
-from infinictx.core.attention import Rope
 from infinictx.analysis.heads import head_scores, retrieval_heads
+from infinictx.core.attention import Rope
+from infinictx.core.models import weights_fingerprint
+from infinictx.core.session import Sampler
 from infinictx.methods.kv.longcache import LongCachePolicy
 from infinictx.methods.kv.razor import RazorPolicy
-from infinictx.core.models import weights_fingerprint
 from infinictx.tasks.retrieval import run_retrieval
-from infinictx.core.session import Sampler
 
 
 def stock_nll(lm, ids):

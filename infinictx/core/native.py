@@ -320,6 +320,163 @@ int select_exact_rows(const uint16_t *s, int64_t s_hs, int64_t s_rs,
     free(ub); free(lb); free(work); free(hv); free(cs); free(ci); free(pos);
     return (int)status;
 }
+
+/* 1 when compiled with AVX-512 (the kernels below then run vectorised), else 0 */
+int has_avx512(void) {
+#if defined(__AVX512F__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Scores of R query rows against bf16 keys stored in blocks of 16: kb[h] holds, for block b, D rows of 16 keys
+   (key 16b + l, component i at kb[h][(b·D + i)·16 + l]), so 16 keys are scored by D multiply-adds of a broadcast
+   query component, with no horizontal sums, each key's terms summed in order i = 0..D−1 in fp32 (the bf16 key
+   components are exact in fp32: the only rounding of the keys is their storage in bf16). For heads h < H, keys
+   j0..j1−1 (j0 a multiple of 16; j1 ≤ the keys held, whole blocks read: lanes past the last key are junk and not
+   written), out[h·o_hs + r·o_rs + j] for rows r < R. Threads split the key range. */
+#if defined(__AVX512F__)
+/* NR (a constant at each call site: the accumulators stay in registers) rows against one block of 16 keys */
+static inline __attribute__((always_inline)) void block_rows(const uint16_t *blk, const float *qr, int64_t q_rs,
+                                                             int64_t D, const int NR, __m512 *acc) {
+    for (int r = 0; r < NR; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < D; i++) {
+        __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(blk + i * 16)));
+        __m512 kv = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+        for (int r = 0; r < NR; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(qr[r * q_rs + i]), kv, acc[r]);
+    }
+}
+#endif
+
+void score_blocked_bf16(const uint16_t *kb, int64_t k_hs, const float *q, int64_t q_hs, int64_t q_rs,
+                        int64_t H, int64_t R, int64_t D, int64_t j0, int64_t j1,
+                        float *out, int64_t o_hs, int64_t o_rs) {
+    for (int64_t h = 0; h < H; h++) {
+        const uint16_t *kh = kb + h * k_hs;
+        for (int64_t j = j0; j < j1; j += 16) {
+            const uint16_t *blk = kh + (j / 16) * D * 16;
+            int64_t n = j1 - j < 16 ? j1 - j : 16;
+            for (int64_t r0 = 0; r0 < R; r0 += 4) {   /* up to 4 rows at once: each key row converted once */
+                int64_t nr = R - r0 < 4 ? R - r0 : 4;
+                const float *qr = q + h * q_hs + r0 * q_rs;
+#if defined(__AVX512F__)
+                __m512 acc[4];
+                switch (nr) {
+                    case 4: block_rows(blk, qr, q_rs, D, 4, acc); break;
+                    case 3: block_rows(blk, qr, q_rs, D, 3, acc); break;
+                    case 2: block_rows(blk, qr, q_rs, D, 2, acc); break;
+                    default: block_rows(blk, qr, q_rs, D, 1, acc); break;
+                }
+                for (int64_t r = 0; r < nr; r++) {
+                    float *o = out + h * o_hs + (r0 + r) * o_rs + j;
+                    if (n == 16) _mm512_storeu_ps(o, acc[r]);
+                    else _mm512_mask_storeu_ps(o, (__mmask16)((1u << n) - 1), acc[r]);
+                }
+#else
+                for (int64_t r = 0; r < nr; r++) {
+                    float acc[16] = {0};
+                    for (int64_t i = 0; i < D; i++)
+                        for (int l = 0; l < 16; l++)
+                            acc[l] = fmaf(qr[r * q_rs + i], bf16_value(blk[i * 16 + l]), acc[l]);
+                    float *o = out + h * o_hs + (r0 + r) * o_rs + j;
+                    for (int64_t l = 0; l < n; l++) o[l] = acc[l];
+                }
+#endif
+            }
+        }
+    }
+}
+
+/* Exact top-k by fp32 q·k from approximate scores s with |s_j − exact_j| ≤ eps[t]·kn[j] + slack[t]: the k-th
+   largest lower bound tau is found exactly (maxima of the lower bounds over blocks of 16 give a value at or
+   below it, the few lower bounds at or above that one give it), every key whose upper bound reaches tau is
+   re-scored in fp32 from q and the fp32 keys (`dot_fixed`), and a heap keeps the k best, ties to the earlier
+   index. For rows t in r0..r1-1 of H heads × R rows: out_v / out_i (row stride k, heap order) get the exact
+   scores and indices, ncand the count re-scored. Returns 0, 1 when a row had fewer than k candidates (NaN
+   scores: the caller falls back), −1 out of memory. Requires 1 <= k <= n. */
+int select_bounded_rows(const float *s, int64_t s_hs, int64_t s_rs,
+                        const float *q, int64_t q_hs, int64_t q_rs,
+                        const float *keys, int64_t k_hs, int64_t k_rs,
+                        const float *kn, int64_t kn_hs, const float *eps, const float *slack,
+                        int64_t R, int64_t D, int64_t n, int64_t k, int64_t r0, int64_t r1,
+                        float *out_v, int64_t *out_i, int64_t *ncand) {
+    int64_t nb = (n + 15) / 16, status = 0;
+    float *bmax = malloc(sizeof(float) * nb), *work = malloc(sizeof(float) * (nb > n ? nb : n));
+    float *cs = malloc(sizeof(float) * n);
+    int32_t *ci = malloc(sizeof(int32_t) * (n + 16));
+    int64_t *pos = malloc(sizeof(int64_t) * n);
+    if (!bmax || !work || !cs || !ci || !pos) {
+        free(bmax); free(work); free(cs); free(ci); free(pos);
+        return -1;
+    }
+    for (int64_t t = r0; t < r1; t++) {
+        int64_t h = t / R, r = t % R;
+        const float *row = s + h * s_hs + r * s_rs, *qr = q + h * q_hs + r * q_rs;
+        const float *kh = keys + h * k_hs, *norm = kn + h * kn_hs;
+        const float e = eps[t], sl = slack[t];
+        int64_t full = n / 16;
+        for (int64_t b = 0; b < nb; b++) {   /* block maxima of the lower bounds s − e·norm − slack */
+            int64_t j = b * 16;
+#if defined(__AVX512F__)
+            if (b < full) {
+                __m512 lbv = _mm512_fnmadd_ps(_mm512_set1_ps(e), _mm512_loadu_ps(norm + j), _mm512_loadu_ps(row + j));
+                bmax[b] = _mm512_reduce_max_ps(lbv) - sl;
+                continue;
+            }
+#endif
+            float m = -INFINITY;
+            int64_t j1 = j + 16 < n ? j + 16 : n;
+            for (; j < j1; j++) { float v = row[j] - e * norm[j]; m = v > m ? v : m; }
+            bmax[b] = m - sl;
+        }
+        float t1 = kth_best(bmax, work, nb, k < nb ? k : nb);
+        if (k > nb) t1 = -INFINITY;
+        /* every lower bound >= t1, then the exact k-th largest of them: tau */
+        int64_t c = 0;
+        for (int64_t b = 0; b < nb; b++) {
+            if (!(bmax[b] >= t1)) continue;
+            int64_t j1 = b * 16 + 16 < n ? b * 16 + 16 : n;
+            for (int64_t j = b * 16; j < j1; j++) {
+                float v = row[j] - e * norm[j] - sl;
+                if (v >= t1) work[c++] = v;
+            }
+        }
+        if (c < k) { ncand[t] = c; status = 1; continue; }
+        float tau = kth_largest(work, c, k);
+        /* candidates: upper bound s + e·norm + slack >= tau, in index order */
+        c = 0;
+        int64_t j = 0;
+#if defined(__AVX512F__)
+        const __m512 ve = _mm512_set1_ps(e), vt = _mm512_set1_ps(tau - sl);
+        const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        for (; j + 16 <= n; j += 16) {
+            __m512 up = _mm512_fmadd_ps(ve, _mm512_loadu_ps(norm + j), _mm512_loadu_ps(row + j));
+            __mmask16 m = _mm512_cmp_ps_mask(up, vt, _CMP_GE_OQ);
+            if (m) {
+                _mm512_mask_compressstoreu_epi32(ci + c, m, _mm512_add_epi32(_mm512_set1_epi32((int)j), lanes));
+                c += __builtin_popcount((unsigned)m);
+            }
+        }
+#endif
+        for (; j < n; j++)
+            if (row[j] + e * norm[j] >= tau - sl) ci[c++] = (int32_t)j;
+        const int64_t AHEAD = 6;
+        for (int64_t i = 0; i < c; i++) {
+            if (i + AHEAD < c) {
+                const char *p = (const char *)(kh + (int64_t)ci[i + AHEAD] * k_rs);
+                for (int64_t l = 0; l < D * 4; l += 64) __builtin_prefetch(p + l);
+            }
+            cs[i] = dot_fixed(qr, kh + (int64_t)ci[i] * k_rs, D);
+            pos[i] = ci[i];
+        }
+        ncand[t] = c;
+        if (c < k) { status = 1; continue; }
+        heap_topk(cs, pos, c, k, out_v + t * k, out_i + t * k);
+    }
+    free(bmax); free(work); free(cs); free(ci); free(pos);
+    return (int)status;
+}
 """
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared"]
 
@@ -359,6 +516,16 @@ def _build() -> ctypes.CDLL | None:
     f = handle.topk_rows
     f.restype = ctypes.c_int
     f.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_void_p, ctypes.c_void_p]
+    handle.has_avx512.restype = ctypes.c_int
+    handle.has_avx512.argtypes = []
+    f = handle.score_blocked_bf16
+    f.restype = None
+    f.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+                  + [ctypes.c_int64] * 5 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64])
+    f = handle.select_bounded_rows
+    f.restype = ctypes.c_int
+    f.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64]
+                  + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 3)
     f = handle.select_exact_rows
     f.restype = ctypes.c_int
     f.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] * 3
@@ -376,11 +543,20 @@ def available() -> bool:
     return _lib is not None
 
 
-def _run_rows(call, R: int) -> list[int]:
-    """call(r0, r1) for the rows 0..R−1 split over torch's intra-op threads (ctypes releases the GIL)."""
+# Calls touching fewer score entries than this run on the calling thread. Why: torch's OpenMP workers keep spinning
+# for a while after each torch op, so a small call split over a thread pool shares the cores with them: measured in
+# a decode step with memory (9 rows × 16K keys per call), the native calls took 1.7-2x longer on two pool threads
+# than on the calling thread alone (top-k 9-12 vs 5 ms per token). Large calls (a prefill chunk's rows) still
+# gain from the pool.
+POOL_MIN_ENTRIES = 1 << 21
+
+
+def _run_rows(call, R: int, entries: int) -> list[int]:
+    """call(r0, r1) for the rows 0..R−1: split over torch's intra-op threads (ctypes releases the GIL) when the
+    call touches at least `POOL_MIN_ENTRIES` score entries, else on the calling thread."""
     global _pool
     threads = max(1, min(torch.get_num_threads(), R))
-    if threads == 1:
+    if threads == 1 or entries < POOL_MIN_ENTRIES:
         return [call(0, R)]
     if _pool is None or _pool._max_workers != threads:
         _pool = ThreadPoolExecutor(threads)
@@ -430,7 +606,7 @@ def select_exact(scores: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, key_
             None if excluded is None else excluded.data_ptr(), 0 if excluded is None else excluded.stride(0),
             R, D, n, k)
     codes = _run_rows(lambda r0, r1: _lib.select_exact_rows(*args, r0, r1, idx.data_ptr(), ncand.data_ptr()),
-                      H * R)
+                      H * R, H * R * n)
     if any(c < 0 for c in codes):
         raise MemoryError("native selection: out of memory")
     if any(codes):
@@ -449,7 +625,57 @@ def topk_rows(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     vals = torch.empty(R, k, dtype=torch.float32)
     idx = torch.empty(R, k, dtype=torch.int64)
     args = (rows.data_ptr(), rows.stride(0), n, k)
-    codes = _run_rows(lambda r0, r1: _lib.topk_rows(*args, r0, r1, vals.data_ptr(), idx.data_ptr()), R)
+    codes = _run_rows(lambda r0, r1: _lib.topk_rows(*args, r0, r1, vals.data_ptr(), idx.data_ptr()), R, R * n)
     if any(codes):
         raise MemoryError("native top-k: out of memory")
     return vals.view(*s.shape[:-1], k), idx.view(*s.shape[:-1], k)
+
+
+def has_avx512() -> bool:
+    """Whether the native kernels were built with AVX-512 (the bf16 lookup copy is worth keeping only then)."""
+    return available() and bool(_lib.has_avx512())
+
+
+def score_blocked_bf16(blocked: torch.Tensor, n: int, q: torch.Tensor, out: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+    """fp32 scores (H, R, n) of query rows q (H, R, D) float32 against the first n keys of `blocked`
+    (H, n_blocks, D, 16) bfloat16 (`kernels.Bf16KeyCopy`'s layout), each key's terms summed in order in fp32.
+    Call only when `available()`."""
+    H, R, D = q.shape
+    q = q.contiguous()
+    assert blocked.dtype == torch.bfloat16 and blocked.stride()[1:] == (D * 16, 16, 1) and blocked.shape[1] * 16 >= n
+    if out is None:
+        out = torch.empty(H, R, n)
+    nb = -(-n // 16)
+    args = (blocked.data_ptr(), blocked.stride(0), q.data_ptr(), q.stride(0), q.stride(1), H, R, D)
+    _run_rows(lambda b0, b1: _lib.score_blocked_bf16(*args, 16 * b0, min(16 * b1, n), out.data_ptr(),
+                                                     out.stride(0), out.stride(1)) or 0, nb, H * R * n)
+    return out
+
+
+def select_bounded(scores: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, key_norms: torch.Tensor,
+                   eps: torch.Tensor, slack: torch.Tensor, k: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Exact fp32 top-k of q·k per row from approximate fp32 scores (`select_bounded_rows`): scores (H, R, n) with
+    |scores − exact| ≤ eps · key_norms + slack entrywise (eps, slack (H, R); key_norms (H, n)), q (H, R, D), keys
+    (H, n, D) float32 (last dims contiguous). Returns (exact scores, indices, candidates re-scored per row), the
+    first two (H, R, k) in no particular order, or None when a row had NaN scores. Call only when `available()`."""
+    H, R, n = scores.shape
+    D = q.shape[-1]
+    q, eps, slack = q.contiguous(), eps.contiguous(), slack.contiguous()
+    if key_norms.stride(-1) != 1:
+        key_norms = key_norms.contiguous()
+    assert scores.stride(-1) == 1 and keys.stride(-1) == 1 and 1 <= k <= n
+    vals = torch.empty(H * R, k)
+    idx = torch.empty(H * R, k, dtype=torch.int64)
+    ncand = torch.empty(H * R, dtype=torch.int64)
+    args = (scores.data_ptr(), scores.stride(0), scores.stride(1), q.data_ptr(), q.stride(0), q.stride(1),
+            keys.data_ptr(), keys.stride(0), keys.stride(1), key_norms.data_ptr(), key_norms.stride(0),
+            eps.data_ptr(), slack.data_ptr(), R, D, n, k)
+    codes = _run_rows(lambda r0, r1: _lib.select_bounded_rows(*args, r0, r1, vals.data_ptr(), idx.data_ptr(),
+                                                              ncand.data_ptr()), H * R, H * R * n)
+    if any(c < 0 for c in codes):
+        raise MemoryError("native selection: out of memory")
+    if any(codes):
+        return None
+    return vals.view(H, R, k), idx.view(H, R, k), ncand.view(H, R)

@@ -54,6 +54,7 @@ from ...core.attention import (
     LocalKV,
     Rope,
     RotatedWindow,
+    additive_causal_mask,
     base_causal_lm,
     causal_mask,
     check_supported,
@@ -61,7 +62,7 @@ from ...core.attention import (
     local_attention,
 )
 from ...core.errors import InfinictxError
-from ...core.kernels import Scratch, weighted_rows
+from ...core.kernels import Bf16KeyCopy, Scratch, weighted_rows
 from ...core.models import DTYPES, LoadedModel
 from ...core.registry import register_method, setting
 from ...core.session import Capabilities, StatefulSession, check_window
@@ -72,6 +73,14 @@ LOOKUPS = ("dense", "topk")
 KERNELS = ("fast", "reference")
 LOCAL_CONTEXTS = ("reread", "cache")
 SCORE_BUDGET_BYTES = 256 << 20
+# lookups of at most this many rows per KV head (decode steps, short chunks) read the bf16 copy of the memory keys;
+# a prefill chunk's hundreds of rows are matmul-bound, not bound by reading the keys
+BF16_LOOKUP_MAX_ROWS = 16
+
+
+def _bf16_lookup_here() -> bool:
+    """The bf16 lookup copy pays where the native kernels run vectorised (AVX-512)."""
+    return native.has_avx512()
 
 
 def spread_mem_layers(n_layers: int) -> list[int]:
@@ -162,6 +171,11 @@ class MemoryConfig(MethodConfig):
                           "gathered by embedding_bag, no faiss; dense: one fused attention over memory and local "
                           "keys) or reference (the original path, kept to check against)",
                           choices=KERNELS, identity=False)
+    # decoding reads every memory key per token (302 MB at 32K in fp32); the copy halves that, and small native calls
+    # on the calling thread did the rest: benchmarks/results/long_decode_amx.md
+    decode_copy: bool = setting(True, "fast top-k kernel: the memory keys kept again in bf16 for decode lookups "
+                                "(the same top-k: candidates re-scored in fp32; +26% memory bytes)",
+                                flag="--no-decode-copy", identity=False)
 
     def validate(self):
         if self.window is not None:
@@ -215,7 +229,7 @@ class MemoryConfig(MethodConfig):
             local_context=self.local_context,
             mem_dtype=self.mem_dtype or ckpt.get("mem_dtype") or str(lm.dtype).split(".")[-1],
             grouping=self.grouping if self.grouping is not None else ckpt.get("grouping"),
-            faiss_min=self.faiss_min, kernel=self.kernel, temp_lora=self.temp_lora)
+            faiss_min=self.faiss_min, kernel=self.kernel, decode_copy=self.decode_copy, temp_lora=self.temp_lora)
         bad = [i for i in cfg.mem_layers if not 0 <= int(i) < n_layers]
         if bad:
             raise InfinictxError(f"memory layers {bad} out of range: the model has {n_layers} layers "
@@ -233,14 +247,28 @@ class Memory(KVBuffer):
     window (a growing `KVBuffer`). For top-k lookups on large memories (batch 1) it also keeps one exact
     inner-product faiss index per KV head, built once the memory reaches `faiss_min` entries."""
 
-    def __init__(self, dtype: torch.dtype, faiss_min: int | None = 16384):
+    def __init__(self, dtype: torch.dtype, faiss_min: int | None = 16384, bf16_copy: bool = False):
         super().__init__(dtype)
         self.faiss_min = faiss_min
         self.indexes = None
+        # the fast kernel's decode lookups (few rows, fp32 keys, batch 1): the keys again in bf16 (`Bf16KeyCopy`)
+        self.bf16_copy = Bf16KeyCopy() if bf16_copy else None
+
+    def __setstate__(self, state: dict):
+        self.__dict__.update(state)
+        self.__dict__.setdefault("bf16_copy", None)   # saved by a version without the copy
+
+    def nbytes(self) -> int:
+        return super().nbytes() + (self.bf16_copy.nbytes() if self.bf16_copy is not None else 0)
 
     def append(self, k: torch.Tensor, v: torch.Tensor):
         super().append(k, v)
         n = k.shape[2]
+        if self.bf16_copy is not None:
+            if k.shape[0] == 1 and self.k.dtype == torch.float32:
+                self.bf16_copy.append(self.k[0, :, self.size - n:self.size])
+            else:
+                self.bf16_copy = None
         if self.indexes is not None:
             self._index_add(self.size - n, self.size)
         elif self.faiss_min is not None and self.size >= self.faiss_min and k.shape[0] == 1:
@@ -257,9 +285,15 @@ class Memory(KVBuffer):
         self.size = n
         if self.indexes is not None:
             self._build_indexes()
+        if self.bf16_copy is not None:   # rebuilt from the kept keys
+            self.bf16_copy = Bf16KeyCopy()
+            if n:
+                self.bf16_copy.append(self.k[0, :, :n])
 
     def copy(self) -> "Memory":
         other = super().copy()
+        if self.bf16_copy is not None:
+            other.bf16_copy = self.bf16_copy.copy()
         if self.indexes is not None:
             import faiss
 
@@ -389,7 +423,7 @@ def _dense_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_mem: torch
         mask = torch.zeros(T, M + L, dtype=q.dtype, device=q.device)
         mask[:, :M] = mem_bias
         if T > 1:
-            mask[:, M:].masked_fill_(~causal_mask(T, L, q.device), float("-inf"))
+            mask[:, M:] = additive_causal_mask(T, L, q.device, q.dtype)
         return mask
 
     # every memory layer of one forward has the same sizes and bias: build the mask once for all of them
@@ -408,14 +442,23 @@ def _topk_block(qm: torch.Tensor, s_loc: torch.Tensor, v_loc: torch.Tensor, memo
     weights by `embedding_bag` instead of being gathered into a (R, k, D) tensor first."""
     B, nh, R, _ = qm.shape
     keys = memory.keys()[:, h0:h1]
-    if keys.dtype != qm.dtype:
-        keys = keys.to(qm.dtype)
-    s = scratch.get((B, nh, R, keys.shape[2]), qm.dtype, qm.device)
-    torch.matmul(qm, keys.transpose(-1, -2), out=s)
-    if s.shape[-1] >= 32 * k and s.dtype == torch.float32 and s.device.type == "cpu" and native.available():
-        vals, idx = native.topk_rows(s, k)   # 2-3x faster than torch.topk at 16K keys; ties to the earlier key
-    else:
-        vals, idx = s.topk(k, dim=-1)
+    found = None
+    copy = memory.bf16_copy
+    if (copy is not None and len(copy) == len(memory) and R <= BF16_LOOKUP_MAX_ROWS and len(memory) >= 32 * k
+            and qm.dtype == torch.float32 and B == 1):
+        # decoding: the bf16 copy's scores find the candidates, fp32 re-scores them (the same top-k)
+        found = copy.top_k(qm[0], keys[0], h0, h1, k)
+        if found is not None:
+            vals, idx = found[0][None], found[1][None]
+    if found is None:
+        if keys.dtype != qm.dtype:
+            keys = keys.to(qm.dtype)
+        s = scratch.get((B, nh, R, keys.shape[2]), qm.dtype, qm.device)
+        torch.matmul(qm, keys.transpose(-1, -2), out=s)
+        if s.shape[-1] >= 32 * k and s.dtype == torch.float32 and s.device.type == "cpu" and native.available():
+            vals, idx = native.topk_rows(s, k)   # 2-3x faster than torch.topk at 16K keys; ties to the earlier key
+        else:
+            vals, idx = s.topk(k, dim=-1)
     s_mem = vals.mul_(scale)
     if mem_bias:
         s_mem.add_(mem_bias)
@@ -458,8 +501,12 @@ class MemorySession(StatefulSession):
     def _new_memory(self) -> Memory:
         # faiss only serves the reference kernel's top-k lookups (the fast kernel is as fast without an index to
         # build and copy at every fork); a dense lookup reads every entry anyway
-        faiss = self.config.lookup == "topk" and self.config.kernel == "reference"
-        return Memory(self.mem_dtype, self.config.faiss_min if faiss else None)
+        cfg = self.config
+        faiss = cfg.lookup == "topk" and cfg.kernel == "reference"
+        # the fast kernel's decode lookups read a bf16 copy of the keys (exact: candidates re-scored in fp32)
+        bf16_copy = (cfg.decode_copy and cfg.lookup == "topk" and cfg.kernel == "fast"
+                     and self.mem_dtype == torch.float32 and self.device.type == "cpu" and _bf16_lookup_here())
+        return Memory(self.mem_dtype, cfg.faiss_min if faiss else None, bf16_copy)
 
     def _memory_bias(self, memory: Memory) -> float:
         n = self.config.memory_share_tokens
