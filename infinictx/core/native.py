@@ -220,6 +220,21 @@ static inline float dot_fixed(const float *q, const float *kj, int64_t D) {
     return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
+/* cs[i] = q·key[ci[i]] in fp32 (`dot_fixed`) for the c candidates, pos[i] = ci[i]; the next keys' cache lines are
+   prefetched (the loads are independent: no heap work between them) */
+static void rescore(const float *qr, const float *kh, int64_t k_rs, int64_t D, const int32_t *ci, int64_t c,
+                    float *cs, int64_t *pos) {
+    const int64_t AHEAD = 6;
+    for (int64_t i = 0; i < c; i++) {
+        if (i + AHEAD < c) {
+            const char *p = (const char *)(kh + (int64_t)ci[i + AHEAD] * k_rs);
+            for (int64_t l = 0; l < D * 4; l += 64) __builtin_prefetch(p + l);
+        }
+        cs[i] = dot_fixed(qr, kh + (int64_t)ci[i] * k_rs, D);
+        pos[i] = ci[i];
+    }
+}
+
 /* Exact top-k by fp32 q·k from bf16 scores that are only close to it. For each row t in r0..r1-1 of a set of
    H heads × R rows (head t / R, row t % R): s holds the row's bf16 scores of n keys, and
    d(j) = eps[t]·kn[j] + eps2[t]·kn2[j] + rel·|s_j| + slack[t] bounds |bf16 score − exact score| of key j (kn,
@@ -304,15 +319,7 @@ int select_exact_rows(const uint16_t *s, int64_t s_hs, int64_t s_rs,
             }
         }
         /* exact scores of the candidates, in index order (the heap's tie rule relies on it) */
-        const int64_t AHEAD = 6;
-        for (int64_t i = 0; i < c; i++) {
-            if (i + AHEAD < c) {
-                const char *p = (const char *)(kh + (int64_t)ci[i + AHEAD] * k_rs);
-                for (int64_t l = 0; l < D * 4; l += 64) __builtin_prefetch(p + l);
-            }
-            cs[i] = dot_fixed(qr, kh + (int64_t)ci[i] * k_rs, D);
-            pos[i] = ci[i];
-        }
+        rescore(qr, kh, k_rs, D, ci, c, cs, pos);
         ncand[t] = c;
         if (c < k) { status = 1; continue; }
         heap_topk(cs, pos, c, k, hv, ix);
@@ -461,15 +468,7 @@ int select_bounded_rows(const float *s, int64_t s_hs, int64_t s_rs,
 #endif
         for (; j < n; j++)
             if (row[j] + e * norm[j] >= tau - sl) ci[c++] = (int32_t)j;
-        const int64_t AHEAD = 6;
-        for (int64_t i = 0; i < c; i++) {
-            if (i + AHEAD < c) {
-                const char *p = (const char *)(kh + (int64_t)ci[i + AHEAD] * k_rs);
-                for (int64_t l = 0; l < D * 4; l += 64) __builtin_prefetch(p + l);
-            }
-            cs[i] = dot_fixed(qr, kh + (int64_t)ci[i] * k_rs, D);
-            pos[i] = ci[i];
-        }
+        rescore(qr, kh, k_rs, D, ci, c, cs, pos);
         ncand[t] = c;
         if (c < k) { status = 1; continue; }
         heap_topk(cs, pos, c, k, out_v + t * k, out_i + t * k);
