@@ -188,7 +188,8 @@ def test_memory_kernel_without_native_topk_is_the_same(tiny, monkeypatch):
 
 def _select_exact(q, keys, k):
     from infinictx.core import native
-    from infinictx.methods.kv.longcache import BF16_SCORE_REL, bf16_score_bounds, residual_weights
+    from infinictx.core.kernels import residual_weights
+    from infinictx.methods.kv.longcache import BF16_SCORE_REL, bf16_score_bounds
 
     q16 = q.to(torch.bfloat16)
     scores = torch.matmul(q16, keys.to(torch.bfloat16).transpose(-1, -2))
@@ -348,7 +349,8 @@ def test_bf16_score_bound_holds_where_rounding_adds_up():
     """The bound on a bf16 score's error holds for a query and key built so that every rounding goes the same
     way (inputs rounded down by almost a unit roundoff, the sum rounded down by almost one): 2^-7·‖q‖·‖k‖ alone
     does not, there; and on random rows."""
-    from infinictx.methods.kv.longcache import BF16_SCORE_REL, bf16_score_bounds, residual_weights
+    from infinictx.core.kernels import residual_weights
+    from infinictx.methods.kv.longcache import BF16_SCORE_REL, bf16_score_bounds
 
     below_half_ulp = 2.0 ** -8 - 2.0 ** -20   # just under half of bf16's spacing at 1: rounds down to 1
     q = torch.full((1, 1, 64), 1 + below_half_ulp)

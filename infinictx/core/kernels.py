@@ -103,6 +103,13 @@ def weighted_rows(values: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor
     return out
 
 
+def residual_weights(x: torch.Tensor) -> torch.Tensor:
+    """Each centred key's weight w = ‖x − bf16(x)‖·(1 + 2^-10) + 2^-15·‖x‖ in the bf16 score bound (x (..., D))."""
+    residual = x - x.to(torch.bfloat16).float()
+    return (torch.linalg.vector_norm(residual, dim=-1) * (1 + 2.0 ** -10)
+            + 2.0 ** -15 * torch.linalg.vector_norm(x, dim=-1))
+
+
 class Bf16KeyCopy:
     """A second copy of a growing key store, for exact top-k lookups of a few query rows (decoding) at half the
     bytes read: the keys minus a fixed centre, in bf16, stored in blocks of 16 keys (component-major inside a
@@ -147,8 +154,7 @@ class Bf16KeyCopy:
         j = torch.arange(n0, n1, device=k.device)
         rounded = centred.to(torch.bfloat16)
         self.blocks[:, j // 16, :, j % 16] = rounded.transpose(0, 1)   # (T, H, D) by index
-        residual = torch.linalg.vector_norm(centred - rounded.float(), dim=-1)
-        self.norms[:, n0:n1] = residual * (1 + 2.0 ** -10) + 2.0 ** -15 * torch.linalg.vector_norm(centred, dim=-1)
+        self.norms[:, n0:n1] = residual_weights(centred)
         new_max = torch.linalg.vector_norm(k, dim=-1).amax(-1)
         self.norm_max = new_max if self.norm_max is None else torch.maximum(self.norm_max, new_max)
         self.size = n1

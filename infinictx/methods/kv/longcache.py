@@ -21,7 +21,7 @@ import torch
 from ...core import native
 from ...core.attention import KVBuffer, local_attention
 from ...core.errors import InfinictxError
-from ...core.kernels import Scratch, block_topk, stable_topk
+from ...core.kernels import Scratch, block_topk, residual_weights, stable_topk
 from ...core.models import DTYPES, LoadedModel, cpu_has_fast_bf16
 from ...core.registry import register_method, setting
 from ...core.session import check_window
@@ -302,13 +302,6 @@ def _mirror(copy: KVBuffer, keys: torch.Tensor, k: torch.Tensor, past: int, conv
     new = convert(k)
     copy.append(new, new[..., :0])   # keys only: values of width 0
     return copy.keys()
-
-
-def residual_weights(x: torch.Tensor) -> torch.Tensor:
-    """Each centred key's weight w = ‖x − bf16(x)‖·(1 + 2^-10) + 2^-15·‖x‖ in the bf16 score bound (x (..., D))."""
-    residual = x - x.to(torch.bfloat16).float()
-    return (torch.linalg.vector_norm(residual, dim=-1) * (1 + 2.0 ** -10)
-            + 2.0 ** -15 * torch.linalg.vector_norm(x, dim=-1))
 
 
 def bf16_score_bounds(rows: torch.Tensor, rows16: torch.Tensor, key_norm_max: torch.Tensor
