@@ -23,19 +23,13 @@ from pathlib import Path
 
 import torch
 from common import RESULTS, atomic_write, cpu_name, load_model, write_json
-from long_prefill import ROWS, matmul_peak
+from long_prefill import ROWS, decode_rescored, matmul_peak
 
 from infinictx import method_config
 from infinictx.core.session import Sampler
 from infinictx.tasks.retrieval import parse_lengths, passkey_trial
 
 OUT = RESULTS / "long_decode.json"
-
-
-def decode_rescored(session) -> tuple[int, int]:
-    """(keys re-scored in fp32, lookup rows) of the memory's bf16 decode copies so far."""
-    copies = [m.bf16_copy for m in getattr(session, "memory", {}).values() if getattr(m, "bf16_copy", None)]
-    return sum(c.rescored for c in copies), sum(c.rows for c in copies)
 
 
 def run(lm, labels: list[str], length: int, bursts: int, tokens: int) -> dict:

@@ -99,6 +99,12 @@ class PeakRSS:
         self.peak = max(self.peak, self._rss())
 
 
+def decode_rescored(session) -> tuple[int, int]:
+    """(keys re-scored in fp32, lookup rows) so far by the memory's bf16 decode copies (0, 0 without them)."""
+    copies = [m.bf16_copy for m in getattr(session, "memory", {}).values() if getattr(m, "bf16_copy", None) is not None]
+    return sum(c.rescored for c in copies), sum(c.rows for c in copies)
+
+
 def measure(lm, label: str, length: int, peak_gflops: float) -> dict:
     method, settings, _ = ROWS[label]
     trial = passkey_trial(lm.tokenizer, length, 0.5, random.Random(f"long-prefill-{length}"))
@@ -120,14 +126,12 @@ def measure(lm, label: str, length: int, peak_gflops: float) -> dict:
         out = torch.cat([first, rest])
         policy = getattr(session, "policy", None)
         rescored = getattr(policy, "bf16_rows", 0) and round(policy.rescored / policy.bf16_rows, 1)
-        # memory decode lookups through the bf16 key copies: keys re-scored in fp32 per query row
-        copies = [m.bf16_copy for m in getattr(session, "memory", {}).values() if m.bf16_copy is not None]
-        lookup_rows = sum(c.rows for c in copies)
-        decode_rescored = lookup_rows and round(sum(c.rescored for c in copies) / lookup_rows, 1)
+        rescored_keys, lookup_rows = decode_rescored(session)
+        decode_rescored_per_row = lookup_rows and round(rescored_keys / lookup_rows, 1)
     answer = lm.tokenizer.decode(out.tolist())
     extra = {"rescored_per_row": rescored} if rescored else {}
-    if decode_rescored:
-        extra["decode_rescored_per_row"] = decode_rescored
+    if decode_rescored_per_row:
+        extra["decode_rescored_per_row"] = decode_rescored_per_row
     return {**extra, "label": label, "method": method, "length": length, "prefill_s": round(prefill, 2),
             "tokens_per_s": round(length / prefill, 1),
             "decode_ms_per_token": round(1000 * decode / (DECODE_TOKENS - 1), 1),
