@@ -133,16 +133,31 @@ def test_bad_kernel_settings_get_one_line_errors():
         method_config("longcache", kernel="turbo")
 
 
-@pytest.mark.parametrize("n, k", [(5000, 128), (40000, 128), (9000, 4), (300, 7)])
-@pytest.mark.parametrize("pooled", [True, False])
-def test_native_topk_equals_the_stable_definition(n, k, pooled, monkeypatch):
-    """Rows split over the thread pool (large calls) or all on the calling thread (small ones): the same top-k."""
+SPLITS = ("openmp", "pool", "one-thread")
+
+
+def _split_native_calls(how: str, monkeypatch):
+    """Make every native call split its work the way `how` says (on 2 threads even where tests run on one):
+    over torch's OpenMP threads, over the thread pool, or not at all."""
     from infinictx.core import native
 
     if not native.available():
         pytest.skip("no C compiler: the torch path is used (and tested) instead")
-    monkeypatch.setattr(native, "POOL_MIN_ENTRIES", 0 if pooled else 1 << 62)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)   # a split even where tests run on one thread
+    if how == "openmp" and not native.uses_openmp():
+        pytest.skip("the native kernels were built without OpenMP here")
+    monkeypatch.setattr(native, "_openmp", how == "openmp")
+    monkeypatch.setattr(native, "OPENMP_MIN_ENTRIES", 0)
+    monkeypatch.setattr(native, "POOL_MIN_ENTRIES", 0 if how == "pool" else 1 << 62)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+
+
+@pytest.mark.parametrize("n, k", [(5000, 128), (40000, 128), (9000, 4), (300, 7)])
+@pytest.mark.parametrize("split", SPLITS)
+def test_native_topk_equals_the_stable_definition(n, k, split, monkeypatch):
+    """Rows split over torch's OpenMP threads, over the thread pool, or all on the calling thread: the same top-k."""
+    from infinictx.core import native
+
+    _split_native_calls(split, monkeypatch)
     torch.manual_seed(0)
     for s in (torch.randn(2, 50, n), torch.randint(0, 9, (2, 50, n)).float()):   # continuous, and massive ties
         s[0, 0, -1] = 100.0                                                       # a winner in the last block
@@ -205,13 +220,11 @@ def _stable_topk_idx(q, keys, k):
 
 
 @pytest.mark.parametrize("n, D, k", [(5000, 64, 4), (4111, 16, 4), (3000, 64, 20)])   # k=20: the quickselect branch
-def test_native_bf16_candidate_selection_is_the_exact_fp32_topk(n, D, k):
+@pytest.mark.parametrize("split", SPLITS)
+def test_native_bf16_candidate_selection_is_the_exact_fp32_topk(n, D, k, split, monkeypatch):
     """bf16 scores only find candidates: the k chosen are the exact top-k, also among planted keys whose scores
     differ far below bf16's resolution, and identical keys tie to the earlier position."""
-    from infinictx.core import native
-
-    if not native.available():
-        pytest.skip("no C compiler: the fp32 path is used instead")
+    _split_native_calls(split, monkeypatch)
     torch.manual_seed(0)
     H, R = 2, 70
     q, keys = torch.randn(H, R, D), torch.randn(H, n, D) * 2
@@ -372,15 +385,14 @@ def test_bf16_score_bound_holds_where_rounding_adds_up():
 
 
 @pytest.mark.parametrize("k", [4, 128])
-def test_bf16_key_copy_top_k_is_the_exact_fp32_topk(k):
+@pytest.mark.parametrize("split", SPLITS)
+def test_bf16_key_copy_top_k_is_the_exact_fp32_topk(k, split, monkeypatch):
     """Decode lookups through the bf16 copy of the memory keys: the exact top-k (indices and fp32 scores) of a
     few query rows, among planted keys 1e-5 apart (far below bf16's resolution) and bit-identical keys (ties to
     the earlier one), with the copy grown chunk by chunk and over a head subset."""
-    from infinictx.core import native
     from infinictx.core.kernels import Bf16KeyCopy
 
-    if not native.available():
-        pytest.skip("no C compiler")
+    _split_native_calls(split, monkeypatch)
     torch.manual_seed(1)
     H, R, n, D = 3, 3, 5000, 64
     q, keys = torch.randn(H, R, D), torch.randn(H, n, D) + 0.5   # an offset: the centre matters

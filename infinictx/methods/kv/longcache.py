@@ -21,7 +21,7 @@ import torch
 from ...core import native
 from ...core.attention import KVBuffer, local_attention
 from ...core.errors import InfinictxError
-from ...core.kernels import Scratch, block_topk, residual_weights, stable_topk
+from ...core.kernels import Scratch, block_topk, matmul_heads, residual_weights, stable_topk
 from ...core.models import DTYPES, LoadedModel, cpu_has_fast_bf16
 from ...core.registry import register_method, setting
 from ...core.session import check_window
@@ -233,7 +233,7 @@ class LongCachePolicy(KVPolicy):
             idx = self._bf16_votes(r, k_mid, candidates, k_top) if bf16 else None
             if idx is None and self.fast:
                 scores = self.scratch.get((B, Hkv, r.shape[2], M), dtype, q.device)
-                torch.matmul(r, kt, out=scores)
+                matmul_heads(r, kt, scores)
                 idx = native.topk_rows(scores, k_top)[1] if native_topk else block_topk(scores, k_top)[1]
             elif idx is None:
                 idx = stable_topk(r @ kt, k_top)[1]
@@ -255,7 +255,7 @@ class LongCachePolicy(KVPolicy):
         k16, norms, residuals, excluded, norm_max = candidates
         scores = self.scratch.get((1, k16.shape[1], r.shape[2], k16.shape[2]), torch.bfloat16, r.device)
         r16 = r.to(torch.bfloat16)
-        torch.matmul(r16, k16.transpose(-1, -2), out=scores)
+        matmul_heads(r16, k16.transpose(-1, -2), scores)
         eps, eps_residual, slack = bf16_score_bounds(r[0], r16[0], norm_max)
         found = native.select_exact(scores[0], r[0], k_mid[0], norms[0], eps, k_top, BF16_SCORE_REL, slack,
                                     excluded[0] if k_top == self.topk else None, residuals[0], eps_residual)

@@ -62,7 +62,7 @@ from ...core.attention import (
     local_attention,
 )
 from ...core.errors import InfinictxError
-from ...core.kernels import Bf16KeyCopy, Scratch, weighted_rows
+from ...core.kernels import Bf16KeyCopy, Scratch, matmul_heads, weighted_rows
 from ...core.models import DTYPES, LoadedModel
 from ...core.registry import register_method, setting
 from ...core.session import Capabilities, StatefulSession, check_window
@@ -454,7 +454,7 @@ def _topk_block(qm: torch.Tensor, s_loc: torch.Tensor, v_loc: torch.Tensor, memo
         if keys.dtype != qm.dtype:
             keys = keys.to(qm.dtype)
         s = scratch.get((B, nh, R, keys.shape[2]), qm.dtype, qm.device)
-        torch.matmul(qm, keys.transpose(-1, -2), out=s)
+        matmul_heads(qm, keys.transpose(-1, -2), s)
         if s.shape[-1] >= 32 * k and s.dtype == torch.float32 and s.device.type == "cpu" and native.available():
             vals, idx = native.topk_rows(s, k)   # 2-3x faster than torch.topk at 16K keys; ties to the earlier key
         else:
