@@ -34,8 +34,15 @@ from infinictx import Sampler, method_config, streaming_perplexity
 from infinictx.analysis.heads import retrieval_heads
 from infinictx.core.files import atomic_write, write_json
 from infinictx.core.models import resolve_model_path
-from infinictx.tasks.retrieval import (PASSKEY_QUESTION, TRIAL_BUILDERS, answer_of, full_cache_bytes, parse_lengths,
-                                       run_retrieval, tokens_of)
+from infinictx.tasks.retrieval import (
+    PASSKEY_QUESTION,
+    TRIAL_BUILDERS,
+    answer_of,
+    full_cache_bytes,
+    parse_lengths,
+    run_retrieval,
+    tokens_of,
+)
 
 p = argparse.ArgumentParser()
 p.add_argument("--parts", default="passkey")

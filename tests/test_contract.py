@@ -9,10 +9,18 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-
-from infinictx import (METHODS, InfinictxError, Sampler, TempLoraConfig, make_spec, method_config,
-                       streaming_perplexity, weights_fingerprint)
 from conftest import stop_after
+
+from infinictx import (
+    METHODS,
+    InfinictxError,
+    Sampler,
+    TempLoraConfig,
+    make_spec,
+    method_config,
+    streaming_perplexity,
+    weights_fingerprint,
+)
 from infinictx.tasks.retrieval import ask
 
 # settings that fit the tiny model (2 layers, 200-token streams) for every registered method

@@ -174,8 +174,8 @@ def test_chunk_counts_and_spans():
 
 
 def test_temp_lora_with_mst_makes_the_same_updates(tiny, stream):
-    from infinictx.tasks.perplexity import streaming_perplexity
     from infinictx.core.models import weights_fingerprint
+    from infinictx.tasks.perplexity import streaming_perplexity
 
     before = weights_fingerprint(tiny.model)
     results = []

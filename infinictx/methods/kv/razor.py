@@ -160,7 +160,8 @@ class RazorPolicy(KVPolicy):
 
     def describe(self) -> dict:
         return {"keep_ratio": self.keep_ratio, "min_window": self.min_window, "sinks": self.sinks,
-                "compensation": self.compensation, "prefill": self.prefill, "retrieval_heads": sum(len(h) for h in self.heads.values()),
+                "compensation": self.compensation, "prefill": self.prefill,
+                "retrieval_heads": sum(len(h) for h in self.heads.values()),
                 "kv_heads": len(self.layers) * self.n_kv if hasattr(self, "layers") else None,
                 "heads": {str(i): h for i, h in self.heads.items() if h}}
 
