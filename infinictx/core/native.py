@@ -407,9 +407,9 @@ static inline __attribute__((always_inline)) void block_rows(const uint16_t *blk
 }
 #endif
 
-static void score_blocked_range(const uint16_t *kb, int64_t k_hs, const float *q, int64_t q_hs, int64_t q_rs,
-                                int64_t H, int64_t R, int64_t D, int64_t j0, int64_t j1,
-                                float *out, int64_t o_hs, int64_t o_rs) {
+static int score_blocked_range(const uint16_t *kb, int64_t k_hs, const float *q, int64_t q_hs, int64_t q_rs,
+                               int64_t H, int64_t R, int64_t D, int64_t j0, int64_t j1,
+                               float *out, int64_t o_hs, int64_t o_rs) {
     for (int64_t h = 0; h < H; h++) {
         const uint16_t *kh = kb + h * k_hs;
         for (int64_t j = j0; j < j1; j += 16) {
@@ -444,20 +444,16 @@ static void score_blocked_range(const uint16_t *kb, int64_t k_hs, const float *q
             }
         }
     }
+    return 0;
 }
 
-/* keys j0..j1−1 (j0 a multiple of 16) split over `threads` threads in whole blocks of 16 */
-void score_blocked_bf16(const uint16_t *kb, int64_t k_hs, const float *q, int64_t q_hs, int64_t q_rs,
-                        int64_t H, int64_t R, int64_t D, int64_t j0, int64_t j1,
-                        float *out, int64_t o_hs, int64_t o_rs, int64_t threads) {
-    int64_t b0 = j0 / 16, b1 = (j1 + 15) / 16;
-    #pragma omp parallel num_threads(threads)
-    {
-        int64_t part = omp_get_thread_num(), parts = omp_get_num_threads();
-        int64_t lo = 16 * (b0 + (b1 - b0) * part / parts), hi = 16 * (b0 + (b1 - b0) * (part + 1) / parts);
-        if (hi > j1) hi = j1;
-        if (lo < hi) score_blocked_range(kb, k_hs, q, q_hs, q_rs, H, R, D, lo, hi, out, o_hs, o_rs);
-    }
+/* keys j0..j1−1 (j0 a multiple of 16) split over `threads` threads in whole blocks of 16; returns 0 */
+int score_blocked_bf16(const uint16_t *kb, int64_t k_hs, const float *q, int64_t q_hs, int64_t q_rs,
+                       int64_t H, int64_t R, int64_t D, int64_t j0, int64_t j1,
+                       float *out, int64_t o_hs, int64_t o_rs, int64_t threads) {
+    PARALLEL_RANGE(threads, j0 / 16, (j1 + 15) / 16, lo, hi,
+                   score_blocked_range(kb, k_hs, q, q_hs, q_rs, H, R, D, 16 * lo, 16 * hi < j1 ? 16 * hi : j1,
+                                       out, o_hs, o_rs))
 }
 
 /* Exact top-k by fp32 q·k from approximate scores s with |s_j − exact_j| ≤ eps[t]·kn[j] + slack[t]: the k-th
@@ -633,7 +629,7 @@ def _load(lib: Path | None) -> ctypes.CDLL | None:
     handle.has_openmp.restype = ctypes.c_int
     handle.has_openmp.argtypes = []
     f = handle.score_blocked_bf16
-    f.restype = None
+    f.restype = ctypes.c_int
     f.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
                   + [ctypes.c_int64] * 5 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64])
     f = handle.select_bounded_rows
@@ -777,7 +773,7 @@ def score_blocked_bf16(blocked: torch.Tensor, n: int, q: torch.Tensor, out: torc
     nb = -(-n // 16)
     args = (blocked.data_ptr(), blocked.stride(0), q.data_ptr(), q.stride(0), q.stride(1), H, R, D)
     _run_rows(lambda b0, b1, t: _lib.score_blocked_bf16(*args, 16 * b0, min(16 * b1, n), out.data_ptr(),
-                                                        out.stride(0), out.stride(1), t) or 0, nb, H * R * n)
+                                                        out.stride(0), out.stride(1), t), nb, H * R * n)
     return out
 
 
