@@ -151,16 +151,19 @@ def _split_native_calls(how: str, monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
 
 
-@pytest.mark.parametrize("n, k", [(5000, 128), (40000, 128), (9000, 4), (300, 7)])
+@pytest.mark.parametrize("n, k", [(5000, 128), (40000, 128), (9000, 4), (300, 7), (1000, 128)])
 @pytest.mark.parametrize("split", SPLITS)
 def test_native_topk_equals_the_stable_definition(n, k, split, monkeypatch):
-    """Rows split over torch's OpenMP threads, over the thread pool, or all on the calling thread: the same top-k."""
+    """Rows split over torch's OpenMP threads, over the thread pool, or all on the calling thread: the same top-k.
+    Rows long enough for block pruning and rows selected whole; ties, and −0 tying with +0."""
     from infinictx.core import native
 
     _split_native_calls(split, monkeypatch)
     torch.manual_seed(0)
-    for s in (torch.randn(2, 50, n), torch.randint(0, 9, (2, 50, n)).float()):   # continuous, and massive ties
-        s[0, 0, -1] = 100.0                                                       # a winner in the last block
+    zeros = torch.randint(-3, 1, (2, 50, n)).float()
+    zeros[zeros == 0] = torch.where(torch.rand(int((zeros == 0).sum())) < 0.5, -0.0, 0.0)
+    for s in (torch.randn(2, 50, n), torch.randint(0, 9, (2, 50, n)).float(), zeros):   # continuous, massive ties
+        s[0, 0, -1] = 100.0                                                              # a winner in the last block
         want = torch.argsort(-s, dim=-1, stable=True)[..., :k].sort(-1).values
         vals, idx = native.topk_rows(s, k)
         order = idx.sort(-1)

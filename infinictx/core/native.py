@@ -2,8 +2,9 @@
 
 Why: top-k over a (queries × past) score matrix is the single largest cost of a memory lookup on CPU.
 `torch.topk` copies every row into (value, index) pairs before selecting (measured: 0.2 s for 4,608 rows of
-16K scores with k=128, twice the matmul that produced them). A bounded min-heap that scans the row once and
-only touches the heap when a score beats the current k-th best does the same selection at memory speed.
+16K scores with k=128, twice the matmul that produced them). Here one pass takes block maxima, whose k-th best
+bounds the row's k-th best from below; only the few entries above that bound are candidates, and the exact k-th
+best among them is found by counting (branch-free) rather than by a heap or a quickselect.
 Ties go to the earlier index, exactly (`kernels.stable_topk`'s rule). `select_exact` is the second routine:
 LongCache's exact top-k from approximate bf16 scores (AMX), re-scoring in fp32 only the keys the bf16 error bound
 cannot rule out.
@@ -33,6 +34,7 @@ SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <math.h>
+#include <string.h>
 #if defined(_OPENMP)
 #include <omp.h>
 #else   /* built without OpenMP: one thread */
@@ -101,31 +103,72 @@ static void heap_topk(const float *x, const int64_t *pos, int64_t n, int64_t k, 
 }
 
 
-/* the k-th largest of x[0..n-1] (1 <= k <= n), reordering x: quickselect, median-of-three pivots */
-static float kth_largest(float *x, int64_t n, int64_t k) {
-    int64_t lo = 0, hi = n - 1, want = k - 1;   /* position in descending order */
-    while (lo < hi) {
-        int64_t mid = lo + (hi - lo) / 2;
-        float a = x[lo], b = x[mid], c = x[hi];
-        float pivot = a > b ? (b > c ? b : (a > c ? c : a)) : (a > c ? a : (b > c ? c : b));
-        int64_t i = lo, j = hi;
-        while (i <= j) {
-            while (x[i] > pivot) i++;
-            while (x[j] < pivot) j--;
-            if (i <= j) { float t = x[i]; x[i] = x[j]; x[j] = t; i++; j--; }
-        }
-        if (want <= j) hi = j;
-        else if (want >= i) lo = i;
-        else return x[want];
+/* floats as unsigned keys in the same order (NaN: 0, below every number, so it is passed over) */
+static inline uint32_t order_key(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0;
+    if (u == 0x80000000u) u = 0;   /* −0 = +0: equal floats, equal keys */
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+static inline float from_order_key(uint32_t key) {
+    uint32_t u = (key & 0x80000000u) ? (key & 0x7fffffffu) : ~key;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* the largest key t with at least k of keys[0..n-1] >= t: the k-th largest key (0 when fewer than k are above
+   0, i.e. fewer than k numbers), built bit by bit from the top, each bit kept when at least k keys reach the
+   prefix: 32 branch-free counting passes (vectorised by the compiler) instead of a quickselect, whose
+   data-dependent branches mispredicted on about every other comparison (k = 128 over 512 block maxima: ~2/3 of a
+   memory lookup's selection time) */
+static uint32_t kth_key(const uint32_t *keys, int64_t n, int64_t k) {
+    uint32_t t = 0;
+    for (int bit = 31; bit >= 0; bit--) {
+        uint32_t c = t | (1u << bit);
+        int64_t count = 0;
+        for (int64_t i = 0; i < n; i++) count += keys[i] >= c;
+        if (count >= k) t = c;
     }
-    return x[want];
+    return t;
+}
+
+/* the k-th largest of x[0..n-1] (1 <= k), NaN entries passed over (−inf when fewer than k numbers), x unchanged
+   (keys: room for n) */
+static float kth_largest(const float *x, uint32_t *keys, int64_t n, int64_t k) {
+    for (int64_t i = 0; i < n; i++) keys[i] = order_key(x[i]);
+    uint32_t t = kth_key(keys, n, k);
+    return t == 0 ? -INFINITY : from_order_key(t);
+}
+
+/* the k largest of x[0..n-1] (1 <= k <= n), ties to the earlier entry, into (v, ix) in index order; ix gets
+   pos[i] (pos == NULL: i). keys: room for n. No heap: the k-th largest key exactly (`kth_key`), then one pass
+   takes every entry above it and the first ties. Returns 1 (nothing written) when fewer than k entries are
+   numbers (NaN), else 0. */
+static int select_k(const float *x, const int64_t *pos, int64_t n, int64_t k, uint32_t *keys, float *v,
+                    int64_t *ix) {
+    for (int64_t i = 0; i < n; i++) keys[i] = order_key(x[i]);
+    uint32_t t = kth_key(keys, n, k);
+    if (t == 0) return 1;
+    int64_t above = 0;
+    for (int64_t i = 0; i < n; i++) above += keys[i] > t;
+    int64_t ties = k - above, m = 0;
+    for (int64_t i = 0; i < n && m < k; i++) {
+        if (keys[i] > t || (keys[i] == t && ties-- > 0)) {
+            v[m] = x[i];
+            ix[m] = pos ? pos[i] : i;
+            m++;
+        }
+    }
+    return 0;
 }
 
 /* the k-th largest of x[0..n-1] (1 <= k <= n), x unchanged (work: room for n): for a small k a sorted list of the
-   k best so far, rarely touched after the first entries (no branch misses, unlike a quickselect: the bf16
-   selection's scan of 1,152 rows × 16K keys took 5 ms instead of 15 for LongCache's k = 4), else a quickselect
-   on a copy; NaN entries are passed over */
-static float kth_best(const float *x, float *work, int64_t n, int64_t k) {
+   k best so far, rarely touched after the first entries (the bf16 selection's scan of 1,152 rows × 16K keys took
+   5 ms instead of 15 for LongCache's k = 4), else `kth_largest`; NaN entries are passed over */
+static float kth_best(const float *x, uint32_t *work, int64_t n, int64_t k) {
     if (k <= 16) {
         float best[16];
         for (int64_t i = 0; i < k; i++) best[i] = -INFINITY;
@@ -139,33 +182,34 @@ static float kth_best(const float *x, float *work, int64_t n, int64_t k) {
         }
         return best[k - 1];
     }
-    for (int64_t b = 0; b < n; b++) work[b] = x[b];
-    return kth_largest(work, n, k);
+    return kth_largest(x, work, n, k);
 }
 
 /* For rows r0..r1-1 of a row-major matrix s (row stride ld, n columns): the k largest entries of each row,
-   ties to the earlier index, into out_v / out_i (row stride k), in heap order. Requires 1 <= k <= n.
-   The k-th largest block maximum is a lower bound on the row's k-th largest entry (the k best blocks each
-   hold an entry at least that large), so only entries at or above it can be among the k largest: one pass
-   for the block maxima, one to collect those few candidates (in index order), a heap over the candidates. */
+   ties to the earlier index, into out_v / out_i (row stride k), in index order (heap order for a row with NaN
+   scores). Requires 1 <= k <= n. The k-th largest block maximum is a lower bound on the row's k-th largest entry
+   (the k best blocks each hold an entry at least that large), so only entries at or above it can be among the
+   k largest: one pass for the block maxima, one to collect those few candidates (in index order), then
+   `select_k` over the candidates. */
 static int topk_rows_range(const float *s, int64_t ld, int64_t n, int64_t k, int64_t r0, int64_t r1,
                            float *out_v, int64_t *out_i) {
     /* blocks of 8, 16 or 32: at least 4k blocks, so that the k best blocks are a small part of the row */
     const int64_t BLOCK = n >= 128 * k ? 32 : (n >= 64 * k ? 16 : 8);
     int64_t nb = (n + BLOCK - 1) / BLOCK;
-    float *maxima = malloc(sizeof(float) * nb), *cand = malloc(sizeof(float) * n), *work = malloc(sizeof(float) * nb);
-    float *hv = malloc(sizeof(float) * k);
-    int64_t *pos = malloc(sizeof(int64_t) * n), *hi = malloc(sizeof(int64_t) * k);
-    if (!maxima || !cand || !work || !hv || !pos || !hi) {
-        free(maxima); free(cand); free(work); free(hv); free(pos); free(hi);
+    float *maxima = malloc(sizeof(float) * nb), *cand = malloc(sizeof(float) * n);
+    uint32_t *work = malloc(sizeof(uint32_t) * n);
+    int64_t *pos = malloc(sizeof(int64_t) * n);
+    if (!maxima || !cand || !work || !pos) {
+        free(maxima); free(cand); free(work); free(pos);
         return -1;
     }
     for (int64_t r = r0; r < r1; r++) {
         const float *row = s + r * ld;
         float *v = out_v + r * k;
         int64_t *ix = out_i + r * k;
-        if (nb < 4 * k) {   /* too few blocks to prune much */
-            heap_topk(row, 0, n, k, v, ix);
+        if (nb < 2 * k) {   /* too few blocks to prune much: the whole row */
+            if (select_k(row, 0, n, k, work, v, ix))
+                heap_topk(row, 0, n, k, v, ix);   /* NaN scores: the plain heap */
             continue;
         }
         int64_t full = n / BLOCK, b0 = 0;
@@ -195,17 +239,33 @@ static int topk_rows_range(const float *s, int64_t ld, int64_t n, int64_t k, int
         int64_t c = 0;
         for (int64_t b = 0; b < nb; b++) {   /* only blocks whose maximum reaches tau hold candidates */
             if (!(maxima[b] >= tau)) continue;
-            int64_t e = (b + 1) * BLOCK < n ? (b + 1) * BLOCK : n;
-            for (int64_t j = b * BLOCK; j < e; j++) {
+            int64_t j = b * BLOCK, e = (b + 1) * BLOCK < n ? (b + 1) * BLOCK : n;
+#if defined(__AVX512F__)
+            /* 16 entries per compare, the passing ones compress-stored (a scalar loop mispredicts its branch on
+               about every other entry of these blocks) */
+            const __m512 vtau = _mm512_set1_ps(tau);
+            const __m512i lanes = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+            for (; j + 16 <= e; j += 16) {
+                __m512 x = _mm512_loadu_ps(row + j);
+                __mmask16 m = _mm512_cmp_ps_mask(x, vtau, _CMP_GE_OQ);
+                if (!m) continue;
+                _mm512_mask_compressstoreu_ps(cand + c, m, x);
+                __mmask8 lo = (__mmask8)(m & 0xFF), hi8 = (__mmask8)(m >> 8);
+                _mm512_mask_compressstoreu_epi64(pos + c, lo, _mm512_add_epi64(_mm512_set1_epi64(j), lanes));
+                int64_t c_lo = c + __builtin_popcount((unsigned)lo);
+                _mm512_mask_compressstoreu_epi64(pos + c_lo, hi8, _mm512_add_epi64(_mm512_set1_epi64(j + 8), lanes));
+                c += __builtin_popcount((unsigned)m);
+            }
+#endif
+            for (; j < e; j++) {
                 if (row[j] >= tau) { cand[c] = row[j]; pos[c] = j; c++; }
             }
         }
-        if (c < k)   /* only with NaN scores (fewer than k comparable entries): the plain heap over the row */
+        /* c >= k unless there are NaN scores (fewer than k comparable entries): then the plain heap over the row */
+        if (c < k || select_k(cand, pos, c, k, work, v, ix))
             heap_topk(row, 0, n, k, v, ix);
-        else         /* c >= k: every one of the k best blocks has its maximum >= tau */
-            heap_topk(cand, pos, c, k, v, ix);
     }
-    free(maxima); free(cand); free(work); free(hv); free(pos); free(hi);
+    free(maxima); free(cand); free(work); free(pos);
     return 0;
 }
 
@@ -296,7 +356,8 @@ static int select_exact_range(const uint16_t *s, int64_t s_hs, int64_t s_rs,
                               int64_t *out_i, int64_t *ncand) {
     const int64_t BLOCK = 32;
     int64_t nb = (n + BLOCK - 1) / BLOCK, full = n / BLOCK, status = 0;
-    float *ub = malloc(sizeof(float) * nb), *lb = malloc(sizeof(float) * nb), *work = malloc(sizeof(float) * nb);
+    float *ub = malloc(sizeof(float) * nb), *lb = malloc(sizeof(float) * nb);
+    uint32_t *work = malloc(sizeof(uint32_t) * nb);
     float *hv = malloc(sizeof(float) * k), *cs = malloc(sizeof(float) * n);
     int32_t *ci = malloc(sizeof(int32_t) * (n + 16));
     int64_t *pos = malloc(sizeof(int64_t) * n);
@@ -471,11 +532,12 @@ static int select_bounded_range(const float *s, int64_t s_hs, int64_t s_rs,
                                 float *out_v, int64_t *out_i, int64_t *ncand) {
     int64_t nb = (n + 15) / 16, status = 0;
     float *bmax = malloc(sizeof(float) * nb), *work = malloc(sizeof(float) * (nb > n ? nb : n));
+    uint32_t *keys32 = malloc(sizeof(uint32_t) * (nb > n ? nb : n));
     float *cs = malloc(sizeof(float) * n);
     int32_t *ci = malloc(sizeof(int32_t) * (n + 16));
     int64_t *pos = malloc(sizeof(int64_t) * n);
-    if (!bmax || !work || !cs || !ci || !pos) {
-        free(bmax); free(work); free(cs); free(ci); free(pos);
+    if (!bmax || !work || !keys32 || !cs || !ci || !pos) {
+        free(bmax); free(work); free(keys32); free(cs); free(ci); free(pos);
         return -1;
     }
     for (int64_t t = r0; t < r1; t++) {
@@ -498,7 +560,7 @@ static int select_bounded_range(const float *s, int64_t s_hs, int64_t s_rs,
             for (; j < j1; j++) { float v = row[j] - e * norm[j]; m = v > m ? v : m; }
             bmax[b] = m - sl;
         }
-        float t1 = kth_best(bmax, work, nb, k < nb ? k : nb);
+        float t1 = kth_best(bmax, keys32, nb, k < nb ? k : nb);
         if (k > nb) t1 = -INFINITY;
         /* every lower bound >= t1, then the exact k-th largest of them: tau */
         int64_t c = 0;
@@ -511,7 +573,7 @@ static int select_bounded_range(const float *s, int64_t s_hs, int64_t s_rs,
             }
         }
         if (c < k) { ncand[t] = c; status = 1; continue; }
-        float tau = kth_largest(work, c, k);
+        float tau = kth_largest(work, keys32, c, k);
         /* candidates: upper bound s + e·norm + slack >= tau, in index order */
         c = 0;
         int64_t j = 0;
@@ -534,7 +596,7 @@ static int select_bounded_range(const float *s, int64_t s_hs, int64_t s_rs,
         if (c < k) { status = 1; continue; }
         heap_topk(cs, pos, c, k, out_v + t * k, out_i + t * k);
     }
-    free(bmax); free(work); free(cs); free(ci); free(pos);
+    free(bmax); free(work); free(keys32); free(cs); free(ci); free(pos);
     return (int)status;
 }
 

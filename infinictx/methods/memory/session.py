@@ -370,8 +370,9 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_mem: t
             qq = qv[:, h0:h1, :, t0:t1].reshape(B, nh, g * tq, D)
             qm = qmv[:, h0:h1, :, t0:t1].reshape(B, nh, g * tq, D)
             s_loc = torch.matmul(qq, k_loc.transpose(-1, -2)).mul_(scale)   # in place: no extra copies
-            if mask is not None:  # rows are (query head in group, query): the same mask for each head
-                s_loc.masked_fill_(~mask[t0:t1].repeat(g, 1), float("-inf"))
+            if mask is not None:  # rows are (query head in group, query): the same mask for each head; only the
+                # last T keys (the new tokens) are ever masked
+                s_loc[..., L - T:].masked_fill_(~mask[t0:t1, L - T:].repeat(g, 1), float("-inf"))
             if lookup == "topk" and scratch is not None:
                 o = _topk_block(qm, s_loc, v_loc, memory, h0, h1, kk, scale, scratch, mem_bias)
                 out[:, h0:h1, :, t0:t1] = o.view(B, nh, g, tq, D)
@@ -455,8 +456,9 @@ def _topk_block(qm: torch.Tensor, s_loc: torch.Tensor, v_loc: torch.Tensor, memo
             keys = keys.to(qm.dtype)
         s = scratch.get((B, nh, R, keys.shape[2]), qm.dtype, qm.device)
         matmul_heads(qm, keys.transpose(-1, -2), s)
-        if s.shape[-1] >= 32 * k and s.dtype == torch.float32 and s.device.type == "cpu" and native.available():
-            vals, idx = native.topk_rows(s, k)   # 2-3x faster than torch.topk at 16K keys; ties to the earlier key
+        if s.dtype == torch.float32 and s.device.type == "cpu" and native.available():
+            # 2-4x faster than torch.topk from 2K to 16K keys; ties to the earlier key
+            vals, idx = native.topk_rows(s, k)
         else:
             vals, idx = s.topk(k, dim=-1)
     s_mem = vals.mul_(scale)
