@@ -193,7 +193,8 @@ static float kth_best(const float *x, uint32_t *work, int64_t n, int64_t k) {
    `select_k` over the candidates. */
 static int topk_rows_range(const float *s, int64_t ld, int64_t n, int64_t k, int64_t r0, int64_t r1,
                            float *out_v, int64_t *out_i) {
-    /* blocks of 8, 16 or 32: at least 4k blocks, so that the k best blocks are a small part of the row */
+    /* blocks of 8, 16 or 32: at least 4k blocks where the row is long enough, so that the k best blocks are a
+       small part of it; under 2k blocks (too few to prune) the row is selected whole */
     const int64_t BLOCK = n >= 128 * k ? 32 : (n >= 64 * k ? 16 : 8);
     int64_t nb = (n + BLOCK - 1) / BLOCK;
     float *maxima = malloc(sizeof(float) * nb), *cand = malloc(sizeof(float) * n);
