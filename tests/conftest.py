@@ -46,6 +46,20 @@ def tiny_model_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_head32_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model's shape with 32-dim attention heads (what the AMX selection kernel takes), same tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama-head32")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    config = LlamaConfig.from_pretrained(tiny_model_dir)
+    config.head_dim = 32
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
 @pytest.fixture
 def tiny(tiny_model_dir):
     """A freshly loaded tiny model (sessions modify the module tree while they are open)."""

@@ -204,17 +204,25 @@ def test_memory_kernel_without_native_topk_is_the_same(tiny, monkeypatch):
     torch.testing.assert_close(runs[0], runs[1], rtol=1e-5, atol=1e-5)
 
 
-def _select_exact(q, keys, k):
+def _select_exact(q, keys, k, amx=False, excluded=None):
+    """The bf16-candidate selection of rows q over keys: bf16 matmul scores, or (amx) split-bf16 scores computed
+    by AMX tiles inside the kernel."""
     from infinictx.core import native
-    from infinictx.core.kernels import residual_weights
-    from infinictx.methods.kv.longcache import BF16_SCORE_REL, bf16_score_bounds
+    from infinictx.core.kernels import residual_weights, split_bf16, split_residual_weights, split_score_bounds
+    from infinictx.methods.kv.longcache import AMX_SLACK, BF16_SCORE_REL, bf16_score_bounds
 
+    norms = torch.linalg.vector_norm(keys, dim=-1)
+    if amx:
+        split = split_bf16(keys)
+        rows, eps, eps2 = split_score_bounds(q)
+        slack = AMX_SLACK * torch.linalg.vector_norm(q, dim=-1) * norms.amax(-1)[:, None]
+        return native.select_exact_amx(split, rows, q, keys, norms, eps, k, slack, excluded,
+                                       split_residual_weights(keys, split), eps2)
     q16 = q.to(torch.bfloat16)
     scores = torch.matmul(q16, keys.to(torch.bfloat16).transpose(-1, -2))
-    norms = torch.linalg.vector_norm(keys, dim=-1)
     eps, eps_residual, slack = bf16_score_bounds(q, q16, norms.amax(-1))
-    return native.select_exact(scores, q, keys, norms, eps, k, BF16_SCORE_REL, slack, None, residual_weights(keys),
-                               eps_residual)
+    return native.select_exact(scores, q, keys, norms, eps, k, BF16_SCORE_REL, slack, excluded,
+                               residual_weights(keys), eps_residual)
 
 
 def _stable_topk_idx(q, keys, k):
@@ -222,12 +230,25 @@ def _stable_topk_idx(q, keys, k):
     return torch.argsort(-s, dim=-1, stable=True)[..., :k].sort(-1).values
 
 
-@pytest.mark.parametrize("n, D, k", [(5000, 64, 4), (4111, 16, 4), (3000, 64, 20)])   # k=20: the quickselect branch
+def _skip_without_amx(amx: bool, D: int = 64):
+    from infinictx.core import native
+
+    if amx and not native.has_amx():
+        pytest.skip("no AMX here: the bf16 matmul path is used (and tested) instead")
+    if amx and D not in (32, 64):
+        pytest.skip("a head size the tile kernel does not take")
+
+
+# k=20: the k-th best by counting; n=4111: a short last block; D=32: one tile per part of a key
+@pytest.mark.parametrize("n, D, k", [(5000, 64, 4), (4111, 16, 4), (3000, 64, 20), (4111, 32, 4)])
 @pytest.mark.parametrize("split", SPLITS)
-def test_native_bf16_candidate_selection_is_the_exact_fp32_topk(n, D, k, split, monkeypatch):
+@pytest.mark.parametrize("amx", [False, True])
+def test_native_bf16_candidate_selection_is_the_exact_fp32_topk(n, D, k, split, amx, monkeypatch):
     """bf16 scores only find candidates: the k chosen are the exact top-k, also among planted keys whose scores
-    differ far below bf16's resolution, and identical keys tie to the earlier position."""
+    differ far below bf16's resolution (and below the split scores' bound), and identical keys tie to the earlier
+    position. Scores from a bf16 matmul, or split-bf16 scores from AMX tiles inside the kernel."""
     _split_native_calls(split, monkeypatch)
+    _skip_without_amx(amx, D)
     torch.manual_seed(0)
     H, R = 2, 70
     q, keys = torch.randn(H, R, D), torch.randn(H, n, D) * 2
@@ -235,41 +256,80 @@ def test_native_bf16_candidate_selection_is_the_exact_fp32_topk(n, D, k, split, 
     where = torch.randperm(n)[:k + 3]
     keys[0, where] = q[0, 0] * (3 + 1e-5 * torch.arange(k + 3, dtype=torch.float32))[:, None]
     keys[1, n - 40:] = keys[1, 100:140]   # bit-identical keys, the later copies in the short last block
-    idx, rescored = _select_exact(q, keys, k)
+    idx, rescored = _select_exact(q, keys, k, amx)
     assert torch.equal(idx.sort(-1).values, _stable_topk_idx(q, keys, k))
     assert torch.equal(idx[0, 0].sort().values, where[3:].sort().values)   # the k largest of the planted ones
     assert (rescored >= k).all() and rescored.float().mean() < n / 10      # it re-scored few keys per row
     # strided views, as the cache hands them over (the middle of a longer buffer)
     wide = torch.randn(H, n + 50, D)
     wide[:, 20:20 + n] = keys
-    idx2, _ = _select_exact(q, wide[:, 20:20 + n], k)
+    idx2, _ = _select_exact(q, wide[:, 20:20 + n], k, amx)
     assert torch.equal(idx2.sort(-1).values, idx.sort(-1).values)
 
 
-def test_native_bf16_candidate_selection_survives_nan():
+@pytest.mark.parametrize("amx", [False, True])
+def test_native_bf16_candidate_selection_skips_excluded_keys(amx):
+    """Keys flagged as never selectable (each has at least k earlier bit-identical twins) are passed over, and
+    the selection is still the exact top-k: the best key repeated 40 times gives its first k copies; a block made
+    only of flagged copies is never a candidate block (the AMX kernel's maxima leave flagged keys out)."""
     from infinictx.core import native
 
     if not native.available():
         pytest.skip("no C compiler")
+    _skip_without_amx(amx)
+    torch.manual_seed(1)
+    H, R, n, D, k = 1, 20, 4000, 64, 4
+    q, keys = torch.randn(H, R, D), torch.randn(H, n, D)
+    best = q[0, :10].mean(0) * 30   # the best key of the first rows
+    copies = torch.tensor([7] + list(range(1600, 1632)) + list(range(2000, 2007)))
+    keys[0, copies] = best
+    excluded = torch.zeros(H, n, dtype=torch.uint8)
+    excluded[0, copies[k:]] = 1
+    idx, rescored = _select_exact(q, keys, k, amx, excluded)
+    assert torch.equal(idx.sort(-1).values, _stable_topk_idx(q, keys, k))
+    others = torch.ones(n, dtype=torch.bool)
+    others[copies] = False
+    top_rows = (q[0] @ best > (q[0] @ keys[0, others].T).amax(-1)).nonzero().flatten()
+    assert len(top_rows) >= 5 and all(idx[0, r].sort().values.tolist() == copies[:k].tolist() for r in top_rows)
+    assert (rescored[0, top_rows] < len(copies)).all()   # the flagged copies were never re-scored
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_native_bf16_candidate_selection_survives_nan(amx):
+    from infinictx.core import native
+
+    if not native.available():
+        pytest.skip("no C compiler")
+    _skip_without_amx(amx)
     torch.manual_seed(0)
     q, keys = torch.randn(1, 8, 64), torch.randn(1, 3000, 64)
     keys[0, 100:200] = float("nan")
-    found = _select_exact(q, keys, 4)   # returns: None (the caller falls back) or indices in range
+    found = _select_exact(q, keys, 4, amx)   # returns: None (the caller falls back) or indices in range
     assert found is None or (found[0].min() >= 0 and found[0].max() < 3000)
 
 
-@pytest.mark.parametrize("bf16", [True, False])
-def test_longcache_bf16_candidates_select_what_the_reference_selects(tiny, monkeypatch, bf16):
-    """The fast selection with bf16 candidates (forced on where the CPU has no AMX), fp32 scores only, and the
-    reference give the same logits and greedy generation over a stream with repeated tokens (exact ties)."""
+@pytest.mark.parametrize("bf16", ["amx", "matmul", False])
+def test_longcache_bf16_candidates_select_what_the_reference_selects(tiny_head32_dir, monkeypatch, bf16):
+    """The fast selection with bf16 candidates (split-bf16 scores by AMX tiles, or a bf16 matmul: forced on where
+    the CPU has no AMX), fp32 scores only, and the reference give the same logits and greedy generation over a
+    stream with repeated tokens (exact ties)."""
+    from infinictx import load_model
     from infinictx.core import native
+    from infinictx.core.kernels import split_bf16
     from infinictx.core.session import Sampler
     from infinictx.methods.kv import longcache
 
     if bf16 and not native.available():
         pytest.skip("no C compiler")
-    monkeypatch.setattr(longcache, "_fast_bf16_here", lambda: bf16)
+    _skip_without_amx(bf16 == "amx", 32)
+    tiny = load_model(tiny_head32_dir, device="cpu", dtype="float32")
+    monkeypatch.setattr(longcache, "_fast_bf16_here", lambda: bool(bf16))
+    monkeypatch.setattr(longcache, "_amx_here", lambda: bf16 == "amx")
+    amx_calls = []
+    original = native.select_exact_amx
+    monkeypatch.setattr(native, "select_exact_amx", lambda *a: amx_calls.append(1) or original(*a))
     monkeypatch.setattr(longcache, "BF16_MIN_KEYS", 0)   # this stream's middle is shorter than where bf16 pays
+    monkeypatch.setattr(longcache, "AMX_MIN_KEYS", 0)
     torch.manual_seed(4)
     ids = torch.randint(0, 300, (1100,))
     settings = {"window": 256, "chunk": 64, "global_tokens": 4, "span": 4, "topk": 2}   # 128 rows per KV head
@@ -286,7 +346,7 @@ def test_longcache_bf16_candidates_select_what_the_reference_selects(tiny, monke
                 for cache, k16, norms, centre in zip(policy.layers, policy.candidate_keys, policy.key_norms,
                                                      policy.key_centres):
                     centred = cache.keys() - centre
-                    assert torch.equal(k16.keys(), centred.to(torch.bfloat16))
+                    assert torch.equal(k16.keys(), split_bf16(centred))
                     torch.testing.assert_close(norms.keys()[..., 0], torch.linalg.vector_norm(centred, dim=-1))
                 _check_duplicate_flags(policy, settings["topk"], settings["global_tokens"])
             else:
@@ -295,6 +355,7 @@ def test_longcache_bf16_candidates_select_what_the_reference_selects(tiny, monke
     for kernel in ("fast", "fast-fp32"):
         torch.testing.assert_close(nll[kernel], nll["reference"], rtol=1e-4, atol=1e-4)
         assert torch.equal(generated[kernel], generated["reference"])
+    assert bool(amx_calls) == (bf16 == "amx")   # the tile kernel ran exactly where it should
 
 
 def _check_duplicate_flags(policy, topk: int, global_tokens: int):

@@ -121,6 +121,42 @@ def residual_weights(x: torch.Tensor) -> torch.Tensor:
             + 2.0 ** -15 * torch.linalg.vector_norm(x, dim=-1))
 
 
+def split_bf16(x: torch.Tensor) -> torch.Tensor:
+    """x (..., D) float32 as two bf16 parts [x̂1 | x̂2] (..., 2D): x̂1 = bf16(x), x̂2 = bf16(x − x̂1) (x − x̂1 is exact in
+    fp32); x − x̂1 − x̂2 is ~2^-16 of x."""
+    first = x.to(torch.bfloat16)
+    return torch.cat([first, (x - first.float()).to(torch.bfloat16)], dim=-1)
+
+
+def split_residual_weights(x: torch.Tensor, split: torch.Tensor) -> torch.Tensor:
+    """Each centred key's weight w = ‖x − x̂1 − x̂2‖·(1 + 2^-10) + 2^-14·‖x‖ in the split-bf16 score bound
+    (`split_score_bounds`; x (..., D), split its [x̂1 | x̂2])."""
+    D = x.shape[-1]
+    residual = (x - split[..., :D].float()) - split[..., D:].float()
+    return (torch.linalg.vector_norm(residual, dim=-1) * (1 + 2.0 ** -10)
+            + 2.0 ** -14 * torch.linalg.vector_norm(x, dim=-1))
+
+
+def split_score_bounds(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For query rows q (..., D) float32: (split, eps, eps2), split = [q̂1 | q̂2] (`split_bf16`), such that the tile
+    score ŝ = q̂1·k̂1 + q̂1·k̂2 + q̂2·k̂1 of a centred key x = k̂1 + k̂2 + r ([k̂1 | k̂2] = split_bf16(x)), summed in
+    fp32 in any order, has |ŝ − q·x| ≤ eps·‖x‖ + eps2·w(x) (w: `split_residual_weights`), for D ≤ 64. Why: with
+    q = q̂1 + q̂2 + ρ, q·x = ŝ_exact + q̂2·k̂2 + (q̂1 + q̂2)·r + ρ·x, and ‖k̂2‖ ≤ (1 + 2^-8)·2^-8·‖x‖ (each part
+    rounds within 2^-8 of what it rounds), so eps = (‖ρ‖ + 2^-8·(1 + 2^-7)·‖q̂2‖)·(1 + 2^-10) and
+    eps2 = (‖q̂1‖ + ‖q̂2‖)·(1 + 2^-10) cover the three; the fp32 sum of 3D ≤ 192 exact products, each addition
+    within 2^-23 (any faithful rounding), is within 2^-15.4·Σ|terms| ≤ 2^-15.4·(1 + 2^-6)·(‖q̂1‖ + ‖q̂2‖)·‖x‖,
+    which the 2^-14·‖x‖ in w covers with margin. About 2^-14 of a score, against 2^-8 for one bf16 product."""
+    D = rows.shape[-1]
+    split = split_bf16(rows)
+    first, second = split[..., :D].float(), split[..., D:].float()
+    rho = (rows - first) - second
+    margin = 1 + 2.0 ** -10
+    n2 = torch.linalg.vector_norm(second, dim=-1)
+    eps = (torch.linalg.vector_norm(rho, dim=-1) + 2.0 ** -8 * (1 + 2.0 ** -7) * n2) * margin
+    eps2 = (torch.linalg.vector_norm(first, dim=-1) + n2) * margin
+    return split, eps, eps2
+
+
 class Bf16KeyCopy:
     """A second copy of a growing key store, for exact top-k lookups of a few query rows (decoding) at half the
     bytes read: the keys minus a fixed centre, in bf16, stored in blocks of 16 keys (component-major inside a

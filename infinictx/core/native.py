@@ -611,6 +611,329 @@ int select_bounded_rows(const float *s, int64_t s_hs, int64_t s_rs,
                    select_bounded_range(s, s_hs, s_rs, q, q_hs, q_rs, keys, k_hs, k_rs, kn, kn_hs, eps, slack, R, D,
                                         n, k, lo, hi, out_v, out_i, ncand))
 }
+
+/* ---- AMX (Intel Advanced Matrix Extensions): LongCache's exact selection from split-bf16 tile scores ----
+   The path above scores every query row against every key in a torch bf16 matmul, writes the scores out and
+   `select_exact_range` reads them back; on real text the bf16 error bound (~1% of a score) leaves tens to hundreds
+   of keys per row to re-score in fp32 (layer 20 of a 16K read: 171 per row). Here AMX tiles score with each query
+   and each centred key split in two bf16 parts, q ≈ q̂1 + q̂2 and x ≈ k̂1 + k̂2, summing the three products
+   q̂1·k̂1 + q̂1·k̂2 + q̂2·k̂1 in fp32 (the fourth, q̂2·k̂2, and the parts' residuals go into the bound): ~2^-14 of a
+   score instead of 2^-8, so few keys are candidates, at three times the tile work of one product. Nothing
+   but each 16-key block's maximum per row is kept, and a key block's tiles are loaded once for all rows.
+   Pass 1 (`amx_maxima`): block maxima over the keys not excluded. Pass 2 (`amx_select`), per group of 16 rows:
+   each row's bound from the maxima (as in `select_exact_range`), the blocks where some row of the group can still
+   have a candidate re-scored by tiles, their keys tested 16 rows at a time, the candidates re-scored in fp32.
+   Rows and keys arrive split: each key row [k̂1 | k̂2] (2D bf16), each query row [q̂1 | q̂2]. D = 32 or 64. */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define AMX_NETWORK_K 16   /* up to this k, the rows' k-th best bounds by a vector insertion network */
+
+/* the kernel's permission to use the AMX tile data (Linux asks each process to request it once) */
+int amx_ready(void) {
+    static int state = 0;   /* 0 not asked yet, 1 granted, -1 refused */
+    if (state == 0)
+        state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0 ? 1 : -1;
+    return state == 1;
+}
+
+struct tile_config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+/* every tile 16 rows × 64 bytes (per thread: the tile state is a thread's) */
+static void amx_configure(void) {
+    struct tile_config cfg __attribute__((aligned(64)));
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+    _tile_loadconfig(&cfg);
+}
+
+/* Tiles: 0, 1 scores (row j: key j's scores of 16 query rows); 2, 3 the block's k̂1 dims 0-31, 32-63; 4, 5 its
+   k̂2 dims 0-31, 32-63 (loaded once per block); 6, 7 query tiles, 32 dims of q̂1 or q̂2 of 16 rows packed in pairs
+   of dims (the B operand's layout), group g's 2D / 32 tiles at qp + 32·D·g: q̂1's first, then q̂2's.
+   kj: 16 key rows of 2D bf16. */
+static inline void amx_keys(const uint16_t *kj, int64_t D) {
+    _tile_loadd(2, kj, 4 * D);
+    _tile_loadd(4, kj + D, 4 * D);
+    if (D == 64) {
+        _tile_loadd(3, kj + 32, 4 * D);
+        _tile_loadd(5, kj + D + 32, 4 * D);
+    }
+}
+
+/* buf[16 j + i] and buf[256 + 16 j + i]: key j's split score with row i of the groups at qa and qb */
+static inline void amx_pair_scores(const uint16_t *qa, const uint16_t *qb, int64_t D, float *buf) {
+    const int64_t lo2 = D / 32 * 512;   /* where a group's q̂2 tiles start */
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_loadd(6, qa, 64);
+    _tile_dpbf16ps(0, 2, 6);   /* q̂1·k̂1 */
+    _tile_dpbf16ps(0, 4, 6);   /* q̂1·k̂2 */
+    _tile_loadd(7, qb, 64);
+    _tile_dpbf16ps(1, 2, 7);
+    _tile_dpbf16ps(1, 4, 7);
+    if (D == 64) {
+        _tile_loadd(6, qa + 512, 64);
+        _tile_dpbf16ps(0, 3, 6);
+        _tile_dpbf16ps(0, 5, 6);
+        _tile_loadd(7, qb + 512, 64);
+        _tile_dpbf16ps(1, 3, 7);
+        _tile_dpbf16ps(1, 5, 7);
+    }
+    _tile_loadd(6, qa + lo2, 64);
+    _tile_dpbf16ps(0, 2, 6);   /* q̂2·k̂1 */
+    _tile_loadd(7, qb + lo2, 64);
+    _tile_dpbf16ps(1, 2, 7);
+    if (D == 64) {
+        _tile_loadd(6, qa + lo2 + 512, 64);
+        _tile_dpbf16ps(0, 3, 6);
+        _tile_loadd(7, qb + lo2 + 512, 64);
+        _tile_dpbf16ps(1, 3, 7);
+    }
+    _tile_stored(0, buf, 64);
+    _tile_stored(1, buf + 256, 64);
+}
+
+/* buf[16 j + i]: one group's scores (tiles 0, 6 only) */
+static inline void amx_group_scores(const uint16_t *qa, int64_t D, float *buf) {
+    const int64_t lo2 = D / 32 * 512;
+    _tile_zero(0);
+    _tile_loadd(6, qa, 64);
+    _tile_dpbf16ps(0, 2, 6);
+    _tile_dpbf16ps(0, 4, 6);
+    if (D == 64) {
+        _tile_loadd(6, qa + 512, 64);
+        _tile_dpbf16ps(0, 3, 6);
+        _tile_dpbf16ps(0, 5, 6);
+    }
+    _tile_loadd(6, qa + lo2, 64);
+    _tile_dpbf16ps(0, 2, 6);
+    if (D == 64) {
+        _tile_loadd(6, qa + lo2 + 512, 64);
+        _tile_dpbf16ps(0, 3, 6);
+    }
+    _tile_stored(0, buf, 64);
+}
+
+/* block b's key rows: in place for a full block, else its keys copied into tail (16 rows of 2D, zero past the
+   n − 16b real keys, whose scores are then ignored) */
+static inline const uint16_t *amx_block(const uint16_t *kh, int64_t D, int64_t n, int64_t b, uint16_t *tail) {
+    if (16 * b + 16 <= n) return kh + 16 * b * 2 * D;
+    memset(tail, 0, sizeof(uint16_t) * 16 * 2 * D);
+    memcpy(tail, kh + 16 * b * 2 * D, sizeof(uint16_t) * (n - 16 * b) * 2 * D);
+    return tail;
+}
+
+/* the largest of the 16 scores rows of buf over the keys in `keep` (bit j: key j), −inf when none */
+static inline __m512 amx_block_max(const float *buf, unsigned keep) {
+    if (keep == 0xFFFFu) {
+        __m512 m0 = _mm512_load_ps(buf), m1 = _mm512_load_ps(buf + 16);
+        __m512 m2 = _mm512_load_ps(buf + 32), m3 = _mm512_load_ps(buf + 48);
+        for (int j = 4; j < 16; j += 4) {
+            m0 = _mm512_max_ps(m0, _mm512_load_ps(buf + 16 * j));
+            m1 = _mm512_max_ps(m1, _mm512_load_ps(buf + 16 * j + 16));
+            m2 = _mm512_max_ps(m2, _mm512_load_ps(buf + 16 * j + 32));
+            m3 = _mm512_max_ps(m3, _mm512_load_ps(buf + 16 * j + 48));
+        }
+        return _mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3));
+    }
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    for (; keep; keep &= keep - 1) m = _mm512_max_ps(m, _mm512_load_ps(buf + 16 * __builtin_ctz(keep)));
+    return m;
+}
+
+/* the keys of block b that can be selected: real (below n) and not excluded */
+static inline unsigned amx_keep(const uint8_t *ex, int64_t n, int64_t b) {
+    int64_t valid = n - 16 * b < 16 ? n - 16 * b : 16;
+    unsigned keep = valid == 16 ? 0xFFFFu : (1u << valid) - 1;
+    if (ex)
+        for (int64_t j = 0; j < valid; j++)
+            if (ex[16 * b + j]) keep &= ~(1u << j);
+    return keep;
+}
+
+/* Pass 1, units u0..u1-1 of H heads × nb blocks of 16 keys (unit u: head u / nb, block u % nb): the block's
+   largest score per query row over its keys not excluded, maxima[((h·G + g)·nb + b)·16 + i] for row 16g + i
+   (G even: groups scored in pairs; rows past R are zero in qp and their maxima unused). kb: the split keys
+   (head stride kb_hs, rows of 2D); qp: the packed split rows (head stride qp_hs). NaN scores may be dropped
+   from a maximum: such rows then find fewer than k candidates and the caller falls back. */
+static int amx_maxima_range(const uint16_t *kb, int64_t kb_hs, const uint16_t *qp, int64_t qp_hs, int64_t G,
+                            int64_t D, int64_t n, const uint8_t *excl, int64_t ex_hs, float *maxima,
+                            int64_t u0, int64_t u1) {
+    const int64_t nb = (n + 15) / 16;
+    float buf[512] __attribute__((aligned(64)));
+    uint16_t *tail = malloc(sizeof(uint16_t) * 16 * 2 * D);
+    if (!tail) return -1;
+    amx_configure();
+    for (int64_t u = u0; u < u1; u++) {
+        const int64_t h = u / nb, b = u % nb;
+        const unsigned keep = amx_keep(excl ? excl + h * ex_hs : 0, n, b);
+        float *out = maxima + (h * G * nb + b) * 16;
+        if (!keep) {   /* every key excluded: the block never passes */
+            for (int64_t g = 0; g < G; g++) _mm512_store_ps(out + g * nb * 16, _mm512_set1_ps(-INFINITY));
+            continue;
+        }
+        amx_keys(amx_block(kb + h * kb_hs, D, n, b, tail), D);
+        const uint16_t *qh = qp + h * qp_hs;
+        for (int64_t g = 0; g < G; g += 2) {
+            amx_pair_scores(qh + 32 * D * g, qh + 32 * D * (g + 1), D, buf);
+            _mm512_store_ps(out + g * nb * 16, amx_block_max(buf, keep));
+            _mm512_store_ps(out + (g + 1) * nb * 16, amx_block_max(buf + 256, keep));
+        }
+    }
+    _tile_release();
+    free(tail);
+    return 0;
+}
+
+int amx_maxima(const uint16_t *kb, int64_t kb_hs, const uint16_t *qp, int64_t qp_hs, int64_t G, int64_t D,
+               int64_t n, const uint8_t *excl, int64_t ex_hs, float *maxima, int64_t u0, int64_t u1,
+               int64_t threads) {
+    if (!amx_ready()) return -2;
+    PARALLEL_RANGE(threads, u0, u1, lo, hi,
+                   amx_maxima_range(kb, kb_hs, qp, qp_hs, G, D, n, excl, ex_hs, maxima, lo, hi))
+}
+
+/* Pass 2, units u0..u1-1 of H heads × G groups of 16 rows: each row's exact fp32 top-k, as `select_exact_range`
+   finds it (its bound with no `rel` term; bn, bn2: the weights' maxima over blocks of 16), from pass 1's maxima;
+   the other arguments as there. */
+static int amx_select_range(const uint16_t *kb, int64_t kb_hs, const uint16_t *qp, int64_t qp_hs, const float *maxima,
+                            int64_t G, const float *q, int64_t q_hs, int64_t q_rs,
+                            const float *keys, int64_t k_hs, int64_t k_rs,
+                            const float *kn, int64_t kn_hs, const float *bn, int64_t bn_hs, const float *eps,
+                            const float *kn2, int64_t kn2_hs, const float *bn2, int64_t bn2_hs, const float *eps2,
+                            const float *slack, const uint8_t *excl, int64_t ex_hs,
+                            int64_t R, int64_t D, int64_t n, int64_t k, int64_t u0, int64_t u1,
+                            int64_t *out_i, int64_t *ncand) {
+    const int64_t nb = (n + 15) / 16;
+    int status = 0;
+    float buf[256] __attribute__((aligned(64)));
+    float *lb = malloc(sizeof(float) * nb), *hv = malloc(sizeof(float) * k), *cs = malloc(sizeof(float) * n);
+    uint16_t *pass = malloc(sizeof(uint16_t) * nb), *tail = malloc(sizeof(uint16_t) * 16 * 2 * D);
+    uint32_t *work = malloc(sizeof(uint32_t) * nb);
+    int32_t *ci = malloc(sizeof(int32_t) * 16 * n);   /* row i's candidates at ci + i·n */
+    int64_t *pos = malloc(sizeof(int64_t) * n);
+    if (!lb || !hv || !cs || !pass || !tail || !work || !ci || !pos) {
+        free(lb); free(hv); free(cs); free(pass); free(tail); free(work); free(ci); free(pos);
+        return -1;
+    }
+    amx_configure();
+    for (int64_t u = u0; u < u1; u++) {
+        const int64_t h = u / G, g = u % G, r0 = 16 * g;
+        const int64_t nq = R - r0 < 16 ? (R - r0 > 0 ? R - r0 : 0) : 16;
+        if (nq == 0) continue;   /* a padding group */
+        const float *mx = maxima + (h * G + g) * nb * 16, *bnorm = bn + h * bn_hs, *bnorm2 = bn2 + h * bn2_hs;
+        const float *norm = kn + h * kn_hs, *norm2 = kn2 + h * kn2_hs;
+        const uint8_t *ex = excl ? excl + h * ex_hs : 0;
+        float tau[16], e[16], e2[16], sl[16];
+        int64_t c[16];
+        for (int64_t i = 0; i < 16; i++) {   /* rows past R: zero bounds, never a candidate */
+            e[i] = e2[i] = sl[i] = 0;
+            c[i] = 0;
+        }
+        for (int64_t i = 0; i < nq; i++) {
+            const int64_t t = h * R + r0 + i;
+            e[i] = eps[t]; e2[i] = eps2[t]; sl[i] = slack[t];
+        }
+        const __m512 ve = _mm512_loadu_ps(e), ve2 = _mm512_loadu_ps(e2), vsl = _mm512_loadu_ps(sl);
+        const __mmask16 rows = (__mmask16)((1u << nq) - 1);
+        /* the k blocks with the best lower bounds hold k distinct keys scoring at least tau exactly: the 16 rows'
+           k-th best lower bounds at once (an insertion network over each row's k best; NaN bounds passed over as
+           −inf, as `kth_best` passes them over), or row by row for a large k */
+        if (k <= AMX_NETWORK_K) {
+            __m512 best[AMX_NETWORK_K];
+            for (int64_t l = 0; l < k; l++) best[l] = _mm512_set1_ps(-INFINITY);
+            for (int64_t b = 0; b < nb; b++) {
+                __m512 d = _mm512_add_ps(_mm512_fmadd_ps(ve2, _mm512_set1_ps(bnorm2[b]),
+                                                         _mm512_mul_ps(ve, _mm512_set1_ps(bnorm[b]))), vsl);
+                __m512 v = _mm512_sub_ps(_mm512_load_ps(mx + 16 * b), d);
+                v = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v);
+                for (int64_t l = 0; l < k; l++) {
+                    __m512 hi = _mm512_max_ps(best[l], v);
+                    v = _mm512_min_ps(best[l], v);
+                    best[l] = hi;
+                }
+            }
+            _mm512_storeu_ps(tau, best[k - 1]);
+        } else {
+            for (int64_t i = 0; i < nq; i++) {
+                for (int64_t b = 0; b < nb; b++)
+                    lb[b] = mx[16 * b + i] - ((e2[i] * bnorm2[b] + e[i] * bnorm[b]) + sl[i]);
+                tau[i] = kth_best(lb, work, nb, k);
+            }
+        }
+        const __m512 vtau = _mm512_loadu_ps(tau);
+        for (int64_t b = 0; b < nb; b++) {   /* blocks whose upper bound reaches a row's tau hold its candidates */
+            __m512 d = _mm512_add_ps(_mm512_fmadd_ps(ve2, _mm512_set1_ps(bnorm2[b]),
+                                                     _mm512_mul_ps(ve, _mm512_set1_ps(bnorm[b]))), vsl);
+            pass[b] = _mm512_mask_cmp_ps_mask(rows, _mm512_add_ps(_mm512_load_ps(mx + 16 * b), d), vtau, _CMP_GE_OQ);
+        }
+        const uint16_t *qg = qp + h * qp_hs + 32 * D * g, *kh = kb + h * kb_hs;
+        for (int64_t b = 0; b < nb; b++) {
+            if (!pass[b]) continue;
+            amx_keys(amx_block(kh, D, n, b, tail), D);
+            amx_group_scores(qg, D, buf);
+            for (unsigned keep = amx_keep(ex, n, b); keep; keep &= keep - 1) {   /* key 16b + j, 16 rows at once */
+                const int64_t j = __builtin_ctz(keep), key = 16 * b + j;
+                __m512 w = _mm512_fmadd_ps(ve2, _mm512_set1_ps(norm2[key]),
+                                           _mm512_mul_ps(ve, _mm512_set1_ps(norm[key])));
+                __m512 up = _mm512_add_ps(_mm512_add_ps(w, _mm512_load_ps(buf + 16 * j)), vsl);
+                unsigned m = _mm512_cmp_ps_mask(up, vtau, _CMP_GE_OQ) & pass[b];
+                for (; m; m &= m - 1) {
+                    int i = __builtin_ctz(m);
+                    ci[i * n + c[i]++] = (int32_t)key;
+                }
+            }
+        }
+        for (int64_t i = 0; i < nq; i++) {   /* exact scores of the candidates, in index order (the heap's tie rule) */
+            const int64_t t = h * R + r0 + i;
+            rescore(q + h * q_hs + (r0 + i) * q_rs, keys + h * k_hs, k_rs, D, ci + i * n, c[i], cs, pos);
+            ncand[t] = c[i];
+            if (c[i] < k) { status = 1; continue; }
+            heap_topk(cs, pos, c[i], k, hv, out_i + t * k);
+        }
+    }
+    _tile_release();
+    free(lb); free(hv); free(cs); free(pass); free(tail); free(work); free(ci); free(pos);
+    return status;
+}
+
+int amx_select(const uint16_t *kb, int64_t kb_hs, const uint16_t *qp, int64_t qp_hs, const float *maxima, int64_t G,
+               const float *q, int64_t q_hs, int64_t q_rs, const float *keys, int64_t k_hs, int64_t k_rs,
+               const float *kn, int64_t kn_hs, const float *bn, int64_t bn_hs, const float *eps,
+               const float *kn2, int64_t kn2_hs, const float *bn2, int64_t bn2_hs, const float *eps2,
+               const float *slack, const uint8_t *excl, int64_t ex_hs,
+               int64_t R, int64_t D, int64_t n, int64_t k, int64_t u0, int64_t u1,
+               int64_t *out_i, int64_t *ncand, int64_t threads) {
+    if (!amx_ready()) return -2;
+    PARALLEL_RANGE(threads, u0, u1, lo, hi,
+                   amx_select_range(kb, kb_hs, qp, qp_hs, maxima, G, q, q_hs, q_rs, keys, k_hs, k_rs, kn, kn_hs, bn,
+                                    bn_hs, eps, kn2, kn2_hs, bn2, bn2_hs, eps2, slack, excl, ex_hs, R, D, n, k, lo,
+                                    hi, out_i, ncand))
+}
+#else
+int amx_ready(void) { return 0; }
+
+int amx_maxima(const uint16_t *kb, int64_t kb_hs, const uint16_t *qp, int64_t qp_hs, int64_t G, int64_t D,
+               int64_t n, const uint8_t *excl, int64_t ex_hs, float *maxima, int64_t u0, int64_t u1,
+               int64_t threads) {
+    return -2;
+}
+
+int amx_select(const uint16_t *kb, int64_t kb_hs, const uint16_t *qp, int64_t qp_hs, const float *maxima, int64_t G,
+               const float *q, int64_t q_hs, int64_t q_rs, const float *keys, int64_t k_hs, int64_t k_rs,
+               const float *kn, int64_t kn_hs, const float *bn, int64_t bn_hs, const float *eps,
+               const float *kn2, int64_t kn2_hs, const float *bn2, int64_t bn2_hs, const float *eps2,
+               const float *slack, const uint8_t *excl, int64_t ex_hs,
+               int64_t R, int64_t D, int64_t n, int64_t k, int64_t u0, int64_t u1,
+               int64_t *out_i, int64_t *ncand, int64_t threads) {
+    return -2;
+}
+#endif
 """
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared"]
 # OpenMP first: where torch runs on one OpenMP runtime (linux wheels: libgomp), the kernels then split their work over
@@ -705,6 +1028,19 @@ def _load(lib: Path | None) -> ctypes.CDLL | None:
                   + ([ctypes.c_void_p, ctypes.c_int64] * 2 + [ctypes.c_void_p]) * 2 + [ctypes.c_float]
                   + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 7 + [ctypes.c_void_p, ctypes.c_void_p]
                   + [ctypes.c_int64])
+    handle.amx_ready.restype = ctypes.c_int
+    handle.amx_ready.argtypes = []
+    f = handle.amx_maxima
+    f.restype = ctypes.c_int
+    f.argtypes = ([ctypes.c_void_p, ctypes.c_int64] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64]
+                  + [ctypes.c_void_p] + [ctypes.c_int64] * 3)
+    f = handle.amx_select
+    f.restype = ctypes.c_int
+    f.argtypes = ([ctypes.c_void_p, ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int64]
+                  + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] * 2
+                  + ([ctypes.c_void_p, ctypes.c_int64] * 2 + [ctypes.c_void_p]) * 2
+                  + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 7 + [ctypes.c_void_p, ctypes.c_void_p]
+                  + [ctypes.c_int64])
     return handle
 
 
@@ -794,6 +1130,70 @@ def select_exact(scores: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, key_
     codes = _run_rows(lambda r0, r1, t: _lib.select_exact_rows(*args, r0, r1, idx.data_ptr(), ncand.data_ptr(), t),
                       H * R, H * R * n)
     if any(c < 0 for c in codes):
+        raise MemoryError("native selection: out of memory")
+    if any(codes):
+        return None
+    return idx.view(H, R, k), ncand.view(H, R)
+
+
+def has_amx() -> bool:
+    """Whether `select_exact_amx` runs here: built for a CPU with AMX (bf16 tiles) and the OS lets this process use
+    the tiles."""
+    return available() and bool(_lib.amx_ready())
+
+
+def _block_maxima(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Maxima (H, ceil(n / block)) of x (H, n) over consecutive blocks."""
+    nb = -(-x.shape[-1] // block)
+    return F.pad(x, (0, block * nb - x.shape[-1])).view(x.shape[0], nb, block).amax(-1)
+
+
+def select_exact_amx(keys_split: torch.Tensor, rows_split: torch.Tensor, q: torch.Tensor, keys: torch.Tensor,
+                     key_norms: torch.Tensor, eps: torch.Tensor, k: int, slack: torch.Tensor,
+                     excluded: torch.Tensor | None, key_norms2: torch.Tensor, eps2: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Exact fp32 top-k indices of q·k per row, as `select_exact` finds them, from split-bf16 scores computed by AMX
+    tiles inside the kernel (`amx_maxima`, then `amx_select`) and never stored. keys_split (H, n, 2D) bfloat16:
+    each (centred) key as [k̂1 | k̂2] (rows contiguous, any head stride); rows_split (H, R, 2D) bfloat16: each row
+    as [q̂1 | q̂2]; the tile score ŝ = q̂1·k̂1 + q̂1·k̂2 + q̂2·k̂1 (fp32 sums of exact products) must meet
+    |ŝ − q·x| ≤ eps·key_norms + eps2·key_norms2 + slack (`kernels.split_score_bounds`); q, keys, excluded as in
+    `select_exact`. D = 32 or 64; 1 <= k <= n / 16. Returns (indices (H, R, k), candidates re-scored per row
+    (H, R)), or None when a row had NaN scores (the caller takes another path). Call only when `has_amx()`."""
+    H, R, D = q.shape
+    n = keys_split.shape[1]
+    assert keys_split.dtype == rows_split.dtype == torch.bfloat16 and keys_split.stride()[1:] == (2 * D, 1)
+    assert rows_split.shape[-1] == 2 * D and keys.stride(-1) == 1 and D in (32, 64) and 1 <= k <= n // 16
+    assert excluded is None or (excluded.dtype == torch.uint8 and excluded.stride(-1) == 1)
+    q, eps, eps2 = q.contiguous(), eps.contiguous(), eps2.contiguous()
+    if key_norms.stride(-1) != 1:
+        key_norms = key_norms.contiguous()
+    if key_norms2.stride(-1) != 1:
+        key_norms2 = key_norms2.contiguous()
+    # AMX treats denormal inputs and results as zero: at most ~3D · 2^-126 · (1 + |q| + |x|) per score, covered
+    # (with a wide margin) by this addition to the slack
+    slack = (slack + 2.0 ** -100 * (1 + torch.linalg.vector_norm(q, dim=-1) + key_norms.amax(-1)[:, None])).contiguous()
+    block_norms, block_norms2 = _block_maxima(key_norms, 16), _block_maxima(key_norms2, 16)
+    # the rows in groups of 16 (an even number of groups: pass 1 scores them in pairs), each group as the tiles'
+    # B operand: packed[h, g, s, p, i, e] = row 16g + i's dim 32s + 2p + e of [q̂1 | q̂2] (rows past R zero)
+    G = 2 * -(-R // 32)
+    packed = F.pad(rows_split, (0, 0, 0, 16 * G - R)).view(H, G, 16, D // 16, 16, 2).permute(0, 1, 3, 4, 2, 5)
+    packed = packed.contiguous()
+    nb = -(-n // 16)
+    maxima = torch.empty(H, G, nb, 16)
+    ex = (None, 0) if excluded is None else (excluded.data_ptr(), excluded.stride(0))
+    args = (keys_split.data_ptr(), keys_split.stride(0), packed.data_ptr(), packed.stride(0))
+    codes = _run_rows(lambda u0, u1, t: _lib.amx_maxima(*args, G, D, n, *ex, maxima.data_ptr(), u0, u1, t), H * nb,
+                      3 * H * R * n)
+    if not any(codes):
+        idx = torch.empty(H * R, k, dtype=torch.int64)
+        ncand = torch.empty(H * R, dtype=torch.int64)
+        args += (maxima.data_ptr(), G, q.data_ptr(), q.stride(0), q.stride(1), keys.data_ptr(), keys.stride(0),
+                 keys.stride(1), key_norms.data_ptr(), key_norms.stride(0), block_norms.data_ptr(),
+                 block_norms.stride(0), eps.data_ptr(), key_norms2.data_ptr(), key_norms2.stride(0),
+                 block_norms2.data_ptr(), block_norms2.stride(0), eps2.data_ptr(), slack.data_ptr(), *ex, R, D, n, k)
+        codes = _run_rows(lambda u0, u1, t: _lib.amx_select(*args, u0, u1, idx.data_ptr(), ncand.data_ptr(), t),
+                          H * G, H * R * n)
+    if any(c == -1 for c in codes):
         raise MemoryError("native selection: out of memory")
     if any(codes):
         return None

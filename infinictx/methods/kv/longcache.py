@@ -14,6 +14,7 @@ official code). The cache itself is not compressed: LongCache bounds what attent
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,16 @@ import torch
 from ...core import native
 from ...core.attention import KVBuffer, local_attention
 from ...core.errors import InfinictxError
-from ...core.kernels import Scratch, block_topk, matmul_heads, residual_weights, stable_topk
+from ...core.kernels import (
+    Scratch,
+    block_topk,
+    matmul_heads,
+    residual_weights,
+    split_bf16,
+    split_residual_weights,
+    split_score_bounds,
+    stable_topk,
+)
 from ...core.models import DTYPES, LoadedModel, cpu_has_fast_bf16
 from ...core.registry import register_method, setting
 from ...core.session import check_window
@@ -51,6 +61,9 @@ KERNELS = ("fast", "fast-fp32", "reference")
 # the fp32 matmul is cheap and re-scoring costs more than it saves)
 BF16_MIN_ROWS = 64
 BF16_MIN_KEYS = 4096
+# the AMX kernel's split scores pay from far fewer keys (its bound leaves few to re-score; one 16K read's chunk,
+# 384 rows per KV head: 2.0 vs 2.2 ms at 512 keys, 3.4 vs 6.8 ms at 2,048, against fp32 scores + native top-k)
+AMX_MIN_KEYS = 512
 
 
 class LongCachePolicy(KVPolicy):
@@ -129,7 +142,7 @@ class LongCachePolicy(KVPolicy):
         mid_start, mid_end = self.global_tokens, past - self.local_size(T)
         if mid_end > mid_start:
             middle = None if candidates is None else (
-                *(c[:, :, mid_start:mid_end] for c in candidates[:4]), candidates[4])
+                *(c[:, :, mid_start:mid_end] for c in candidates[:5]), candidates[5])
             picked = self.select(q, select_keys[:, :, mid_start:mid_end], middle) + mid_start
             self.selected[i] = len(picked)
             idx = torch.cat([torch.arange(mid_start, device=q.device), picked,
@@ -145,25 +158,32 @@ class LongCachePolicy(KVPolicy):
 
     def _candidate_copies(self, i: int, keys: torch.Tensor, k: torch.Tensor, past: int) -> tuple:
         """The bf16-candidate selection's copies of layer i, kept in step with the cache (rebuilt once when out
-        of step, e.g. a cache saved before they existed): (keys − centre in bf16, their fp32 norms). Why a
+        of step, e.g. a cache saved before they existed): the keys − centre split in two bf16 parts [k̂1 | k̂2]
+        (`split_bf16`: the AMX kernel scores with both, the bf16 matmul with k̂1), their fp32 norms, each key's
+        weight in the one-product and in the split bound, the duplicate flags, each head's largest norm. Why a
         centre: q·(k − c) ranks keys as q·k does (q·c is the same for every key of a row), and the keys share a
         large common part: its removal shrinks the norms the error bound scales with (real text, 4K tokens:
         31 → 13 keys re-scored per row)."""
         k16, norms, residuals = self.candidate_keys[i], self.key_norms[i], self.key_residuals[i]
-        if len(k16) != past or len(norms) != past or len(residuals) != past or self.key_centres[i] is None:
+        # copies of an earlier layout (one bf16 part, one weight) are rebuilt too
+        old_layout = (len(k16) and k16.keys().shape[-1] != 2 * k.shape[-1]) or (
+            len(residuals) and residuals.keys().shape[-1] != 2)
+        if (old_layout or len(k16) != past or len(norms) != past or len(residuals) != past
+                or self.key_centres[i] is None):
             for b in (k16, norms, residuals):   # a new centre: the copies are rebuilt from the cache
                 b.truncate(0)
             self.key_centres[i] = keys.mean(2, keepdim=True)
         centre = self.key_centres[i]
-        _mirror(k16, keys, k, past, lambda x: (x - centre).to(torch.bfloat16))
+        _mirror(k16, keys, k, past, lambda x: split_bf16(x - centre))
         _mirror(norms, keys, k, past, lambda x: torch.linalg.vector_norm(x - centre, dim=-1, keepdim=True))
-        _mirror(residuals, keys, k, past, lambda x: residual_weights(x - centre)[..., None])
+        _mirror(residuals, keys, k, past, lambda x: _key_weights(x - centre))
         # a running maximum: keys dropped by an uncommitted forward may still count (a larger slack, still a bound)
         old_max = self.key_norm_max[i]
         new_max = torch.linalg.vector_norm(keys if old_max is None else k, dim=-1).amax(-1)[0]
         self.key_norm_max[i] = new_max if old_max is None else torch.maximum(old_max, new_max)
-        return (k16.keys(), norms.keys()[..., 0], residuals.keys()[..., 0], self._duplicate_flags(i, keys, k, past),
-                self.key_norm_max[i])
+        weights = residuals.keys()
+        return (k16.keys(), norms.keys()[..., 0], weights[..., 0], weights[..., 1],
+                self._duplicate_flags(i, keys, k, past), self.key_norm_max[i])
 
     def _duplicate_flags(self, i: int, keys: torch.Tensor, k: torch.Tensor, past: int) -> torch.Tensor:
         """Flags (1, Hkv, past + T) of layer i's keys that can never be selected: each has at least `topk`
@@ -218,8 +238,12 @@ class LongCachePolicy(KVPolicy):
         k_top = min(self.topk, M)
         votes = torch.zeros(M, dtype=torch.long, device=q.device)
         n_rows = rows.shape[2]
-        bf16 = candidates is not None and n_rows >= BF16_MIN_ROWS and M >= max(BF16_MIN_KEYS, 128 * k_top)
-        if bf16:
+        enough_rows = candidates is not None and n_rows >= BF16_MIN_ROWS
+        amx = enough_rows and _amx_here() and D in AMX_HEAD_DIMS and M >= max(AMX_MIN_KEYS, 16 * k_top)
+        bf16 = amx or (enough_rows and M >= max(BF16_MIN_KEYS, 128 * k_top))
+        if amx:
+            block = n_rows   # scored inside the selection kernel: no score matrix to bound
+        elif bf16:
             block = max(1, SCORE_BUDGET_BYTES // (2 * B * Hkv * M))
         elif self.fast:
             block = FP32_BLOCK_ROWS
@@ -230,7 +254,7 @@ class LongCachePolicy(KVPolicy):
         kt = k_mid.to(dtype).transpose(-1, -2)
         for r0 in range(0, n_rows, block):
             r = rows[:, :, r0:r0 + block]
-            idx = self._bf16_votes(r, k_mid, candidates, k_top) if bf16 else None
+            idx = self._bf16_votes(r, k_mid, candidates, k_top, amx) if bf16 else None
             if idx is None and self.fast:
                 scores = self.scratch.get((B, Hkv, r.shape[2], M), dtype, q.device)
                 matmul_heads(r, kt, scores)
@@ -247,18 +271,29 @@ class LongCachePolicy(KVPolicy):
         keep[(starts[:, None] + torch.arange(span, device=q.device)[None]).flatten()] = True
         return keep.nonzero().squeeze(1)
 
-    def _bf16_votes(self, r: torch.Tensor, k_mid: torch.Tensor, candidates: tuple, k_top: int):
+    def _bf16_votes(self, r: torch.Tensor, k_mid: torch.Tensor, candidates: tuple, k_top: int, amx: bool):
         """The exact fp32 top-k of the rows r (1, Hkv, R, D) over k_mid, found through bf16 scores of the
-        centred keys (AMX: ~5x the fp32 matmul's speed): every key whose exact score can reach the row's k-th
-        best by the bound (`bf16_score_bounds`) is re-scored in fp32 from the cache's keys
-        (`native.select_exact`). Indices (Hkv, R, k), or None (NaN scores: the caller takes the fp32 path)."""
-        k16, norms, residuals, excluded, norm_max = candidates
-        scores = self.scratch.get((1, k16.shape[1], r.shape[2], k16.shape[2]), torch.bfloat16, r.device)
-        r16 = r.to(torch.bfloat16)
-        matmul_heads(r16, k16.transpose(-1, -2), scores)
-        eps, eps_residual, slack = bf16_score_bounds(r[0], r16[0], norm_max)
-        found = native.select_exact(scores[0], r[0], k_mid[0], norms[0], eps, k_top, BF16_SCORE_REL, slack,
-                                    excluded[0] if k_top == self.topk else None, residuals[0], eps_residual)
+        centred keys: every key whose exact score can reach the row's k-th best by the bound is re-scored in fp32
+        from the cache's keys. amx: split-bf16 scores by AMX tiles (`native.select_exact_amx`, bound
+        `split_score_bounds`), else a bf16 matmul (~5x the fp32 matmul's speed with AMX; `native.select_exact`,
+        bound `bf16_score_bounds`). Indices (Hkv, R, k), or None (NaN scores: the caller takes the fp32 path)."""
+        k16, norms, residuals, split_residuals, excluded, norm_max = candidates
+        excluded = excluded[0] if k_top == self.topk else None
+        D = r.shape[-1]
+        if amx:
+            # split-bf16 scores by AMX tiles inside the selection kernel: a ~64x tighter bound (few keys to
+            # re-score) and no score matrix written out and read back
+            rows, eps, eps2 = split_score_bounds(r[0])
+            slack = AMX_SLACK * torch.linalg.vector_norm(r[0], dim=-1) * norm_max[:, None]
+            found = native.select_exact_amx(k16[0], rows, r[0], k_mid[0], norms[0], eps, k_top, slack, excluded,
+                                            split_residuals[0], eps2)
+        else:
+            r16 = r.to(torch.bfloat16)
+            eps, eps_residual, slack = bf16_score_bounds(r[0], r16[0], norm_max)
+            scores = self.scratch.get((1, k16.shape[1], r.shape[2], k16.shape[2]), torch.bfloat16, r.device)
+            matmul_heads(r16, k16[..., :D].transpose(-1, -2), scores)
+            found = native.select_exact(scores[0], r[0], k_mid[0], norms[0], eps, k_top, BF16_SCORE_REL, slack,
+                                        excluded, residuals[0], eps_residual)
         if found is None:
             return None
         self.rescored += int(found[1].sum())
@@ -322,6 +357,11 @@ def bf16_score_bounds(rows: torch.Tensor, rows16: torch.Tensor, key_norm_max: to
 _HASH_MULTIPLIERS = torch.randint(1, 2**62, (512,), generator=torch.Generator().manual_seed(0)) * 2 + 1
 
 
+def _key_weights(x: torch.Tensor) -> torch.Tensor:
+    """Each centred key's weights (..., N, 2) in the one-product bf16 bound and in the split bound."""
+    return torch.stack([residual_weights(x), split_residual_weights(x, split_bf16(x))], dim=-1)
+
+
 def _key_hashes(keys: torch.Tensor) -> torch.Tensor:
     """A 64-bit hash (..., N, 1) of each key's bytes (keys (..., N, D) float32): equal keys hash equal; unequal
     keys rarely do (callers compare the bytes before relying on equality)."""
@@ -331,6 +371,21 @@ def _key_hashes(keys: torch.Tensor) -> torch.Tensor:
 
 
 _FAST_BF16 = None
+_AMX = None
+AMX_HEAD_DIMS = (32, 64)   # what the tile kernel takes (each part of a key in one or two tiles of 32 dims)
+# The AMX selection's slack: BF16_SLACK (two keys' fp32 re-scores swapping) plus the rounding of the bound's own
+# arithmetic (ŝ ± d and the comparisons, a few fp32 operations on values up to 2·‖q‖·max‖k‖), which the split
+# bound's ~2^-14 no longer dwarfs
+AMX_SLACK = BF16_SLACK + 2.0 ** -19
+
+
+def _amx_here() -> bool:
+    """The selection kernel with AMX tiles runs here (built for AMX, the OS grants the tile state);
+    `INFINICTX_AMX=0` turns it off (then a bf16 matmul and `native.select_exact`: the same selection)."""
+    global _AMX
+    if _AMX is None:
+        _AMX = os.environ.get("INFINICTX_AMX", "1") != "0" and native.has_amx()
+    return _AMX
 
 
 def _fast_bf16_here() -> bool:
