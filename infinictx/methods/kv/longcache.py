@@ -414,8 +414,8 @@ class LongCacheConfig(MethodConfig):
                                        "AMX CPU: ~6% faster prefill at 32K, slower decode; far slower on CPUs "
                                        "without bf16 matmul)")
     # identity=False: the kernels select the same spans (tests: same selections, logits to 1e-4)
-    kernel: str = setting("fast", "selection kernel: fast (exact; on a CPU with AMX, bf16 scores find the "
-                          "candidates and fp32 re-scores them; elsewhere fp32 scores in blocks, native top-k), "
+    kernel: str = setting("fast", "selection kernel: fast (exact; on a CPU with AMX, split-bf16 tile scores find "
+                          "the candidates and fp32 re-scores them; elsewhere fp32 scores in blocks, native top-k), "
                           "fast-fp32 (fast with fp32 scores only) or reference (the original path, kept to check "
                           "against)", choices=KERNELS, identity=False)
 
