@@ -698,7 +698,8 @@ static inline void amx_pair_scores(const uint16_t *qa, const uint16_t *qb, int64
     _tile_stored(1, buf + 256, 64);
 }
 
-/* buf[16 j + i]: one group's scores (tiles 0, 6 only) */
+/* buf[16 j + i]: one group's scores (tiles 0, 6 only): `amx_pair_scores` for one group, written out again because
+   tile numbers must be compile-time constants */
 static inline void amx_group_scores(const uint16_t *qa, int64_t D, float *buf) {
     const int64_t lo2 = D / 32 * 512;
     _tile_zero(0);
