@@ -114,9 +114,10 @@ def weighted_rows(values: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor
     return out
 
 
-def residual_weights(x: torch.Tensor) -> torch.Tensor:
-    """Each centred key's weight w = ‖x − bf16(x)‖·(1 + 2^-10) + 2^-15·‖x‖ in the bf16 score bound (x (..., D))."""
-    residual = x - x.to(torch.bfloat16).float()
+def residual_weights(x: torch.Tensor, x16: torch.Tensor | None = None) -> torch.Tensor:
+    """Each centred key's weight w = ‖x − bf16(x)‖·(1 + 2^-10) + 2^-15·‖x‖ in the bf16 score bound (x (..., D);
+    x16: bf16(x) when the caller has it)."""
+    residual = x - (x.to(torch.bfloat16) if x16 is None else x16).float()
     return (torch.linalg.vector_norm(residual, dim=-1) * (1 + 2.0 ** -10)
             + 2.0 ** -15 * torch.linalg.vector_norm(x, dim=-1))
 

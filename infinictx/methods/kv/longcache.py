@@ -174,9 +174,9 @@ class LongCachePolicy(KVPolicy):
                 b.truncate(0)
             self.key_centres[i] = keys.mean(2, keepdim=True)
         centre = self.key_centres[i]
-        _mirror(k16, keys, k, past, lambda x: split_bf16(x - centre))
-        _mirror(norms, keys, k, past, lambda x: torch.linalg.vector_norm(x - centre, dim=-1, keepdim=True))
-        _mirror(residuals, keys, k, past, lambda x: _key_weights(x - centre))
+        for x in ((keys[:, :, :past],) if len(k16) != past else ()) + (k,):   # a rebuild, then the new keys
+            for copy, part in zip((k16, norms, residuals), _key_copies(x - centre)):
+                copy.append(part, part[..., :0])   # keys only: values of width 0
         # a running maximum: keys dropped by an uncommitted forward may still count (a larger slack, still a bound)
         old_max = self.key_norm_max[i]
         new_max = torch.linalg.vector_norm(keys if old_max is None else k, dim=-1).amax(-1)[0]
@@ -357,9 +357,12 @@ def bf16_score_bounds(rows: torch.Tensor, rows16: torch.Tensor, key_norm_max: to
 _HASH_MULTIPLIERS = torch.randint(1, 2**62, (512,), generator=torch.Generator().manual_seed(0)) * 2 + 1
 
 
-def _key_weights(x: torch.Tensor) -> torch.Tensor:
-    """Each centred key's weights (..., N, 2) in the one-product bf16 bound and in the split bound."""
-    return torch.stack([residual_weights(x), split_residual_weights(x, split_bf16(x))], dim=-1)
+def _key_copies(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The bf16-candidate copies of centred keys x (..., N, D), the split computed once: its parts [x̂1 | x̂2]
+    (bf16), the norms (..., N, 1) and the weights (..., N, 2) in the one-product and in the split bound."""
+    split = split_bf16(x)
+    weights = torch.stack([residual_weights(x, split[..., :x.shape[-1]]), split_residual_weights(x, split)], dim=-1)
+    return split, torch.linalg.vector_norm(x, dim=-1, keepdim=True), weights
 
 
 def _key_hashes(keys: torch.Tensor) -> torch.Tensor:
