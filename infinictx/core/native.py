@@ -1087,6 +1087,12 @@ def _run_rows(call, R: int, entries: int) -> list[int]:
     return list(_pool.map(lambda t: call(bounds[t], bounds[t + 1], 1), range(threads)))
 
 
+def _block_maxima(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Maxima (H, ceil(n / block)) of x (H, n) over consecutive blocks."""
+    nb = -(-x.shape[-1] // block)
+    return F.pad(x, (0, block * nb - x.shape[-1])).view(x.shape[0], nb, block).amax(-1)
+
+
 def select_exact(scores: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, key_norms: torch.Tensor,
                  eps: torch.Tensor, k: int, rel: float = 0.0, slack: torch.Tensor | None = None,
                  excluded: torch.Tensor | None = None, key_norms2: torch.Tensor | None = None,
@@ -1107,14 +1113,13 @@ def select_exact(scores: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, key_
     slack = torch.zeros_like(eps) if slack is None else slack.contiguous()
     if key_norms.stride(-1) != 1:
         key_norms = key_norms.contiguous()
-    nb = -(-n // 32)   # the kernel's blocks of 32 keys: their largest norms
-    block_norms = F.pad(key_norms, (0, 32 * nb - n)).view(H, nb, 32).amax(-1)
+    block_norms = _block_maxima(key_norms, 32)   # the kernel's blocks of 32 keys: their largest norms
     if key_norms2 is None:   # no second term: weight 0
         key_norms2, block_norms2, eps2 = key_norms, block_norms, torch.zeros_like(eps)
     else:
         if key_norms2.stride(-1) != 1:
             key_norms2 = key_norms2.contiguous()
-        block_norms2 = F.pad(key_norms2, (0, 32 * nb - n)).view(H, nb, 32).amax(-1)
+        block_norms2 = _block_maxima(key_norms2, 32)
         eps2 = eps2.contiguous()
     assert scores.dtype == torch.bfloat16 and scores.stride(-1) == 1 and keys.stride(-1) == 1
     assert excluded is None or (excluded.dtype == torch.uint8 and excluded.stride(-1) == 1)
@@ -1141,12 +1146,6 @@ def has_amx() -> bool:
     """Whether `select_exact_amx` runs here: built for a CPU with AMX (bf16 tiles) and the OS lets this process use
     the tiles."""
     return available() and bool(_lib.amx_ready())
-
-
-def _block_maxima(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Maxima (H, ceil(n / block)) of x (H, n) over consecutive blocks."""
-    nb = -(-x.shape[-1] // block)
-    return F.pad(x, (0, block * nb - x.shape[-1])).view(x.shape[0], nb, block).amax(-1)
 
 
 def select_exact_amx(keys_split: torch.Tensor, rows_split: torch.Tensor, q: torch.Tensor, keys: torch.Tensor,
