@@ -475,6 +475,70 @@ def test_bf16_key_copy_top_k_is_the_exact_fp32_topk(k, split, monkeypatch):
     assert copy.rescored < 0.3 * copy.rows * n   # it re-scored a small part of the keys
 
 
+def test_bf16_key_copy_native_append_writes_what_the_torch_path_writes(monkeypatch):
+    """The copy's native append (one call per decode step) stores the same bf16 keys, the same error weights (to
+    rounding: the bound's margin covers it) and the same running norm maximum as its torch path, appended one key at a
+    time or in chunks; the weights bound the bf16 score error."""
+    from infinictx.core import native
+    from infinictx.core.kernels import Bf16KeyCopy
+
+    if not native.available():
+        pytest.skip("no C compiler: the torch path is used (and tested) instead")
+    torch.manual_seed(2)
+    keys = torch.randn(3, 300, 64) * 4 + 0.5
+    keys[1, 7, :5] = torch.tensor([1e-30, -0.0, 1e15, 1e-41, 2.0 ** -126])   # tiny, signed zero, huge, denormal
+    copies = {}
+    for name, use_native in (("native", True), ("torch", False)):
+        monkeypatch.setattr(native, "available", lambda use_native=use_native: use_native)
+        copy = Bf16KeyCopy()
+        copy.append(keys[:, :100])
+        for j in range(100, 300):   # one key at a time, as decoding appends them
+            copy.append(keys[:, j:j + 1])
+        copies[name] = copy
+    a, b = copies["native"], copies["torch"]
+    assert len(a) == len(b) == 300 and torch.equal(a.blocks, b.blocks)
+    torch.testing.assert_close(a.norms[:, :300], b.norms[:, :300], rtol=1e-6, atol=0)
+    torch.testing.assert_close(a.norm_max, b.norm_max, rtol=1e-6, atol=0)
+    q = torch.randn(3, 64)
+    x = keys - a.centre
+    stored = a.blocks.transpose(2, 3).reshape(3, -1, 64)[:, :300].float()   # (H, n, D) back from blocks of 16
+    err = torch.einsum("hd,hnd->hn", q.double(), (x - stored).double()).abs()
+    assert (err <= torch.linalg.vector_norm(q, dim=-1)[:, None].double() * a.norms[:, :300].double()).all()
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_decode_attend_is_one_softmax_over_memory_and_window(split, monkeypatch):
+    """The native decode step of a memory layer: softmax over [scaled memory scores + bias ‖ local scores] and the
+    weighted sum of the memory rows it names and the local values, equal to the float64 computation; local scores
+    given (with hidden keys) or computed from the local queries and keys; a NaN score gives a NaN row."""
+    from infinictx.core import native
+
+    _split_native_calls(split, monkeypatch)
+    torch.manual_seed(3)
+    H, R, k, L, M, D = 3, 3, 16, 40, 500, 64
+    vals, idx = torch.randn(H, R, k) * 20, torch.randint(0, M, (H, R, k))
+    values = torch.randn(H, 700, D)[:, :M]                    # a view into a growing buffer: strided heads
+    q_loc, k_loc = torch.randn(H, R, D), torch.randn(H, 2, L, D)[:, 1]
+    v_loc = torch.randn(H, L, D)
+    scale, bias = 0.125, -0.7
+    s_loc = (q_loc @ k_loc.transpose(-1, -2)) * scale
+    s_loc[0, 1, 30:] = float("-inf")
+    gathered = values.double()[torch.arange(H)[:, None, None], idx]
+
+    def reference(s_local):
+        p = torch.softmax(torch.cat([vals.double() * scale + bias, s_local.double()], -1), -1)
+        return torch.einsum("hrk,hrkd->hrd", p[..., :k], gathered) + p[..., k:] @ v_loc.double()
+
+    out = native.decode_attend(vals, idx, scale, bias, values, v_loc, s_loc=s_loc)
+    torch.testing.assert_close(out.double(), reference(s_loc), rtol=1e-5, atol=1e-5)
+    out = native.decode_attend(vals, idx, scale, bias, values, v_loc, q_loc=q_loc, k_loc=k_loc)
+    torch.testing.assert_close(out.double(), reference((q_loc.double() @ k_loc.double().transpose(-1, -2)) * scale),
+                               rtol=1e-5, atol=1e-5)
+    s_loc[2, 0, 3] = float("nan")
+    out = native.decode_attend(vals, idx, scale, bias, values, v_loc, s_loc=s_loc)
+    assert out[2, 0].isnan().all() and not out[2, 1:].isnan().any() and not out[:2].isnan().any()
+
+
 def test_memory_decode_reads_the_bf16_copy_and_matches_the_reference(tiny):
     """The fast kernel's decode lookups go through the bf16 copy (on CPUs with AVX-512) and give the reference
     kernel's logits and greedy generation."""

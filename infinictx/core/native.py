@@ -467,16 +467,82 @@ static inline __attribute__((always_inline)) void block_rows(const uint16_t *blk
         for (int r = 0; r < NR; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(qr[r * q_rs + i]), kv, acc[r]);
     }
 }
+
+/* the same for two consecutive blocks at once (acc[r], acc[NR + r]): two independent chains of D multiply-adds per
+   row, so the FMA latency of one hides behind the other (one chain per row ran at ~2/3 of the memory bandwidth a
+   decode lookup is bound by); the blocks PREFETCH_BLOCKS ahead are requested as these are read */
+#define PREFETCH_BLOCKS 4
+static inline __attribute__((always_inline)) void block_rows2(const uint16_t *blk, const float *qr, int64_t q_rs,
+                                                              int64_t D, const int NR, __m512 *acc) {
+    const uint16_t *blk2 = blk + D * 16;
+    for (int r = 0; r < 2 * NR; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < D; i++) {
+        if (!(i & 1)) {
+            _mm_prefetch((const char *)(blk + PREFETCH_BLOCKS * D * 16 + i * 16), _MM_HINT_T0);
+            _mm_prefetch((const char *)(blk2 + PREFETCH_BLOCKS * D * 16 + i * 16), _MM_HINT_T0);
+        }
+        __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(blk + i * 16)));
+        __m512i w2 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(blk2 + i * 16)));
+        __m512 kv = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+        __m512 kv2 = _mm512_castsi512_ps(_mm512_slli_epi32(w2, 16));
+        for (int r = 0; r < NR; r++) {
+            __m512 qv = _mm512_set1_ps(qr[r * q_rs + i]);
+            acc[r] = _mm512_fmadd_ps(qv, kv, acc[r]);
+            acc[NR + r] = _mm512_fmadd_ps(qv, kv2, acc[NR + r]);
+        }
+    }
+}
+#endif
+
+/* With bmax (else NULL), also each row's block maxima of the lower bounds s − e·kn − slack of `select_bounded_range`
+   (row t = h·R + r: e = eps[t], slack[t], kn[h·kn_hs + j]) into bmax[t·nb + block], from the scores still in
+   registers: the selection then skips its own pass over the scores for them. */
+#if defined(__AVX512F__)
+static inline void block_bound_max(__m512 s, const float *kn, float e, float sl, int64_t n, float *dst) {
+    __mmask16 m = (__mmask16)(n == 16 ? 0xffffu : (1u << n) - 1);
+    __m512 lb = _mm512_fnmadd_ps(_mm512_set1_ps(e), _mm512_maskz_loadu_ps(m, kn), s);
+    *dst = _mm512_mask_reduce_max_ps(m, lb) - sl;
+}
 #endif
 
 static int score_blocked_range(const uint16_t *kb, int64_t k_hs, const float *q, int64_t q_hs, int64_t q_rs,
                                int64_t H, int64_t R, int64_t D, int64_t j0, int64_t j1,
-                               float *out, int64_t o_hs, int64_t o_rs) {
+                               float *out, int64_t o_hs, int64_t o_rs,
+                               const float *kn, int64_t kn_hs, const float *eps, const float *slack,
+                               float *bmax, int64_t nb) {
     for (int64_t h = 0; h < H; h++) {
         const uint16_t *kh = kb + h * k_hs;
         for (int64_t j = j0; j < j1; j += 16) {
             const uint16_t *blk = kh + (j / 16) * D * 16;
             int64_t n = j1 - j < 16 ? j1 - j : 16;
+#if defined(__AVX512F__)
+            if (j + 32 <= j1) {   /* two whole blocks */
+                for (int64_t r0 = 0; r0 < R; r0 += 4) {
+                    int64_t nr = R - r0 < 4 ? R - r0 : 4;
+                    const float *qr = q + h * q_hs + r0 * q_rs;
+                    __m512 acc[8];
+                    switch (nr) {
+                        case 4: block_rows2(blk, qr, q_rs, D, 4, acc); break;
+                        case 3: block_rows2(blk, qr, q_rs, D, 3, acc); break;
+                        case 2: block_rows2(blk, qr, q_rs, D, 2, acc); break;
+                        default: block_rows2(blk, qr, q_rs, D, 1, acc); break;
+                    }
+                    for (int64_t r = 0; r < nr; r++) {
+                        float *o = out + h * o_hs + (r0 + r) * o_rs + j;
+                        _mm512_storeu_ps(o, acc[r]);
+                        _mm512_storeu_ps(o + 16, acc[nr + r]);
+                        if (bmax) {
+                            int64_t t = h * R + r0 + r;
+                            block_bound_max(acc[r], kn + h * kn_hs + j, eps[t], slack[t], 16, bmax + t * nb + j / 16);
+                            block_bound_max(acc[nr + r], kn + h * kn_hs + j + 16, eps[t], slack[t], 16,
+                                            bmax + t * nb + j / 16 + 1);
+                        }
+                    }
+                }
+                j += 16;
+                continue;
+            }
+#endif
             for (int64_t r0 = 0; r0 < R; r0 += 4) {   /* up to 4 rows at once: each key row converted once */
                 int64_t nr = R - r0 < 4 ? R - r0 : 4;
                 const float *qr = q + h * q_hs + r0 * q_rs;
@@ -492,6 +558,10 @@ static int score_blocked_range(const uint16_t *kb, int64_t k_hs, const float *q,
                     float *o = out + h * o_hs + (r0 + r) * o_rs + j;
                     if (n == 16) _mm512_storeu_ps(o, acc[r]);
                     else _mm512_mask_storeu_ps(o, (__mmask16)((1u << n) - 1), acc[r]);
+                    if (bmax) {
+                        int64_t t = h * R + r0 + r;
+                        block_bound_max(acc[r], kn + h * kn_hs + j, eps[t], slack[t], n, bmax + t * nb + j / 16);
+                    }
                 }
 #else
                 for (int64_t r = 0; r < nr; r++) {
@@ -501,6 +571,15 @@ static int score_blocked_range(const uint16_t *kb, int64_t k_hs, const float *q,
                             acc[l] = fmaf(qr[r * q_rs + i], bf16_value(blk[i * 16 + l]), acc[l]);
                     float *o = out + h * o_hs + (r0 + r) * o_rs + j;
                     for (int64_t l = 0; l < n; l++) o[l] = acc[l];
+                    if (bmax) {
+                        int64_t t = h * R + r0 + r;
+                        float m = -INFINITY;
+                        for (int64_t l = 0; l < n; l++) {
+                            float v = acc[l] - eps[t] * kn[h * kn_hs + j + l];
+                            m = v > m ? v : m;
+                        }
+                        bmax[t * nb + j / 16] = m - slack[t];
+                    }
                 }
 #endif
             }
@@ -509,28 +588,20 @@ static int score_blocked_range(const uint16_t *kb, int64_t k_hs, const float *q,
     return 0;
 }
 
-/* keys j0..j1−1 (j0 a multiple of 16) split over `threads` threads in whole blocks of 16; returns 0 */
-int score_blocked_bf16(const uint16_t *kb, int64_t k_hs, const float *q, int64_t q_hs, int64_t q_rs,
-                       int64_t H, int64_t R, int64_t D, int64_t j0, int64_t j1,
-                       float *out, int64_t o_hs, int64_t o_rs, int64_t threads) {
-    PARALLEL_RANGE(threads, j0 / 16, (j1 + 15) / 16, lo, hi,
-                   score_blocked_range(kb, k_hs, q, q_hs, q_rs, H, R, D, 16 * lo, 16 * hi < j1 ? 16 * hi : j1,
-                                       out, o_hs, o_rs))
-}
-
 /* Exact top-k by fp32 q·k from approximate scores s with |s_j − exact_j| ≤ eps[t]·kn[j] + slack[t]: the k-th
    largest lower bound tau is found exactly (maxima of the lower bounds over blocks of 16 give a value at or
    below it, the few lower bounds at or above that one give it), every key whose upper bound reaches tau is
-   re-scored in fp32 from q and the fp32 keys (`dot_fixed`), and a heap keeps the k best, ties to the earlier
-   index. For rows t in r0..r1-1 of H heads × R rows: out_v / out_i (row stride k, heap order) get the exact
-   scores and indices, ncand the count re-scored. Returns 0, 1 when a row had fewer than k candidates (NaN
-   scores: the caller falls back), −1 out of memory. Requires 1 <= k <= n. */
+   re-scored in fp32 from q and the fp32 keys (`dot_fixed`), and the k best are kept by counting (`select_k`), ties
+   to the earlier index. For rows t in r0..r1-1 of H heads × R rows: out_v / out_i (row stride k, index order) get
+   the exact scores and indices, ncand the count re-scored. bmax_in (else NULL): the block maxima of the lower
+   bounds, taken already (row t's at bmax_in + t·ceil(n/16)). Returns 0, 1 when a row had fewer than k candidates
+   (NaN scores: the caller falls back), −1 out of memory. Requires 1 <= k <= n. */
 static int select_bounded_range(const float *s, int64_t s_hs, int64_t s_rs,
                                 const float *q, int64_t q_hs, int64_t q_rs,
                                 const float *keys, int64_t k_hs, int64_t k_rs,
                                 const float *kn, int64_t kn_hs, const float *eps, const float *slack,
-                                int64_t R, int64_t D, int64_t n, int64_t k, int64_t r0, int64_t r1,
-                                float *out_v, int64_t *out_i, int64_t *ncand) {
+                                const float *bmax_in, int64_t R, int64_t D, int64_t n, int64_t k,
+                                int64_t r0, int64_t r1, float *out_v, int64_t *out_i, int64_t *ncand) {
     int64_t nb = (n + 15) / 16, status = 0;
     float *bmax = malloc(sizeof(float) * nb), *work = malloc(sizeof(float) * (nb > n ? nb : n));
     uint32_t *keys32 = malloc(sizeof(uint32_t) * (nb > n ? nb : n));
@@ -547,7 +618,9 @@ static int select_bounded_range(const float *s, int64_t s_hs, int64_t s_rs,
         const float *kh = keys + h * k_hs, *norm = kn + h * kn_hs;
         const float e = eps[t], sl = slack[t];
         int64_t full = n / 16;
-        for (int64_t b = 0; b < nb; b++) {   /* block maxima of the lower bounds s − e·norm − slack */
+        float *bm = bmax;
+        if (bmax_in) bm = (float *)bmax_in + t * nb;   /* taken by the scoring pass (`lookup_bf16_rows`) */
+        for (int64_t b = 0; b < (bmax_in ? 0 : nb); b++) {   /* block maxima of the lower bounds s − e·norm − slack */
             int64_t j = b * 16;
 #if defined(__AVX512F__)
             if (b < full) {
@@ -561,12 +634,12 @@ static int select_bounded_range(const float *s, int64_t s_hs, int64_t s_rs,
             for (; j < j1; j++) { float v = row[j] - e * norm[j]; m = v > m ? v : m; }
             bmax[b] = m - sl;
         }
-        float t1 = kth_best(bmax, keys32, nb, k < nb ? k : nb);
+        float t1 = kth_best(bm, keys32, nb, k < nb ? k : nb);
         if (k > nb) t1 = -INFINITY;
         /* every lower bound >= t1, then the exact k-th largest of them: tau */
         int64_t c = 0;
         for (int64_t b = 0; b < nb; b++) {
-            if (!(bmax[b] >= t1)) continue;
+            if (!(bm[b] >= t1)) continue;
             int64_t j1 = b * 16 + 16 < n ? b * 16 + 16 : n;
             for (int64_t j = b * 16; j < j1; j++) {
                 float v = row[j] - e * norm[j] - sl;
@@ -594,22 +667,231 @@ static int select_bounded_range(const float *s, int64_t s_hs, int64_t s_rs,
             if (row[j] + e * norm[j] >= tau - sl) ci[c++] = (int32_t)j;
         rescore(qr, kh, k_rs, D, ci, c, cs, pos);
         ncand[t] = c;
-        if (c < k) { status = 1; continue; }
-        heap_topk(cs, pos, c, k, out_v + t * k, out_i + t * k);
+        /* the k best by counting (`select_k`): a heap's sifts were ~1/8 of a decode lookup's selection */
+        if (c < k || select_k(cs, pos, c, k, keys32, out_v + t * k, out_i + t * k)) { status = 1; continue; }
     }
     free(bmax); free(work); free(keys32); free(cs); free(ci); free(pos);
     return (int)status;
 }
 
-int select_bounded_rows(const float *s, int64_t s_hs, int64_t s_rs,
-                        const float *q, int64_t q_hs, int64_t q_rs,
-                        const float *keys, int64_t k_hs, int64_t k_rs,
-                        const float *kn, int64_t kn_hs, const float *eps, const float *slack,
-                        int64_t R, int64_t D, int64_t n, int64_t k, int64_t r0, int64_t r1,
-                        float *out_v, int64_t *out_i, int64_t *ncand, int64_t threads) {
+/* `lookup_bf16_rows`'s steps, the bounds given */
+static int lookup_steps(const uint16_t *kb, int64_t kb_hs, const float *q, int64_t q_hs, int64_t q_rs,
+                        const float *keys, int64_t k_hs, int64_t k_rs, const float *kn, int64_t kn_hs,
+                        const float *eps, const float *slack, int64_t H, int64_t R, int64_t D, int64_t n, int64_t k,
+                        int64_t nb, float *s, float *bmax, float *out_v, int64_t *out_i, int64_t *ncand,
+                        int64_t step, int64_t j0, int64_t j1, int64_t threads) {
+    if (step == 1) {
+        score_blocked_range(kb, kb_hs, q, q_hs, q_rs, H, R, D, j0, j1, s, R * n, n, kn, kn_hs, eps, slack, bmax, nb);
+        return 0;
+    }
+    if (step == 2)
+        return select_bounded_range(s, R * n, n, q, q_hs, q_rs, keys, k_hs, k_rs, kn, kn_hs, eps, slack, bmax, R, D,
+                                    n, k, j0, j1, out_v, out_i, ncand);
+    int lowest = 0, highest = 0;
+#pragma omp parallel num_threads(threads) reduction(min:lowest) reduction(max:highest)
+    {
+        int64_t part = omp_get_thread_num(), parts = omp_get_num_threads();
+        int64_t b0 = nb * part / parts, b1 = nb * (part + 1) / parts;
+        score_blocked_range(kb, kb_hs, q, q_hs, q_rs, H, R, D, 16 * b0, 16 * b1 < n ? 16 * b1 : n, s, R * n, n,
+                            kn, kn_hs, eps, slack, bmax, nb);
+#pragma omp barrier
+        int64_t t0 = H * R * part / parts, t1 = H * R * (part + 1) / parts;
+        int code = select_bounded_range(s, R * n, n, q, q_hs, q_rs, keys, k_hs, k_rs, kn, kn_hs, eps, slack, bmax,
+                                        R, D, n, k, t0, t1, out_v, out_i, ncand);
+        lowest = code < lowest ? code : lowest;
+        highest = code > highest ? code : highest;
+    }
+    return lowest < 0 ? lowest : highest;
+}
+
+/* A decode lookup in two steps over the same threads: the bf16 copy's scores of the H·R rows (threads split the
+   keys; each row's block maxima of the lower bounds taken from the scores still in registers), then, past a
+   barrier, the exact selection (threads split the rows). Scores go to s (H, R, n: s_hs = R·n, s_rs = n), the block
+   maxima to bmax (H·R rows of ceil(n / 16)). step: 3 both (OpenMP builds; one parallel region instead of two), 1
+   the scores of keys j0..j1−1 only (j0 a multiple of 16), 2 the selection of rows j0..j1−1 only (after step 1 over
+   all keys: the thread-pool build calls the steps in turn). The bound of row t (head h) is `Bf16KeyCopy`'s:
+   eps[t] = ‖q_t‖ times each key's weight kn, plus slack[t] = slack_factor·‖q_t‖·norm_max[h]; both are computed
+   here (torch's three small ops per call were ~1/10 of a decode lookup). Returns as `select_bounded_range`. */
+int lookup_bf16_rows(const uint16_t *kb, int64_t kb_hs, const float *q, int64_t q_hs, int64_t q_rs,
+                     const float *keys, int64_t k_hs, int64_t k_rs, const float *kn, int64_t kn_hs,
+                     const float *norm_max, float slack_factor, int64_t H, int64_t R, int64_t D, int64_t n, int64_t k,
+                     float *s, float *bmax, float *out_v, int64_t *out_i, int64_t *ncand,
+                     int64_t step, int64_t j0, int64_t j1, int64_t threads) {
+    int64_t nb = (n + 15) / 16;
+    float *eps = malloc(sizeof(float) * 2 * H * R);
+    if (!eps) return -1;
+    float *slack = eps + H * R;
+    for (int64_t t = 0; t < H * R; t++) {
+        const float *qr = q + (t / R) * q_hs + (t % R) * q_rs;
+        float ss = 0.0f;
+        for (int64_t i = 0; i < D; i++) ss += qr[i] * qr[i];
+        eps[t] = sqrtf(ss);
+        slack[t] = slack_factor * eps[t] * norm_max[t / R];
+    }
+    int status = lookup_steps(kb, kb_hs, q, q_hs, q_rs, keys, k_hs, k_rs, kn, kn_hs, eps, slack, H, R, D, n, k, nb, s,
+                              bmax, out_v, out_i, ncand, step, j0, j1, threads);
+    free(eps);
+    return status;
+}
+
+
+/* float → bf16 bits, rounded to nearest even (NaN stays a quiet NaN): torch's conversion */
+static inline uint16_t bf16_round(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* `kernels.Bf16KeyCopy.append` for keys k (H, T, D): each key minus the centre (H, D) stored in bf16 at position
+   n0 + t of its head's blocks (block (n0 + t) / 16, component i at [i·16 + (n0 + t) % 16]), its error weight
+   ‖x − bf16(x)‖·(1 + 2^-10) + 2^-15·‖x‖ into norms[h·n_hs + n0 + t], and the keys' own norms into the running
+   maxima norm_max[h] (NaN kept). One call instead of ~25 torch ops: a decode step appends one key per memory
+   layer. Returns 0. */
+int bf16_copy_append(const float *k, int64_t k_hs, int64_t k_rs, const float *centre, int64_t H, int64_t T,
+                     int64_t D, int64_t n0, uint16_t *blocks, int64_t b_hs, float *norms, int64_t n_hs,
+                     float *norm_max) {
+    for (int64_t h = 0; h < H; h++) {
+        for (int64_t t = 0; t < T; t++) {
+            const float *key = k + h * k_hs + t * k_rs, *c = centre + h * D;
+            int64_t j = n0 + t;
+            uint16_t *dst = blocks + h * b_hs + (j / 16) * D * 16 + j % 16;
+            float rr = 0.0f, xx = 0.0f, kk = 0.0f;
+            for (int64_t i = 0; i < D; i++) {
+                float x = key[i] - c[i];
+                uint16_t b = bf16_round(x);
+                uint32_t u = (uint32_t)b << 16;
+                float xb;
+                memcpy(&xb, &u, 4);
+                float r = x - xb;
+                dst[i * 16] = b;
+                rr += r * r; xx += x * x; kk += key[i] * key[i];
+            }
+            norms[h * n_hs + j] = sqrtf(rr) * (1.0f + 0x1p-10f) + 0x1p-15f * sqrtf(xx);
+            float nm = sqrtf(kk);
+            if (!(nm <= norm_max[h])) norm_max[h] = nm;
+        }
+    }
+    return 0;
+}
+
+/* exp(x) for 16 lanes: x = n·ln2 + f (|f| ≤ ln2/2, ln2 in two parts), exp(f) by its degree-7 Taylor polynomial
+   (relative error < 2^-23 on that range: within ~2 ulp of expf), scaled by 2^n (`scalef`: 0 below the fp32 range,
+   inf above it; −inf → 0, NaN stays NaN) */
+#if defined(__AVX512F__)
+static inline __m512 exp512(__m512 x) {
+    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+    const __m512 ln2_hi = _mm512_set1_ps(0.693145751953125f), ln2_lo = _mm512_set1_ps(1.428606765330187045e-06f);
+    x = _mm512_max_ps(_mm512_set1_ps(-200.0f), x);   /* far below the smallest denormal (exp → 0 exactly); NaN kept */
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_fnmadd_ps(n, ln2_hi, x);
+    f = _mm512_fnmadd_ps(n, ln2_lo, f);
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* One softmax over [memory ‖ local] for decode rows, and its weighted sum of values: for rows t in r0..r1−1 (head
+   h = t / R), the k memory entries' raw scores vals[t·k + j] (q·key, unscaled) of entries idx[t·k + j] and the L
+   local scores s_loc (already scaled and masked, −inf where hidden); with a = scale·vals + bias,
+   out[t] = (Σ_j e^(a_j − m) values[h, idx_j] + Σ_l e^(s_l − m) v_loc[h, l]) / (Σ_j e^(a_j − m) + Σ_l e^(s_l − m)),
+   m the largest of all of them. With s_loc NULL the local scores are computed here, all L keys visible:
+   s_l = scale·(q_loc[h, r] · k_loc[h, l]) (a decode step: one new token sees its whole window). What
+   `memory_attention`'s top-k block computes in ~20 torch ops (and one `embedding_bag` per head), here in one pass
+   per row. Returns 0, −1 out of memory. */
+static int decode_attend_range(const float *vals, const int64_t *idx, int64_t k, float scale, float bias,
+                               const float *values, int64_t v_hs, int64_t v_rs,
+                               const float *s_loc, int64_t sl_hs, int64_t sl_rs, int64_t L,
+                               const float *v_loc, int64_t vl_hs, int64_t vl_rs,
+                               const float *q_loc, int64_t ql_hs, int64_t ql_rs,
+                               const float *k_loc, int64_t kl_hs, int64_t kl_rs,
+                               int64_t R, int64_t D, float *out, int64_t o_hs, int64_t o_rs, int64_t r0, int64_t r1) {
+    float *w = malloc(sizeof(float) * (k + L + 16));
+    float *acc = malloc(sizeof(float) * (D + 16));
+    if (!w || !acc) { free(w); free(acc); return -1; }
+    for (int64_t t = r0; t < r1; t++) {
+        int64_t h = t / R, r = t % R;
+        const float *a = vals + t * k, *sl = s_loc + h * sl_hs + r * sl_rs;
+        const int64_t *ix = idx + t * k;
+        float m = -INFINITY;
+        for (int64_t j = 0; j < k; j++) { w[j] = scale * a[j] + bias; m = w[j] > m ? w[j] : m; }
+        if (s_loc) {
+            for (int64_t l = 0; l < L; l++) w[k + l] = sl[l];
+        } else {
+            const float *qr = q_loc + h * ql_hs + r * ql_rs, *kh = k_loc + h * kl_hs;
+            for (int64_t l = 0; l < L; l++) w[k + l] = scale * dot_fixed(qr, kh + l * kl_rs, D);
+        }
+        for (int64_t l = 0; l < L; l++) m = w[k + l] > m ? w[k + l] : m;
+        int64_t n = k + L, j = 0;
+        float total = 0.0f;
+#if defined(__AVX512F__)
+        __m512 vm = _mm512_set1_ps(m), vsum = _mm512_setzero_ps();
+        for (; j + 16 <= n; j += 16) {
+            __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(w + j), vm));
+            _mm512_storeu_ps(w + j, e);
+            vsum = _mm512_add_ps(vsum, e);
+        }
+        if (j < n) {
+            __mmask16 mk = (__mmask16)((1u << (n - j)) - 1);
+            __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, w + j), vm));
+            _mm512_mask_storeu_ps(w + j, mk, e);
+            vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(mk, e));
+            j = n;
+        }
+        total = _mm512_reduce_add_ps(vsum);
+#endif
+        for (; j < n; j++) { w[j] = expf(w[j] - m); total += w[j]; }
+        for (int64_t i = 0; i < D; i++) acc[i] = 0.0f;
+        const float *vh = values + h * v_hs, *vlh = v_loc + h * vl_hs;
+        int64_t i0 = 0;
+#if defined(__AVX512F__)
+        if (D % 16 == 0 && D <= 256) {
+            __m512 ac[16];
+            int64_t nv = D / 16;
+            for (int64_t c = 0; c < nv; c++) ac[c] = _mm512_setzero_ps();
+            for (int64_t jj = 0; jj < n; jj++) {
+                const float *row = jj < k ? vh + ix[jj] * v_rs : vlh + (jj - k) * vl_rs;
+                if (jj + 8 < k)   /* memory rows are scattered: request them ahead */
+                    for (int64_t c = 0; c < nv; c++)
+                        _mm_prefetch((const char *)(vh + ix[jj + 8] * v_rs + 16 * c), _MM_HINT_T0);
+                __m512 wv = _mm512_set1_ps(w[jj]);
+                for (int64_t c = 0; c < nv; c++) ac[c] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(row + 16 * c), ac[c]);
+            }
+            for (int64_t c = 0; c < nv; c++) _mm512_storeu_ps(acc + 16 * c, ac[c]);
+            i0 = D;
+        }
+#endif
+        if (i0 < D)
+            for (int64_t jj = 0; jj < n; jj++) {
+                const float *row = jj < k ? vh + ix[jj] * v_rs : vlh + (jj - k) * vl_rs;
+                for (int64_t i = 0; i < D; i++) acc[i] += w[jj] * row[i];
+            }
+        float *o = out + h * o_hs + r * o_rs;
+        for (int64_t i = 0; i < D; i++) o[i] = acc[i] / total;
+    }
+    free(w); free(acc);
+    return 0;
+}
+
+int decode_attend_rows(const float *vals, const int64_t *idx, int64_t k, float scale, float bias,
+                       const float *values, int64_t v_hs, int64_t v_rs,
+                       const float *s_loc, int64_t sl_hs, int64_t sl_rs, int64_t L,
+                       const float *v_loc, int64_t vl_hs, int64_t vl_rs,
+                       const float *q_loc, int64_t ql_hs, int64_t ql_rs,
+                       const float *k_loc, int64_t kl_hs, int64_t kl_rs,
+                       int64_t R, int64_t D, float *out, int64_t o_hs, int64_t o_rs, int64_t r0, int64_t r1,
+                       int64_t threads) {
     PARALLEL_RANGE(threads, r0, r1, lo, hi,
-                   select_bounded_range(s, s_hs, s_rs, q, q_hs, q_rs, keys, k_hs, k_rs, kn, kn_hs, eps, slack, R, D,
-                                        n, k, lo, hi, out_v, out_i, ncand))
+                   decode_attend_range(vals, idx, k, scale, bias, values, v_hs, v_rs, s_loc, sl_hs, sl_rs, L, v_loc,
+                                       vl_hs, vl_rs, q_loc, ql_hs, ql_rs, k_loc, kl_hs, kl_rs, R, D, out, o_hs, o_rs,
+                                       lo, hi))
 }
 
 /* ---- AMX (Intel Advanced Matrix Extensions): LongCache's exact selection from split-bf16 tile scores ----
@@ -1015,14 +1297,22 @@ def _load(lib: Path | None) -> ctypes.CDLL | None:
     handle.has_avx512.argtypes = []
     handle.has_openmp.restype = ctypes.c_int
     handle.has_openmp.argtypes = []
-    f = handle.score_blocked_bf16
+    f = handle.lookup_bf16_rows
     f.restype = ctypes.c_int
     f.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
-                  + [ctypes.c_int64] * 5 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64])
-    f = handle.select_bounded_rows
+                  + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
+                  + [ctypes.c_void_p, ctypes.c_float] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 5
+                  + [ctypes.c_int64] * 4)
+    f = handle.bf16_copy_append
     f.restype = ctypes.c_int
-    f.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64]
-                  + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 3 + [ctypes.c_int64])
+    f.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 4
+                  + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p])
+    f = handle.decode_attend_rows
+    f.restype = ctypes.c_int
+    f.argtypes = ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_float]
+                  + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] * 2 + [ctypes.c_int64]
+                  + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] * 3 + [ctypes.c_int64] * 2
+                  + [ctypes.c_void_p] + [ctypes.c_int64] * 5)
     f = handle.select_exact_rows
     f.restype = ctypes.c_int
     f.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] * 3
@@ -1223,46 +1513,82 @@ def has_avx512() -> bool:
     return available() and bool(_lib.has_avx512())
 
 
-def score_blocked_bf16(blocked: torch.Tensor, n: int, q: torch.Tensor, out: torch.Tensor | None = None
-                       ) -> torch.Tensor:
-    """fp32 scores (H, R, n) of query rows q (H, R, D) float32 against the first n keys of `blocked`
-    (H, n_blocks, D, 16) bfloat16 (`kernels.Bf16KeyCopy`'s layout), each key's terms summed in order in fp32.
-    Call only when `available()`."""
+def lookup_bf16(blocked: torch.Tensor, n: int, q: torch.Tensor, keys: torch.Tensor, key_norms: torch.Tensor,
+                norm_max: torch.Tensor, slack_factor: float, k: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Exact fp32 top-k of q·k per row through a bf16 copy of the keys (`lookup_bf16_rows`): the copy's scores
+    (16 keys per step, no horizontal sums; each row's block maxima of the lower bounds taken from the scores still in
+    registers), then every key whose bound cannot rule it out re-scored in fp32, in one parallel region. blocked
+    (H, n_blocks, D, 16) bfloat16 (`kernels.Bf16KeyCopy`'s layout), q (H, R, D), keys (H, n, D) float32 (last dims
+    contiguous), key_norms (H, n) each key's weight w: |bf16 score − q·k| ≤ ‖q‖·w + slack_factor·‖q‖·norm_max[h].
+    Returns (exact scores, indices) (H, R, k) in no particular order, ties to the earlier key, and the keys re-scored
+    per row (H, R); None when a row had NaN scores. Call only when `available()`."""
     H, R, D = q.shape
-    q = q.contiguous()
-    assert blocked.dtype == torch.bfloat16 and blocked.stride()[1:] == (D * 16, 16, 1) and blocked.shape[1] * 16 >= n
-    if out is None:
-        out = torch.empty(H, R, n)
-    nb = -(-n // 16)
-    args = (blocked.data_ptr(), blocked.stride(0), q.data_ptr(), q.stride(0), q.stride(1), H, R, D)
-    _run_rows(lambda b0, b1, t: _lib.score_blocked_bf16(*args, 16 * b0, min(16 * b1, n), out.data_ptr(),
-                                                        out.stride(0), out.stride(1), t), nb, H * R * n)
-    return out
-
-
-def select_bounded(scores: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, key_norms: torch.Tensor,
-                   eps: torch.Tensor, slack: torch.Tensor, k: int
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """Exact fp32 top-k of q·k per row from approximate fp32 scores (`select_bounded_rows`): scores (H, R, n) with
-    |scores − exact| ≤ eps · key_norms + slack entrywise (eps, slack (H, R); key_norms (H, n)), q (H, R, D), keys
-    (H, n, D) float32 (last dims contiguous). Returns (exact scores, indices, candidates re-scored per row), the
-    first two (H, R, k) in no particular order, or None when a row had NaN scores. Call only when `available()`."""
-    H, R, n = scores.shape
-    D = q.shape[-1]
-    q, eps, slack = q.contiguous(), eps.contiguous(), slack.contiguous()
+    q, norm_max = q.contiguous(), norm_max.contiguous()
     if key_norms.stride(-1) != 1:
         key_norms = key_norms.contiguous()
-    assert scores.stride(-1) == 1 and keys.stride(-1) == 1 and 1 <= k <= n
+    assert blocked.dtype == torch.bfloat16 and blocked.stride()[1:] == (D * 16, 16, 1) and blocked.shape[1] * 16 >= n
+    assert keys.stride(-1) == 1 and 1 <= k <= n
+    nb = -(-n // 16)
+    scores, bmax = torch.empty(H, R, n), torch.empty(H * R, nb)
     vals = torch.empty(H * R, k)
     idx = torch.empty(H * R, k, dtype=torch.int64)
     ncand = torch.empty(H * R, dtype=torch.int64)
-    args = (scores.data_ptr(), scores.stride(0), scores.stride(1), q.data_ptr(), q.stride(0), q.stride(1),
+    args = (blocked.data_ptr(), blocked.stride(0), q.data_ptr(), q.stride(0), q.stride(1),
             keys.data_ptr(), keys.stride(0), keys.stride(1), key_norms.data_ptr(), key_norms.stride(0),
-            eps.data_ptr(), slack.data_ptr(), R, D, n, k)
-    codes = _run_rows(lambda r0, r1, t: _lib.select_bounded_rows(*args, r0, r1, vals.data_ptr(), idx.data_ptr(),
-                                                                 ncand.data_ptr(), t), H * R, H * R * n)
+            norm_max.data_ptr(), slack_factor, H, R, D, n, k, scores.data_ptr(), bmax.data_ptr(),
+            vals.data_ptr(), idx.data_ptr(), ncand.data_ptr())
+    entries = H * R * n
+    if _openmp:
+        codes = [_lib.lookup_bf16_rows(*args, 3, 0, 0, threads) for threads in
+                 [max(1, min(torch.get_num_threads(), H * R)) if entries >= OPENMP_MIN_ENTRIES else 1]]
+    else:   # the two steps in turn, each split over the pool
+        _run_rows(lambda b0, b1, t: _lib.lookup_bf16_rows(*args, 1, 16 * b0, min(16 * b1, n), 1), nb, entries)
+        codes = _run_rows(lambda r0, r1, t: _lib.lookup_bf16_rows(*args, 2, r0, r1, 1), H * R, entries)
     if any(c < 0 for c in codes):
         raise MemoryError("native selection: out of memory")
     if any(codes):
         return None
     return vals.view(H, R, k), idx.view(H, R, k), ncand.view(H, R)
+
+
+def bf16_copy_append(k: torch.Tensor, centre: torch.Tensor, blocks: torch.Tensor, n0: int, norms: torch.Tensor,
+                     norm_max: torch.Tensor):
+    """`kernels.Bf16KeyCopy.append`'s writes for keys k (H, T, D) float32 (last dim contiguous) at positions
+    n0..n0+T−1: blocks (H, n_blocks, D, 16) bfloat16 and norms (H, N) float32 (room for them), norm_max (H,)
+    float32 updated in place; centre (H, 1, D) or (H, D) float32. Call only when `available()`."""
+    H, T, D = k.shape
+    centre = centre.reshape(H, D).contiguous()
+    assert k.dtype == centre.dtype == norms.dtype == norm_max.dtype == torch.float32 and k.stride(-1) == 1
+    assert blocks.dtype == torch.bfloat16 and blocks.stride()[1:] == (D * 16, 16, 1) and norms.stride(-1) == 1
+    assert norm_max.is_contiguous() and blocks.shape[1] * 16 >= n0 + T and norms.shape[1] >= n0 + T
+    _lib.bf16_copy_append(k.data_ptr(), k.stride(0), k.stride(1), centre.data_ptr(), H, T, D, n0, blocks.data_ptr(),
+                          blocks.stride(0), norms.data_ptr(), norms.stride(0), norm_max.data_ptr())
+
+
+def decode_attend(vals: torch.Tensor, idx: torch.Tensor, scale: float, bias: float, values: torch.Tensor,
+                  v_loc: torch.Tensor, s_loc: torch.Tensor | None = None, q_loc: torch.Tensor | None = None,
+                  k_loc: torch.Tensor | None = None) -> torch.Tensor:
+    """One softmax over [memory ‖ local] and its weighted sum of values (`decode_attend_rows`), for a few rows:
+    vals, idx (H, R, k) the memory entries' raw scores (q·key) and positions in values (H, M, D), scaled by `scale`
+    and shifted by `bias`; v_loc (H, L, D) the local values; the local scores either s_loc (H, R, L), scaled and
+    masked, or computed from q_loc (H, R, D) and k_loc (H, L, D) with every local key visible. Returns (H, R, D).
+    All float32 with contiguous last dims. Call only when `available()`."""
+    H, R, k = vals.shape
+    L, D = v_loc.shape[-2], values.shape[-1]
+    vals, idx = vals.contiguous(), idx.contiguous()
+    local = [s_loc] if s_loc is not None else [q_loc, k_loc]
+    assert all(x.stride(-1) == 1 and x.dtype == torch.float32 for x in [values, v_loc, *local])
+    assert vals.dtype == torch.float32 and (s_loc is None or s_loc.shape[-1] == L)
+    none = (None, 0, 0)
+    sl = (s_loc.data_ptr(), s_loc.stride(0), s_loc.stride(1)) if s_loc is not None else none
+    ql = (q_loc.data_ptr(), q_loc.stride(0), q_loc.stride(1)) if s_loc is None else none
+    kl = (k_loc.data_ptr(), k_loc.stride(0), k_loc.stride(1)) if s_loc is None else none
+    out = torch.empty(H, R, D)
+    args = (vals.data_ptr(), idx.data_ptr(), k, scale, bias, values.data_ptr(), values.stride(0), values.stride(1),
+            *sl, L, v_loc.data_ptr(), v_loc.stride(0), v_loc.stride(1), *ql, *kl, R, D, out.data_ptr(),
+            out.stride(0), out.stride(1))
+    codes = _run_rows(lambda r0, r1, t: _lib.decode_attend_rows(*args, r0, r1, t), H * R, H * R * (k + L) * D)
+    if any(c < 0 for c in codes):
+        raise MemoryError("native decode attention: out of memory")
+    return out

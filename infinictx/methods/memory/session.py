@@ -369,6 +369,11 @@ def memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_mem: t
             tq = t1 - t0
             qq = qv[:, h0:h1, :, t0:t1].reshape(B, nh, g * tq, D)
             qm = qmv[:, h0:h1, :, t0:t1].reshape(B, nh, g * tq, D)
+            if lookup == "topk" and scratch is not None and mask is None:
+                # nothing masked (a decode step): the local scores are left to `_topk_block` (natively, for a few rows)
+                o = _topk_block(qm, None, v_loc, memory, h0, h1, kk, scale, scratch, mem_bias, (qq, k_loc))
+                out[:, h0:h1, :, t0:t1] = o.view(B, nh, g, tq, D)
+                continue
             s_loc = torch.matmul(qq, k_loc.transpose(-1, -2)).mul_(scale)   # in place: no extra copies
             if mask is not None:  # rows are (query head in group, query): the same mask for each head; only the
                 # last T keys (the new tokens) are ever masked
@@ -434,10 +439,12 @@ def _dense_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_mem: torch
                                           enable_gqa=q.shape[1] != keys.shape[1])
 
 
-def _topk_block(qm: torch.Tensor, s_loc: torch.Tensor, v_loc: torch.Tensor, memory: Memory, h0: int, h1: int,
-                k: int, scale: float, scratch: Scratch, mem_bias: float = 0.0) -> torch.Tensor:
+def _topk_block(qm: torch.Tensor, s_loc: torch.Tensor | None, v_loc: torch.Tensor, memory: Memory, h0: int, h1: int,
+                k: int, scale: float, scratch: Scratch, mem_bias: float = 0.0,
+                local: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The fast top-k kernel for one block of rows: qm (B, nh, R, D) queries for the memory keys of KV heads
-    h0..h1−1, s_loc (B, nh, R, L) their scaled, masked local scores. The memory scores go into a reused buffer,
+    h0..h1−1, s_loc (B, nh, R, L) their scaled, masked local scores, or None with local = (queries (B, nh, R, D),
+    local keys (B, nh, L, D)) when every local key is visible. The memory scores go into a reused buffer,
     the top-k is the native row-wise kernel (`core.native`; torch's where it cannot be built), the joint softmax is
     taken unnormalised (one max, one sum: no concatenated score matrix), and the k value rows are summed with their
     weights by `embedding_bag` instead of being gathered into a (R, k, D) tensor first."""
@@ -461,6 +468,19 @@ def _topk_block(qm: torch.Tensor, s_loc: torch.Tensor, v_loc: torch.Tensor, memo
             vals, idx = native.topk_rows(s, k)
         else:
             vals, idx = s.topk(k, dim=-1)
+    if (B == 1 and R <= BF16_LOOKUP_MAX_ROWS and qm.dtype == torch.float32 and qm.device.type == "cpu"
+            and native.available()):
+        # a few rows (decoding): local scores, softmax and both weighted sums in one native pass per row (~20 torch
+        # ops and an embedding_bag per head were ~1/3 of a decode step's memory-layer time outside the lookup)
+        values = memory.values()[0, h0:h1]
+        ok = [values, v_loc] + ([s_loc] if s_loc is not None else list(local))
+        if all(x.dtype == torch.float32 and x.stride(-1) == 1 for x in ok):
+            if s_loc is not None:
+                return native.decode_attend(vals[0], idx[0], scale, mem_bias, values, v_loc[0], s_loc=s_loc[0])[None]
+            return native.decode_attend(vals[0], idx[0], scale, mem_bias, values, v_loc[0], q_loc=local[0][0],
+                                        k_loc=local[1][0])[None]
+    if s_loc is None:
+        s_loc = torch.matmul(local[0], local[1].transpose(-1, -2)).mul_(scale)
     s_mem = vals.mul_(scale)
     if mem_bias:
         s_mem.add_(mem_bias)
