@@ -399,10 +399,19 @@ def test_longcache_duplicate_flags_on_a_repetitive_stream(tiny):
     torch.testing.assert_close(nll["fast"], nll["reference"], rtol=1e-4, atol=1e-4)
 
 
-def test_longcache_duplicate_flags_need_topk_earlier_identical_keys_in_the_middle():
+@pytest.mark.parametrize("native_copies", [True, False])
+def test_longcache_duplicate_flags_need_topk_earlier_identical_keys_in_the_middle(native_copies, monkeypatch):
     """A key is flagged only with `topk` earlier bit-identical keys after the global tokens: not with fewer,
-    not for a twin among the global tokens, not for a key one ulp away."""
-    from infinictx.methods.kv.longcache import LongCachePolicy
+    not for a twin among the global tokens, not for a key one ulp away; the native copies and flags (one call per
+    layer and chunk) hold what the torch path computes: the same hashes and split, the norms and weights to
+    rounding."""
+    from infinictx.core import native
+    from infinictx.methods.kv.longcache import LongCachePolicy, _key_copies, _key_hashes
+
+    if native_copies and not native.available():
+        pytest.skip("no C compiler")
+    if not native_copies:
+        monkeypatch.setattr(native, "available", lambda: False)
 
     torch.manual_seed(0)
     H, N, D, chunk = 2, 1200, 16, 50
@@ -420,6 +429,13 @@ def test_longcache_duplicate_flags_need_topk_earlier_identical_keys_in_the_middl
         policy._candidate_copies(0, policy.layers[0].keys(), keys[:, :, past:past + chunk], past)
     flags = policy.key_excluded[0].keys()[0, ..., 0]
     assert flags.nonzero().tolist() == [[0, 700], [0, 900]]
+    assert torch.equal(policy.key_hashes[0].keys(), _key_hashes(keys))
+    split, norms, weights = _key_copies(keys - policy.key_centres[0])
+    assert torch.equal(policy.candidate_keys[0].keys(), split)
+    torch.testing.assert_close(policy.key_norms[0].keys(), norms, rtol=1e-6, atol=0)
+    torch.testing.assert_close(policy.key_residuals[0].keys(), weights, rtol=1e-6, atol=0)
+    torch.testing.assert_close(policy.key_norm_max[0], torch.linalg.vector_norm(keys[0], dim=-1).amax(-1),
+                               rtol=1e-6, atol=0)
 
 
 def test_bf16_score_bound_holds_where_rounding_adds_up():

@@ -760,16 +760,84 @@ int bf16_copy_append(const float *k, int64_t k_hs, int64_t k_rs, const float *ce
             for (int64_t i = 0; i < D; i++) {
                 float x = key[i] - c[i];
                 uint16_t b = bf16_round(x);
-                uint32_t u = (uint32_t)b << 16;
-                float xb;
-                memcpy(&xb, &u, 4);
-                float r = x - xb;
+                float r = x - bf16_value(b);
                 dst[i * 16] = b;
                 rr += r * r; xx += x * x; kk += key[i] * key[i];
             }
             norms[h * n_hs + j] = sqrtf(rr) * (1.0f + 0x1p-10f) + 0x1p-15f * sqrtf(xx);
             float nm = sqrtf(kk);
             if (!(nm <= norm_max[h])) norm_max[h] = nm;
+        }
+    }
+    return 0;
+}
+
+/* LongCache's candidate copies of new keys k (H, T, D) (`longcache._key_copies` of k − centre, centre (H, D)):
+   split[h, t] = [x̂1 | x̂2] (bf16 bits, 2D; x̂1 = bf16(x), x̂2 = bf16(x − x̂1): exactly what `kernels.split_bf16`
+   computes), norms[h, t] = ‖x‖, weights[h, t] = (one-product weight ‖x − x̂1‖·(1 + 2^-10) + 2^-15·‖x‖, split weight
+   ‖x − x̂1 − x̂2‖·(1 + 2^-10) + 2^-14·‖x‖), and kmax[h] the largest ‖k‖ of each head's new keys (NaN kept). One
+   call per layer and chunk instead of ~30 torch ops (~1 ms each time on a 2-core prefill). Returns 0. */
+int candidate_copies(const float *k, int64_t k_hs, int64_t k_rs, const float *centre, int64_t H, int64_t T,
+                     int64_t D, uint16_t *split, float *norms, float *weights, float *kmax) {
+    for (int64_t h = 0; h < H; h++) {
+        float hmax = 0.0f;
+        for (int64_t t = 0; t < T; t++) {
+            const float *key = k + h * k_hs + t * k_rs, *c = centre + h * D;
+            uint16_t *sp = split + (h * T + t) * 2 * D;
+            float xx = 0.0f, r1 = 0.0f, r2 = 0.0f, kk = 0.0f;
+            for (int64_t i = 0; i < D; i++) {
+                float x = key[i] - c[i];
+                uint16_t b1 = bf16_round(x);
+                float d = x - bf16_value(b1);   /* exact */
+                uint16_t b2 = bf16_round(d);
+                float e = d - bf16_value(b2);
+                sp[i] = b1;
+                sp[D + i] = b2;
+                xx += x * x; r1 += d * d; r2 += e * e; kk += key[i] * key[i];
+            }
+            float nx = sqrtf(xx), nk = sqrtf(kk);
+            norms[h * T + t] = nx;
+            weights[(h * T + t) * 2] = sqrtf(r1) * (1.0f + 0x1p-10f) + 0x1p-15f * nx;
+            weights[(h * T + t) * 2 + 1] = sqrtf(r2) * (1.0f + 0x1p-10f) + 0x1p-14f * nx;
+            if (!(nk <= hmax)) hmax = nk;
+        }
+        kmax[h] = hmax;
+    }
+    return 0;
+}
+
+/* LongCache's duplicate-key flags for new keys k (H, T, D) (`longcache._duplicate_flags`): each key's 64-bit hash
+   into hashes[h·T + t] (`longcache._key_hashes`, bit for bit: int32 words sign-extended, times mult[i], x ^ (x >> 29)
+   arithmetic, summed, all wrapping), and flags[h·T + t] = 1 when the index of earlier keys' hashes (sorted (H, S)
+   ascending, order (H, S) their positions in keys, rows sh_hs / or_hs apart) holds at least topk keys with that hash
+   and the first topk of them (by position) are the key's bytes exactly. S < topk: no key flagged. Returns 0. */
+int key_flags(const float *k, int64_t k_hs, int64_t k_rs, int64_t H, int64_t T, int64_t D, const int64_t *mult,
+              const int64_t *sorted, int64_t sh_hs, const int64_t *order, int64_t or_hs, int64_t S,
+              const float *keys, int64_t keys_hs, int64_t keys_rs, int64_t topk, int64_t *hashes, uint8_t *flags) {
+    for (int64_t h = 0; h < H; h++) {
+        const int64_t *sh = sorted + h * sh_hs, *oh = order + h * or_hs;
+        for (int64_t t = 0; t < T; t++) {
+            const float *key = k + h * k_hs + t * k_rs;
+            uint64_t sum = 0;
+            for (int64_t i = 0; i < D; i++) {
+                int32_t w;
+                memcpy(&w, key + i, 4);
+                int64_t m = (int64_t)((uint64_t)(int64_t)w * (uint64_t)mult[i]);
+                sum += (uint64_t)(m ^ (m >> 29));
+            }
+            int64_t hv = (int64_t)sum;
+            hashes[h * T + t] = hv;
+            uint8_t flag = 0;
+            if (S >= topk) {
+                int64_t lo = 0, hi = S;   /* first entry >= hv */
+                while (lo < hi) { int64_t mid = (lo + hi) / 2; if (sh[mid] < hv) lo = mid + 1; else hi = mid; }
+                if (lo + topk <= S && sh[lo + topk - 1] == hv) {   /* at least topk equal hashes */
+                    flag = 1;
+                    for (int64_t j = 0; j < topk && flag; j++)
+                        flag = memcmp(keys + h * keys_hs + oh[lo + j] * keys_rs, key, 4 * D) == 0;
+                }
+            }
+            flags[h * T + t] = flag;
         }
     }
     return 0;
@@ -1307,6 +1375,15 @@ def _load(lib: Path | None) -> ctypes.CDLL | None:
     f.restype = ctypes.c_int
     f.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 4
                   + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p])
+    f = handle.candidate_copies
+    f.restype = ctypes.c_int
+    f.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 3
+                  + [ctypes.c_void_p] * 4)
+    f = handle.key_flags
+    f.restype = ctypes.c_int
+    f.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
+                  + [ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
+                  + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2)
     f = handle.decode_attend_rows
     f.restype = ctypes.c_int
     f.argtypes = ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_float]
@@ -1564,6 +1641,38 @@ def bf16_copy_append(k: torch.Tensor, centre: torch.Tensor, blocks: torch.Tensor
     assert norm_max.is_contiguous() and blocks.shape[1] * 16 >= n0 + T and norms.shape[1] >= n0 + T
     _lib.bf16_copy_append(k.data_ptr(), k.stride(0), k.stride(1), centre.data_ptr(), H, T, D, n0, blocks.data_ptr(),
                           blocks.stride(0), norms.data_ptr(), norms.stride(0), norm_max.data_ptr())
+
+
+def candidate_copies(k: torch.Tensor, centre: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LongCache's candidate copies of new keys k (H, T, D) float32 (last dim contiguous) about centre (H, 1, D) or
+    (H, D): (split [x̂1 | x̂2] (H, T, 2D) bfloat16, norms ‖x‖ (H, T, 1), weights (H, T, 2), each head's largest ‖k‖
+    (H,)), x = k − centre, as `kv.longcache._key_copies` computes them (the split bit for bit, norms and weights to
+    rounding). Call only when `available()`."""
+    H, T, D = k.shape
+    centre = centre.reshape(H, D).contiguous()
+    assert k.dtype == centre.dtype == torch.float32 and k.stride(-1) == 1
+    split = torch.empty(H, T, 2 * D, dtype=torch.bfloat16)
+    norms, weights, kmax = torch.empty(H, T, 1), torch.empty(H, T, 2), torch.empty(H)
+    _lib.candidate_copies(k.data_ptr(), k.stride(0), k.stride(1), centre.data_ptr(), H, T, D, split.data_ptr(),
+                          norms.data_ptr(), weights.data_ptr(), kmax.data_ptr())
+    return split, norms, weights, kmax
+
+
+def key_flags(k: torch.Tensor, multipliers: torch.Tensor, sorted_hashes: torch.Tensor, order: torch.Tensor,
+              keys: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """LongCache's hashes (H, T) int64 and duplicate flags (H, T) uint8 of new keys k (H, T, D) float32
+    (`key_flags`): multipliers (≥ D,) int64, the index sorted_hashes / order (H, S) int64 of earlier keys' hashes and
+    positions in keys (H, N, D) float32. Last dims contiguous. Call only when `available()`."""
+    H, T, D = k.shape
+    multipliers, sorted_hashes, order = multipliers.contiguous(), sorted_hashes.contiguous(), order.contiguous()
+    assert k.dtype == keys.dtype == torch.float32 and k.stride(-1) == 1 and keys.stride(-1) == 1
+    assert multipliers.dtype == sorted_hashes.dtype == order.dtype == torch.int64 and multipliers.numel() >= D
+    hashes, flags = torch.empty(H, T, dtype=torch.int64), torch.empty(H, T, dtype=torch.uint8)
+    _lib.key_flags(k.data_ptr(), k.stride(0), k.stride(1), H, T, D, multipliers.data_ptr(), sorted_hashes.data_ptr(),
+                   sorted_hashes.stride(0), order.data_ptr(), order.stride(0), sorted_hashes.shape[1], keys.data_ptr(),
+                   keys.stride(0), keys.stride(1), topk, hashes.data_ptr(), flags.data_ptr())
+    return hashes, flags
 
 
 def decode_attend(vals: torch.Tensor, idx: torch.Tensor, scale: float, bias: float, values: torch.Tensor,

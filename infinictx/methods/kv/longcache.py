@@ -174,12 +174,15 @@ class LongCachePolicy(KVPolicy):
                 b.truncate(0)
             self.key_centres[i] = keys.mean(2, keepdim=True)
         centre = self.key_centres[i]
+        new_max = None
         for x in ((keys[:, :, :past],) if len(k16) != past else ()) + (k,):   # a rebuild, then the new keys
-            for copy, part in zip((k16, norms, residuals), _key_copies(x - centre)):
+            parts, new_max = _centred_copies(x, centre)
+            for copy, part in zip((k16, norms, residuals), parts):
                 copy.append(part, part[..., :0])   # keys only: values of width 0
         # a running maximum: keys dropped by an uncommitted forward may still count (a larger slack, still a bound)
         old_max = self.key_norm_max[i]
-        new_max = torch.linalg.vector_norm(keys if old_max is None else k, dim=-1).amax(-1)[0]
+        if old_max is None or new_max is None:
+            new_max = torch.linalg.vector_norm(keys if old_max is None else k, dim=-1).amax(-1)[0]
         self.key_norm_max[i] = new_max if old_max is None else torch.maximum(old_max, new_max)
         weights = residuals.keys()
         return (k16.keys(), norms.keys()[..., 0], weights[..., 0], weights[..., 1],
@@ -202,16 +205,30 @@ class LongCachePolicy(KVPolicy):
             flags.truncate(0)
             none = keys.new_zeros((1, H, past, 1), dtype=torch.uint8)
             flags.append(none, none[..., :0])
-        all_hashes = _mirror(self.key_hashes[i], keys, k, past, _key_hashes)[0, :, :, 0]
+        known = self.key_hashes[i]
+        if len(known) != past:   # out of step: rebuilt
+            known.truncate(0)
+            old = _key_hashes(keys[:, :, :past])
+            known.append(old, old[..., :0])
         index = self.key_index[i]
         g = self.global_tokens
         if index is None or index[2] > past or past - index[2] >= max(256, index[2] // 8):
-            sorted_hashes, order = torch.sort(all_hashes[:, g:past], dim=-1, stable=True)   # ties: by position
+            earlier = known.keys()[0, :, g:past, 0] if past else keys.new_zeros((H, 0), dtype=torch.int64)
+            sorted_hashes, order = torch.sort(earlier, dim=-1, stable=True)   # ties: by position
             index = self.key_index[i] = (sorted_hashes, order + g, past)
-        new = keys.new_zeros((1, H, T, 1), dtype=torch.uint8)
         sorted_hashes, order, covered = index
+        if (k.shape[0] == 1 and k.dtype == torch.float32 and k.device.type == "cpu" and k.stride(-1) == 1
+                and keys.stride(-1) == 1 and native.available()):   # one call instead of ~20 small ops
+            hashes, new = native.key_flags(k[0], _HASH_MULTIPLIERS, sorted_hashes, order, keys[0], self.topk)
+            hashes, new = hashes[None, :, :, None], new[None, :, :, None]
+            known.append(hashes, hashes[..., :0])   # keys only: values of width 0
+            flags.append(new, new[..., :0])
+            return flags.keys()[..., 0]
+        hashes = _key_hashes(k)
+        known.append(hashes, hashes[..., :0])
+        hashes = hashes[0, :, :, 0]
+        new = keys.new_zeros((1, H, T, 1), dtype=torch.uint8)
         if sorted_hashes.shape[1] >= self.topk:
-            hashes = all_hashes[:, past:].contiguous()
             lo = torch.searchsorted(sorted_hashes, hashes)
             enough = torch.searchsorted(sorted_hashes, hashes, right=True) - lo >= self.topk
             if enough.any():
@@ -363,6 +380,16 @@ def _key_copies(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     split = split_bf16(x)
     weights = torch.stack([residual_weights(x, split[..., :x.shape[-1]]), split_residual_weights(x, split)], dim=-1)
     return split, torch.linalg.vector_norm(x, dim=-1, keepdim=True), weights
+
+
+def _centred_copies(x: torch.Tensor, centre: torch.Tensor) -> tuple[tuple, torch.Tensor | None]:
+    """`_key_copies(x − centre)` and each head's largest ‖x‖ (H,) (None from the torch path), for keys x (1, H, N, D):
+    natively where it can (one call per layer and chunk instead of ~30 small ops)."""
+    if (x.shape[0] == 1 and x.device.type == "cpu" and x.dtype == torch.float32 and x.stride(-1) == 1
+            and native.available()):
+        split, norms, weights, x_max = native.candidate_copies(x[0], centre[0])
+        return (split[None], norms[None], weights[None]), x_max
+    return _key_copies(x - centre), None
 
 
 def _key_hashes(keys: torch.Tensor) -> torch.Tensor:
