@@ -7,7 +7,10 @@ bounds the row's k-th best from below; only the few entries above that bound are
 best among them is found by counting (branch-free) rather than by a heap or a quickselect.
 Ties go to the earlier index, exactly (`kernels.stable_topk`'s rule). `select_exact` is the second routine:
 LongCache's exact top-k from approximate bf16 scores (AMX), re-scoring in fp32 only the keys the bf16 error bound
-cannot rule out.
+cannot rule out (`select_exact_amx`: split-bf16 scores from AMX tiles inside the kernel). For decoding with memory:
+`lookup_bf16` (the same exact top-k through a bf16 copy of the keys) and `decode_attend` (the memory layer's softmax
+and weighted sums). The rest are small per-chunk routines that replace runs of small torch ops (`bf16_copy_append`,
+`candidate_copies`, `key_flags`).
 
 The C source below is compiled once into the infinictx cache (keyed by its hash and the compiler flags) and
 called through ctypes (which releases the GIL). Built with OpenMP where torch runs on one OpenMP runtime, each
