@@ -506,6 +506,17 @@ static inline void block_bound_max(__m512 s, const float *kn, float e, float sl,
     __m512 lb = _mm512_fnmadd_ps(_mm512_set1_ps(e), _mm512_maskz_loadu_ps(m, kn), s);
     *dst = _mm512_mask_reduce_max_ps(m, lb) - sl;
 }
+
+/* one block's scores acc[0..nr−1] (n ≤ 16 keys) of rows t0..t0+nr−1 to o (rows o_rs apart), and with bmax their
+   bound's block maxima (block b of each row; eps, slack from the first of the rows) */
+static inline void store_block(const __m512 *acc, int64_t nr, int64_t n, float *o, int64_t o_rs, const float *kn,
+                               const float *eps, const float *slack, float *bmax, int64_t t0, int64_t nb, int64_t b) {
+    __mmask16 m = (__mmask16)(n == 16 ? 0xffffu : (1u << n) - 1);
+    for (int64_t r = 0; r < nr; r++) {
+        _mm512_mask_storeu_ps(o + r * o_rs, m, acc[r]);
+        if (bmax) block_bound_max(acc[r], kn, eps[r], slack[r], n, bmax + (t0 + r) * nb + b);
+    }
+}
 #endif
 
 static int score_blocked_range(const uint16_t *kb, int64_t k_hs, const float *q, int64_t q_hs, int64_t q_rs,
@@ -530,17 +541,10 @@ static int score_blocked_range(const uint16_t *kb, int64_t k_hs, const float *q,
                         case 2: block_rows2(blk, qr, q_rs, D, 2, acc); break;
                         default: block_rows2(blk, qr, q_rs, D, 1, acc); break;
                     }
-                    for (int64_t r = 0; r < nr; r++) {
-                        float *o = out + h * o_hs + (r0 + r) * o_rs + j;
-                        _mm512_storeu_ps(o, acc[r]);
-                        _mm512_storeu_ps(o + 16, acc[nr + r]);
-                        if (bmax) {
-                            int64_t t = h * R + r0 + r;
-                            block_bound_max(acc[r], kn + h * kn_hs + j, eps[t], slack[t], 16, bmax + t * nb + j / 16);
-                            block_bound_max(acc[nr + r], kn + h * kn_hs + j + 16, eps[t], slack[t], 16,
-                                            bmax + t * nb + j / 16 + 1);
-                        }
-                    }
+                    store_block(acc, nr, 16, out + h * o_hs + r0 * o_rs + j, o_rs, kn + h * kn_hs + j,
+                                eps + h * R + r0, slack + h * R + r0, bmax, h * R + r0, nb, j / 16);
+                    store_block(acc + nr, nr, 16, out + h * o_hs + r0 * o_rs + j + 16, o_rs, kn + h * kn_hs + j + 16,
+                                eps + h * R + r0, slack + h * R + r0, bmax, h * R + r0, nb, j / 16 + 1);
                 }
                 j += 16;
                 continue;
@@ -557,15 +561,8 @@ static int score_blocked_range(const uint16_t *kb, int64_t k_hs, const float *q,
                     case 2: block_rows(blk, qr, q_rs, D, 2, acc); break;
                     default: block_rows(blk, qr, q_rs, D, 1, acc); break;
                 }
-                for (int64_t r = 0; r < nr; r++) {
-                    float *o = out + h * o_hs + (r0 + r) * o_rs + j;
-                    if (n == 16) _mm512_storeu_ps(o, acc[r]);
-                    else _mm512_mask_storeu_ps(o, (__mmask16)((1u << n) - 1), acc[r]);
-                    if (bmax) {
-                        int64_t t = h * R + r0 + r;
-                        block_bound_max(acc[r], kn + h * kn_hs + j, eps[t], slack[t], n, bmax + t * nb + j / 16);
-                    }
-                }
+                store_block(acc, nr, n, out + h * o_hs + r0 * o_rs + j, o_rs, kn + h * kn_hs + j, eps + h * R + r0,
+                            slack + h * R + r0, bmax, h * R + r0, nb, j / 16);
 #else
                 for (int64_t r = 0; r < nr; r++) {
                     float acc[16] = {0};
