@@ -497,9 +497,9 @@ static inline __attribute__((always_inline)) void block_rows2(const uint16_t *bl
 }
 #endif
 
-/* With bmax (else NULL), also each row's block maxima of the lower bounds s − e·kn − slack of `select_bounded_range`
-   (row t = h·R + r: e = eps[t], slack[t], kn[h·kn_hs + j]) into bmax[t·nb + block], from the scores still in
-   registers: the selection then skips its own pass over the scores for them. */
+/* Besides the scores, each row's block maxima of the lower bounds s − e·kn − slack that `select_bounded_range` starts
+   from (row t = h·R + r: e = eps[t], slack[t], kn[h·kn_hs + j]) into bmax[t·nb + block], taken from the scores still
+   in registers (no second pass over them). */
 #if defined(__AVX512F__)
 static inline void block_bound_max(__m512 s, const float *kn, float e, float sl, int64_t n, float *dst) {
     __mmask16 m = (__mmask16)(n == 16 ? 0xffffu : (1u << n) - 1);
@@ -507,14 +507,23 @@ static inline void block_bound_max(__m512 s, const float *kn, float e, float sl,
     *dst = _mm512_mask_reduce_max_ps(m, lb) - sl;
 }
 
-/* one block's scores acc[0..nr−1] (n ≤ 16 keys) of rows t0..t0+nr−1 to o (rows o_rs apart), and with bmax their
-   bound's block maxima (block b of each row; eps, slack from the first of the rows) */
+/* fn(blk, qr, q_rs, D, NR, acc) with the row count nr (1..4) as a constant NR: the accumulators stay in registers */
+#define ROWS_CONSTANT(fn, nr)                                    \
+    switch (nr) {                                                \
+        case 4: fn(blk, qr, q_rs, D, 4, acc); break;             \
+        case 3: fn(blk, qr, q_rs, D, 3, acc); break;             \
+        case 2: fn(blk, qr, q_rs, D, 2, acc); break;             \
+        default: fn(blk, qr, q_rs, D, 1, acc); break;            \
+    }
+
+/* one block's scores acc[0..nr−1] (n ≤ 16 keys) of rows t0..t0+nr−1 to o (rows o_rs apart), and their bound's
+   block maxima (block b of each row; eps, slack from the first of the rows) */
 static inline void store_block(const __m512 *acc, int64_t nr, int64_t n, float *o, int64_t o_rs, const float *kn,
                                const float *eps, const float *slack, float *bmax, int64_t t0, int64_t nb, int64_t b) {
     __mmask16 m = (__mmask16)(n == 16 ? 0xffffu : (1u << n) - 1);
     for (int64_t r = 0; r < nr; r++) {
         _mm512_mask_storeu_ps(o + r * o_rs, m, acc[r]);
-        if (bmax) block_bound_max(acc[r], kn, eps[r], slack[r], n, bmax + (t0 + r) * nb + b);
+        block_bound_max(acc[r], kn, eps[r], slack[r], n, bmax + (t0 + r) * nb + b);
     }
 }
 #endif
@@ -535,12 +544,7 @@ static int score_blocked_range(const uint16_t *kb, int64_t k_hs, const float *q,
                     int64_t nr = R - r0 < 4 ? R - r0 : 4;
                     const float *qr = q + h * q_hs + r0 * q_rs;
                     __m512 acc[8];
-                    switch (nr) {
-                        case 4: block_rows2(blk, qr, q_rs, D, 4, acc); break;
-                        case 3: block_rows2(blk, qr, q_rs, D, 3, acc); break;
-                        case 2: block_rows2(blk, qr, q_rs, D, 2, acc); break;
-                        default: block_rows2(blk, qr, q_rs, D, 1, acc); break;
-                    }
+                    ROWS_CONSTANT(block_rows2, nr);
                     store_block(acc, nr, 16, out + h * o_hs + r0 * o_rs + j, o_rs, kn + h * kn_hs + j,
                                 eps + h * R + r0, slack + h * R + r0, bmax, h * R + r0, nb, j / 16);
                     store_block(acc + nr, nr, 16, out + h * o_hs + r0 * o_rs + j + 16, o_rs, kn + h * kn_hs + j + 16,
@@ -555,12 +559,7 @@ static int score_blocked_range(const uint16_t *kb, int64_t k_hs, const float *q,
                 const float *qr = q + h * q_hs + r0 * q_rs;
 #if defined(__AVX512F__)
                 __m512 acc[4];
-                switch (nr) {
-                    case 4: block_rows(blk, qr, q_rs, D, 4, acc); break;
-                    case 3: block_rows(blk, qr, q_rs, D, 3, acc); break;
-                    case 2: block_rows(blk, qr, q_rs, D, 2, acc); break;
-                    default: block_rows(blk, qr, q_rs, D, 1, acc); break;
-                }
+                ROWS_CONSTANT(block_rows, nr);
                 store_block(acc, nr, n, out + h * o_hs + r0 * o_rs + j, o_rs, kn + h * kn_hs + j, eps + h * R + r0,
                             slack + h * R + r0, bmax, h * R + r0, nb, j / 16);
 #else
@@ -571,15 +570,13 @@ static int score_blocked_range(const uint16_t *kb, int64_t k_hs, const float *q,
                             acc[l] = fmaf(qr[r * q_rs + i], bf16_value(blk[i * 16 + l]), acc[l]);
                     float *o = out + h * o_hs + (r0 + r) * o_rs + j;
                     for (int64_t l = 0; l < n; l++) o[l] = acc[l];
-                    if (bmax) {
-                        int64_t t = h * R + r0 + r;
-                        float m = -INFINITY;
-                        for (int64_t l = 0; l < n; l++) {
-                            float v = acc[l] - eps[t] * kn[h * kn_hs + j + l];
-                            m = v > m ? v : m;
-                        }
-                        bmax[t * nb + j / 16] = m - slack[t];
+                    int64_t t = h * R + r0 + r;
+                    float m = -INFINITY;
+                    for (int64_t l = 0; l < n; l++) {
+                        float v = acc[l] - eps[t] * kn[h * kn_hs + j + l];
+                        m = v > m ? v : m;
                     }
+                    bmax[t * nb + j / 16] = m - slack[t];
                 }
 #endif
             }
@@ -593,23 +590,23 @@ static int score_blocked_range(const uint16_t *kb, int64_t k_hs, const float *q,
    below it, the few lower bounds at or above that one give it), every key whose upper bound reaches tau is
    re-scored in fp32 from q and the fp32 keys (`dot_fixed`), and the k best are kept by counting (`select_k`), ties
    to the earlier index. For rows t in r0..r1-1 of H heads × R rows: out_v / out_i (row stride k, index order) get
-   the exact scores and indices, ncand the count re-scored. bmax_in (else NULL): the block maxima of the lower
-   bounds, taken already (row t's at bmax_in + t·ceil(n/16)). Returns 0, 1 when a row had fewer than k candidates
+   the exact scores and indices, ncand the count re-scored. bmax: the block maxima of the lower bounds, taken by the
+   scoring pass (row t's at bmax + t·ceil(n/16)). Returns 0, 1 when a row had fewer than k candidates
    (NaN scores: the caller falls back), −1 out of memory. Requires 1 <= k <= n. */
 static int select_bounded_range(const float *s, int64_t s_hs, int64_t s_rs,
                                 const float *q, int64_t q_hs, int64_t q_rs,
                                 const float *keys, int64_t k_hs, int64_t k_rs,
                                 const float *kn, int64_t kn_hs, const float *eps, const float *slack,
-                                const float *bmax_in, int64_t R, int64_t D, int64_t n, int64_t k,
+                                const float *bmax, int64_t R, int64_t D, int64_t n, int64_t k,
                                 int64_t r0, int64_t r1, float *out_v, int64_t *out_i, int64_t *ncand) {
     int64_t nb = (n + 15) / 16, status = 0;
-    float *bmax = malloc(sizeof(float) * nb), *work = malloc(sizeof(float) * (nb > n ? nb : n));
+    float *work = malloc(sizeof(float) * (nb > n ? nb : n));
     uint32_t *keys32 = malloc(sizeof(uint32_t) * (nb > n ? nb : n));
     float *cs = malloc(sizeof(float) * n);
     int32_t *ci = malloc(sizeof(int32_t) * (n + 16));
     int64_t *pos = malloc(sizeof(int64_t) * n);
-    if (!bmax || !work || !keys32 || !cs || !ci || !pos) {
-        free(bmax); free(work); free(keys32); free(cs); free(ci); free(pos);
+    if (!work || !keys32 || !cs || !ci || !pos) {
+        free(work); free(keys32); free(cs); free(ci); free(pos);
         return -1;
     }
     for (int64_t t = r0; t < r1; t++) {
@@ -617,23 +614,7 @@ static int select_bounded_range(const float *s, int64_t s_hs, int64_t s_rs,
         const float *row = s + h * s_hs + r * s_rs, *qr = q + h * q_hs + r * q_rs;
         const float *kh = keys + h * k_hs, *norm = kn + h * kn_hs;
         const float e = eps[t], sl = slack[t];
-        int64_t full = n / 16;
-        float *bm = bmax;
-        if (bmax_in) bm = (float *)bmax_in + t * nb;   /* taken by the scoring pass (`lookup_bf16_rows`) */
-        for (int64_t b = 0; b < (bmax_in ? 0 : nb); b++) {   /* block maxima of the lower bounds s − e·norm − slack */
-            int64_t j = b * 16;
-#if defined(__AVX512F__)
-            if (b < full) {
-                __m512 lbv = _mm512_fnmadd_ps(_mm512_set1_ps(e), _mm512_loadu_ps(norm + j), _mm512_loadu_ps(row + j));
-                bmax[b] = _mm512_reduce_max_ps(lbv) - sl;
-                continue;
-            }
-#endif
-            float m = -INFINITY;
-            int64_t j1 = j + 16 < n ? j + 16 : n;
-            for (; j < j1; j++) { float v = row[j] - e * norm[j]; m = v > m ? v : m; }
-            bmax[b] = m - sl;
-        }
+        const float *bm = bmax + t * nb;   /* the block maxima of the lower bounds, from the scoring pass */
         float t1 = kth_best(bm, keys32, nb, k < nb ? k : nb);
         if (k > nb) t1 = -INFINITY;
         /* every lower bound >= t1, then the exact k-th largest of them: tau */
@@ -670,7 +651,7 @@ static int select_bounded_range(const float *s, int64_t s_hs, int64_t s_rs,
         /* the k best by counting (`select_k`): a heap's sifts were ~1/8 of a decode lookup's selection */
         if (c < k || select_k(cs, pos, c, k, keys32, out_v + t * k, out_i + t * k)) { status = 1; continue; }
     }
-    free(bmax); free(work); free(keys32); free(cs); free(ci); free(pos);
+    free(work); free(keys32); free(cs); free(ci); free(pos);
     return (int)status;
 }
 
