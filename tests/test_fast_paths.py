@@ -205,24 +205,100 @@ def test_memory_kernel_without_native_topk_is_the_same(tiny, monkeypatch):
 
 
 def _select_exact(q, keys, k, amx=False, excluded=None):
-    """The bf16-candidate selection of rows q over keys: bf16 matmul scores, or (amx) split-bf16 scores computed
-    by AMX tiles inside the kernel."""
+    """The bf16-candidate selection of rows q over keys: bf16 matmul scores, or (amx) int8 scores computed by AMX
+    tiles inside the kernel."""
     from infinictx.core import native
-    from infinictx.core.kernels import residual_weights, split_bf16, split_residual_weights, split_score_bounds
+    from infinictx.core.kernels import int8_key_parts, residual_weights
     from infinictx.methods.kv.longcache import AMX_SLACK, BF16_SCORE_REL, bf16_score_bounds
 
     norms = torch.linalg.vector_norm(keys, dim=-1)
     if amx:
-        split = split_bf16(keys)
-        rows, eps, eps2 = split_score_bounds(q)
+        parts, weights = int8_key_parts(keys)
         slack = AMX_SLACK * torch.linalg.vector_norm(q, dim=-1) * norms.amax(-1)[:, None]
-        return native.select_exact_amx(split, rows, q, keys, norms, eps, k, slack, excluded,
-                                       split_residual_weights(keys, split), eps2)
+        return native.select_exact_amx(parts, weights, q, keys, norms, k, slack, excluded)
     q16 = q.to(torch.bfloat16)
     scores = torch.matmul(q16, keys.to(torch.bfloat16).transpose(-1, -2))
     eps, eps_residual, slack = bf16_score_bounds(q, q16, norms.amax(-1))
     return native.select_exact(scores, q, keys, norms, eps, k, BF16_SCORE_REL, slack, excluded,
                                residual_weights(keys), eps_residual)
+
+
+def _int8_test_data():
+    """Rows and centred keys the int8 split must bound: magnitudes over 8 decades, one large component, a zero
+    row, a block of zero keys, a block of tiny keys beside large ones."""
+    torch.manual_seed(3)
+    q = torch.randn(2, 40, 64) * torch.logspace(-4, 4, 40)[None, :, None]
+    q[0, 3, 7] = 1e3
+    q[1, 5] = 0
+    x = torch.randn(2, 300, 64) * 3
+    x[0, 16:32] = 0
+    x[1, 40:50] *= 1e-6
+    x[1, 0, 0] = -50
+    return q, x
+
+
+def test_int8_scores_stay_within_their_bound():
+    """The AMX kernel's score from the int8 parts, exactly and rounded as the kernel rounds it (the integer to fp32,
+    times the rows' and blocks' scales), is within e·‖x‖ + e2·‖r‖ + e3·w of the exact q·x for every pair, and the
+    bound is tight enough to leave few keys to re-score (~2^-13 of ‖q‖·‖x‖)."""
+    from infinictx.core.kernels import int8_key_parts, int8_row_parts
+
+    q, x = _int8_test_data()
+    D = q.shape[-1]
+    kp, kw = int8_key_parts(x, first=5)
+    qp, qs, qb = int8_row_parts(q)
+    kh, kl, qh, ql = kp[..., :D].long(), kp[..., D:].long(), qp[..., :D].long(), qp[..., D:].long()
+    assert kh.abs().max() <= 127 and qh.abs().max() <= 127 and kp.dtype == qp.dtype == torch.int8
+    integer = 256 * torch.einsum("hrd,hnd->hrn", qh, kh) + torch.einsum("hrd,hnd->hrn", ql, kh) + torch.einsum(
+        "hrd,hnd->hrn", qh, kl)
+    assert integer.abs().max() < 2 ** 31   # the kernel's int32 sum cannot overflow
+    scale = qs[:, :, None].double() * kw[:, None, :, 2].double() * 256
+    exact = torch.einsum("hrd,hnd->hrn", q.double(), x.double())
+    rounded = integer.float() * (qs[:, :, None] * (256 * kw[:, None, :, 2]))   # fp32, as the kernel computes it
+    bound = (qb[..., 0:1].double() * x.double().norm(dim=-1)[:, None] + qb[..., 1:2].double() * kw[:, None, :, 0]
+             + qb[..., 2:3].double() * kw[:, None, :, 1])
+    assert ((integer.double() * scale - exact).abs() <= bound).all()
+    assert ((rounded.double() - exact).abs() <= bound).all()
+    scale_of = q.double().norm(dim=-1)[:, :, None] * x.double().norm(dim=-1)[:, None]
+    # (the planted large components loosen their own row's and block's bounds: ~2% of the pairs here)
+    assert (bound <= 2.0 ** -11 * scale_of + 1e-30).float().mean() > 0.97
+
+
+def test_native_int8_copies_match_the_torch_reference():
+    """The native rows (packed as the tiles' B operands) and key copies are `int8_row_parts` and `int8_key_parts`:
+    the same integers and scales, the bound's terms to rounding; rows past R are zero; a row or a block with a value
+    that is not finite is reported (None; an infinite scale)."""
+    from infinictx.core import native
+    from infinictx.core.kernels import int8_key_parts, int8_row_parts
+
+    if not native.available():
+        pytest.skip("no C compiler")
+    q, x = _int8_test_data()
+    H, R, D = q.shape
+    slack = torch.rand(H, R)
+    packed, scales, terms = native.int8_rows(q, slack)
+    parts, ref_scales, bounds = int8_row_parts(q)
+    G = packed.shape[1]
+    unpacked = packed.permute(0, 1, 4, 2, 3, 5).reshape(H, 16 * G, 2 * D)   # [h, row, part·D + dim]
+    assert torch.equal(unpacked[:, :R], parts) and not unpacked[:, R:].any()
+    assert torch.equal(scales[:, :R], ref_scales) and not scales[:, R:].any()
+    torch.testing.assert_close(terms[..., :3], bounds, rtol=1e-6, atol=0)
+    assert torch.equal(terms[..., 3], slack)
+    q[1, 2, 3] = float("nan")
+    assert native.int8_rows(q, slack) is None
+    centre = torch.randn(H, 1, D)
+    x[1, 100, 5] = float("inf")
+    keys = x + centre
+    x = keys - centre   # what the native copies centre
+    k8, norms, weights, kmax = native.int8_key_copies(keys, centre, 5)
+    ref_parts, ref_weights = int8_key_parts(x, first=5)
+    finite = torch.ones(H, x.shape[1], dtype=torch.bool)
+    finite[1, 85:101] = False   # the block of key 100 (blocks from key 5: 85..100)
+    assert torch.equal(k8[finite], ref_parts[finite])
+    torch.testing.assert_close(weights[finite], ref_weights[finite], rtol=1e-6, atol=0)
+    assert torch.isinf(weights[1, 85:101, 2]).all() and torch.isinf(ref_weights[1, 85:101, 2]).all()
+    torch.testing.assert_close(norms[..., 0][finite], x.norm(dim=-1)[finite], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kmax[0], keys[0].norm(dim=-1).max())
 
 
 def _stable_topk_idx(q, keys, k):
@@ -315,7 +391,7 @@ def test_longcache_bf16_candidates_select_what_the_reference_selects(tiny_head32
     stream with repeated tokens (exact ties)."""
     from infinictx import load_model
     from infinictx.core import native
-    from infinictx.core.kernels import split_bf16
+    from infinictx.core.kernels import int8_key_parts, split_bf16
     from infinictx.core.session import Sampler
     from infinictx.methods.kv import longcache
 
@@ -343,10 +419,15 @@ def test_longcache_bf16_candidates_select_what_the_reference_selects(tiny_head32
             policy = fork.policy
             if kernel == "fast" and bf16:
                 assert policy.rescored > 0                      # the bf16 path really ran
-                for cache, k16, norms, centre in zip(policy.layers, policy.candidate_keys, policy.key_norms,
-                                                     policy.key_centres):
+                for cache, k16, norms, weights, centre in zip(policy.layers, policy.candidate_keys, policy.key_norms,
+                                                              policy.key_residuals, policy.key_centres):
                     centred = cache.keys() - centre
-                    assert torch.equal(k16.keys(), split_bf16(centred))
+                    if bf16 == "amx":   # int8 parts in blocks of 16 from the middle's start, blocks re-quantized
+                        parts, scaled = int8_key_parts(centred[0], first=settings["global_tokens"])  # as they fill
+                        assert torch.equal(k16.keys()[0], parts)
+                        torch.testing.assert_close(weights.keys()[0], scaled, rtol=1e-6, atol=0)
+                    else:
+                        assert torch.equal(k16.keys(), split_bf16(centred))
                     torch.testing.assert_close(norms.keys()[..., 0], torch.linalg.vector_norm(centred, dim=-1))
                 _check_duplicate_flags(policy, settings["topk"], settings["global_tokens"])
             else:

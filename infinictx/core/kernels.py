@@ -138,24 +138,67 @@ def split_residual_weights(x: torch.Tensor, split: torch.Tensor) -> torch.Tensor
             + 2.0 ** -14 * torch.linalg.vector_norm(x, dim=-1))
 
 
-def split_score_bounds(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For query rows q (..., D) float32: (split, eps, eps2), split = [q̂1 | q̂2] (`split_bf16`), such that the tile
-    score ŝ = q̂1·k̂1 + q̂1·k̂2 + q̂2·k̂1 of a centred key x = k̂1 + k̂2 + r ([k̂1 | k̂2] = split_bf16(x)), summed in
-    fp32 in any order, has |ŝ − q·x| ≤ eps·‖x‖ + eps2·w(x) (w: `split_residual_weights`), for D ≤ 64. Why: with
-    q = q̂1 + q̂2 + ρ, q·x = ŝ_exact + q̂2·k̂2 + (q̂1 + q̂2)·r + ρ·x, and ‖k̂2‖ ≤ (1 + 2^-8)·2^-8·‖x‖ (each part
-    rounds within 2^-8 of what it rounds), so eps = (‖ρ‖ + 2^-8·(1 + 2^-7)·‖q̂2‖)·(1 + 2^-10) and
-    eps2 = (‖q̂1‖ + ‖q̂2‖)·(1 + 2^-10) cover the three; the fp32 sum of 3D ≤ 192 exact products, each addition
-    within 2^-23 (any faithful rounding), is within 2^-15.4·Σ|terms| ≤ 2^-15.4·(1 + 2^-6)·(‖q̂1‖ + ‖q̂2‖)·‖x‖,
-    which the 2^-14·‖x‖ in w covers with margin. About 2^-14 of a score, against 2^-8 for one bf16 product."""
-    D = rows.shape[-1]
-    split = split_bf16(rows)
-    first, second = split[..., :D].float(), split[..., D:].float()
-    rho = (rows - first) - second
-    margin = 1 + 2.0 ** -10
-    n2 = torch.linalg.vector_norm(second, dim=-1)
-    eps = (torch.linalg.vector_norm(rho, dim=-1) + 2.0 ** -8 * (1 + 2.0 ** -7) * n2) * margin
-    eps2 = (torch.linalg.vector_norm(first, dim=-1) + n2) * margin
-    return split, eps, eps2
+# AMX int8 scores (`native.select_exact_amx`): a value x ≈ s·a with the integer a = 256·h + l held as two int8 parts,
+# h in [−127, 127], l in [−128, 127], so |a| <= 127·256 + 127
+INT8_LEVELS = 127 * 256 + 127
+# the bound's weights are computed in fp32 (norms of up to 64 terms: ~2^-18 each), this margin covers them
+INT8_MARGIN = 1 + 2.0 ** -12
+
+
+def _int8_split(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x · (1/scale) in fp32 rounded to integers a (|a| <= INT8_LEVELS) as the int8 parts [h | l] (..., 2D),
+    a = 256·h + l, and a and l (float64). Any integers would do (the bound is taken from the residual x − scale·a);
+    these are the native kernel's, bit for bit."""
+    a = torch.round(x * (1 / scale)).clamp_(-INT8_LEVELS, INT8_LEVELS)
+    high = torch.floor((a + 128) / 256)
+    low = a - 256 * high
+    return torch.cat([high, low], dim=-1).to(torch.int8), a.double(), low.double()
+
+
+def int8_key_parts(x: torch.Tensor, first: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centred keys x (H, T, D) float32 for the AMX int8 scores, in blocks of 16 keys (the first block `first`
+    keys long) that share one scale s = (the block's largest |x|) / INT8_LEVELS: (parts (H, T, 2D) int8,
+    weights (H, T, 3) float32). parts = [k̂h | k̂l] with x = s·(256·k̂h + k̂l) + r; weights = [‖r‖, s·‖k̂l‖, s]
+    (the first two rounded up by INT8_MARGIN), what `int8_row_parts`'s bound multiplies. A block with a value that
+    is not finite gets a scale that is not finite (the kernel then falls back)."""
+    H, T, D = x.shape
+    pos = torch.arange(T, device=x.device)
+    block = torch.where(pos < first, 0, (pos - first) // 16 + (1 if first > 0 else 0))
+    nb = int(block[-1]) + 1 if T else 0
+    finite = torch.isfinite(x).all(-1)
+    largest = torch.where(finite, x.abs().amax(-1), torch.inf)
+    scale = x.new_zeros(H, nb).scatter_reduce_(1, block.expand(H, T), largest, "amax") / INT8_LEVELS
+    # per key; an all-zero (or all but zero) block: 1
+    scale = torch.where(scale >= 2.0 ** -100, scale, torch.ones_like(scale))[:, block, None]
+    parts, a, low = _int8_split(x, scale)
+    s = scale.double()
+    residual = torch.linalg.vector_norm(x.double() - s * a, dim=-1)
+    weights = torch.stack([residual.float() * INT8_MARGIN,
+                           (s[..., 0] * torch.linalg.vector_norm(low, dim=-1)).float() * INT8_MARGIN, scale[..., 0]],
+                          dim=-1)
+    return parts, weights
+
+
+def int8_row_parts(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For query rows q (..., D) float32: (parts (..., 2D) int8, scales (...), bounds (..., 3)) such that the AMX
+    score of a centred key x held as `int8_key_parts` gives it (scale s, parts k̂h, k̂l, weights [‖r‖, w, s]),
+    ŝ = sq·s·256·(256·k̂h·q̂h + k̂h·q̂l + k̂l·q̂h) (the integer exact; its conversion to fp32 and the two products by the
+    scales each rounded), has |ŝ − q·x| <= e·‖x‖ + e2·‖r‖ + e3·w with [e, e2, e3] = bounds.
+    Why: with q = sq·(256·q̂h + q̂l) + ρ = q̃ + ρ and x = x̃ + r, q·x − q̃·x̃ = q·r + ρ·x̃ and q̃·x̃ = ŝ_exact +
+    sq·s·q̂l·k̂l, so |ŝ_exact − q·x| <= ‖q‖·‖r‖ + ‖ρ‖·(‖x‖ + ‖r‖) + (sq·‖q̂l‖)·(s·‖k̂l‖); the three roundings
+    (2^-24 each, relative) move ŝ by < 2^-22·|ŝ_exact| <= 2^-22·((‖q‖ + ‖ρ‖)·(‖x‖ + ‖r‖) + sq·‖q̂l‖·s·‖k̂l‖).
+    So e = ‖ρ‖ + 2^-22·(‖q‖ + ‖ρ‖), e2 = (‖q‖ + ‖ρ‖)·(1 + 2^-22), e3 = sq·‖q̂l‖·(1 + 2^-22), each rounded up by
+    INT8_MARGIN. About 2^-13 of a score. Rows that are not finite give bounds that are not finite."""
+    scale = q.abs().amax(-1, keepdim=True) / INT8_LEVELS
+    scale = torch.where(scale >= 2.0 ** -100, scale, torch.ones_like(scale))   # a zero (or all but zero) row: 1
+    parts, a, low = _int8_split(q, scale)
+    q64 = q.double()
+    rho = torch.linalg.vector_norm(q64 - scale.double() * a, dim=-1)
+    norm = torch.linalg.vector_norm(q64, dim=-1)
+    grow = 1 + 2.0 ** -22
+    bounds = torch.stack([rho + 2.0 ** -22 * (norm + rho), (norm + rho) * grow,
+                          scale[..., 0].double() * torch.linalg.vector_norm(low, dim=-1) * grow], dim=-1)
+    return parts, scale[..., 0], (bounds * INT8_MARGIN).float()
 
 
 class Bf16KeyCopy:

@@ -7,7 +7,7 @@ bounds the row's k-th best from below; only the few entries above that bound are
 best among them is found by counting (branch-free) rather than by a heap or a quickselect.
 Ties go to the earlier index, exactly (`kernels.stable_topk`'s rule). `select_exact` is the second routine:
 LongCache's exact top-k from approximate bf16 scores (AMX), re-scoring in fp32 only the keys the bf16 error bound
-cannot rule out (`select_exact_amx`: split-bf16 scores from AMX tiles inside the kernel). For decoding with memory:
+cannot rule out (`select_exact_amx`: int8 scores from AMX tiles inside the kernel). For decoding with memory:
 `lookup_bf16` (the same exact top-k through a bf16 copy of the keys) and `decode_attend` (the memory layer's softmax
 and weighted sums). The rest are small per-chunk routines that replace runs of small torch ops (`bf16_copy_append`,
 `candidate_copies`, `key_flags`).
@@ -943,19 +943,183 @@ int decode_attend_rows(const float *vals, const int64_t *idx, int64_t k, float s
                                        lo, hi))
 }
 
-/* ---- AMX (Intel Advanced Matrix Extensions): LongCache's exact selection from split-bf16 tile scores ----
+/* The AMX selection's int8 values (`kernels._int8_split`): a = x · (1/s) in fp32 rounded half to even and clamped
+   to ±32639 (any integer would do: the bound is taken from the residual x − s·a itself), split a = 256·h + l
+   (h in [−127, 127], l in [−128, 127]); hi[d], lo[d] the parts of x[d]. Returns ‖x − s·a‖ and puts ‖l‖ in
+   *low_norm (float64). D <= 64; 2^-100 <= s finite. */
+#if defined(__AVX512F__)
+static inline __m256 upper_half(__m512 v) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)); }
+#endif
+
+static double int8_split(const float *x, int64_t D, float s, int8_t *hi, int8_t *lo, double *low_norm) {
+    const float inv = 1.0f / s;
+#if defined(__AVX512F__)
+    if (D % 16 == 0) {   /* 16 values at a time: the same integers; the norms summed in another order */
+        const __m512 vinv = _mm512_set1_ps(inv), top = _mm512_set1_ps(32639.0f), bottom = _mm512_set1_ps(-32639.0f);
+        const __m512d vs = _mm512_set1_pd((double)s);
+        __m512d rho = _mm512_setzero_pd();
+        __m512 nl = _mm512_setzero_ps();   /* sums of squared integers below 2^24: exact */
+        for (int64_t d = 0; d < D; d += 16) {
+            const __m512 xv = _mm512_loadu_ps(x + d);
+            __m512 a = _mm512_roundscale_ps(_mm512_mul_ps(xv, vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            a = _mm512_min_ps(_mm512_max_ps(a, bottom), top);
+            const __m512 h = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_add_ps(a, _mm512_set1_ps(128.0f)),
+                                                                _mm512_set1_ps(1.0f / 256)),
+                                                  _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+            const __m512 l = _mm512_fnmadd_ps(h, _mm512_set1_ps(256.0f), a);   /* exact: integers */
+            _mm_storeu_si128((__m128i *)(hi + d), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(h)));
+            _mm_storeu_si128((__m128i *)(lo + d), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(l)));
+            nl = _mm512_fmadd_ps(l, l, nl);
+            /* x − s·a in float64: s·a is exact there (24 × 16 bits), so the residual is rounded once */
+            const __m512d r0 = _mm512_fnmadd_pd(vs, _mm512_cvtps_pd(_mm512_castps512_ps256(a)),
+                                                _mm512_cvtps_pd(_mm512_castps512_ps256(xv)));
+            const __m512d r1 = _mm512_fnmadd_pd(vs, _mm512_cvtps_pd(upper_half(a)), _mm512_cvtps_pd(upper_half(xv)));
+            rho = _mm512_fmadd_pd(r0, r0, _mm512_fmadd_pd(r1, r1, rho));
+        }
+        *low_norm = sqrt((double)_mm512_reduce_add_ps(nl));
+        return sqrt(_mm512_reduce_add_pd(rho));
+    }
+#endif
+    float a[64];
+    double rho = 0, nl = 0;
+    for (int64_t d = 0; d < D; d++) {   /* comparisons, not fminf / fmaxf: those are library calls here */
+        const float v = nearbyintf(x[d] * inv);
+        a[d] = v > 32639.0f ? 32639.0f : (v < -32639.0f ? -32639.0f : v);
+    }
+    for (int64_t d = 0; d < D; d++) {
+        const float h = floorf((a[d] + 128) / 256), l = a[d] - 256 * h;
+        const double r = (double)x[d] - (double)s * a[d];
+        hi[d] = (int8_t)h;
+        lo[d] = (int8_t)l;
+        rho += r * r;
+        nl += l * l;
+    }
+    *low_norm = sqrt(nl);
+    return sqrt(rho);
+}
+
+/* The AMX selection's rows (`kernels.int8_row_parts`, the same arithmetic): rows u0..u1-1 of H heads × 16G
+   (row u: head u / 16G, row u % 16G of q (H, R, D), head stride q_hs, row stride q_rs), each row's scale
+   s = max|q| / 32639 (1 below 2^-100: a zero row) and parts (`int8_split`) written as the tiles' B operands,
+   packed[(((hd·G + g)·2 + part)·(D/4) + p)·64 + 4i + e] = part (h, l) of row 16g + i's dim 4p + e (rows past R
+   zero), scales[hd·16G + row] (0 past R), and terms[(hd·R + row)·4 + c] = [e, e2, e3, slack] with
+   e = ‖ρ‖ + 2^-22·(‖q‖ + ‖ρ‖), e2 = (‖q‖ + ‖ρ‖)·(1 + 2^-22), e3 = s·‖l‖·(1 + 2^-22), each times 1 + 2^-12
+   (ρ = q − s·a). Returns 1 when a row is not finite. */
+static int int8_rows_range(const float *q, int64_t q_hs, int64_t q_rs, int64_t R, int64_t D, int64_t G,
+                           const float *slack, int8_t *packed, float *scales, float *terms, int64_t u0, int64_t u1) {
+    const double margin = 1 + 0x1p-12, grow = 1 + 0x1p-22;
+    int8_t hi[64], lo[64];
+    for (int64_t u = u0; u < u1; u++) {
+        const int64_t hd = u / (16 * G), t = u % (16 * G);
+        int8_t *row = packed + (hd * G + t / 16) * 32 * D + 4 * (t % 16);
+        if (t >= R) {
+            for (int64_t d = 0; d < D; d++) row[(d / 4) * 64 + d % 4] = row[16 * D + (d / 4) * 64 + d % 4] = 0;
+            scales[u] = 0;
+            continue;
+        }
+        const float *x = q + hd * q_hs + t * q_rs;
+        float m = 0;
+        double nq = 0;
+        for (int64_t d = 0; d < D; d++) {
+            if (!isfinite(x[d])) return 1;
+            m = fabsf(x[d]) > m ? fabsf(x[d]) : m;
+            nq += (double)x[d] * x[d];
+        }
+        float s = m / 32639.0f;
+        if (!(s >= 0x1p-100f)) s = 1;   /* a zero (or all but zero) row */
+        double nl, rho = int8_split(x, D, s, hi, lo, &nl);
+        for (int64_t p = 0; p < D / 4; p++) {   /* 4 dims (bytes) at a time */
+            memcpy(row + p * 64, hi + 4 * p, 4);
+            memcpy(row + 16 * D + p * 64, lo + 4 * p, 4);
+        }
+        nq = sqrt(nq);
+        float *out = terms + (hd * R + t) * 4;
+        out[0] = (float)((rho + 0x1p-22 * (nq + rho)) * margin);
+        out[1] = (float)((nq + rho) * grow * margin);
+        out[2] = (float)((double)s * nl * grow * margin);
+        out[3] = slack[hd * R + t];
+        scales[u] = s;
+    }
+    return 0;
+}
+
+int int8_rows(const float *q, int64_t q_hs, int64_t q_rs, int64_t R, int64_t D, int64_t G, const float *slack,
+              int8_t *packed, float *scales, float *terms, int64_t u0, int64_t u1, int64_t threads) {
+    PARALLEL_RANGE(threads, u0, u1, lo, hi,
+                   int8_rows_range(q, q_hs, q_rs, R, D, G, slack, packed, scales, terms, lo, hi))
+}
+
+/* LongCache's int8 copies of new keys (`kernels.int8_key_parts` of k − centre, the same arithmetic): k (H, T, D)
+   (head stride k_hs, row stride k_rs), centre (H, D) contiguous; blocks of 16 keys (the first `first` long) share
+   the scale s = (the block's largest |x|) / 32639 (1 below 2^-100, inf for a block with a value that is
+   not finite: then its parts are 0). Writes parts (H, T, 2D) [h | l], norms (H, T) ‖x‖, weights (H, T, 3)
+   [‖r‖·(1 + 2^-12), s·‖l‖·(1 + 2^-12), s], all contiguous, and each head's largest ‖k‖ (kmax, H). D <= 64. */
+void int8_key_copies(const float *k, int64_t k_hs, int64_t k_rs, const float *centre, int64_t H, int64_t T,
+                     int64_t D, int64_t first, int8_t *parts, float *norms, float *weights, float *kmax) {
+    const float margin = 1 + 0x1p-12f;
+    float x[64];
+    for (int64_t hd = 0; hd < H; hd++) {
+        float largest = 0;
+        for (int64_t j = 0; j < T; j++) {
+            const float *kj = k + hd * k_hs + j * k_rs;
+            float n2 = 0;
+            for (int64_t d = 0; d < D; d++) n2 += kj[d] * kj[d];
+            largest = sqrtf(n2) > largest ? sqrtf(n2) : largest;
+        }
+        kmax[hd] = largest;
+        for (int64_t j0 = 0; j0 < T;) {
+            const int64_t want = j0 == 0 && first > 0 ? first : 16, len = want < T - j0 ? want : T - j0;
+            float m = 0;
+            int finite = 1;
+            for (int64_t j = j0; j < j0 + len; j++)
+                for (int64_t d = 0; d < D; d++) {
+                    const float v = k[hd * k_hs + j * k_rs + d] - centre[hd * D + d];
+                    if (!isfinite(v)) finite = 0;
+                    m = fabsf(v) > m ? fabsf(v) : m;
+                }
+            float s = finite ? m / 32639.0f : INFINITY;
+            if (!(s >= 0x1p-100f)) s = 1;   /* an all-zero (or all but zero) block */
+            for (int64_t j = j0; j < j0 + len; j++) {
+                double n2 = 0, nl, rho;
+                for (int64_t d = 0; d < D; d++) {
+                    x[d] = k[hd * k_hs + j * k_rs + d] - centre[hd * D + d];
+                    n2 += (double)x[d] * x[d];
+                }
+                int8_t *out = parts + (hd * T + j) * 2 * D;
+                float *w = weights + (hd * T + j) * 3;
+                if (isfinite(s)) {
+                    rho = int8_split(x, D, s, out, out + D, &nl);
+                    w[0] = (float)rho * margin;
+                    w[1] = (float)((double)s * nl) * margin;
+                } else {
+                    memset(out, 0, 2 * D);
+                    w[0] = w[1] = NAN;
+                }
+                w[2] = s;
+                norms[hd * T + j] = (float)sqrt(n2);
+            }
+            j0 += len;
+        }
+    }
+}
+
+/* ---- AMX (Intel Advanced Matrix Extensions): LongCache's exact selection from int8 tile scores ----
    The path above scores every query row against every key in a torch bf16 matmul, writes the scores out and
    `select_exact_range` reads them back; on real text the bf16 error bound (~1% of a score) leaves tens to hundreds
-   of keys per row to re-score in fp32 (layer 20 of a 16K read: 171 per row). Here AMX tiles score with each query
-   and each centred key split in two bf16 parts, q ≈ q̂1 + q̂2 and x ≈ k̂1 + k̂2, summing the three products
-   q̂1·k̂1 + q̂1·k̂2 + q̂2·k̂1 in fp32 (the fourth, q̂2·k̂2, and the parts' residuals go into the bound): ~2^-14 of a
-   score instead of 2^-8, so few keys are candidates, at three times the tile work of one product. Nothing
-   but each 16-key block's maximum per row is kept, and a key block's tiles are loaded once for all rows.
+   of keys per row to re-score in fp32. Here AMX int8 tiles score each query row and each centred key held as
+   ~16-bit integers in two int8 parts: a row q ≈ sq·(256·q̂h + q̂l) (one scale per row), a key x ≈ s·(256·k̂h + k̂l)
+   (one scale per block of 16 keys), q̂h, k̂h in [−127, 127], q̂l, k̂l in [−128, 127]. Two tile products,
+   T1 = k̂h·q̂h and T2 = k̂h·q̂l + k̂l·q̂h (int32, exact), give the score ŝ = sq·s·256·(256·T1 + T2) (the integer exact
+   in int32; the fourth product q̂l·k̂l and the parts' residuals go into the bound, `kernels.int8_row_parts`):
+   ~2^-13 of a score, for three tile instructions per 16 rows × 16 keys × 64 dims (the split-bf16 scores this
+   replaced took six for the same work and ~2^-14: measured 2.4x the block maxima per second). Nothing but each
+   16-key block's maximum per row is kept, and a key block's tiles are loaded once for all rows.
    Pass 1 (`amx_maxima`): block maxima over the keys not excluded. Pass 2 (`amx_select`), per group of 16 rows:
    each row's bound from the maxima (as in `select_exact_range`), the blocks where some row of the group can still
    have a candidate re-scored by tiles, their keys tested 16 rows at a time, the candidates re-scored in fp32.
-   Rows and keys arrive split: each key row [k̂1 | k̂2] (2D bf16), each query row [q̂1 | q̂2]. D = 32 or 64. */
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__) && defined(__linux__)
+   Keys arrive as rows [k̂h | k̂l] (2D int8) with per-key weights [‖r‖, s·‖k̂l‖, s] (kr, the block's scale s
+   repeated for each of its keys); rows as the tiles' B operands (`int8_rows`). D = 32 or 64. */
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__) && defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
 #define AMX_NETWORK_K 16   /* up to this k, the rows' k-th best bounds by a vector insertion network */
@@ -974,107 +1138,88 @@ struct tile_config {
     uint8_t rows[16];
 };
 
-/* every tile 16 rows × 64 bytes (per thread: the tile state is a thread's) */
-static void amx_configure(void) {
+/* Tiles: 0, 1 (a group of rows) and 4, 5 (a second group) the int32 products T1, T2 (row j: key j, column i:
+   row i); 2, 3 the block's k̂h, k̂l (16 keys × D bytes, loaded once per block); 6, 7 a group's q̂h, q̂l (D/4 rows:
+   dims 4p..4p+3 of each of 16 rows). The tile state is per thread. */
+static void amx_configure(int64_t D) {
     struct tile_config cfg __attribute__((aligned(64)));
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
     for (int t = 0; t < 8; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+    cfg.colsb[2] = cfg.colsb[3] = (uint16_t)D;
+    cfg.rows[6] = cfg.rows[7] = (uint8_t)(D / 4);
     _tile_loadconfig(&cfg);
 }
 
-/* Tiles: 0, 1 scores (row j: key j's scores of 16 query rows); 2, 3 the block's k̂1 dims 0-31, 32-63; 4, 5 its
-   k̂2 dims 0-31, 32-63 (loaded once per block); 6, 7 query tiles, 32 dims of q̂1 or q̂2 of 16 rows packed in pairs
-   of dims (the B operand's layout), group g's 2D / 32 tiles at qp + 32·D·g: q̂1's first, then q̂2's.
-   kj: 16 key rows of 2D bf16. */
-static inline void amx_keys(const uint16_t *kj, int64_t D) {
-    _tile_loadd(2, kj, 4 * D);
-    _tile_loadd(4, kj + D, 4 * D);
-    if (D == 64) {
-        _tile_loadd(3, kj + 32, 4 * D);
-        _tile_loadd(5, kj + D + 32, 4 * D);
-    }
+/* kj: 16 key rows [k̂h | k̂l] of 2D bytes */
+static inline void amx_keys(const int8_t *kj, int64_t D) {
+    _tile_loadd(2, kj, 2 * D);
+    _tile_loadd(3, kj + D, 2 * D);
 }
 
-/* buf[16 j + i] and buf[256 + 16 j + i]: key j's split score with row i of the groups at qa and qb */
-static inline void amx_pair_scores(const uint16_t *qa, const uint16_t *qb, int64_t D, float *buf) {
-    const int64_t lo2 = D / 32 * 512;   /* where a group's q̂2 tiles start */
+/* T1, T2 of the groups at qa (buf, buf + 256) and qb (buf + 512, buf + 768): buf[16 j + i] for key j, row i; a
+   group's q̂l tile lies 16·D bytes after its q̂h tile */
+static inline void amx_pair_products(const int8_t *qa, const int8_t *qb, int64_t D, int32_t *buf) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(4);
+    _tile_zero(5);
+    _tile_loadd(6, qa, 64);
+    _tile_loadd(7, qa + 16 * D, 64);
+    _tile_dpbssd(0, 2, 6);   /* k̂h·q̂h */
+    _tile_dpbssd(1, 2, 7);   /* k̂h·q̂l */
+    _tile_dpbssd(1, 3, 6);   /* k̂l·q̂h */
+    _tile_loadd(6, qb, 64);
+    _tile_loadd(7, qb + 16 * D, 64);
+    _tile_dpbssd(4, 2, 6);
+    _tile_dpbssd(5, 2, 7);
+    _tile_dpbssd(5, 3, 6);
+    _tile_stored(0, buf, 64);
+    _tile_stored(1, buf + 256, 64);
+    _tile_stored(4, buf + 512, 64);
+    _tile_stored(5, buf + 768, 64);
+}
+
+/* `amx_pair_products` for one group (tiles 0, 1 only: tile numbers must be compile-time constants) */
+static inline void amx_group_products(const int8_t *qa, int64_t D, int32_t *buf) {
     _tile_zero(0);
     _tile_zero(1);
     _tile_loadd(6, qa, 64);
-    _tile_dpbf16ps(0, 2, 6);   /* q̂1·k̂1 */
-    _tile_dpbf16ps(0, 4, 6);   /* q̂1·k̂2 */
-    _tile_loadd(7, qb, 64);
-    _tile_dpbf16ps(1, 2, 7);
-    _tile_dpbf16ps(1, 4, 7);
-    if (D == 64) {
-        _tile_loadd(6, qa + 512, 64);
-        _tile_dpbf16ps(0, 3, 6);
-        _tile_dpbf16ps(0, 5, 6);
-        _tile_loadd(7, qb + 512, 64);
-        _tile_dpbf16ps(1, 3, 7);
-        _tile_dpbf16ps(1, 5, 7);
-    }
-    _tile_loadd(6, qa + lo2, 64);
-    _tile_dpbf16ps(0, 2, 6);   /* q̂2·k̂1 */
-    _tile_loadd(7, qb + lo2, 64);
-    _tile_dpbf16ps(1, 2, 7);
-    if (D == 64) {
-        _tile_loadd(6, qa + lo2 + 512, 64);
-        _tile_dpbf16ps(0, 3, 6);
-        _tile_loadd(7, qb + lo2 + 512, 64);
-        _tile_dpbf16ps(1, 3, 7);
-    }
+    _tile_loadd(7, qa + 16 * D, 64);
+    _tile_dpbssd(0, 2, 6);
+    _tile_dpbssd(1, 2, 7);
+    _tile_dpbssd(1, 3, 6);
     _tile_stored(0, buf, 64);
     _tile_stored(1, buf + 256, 64);
 }
 
-/* buf[16 j + i]: one group's scores (tiles 0, 6 only): `amx_pair_scores` for one group, written out again because
-   tile numbers must be compile-time constants */
-static inline void amx_group_scores(const uint16_t *qa, int64_t D, float *buf) {
-    const int64_t lo2 = D / 32 * 512;
-    _tile_zero(0);
-    _tile_loadd(6, qa, 64);
-    _tile_dpbf16ps(0, 2, 6);
-    _tile_dpbf16ps(0, 4, 6);
-    if (D == 64) {
-        _tile_loadd(6, qa + 512, 64);
-        _tile_dpbf16ps(0, 3, 6);
-        _tile_dpbf16ps(0, 5, 6);
-    }
-    _tile_loadd(6, qa + lo2, 64);
-    _tile_dpbf16ps(0, 2, 6);
-    if (D == 64) {
-        _tile_loadd(6, qa + lo2 + 512, 64);
-        _tile_dpbf16ps(0, 3, 6);
-    }
-    _tile_stored(0, buf, 64);
+/* key j's integer scores with the 16 rows: 256·T1 + T2, exact in int32 (|T1| ≤ 64·127², |T2| ≤ 2·64·127·128) */
+static inline __m512i amx_combined(const int32_t *buf, int64_t j) {
+    return _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(buf + 16 * j), 8),
+                            _mm512_load_si512(buf + 256 + 16 * j));
 }
 
 /* block b's key rows: in place for a full block, else its keys copied into tail (16 rows of 2D, zero past the
    n − 16b real keys, whose scores are then ignored) */
-static inline const uint16_t *amx_block(const uint16_t *kh, int64_t D, int64_t n, int64_t b, uint16_t *tail) {
+static inline const int8_t *amx_block(const int8_t *kh, int64_t D, int64_t n, int64_t b, int8_t *tail) {
     if (16 * b + 16 <= n) return kh + 16 * b * 2 * D;
-    memset(tail, 0, sizeof(uint16_t) * 16 * 2 * D);
-    memcpy(tail, kh + 16 * b * 2 * D, sizeof(uint16_t) * (n - 16 * b) * 2 * D);
+    memset(tail, 0, 16 * 2 * D);
+    memcpy(tail, kh + 16 * b * 2 * D, (n - 16 * b) * 2 * D);
     return tail;
 }
 
-/* the largest of the 16 scores rows of buf over the keys in `keep` (bit j: key j), −inf when none */
-static inline __m512 amx_block_max(const float *buf, unsigned keep) {
+/* the largest integer score of the 16 rows over the keys in `keep` (bit j: key j; keep ≠ 0) */
+static inline __m512i amx_block_max(const int32_t *buf, unsigned keep) {
     if (keep == 0xFFFFu) {
-        __m512 m0 = _mm512_load_ps(buf), m1 = _mm512_load_ps(buf + 16);
-        __m512 m2 = _mm512_load_ps(buf + 32), m3 = _mm512_load_ps(buf + 48);
-        for (int j = 4; j < 16; j += 4) {
-            m0 = _mm512_max_ps(m0, _mm512_load_ps(buf + 16 * j));
-            m1 = _mm512_max_ps(m1, _mm512_load_ps(buf + 16 * j + 16));
-            m2 = _mm512_max_ps(m2, _mm512_load_ps(buf + 16 * j + 32));
-            m3 = _mm512_max_ps(m3, _mm512_load_ps(buf + 16 * j + 48));
+        __m512i m0 = amx_combined(buf, 0), m1 = amx_combined(buf, 1);
+        for (int64_t j = 2; j < 16; j += 2) {
+            m0 = _mm512_max_epi32(m0, amx_combined(buf, j));
+            m1 = _mm512_max_epi32(m1, amx_combined(buf, j + 1));
         }
-        return _mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3));
+        return _mm512_max_epi32(m0, m1);
     }
-    __m512 m = _mm512_set1_ps(-INFINITY);
-    for (; keep; keep &= keep - 1) m = _mm512_max_ps(m, _mm512_load_ps(buf + 16 * __builtin_ctz(keep)));
+    __m512i m = _mm512_set1_epi32(INT32_MIN);
+    for (; keep; keep &= keep - 1) m = _mm512_max_epi32(m, amx_combined(buf, __builtin_ctz(keep)));
     return m;
 }
 
@@ -1090,89 +1235,113 @@ static inline unsigned amx_keep(const uint8_t *ex, int64_t n, int64_t b) {
 
 /* Pass 1, units u0..u1-1 of H heads × nb blocks of 16 keys (unit u: head u / nb, block u % nb): the block's
    largest score per query row over its keys not excluded, maxima[((h·G + g)·nb + b)·16 + i] for row 16g + i
-   (G even: groups scored in pairs; rows past R are zero in qp and their maxima unused). kb: the split keys
-   (head stride kb_hs, rows of 2D); qp: the packed split rows (head stride qp_hs). NaN scores may be dropped
-   from a maximum: such rows then find fewer than k candidates and the caller falls back. */
-static int amx_maxima_range(const uint16_t *kb, int64_t kb_hs, const uint16_t *qp, int64_t qp_hs, int64_t G,
-                            int64_t D, int64_t n, const uint8_t *excl, int64_t ex_hs, float *maxima,
+   (G even: groups scored in pairs; rows past R are zero in qp and their maxima unused), and the block's largest
+   weights bw[(h·nb + b)·3 + c] of [kn, ‖r‖, w] (pass 2's bounds). kb: the keys' int8 parts (head stride kb_hs,
+   rows of 2D); kr: the per-key weights (head stride kr_hs, rows of 3: the block's scale third); kn: the keys'
+   norms (head stride kn_hs); qp: the packed rows (head stride qp_hs), rs: their scales (head stride 16G, both
+   from `int8_rows`). Returns 1 when a block's scale is not finite (a key with inf or NaN: the caller falls back). */
+static int amx_maxima_range(const int8_t *kb, int64_t kb_hs, const float *kr, int64_t kr_hs, const float *kn,
+                            int64_t kn_hs, const int8_t *qp, int64_t qp_hs, const float *rs, int64_t G, int64_t D,
+                            int64_t n, const uint8_t *excl, int64_t ex_hs, float *maxima, float *bw,
                             int64_t u0, int64_t u1) {
     const int64_t nb = (n + 15) / 16;
-    float buf[512] __attribute__((aligned(64)));
-    uint16_t *tail = malloc(sizeof(uint16_t) * 16 * 2 * D);
-    if (!tail) return -1;
-    amx_configure();
+    int32_t buf[1024] __attribute__((aligned(64)));
+    int8_t tail[16 * 2 * 64] __attribute__((aligned(64)));
+    amx_configure(D);
+    int status = 0;
     for (int64_t u = u0; u < u1; u++) {
         const int64_t h = u / nb, b = u % nb;
         const unsigned keep = amx_keep(excl ? excl + h * ex_hs : 0, n, b);
-        float *out = maxima + (h * G * nb + b) * 16;
-        if (!keep) {   /* every key excluded: the block never passes */
+        const float scale = 256.0f * kr[h * kr_hs + 16 * b * 3 + 2];
+        float *out = maxima + (h * G * nb + b) * 16, *w = bw + (h * nb + b) * 3;
+        w[0] = w[1] = w[2] = 0;
+        for (int64_t j = 16 * b; j < n && j < 16 * b + 16; j++) {
+            const float *wj = kr + h * kr_hs + 3 * j;
+            w[0] = kn[h * kn_hs + j] > w[0] ? kn[h * kn_hs + j] : w[0];
+            w[1] = wj[0] > w[1] ? wj[0] : w[1];
+            w[2] = wj[1] > w[2] ? wj[1] : w[2];
+        }
+        if (!isfinite(scale)) status = 1;
+        if (!keep || !isfinite(scale)) {   /* every key excluded: the block never passes */
             for (int64_t g = 0; g < G; g++) _mm512_store_ps(out + g * nb * 16, _mm512_set1_ps(-INFINITY));
             continue;
         }
         amx_keys(amx_block(kb + h * kb_hs, D, n, b, tail), D);
-        const uint16_t *qh = qp + h * qp_hs;
+        const int8_t *qh = qp + h * qp_hs;
+        const float *rh = rs + h * 16 * G;
+        const __m512 vs = _mm512_set1_ps(scale);
         for (int64_t g = 0; g < G; g += 2) {
-            amx_pair_scores(qh + 32 * D * g, qh + 32 * D * (g + 1), D, buf);
-            _mm512_store_ps(out + g * nb * 16, amx_block_max(buf, keep));
-            _mm512_store_ps(out + (g + 1) * nb * 16, amx_block_max(buf + 256, keep));
+            amx_pair_products(qh + 32 * D * g, qh + 32 * D * (g + 1), D, buf);
+            _mm512_store_ps(out + g * nb * 16, _mm512_mul_ps(_mm512_cvtepi32_ps(amx_block_max(buf, keep)),
+                                                             _mm512_mul_ps(_mm512_load_ps(rh + 16 * g), vs)));
+            _mm512_store_ps(out + (g + 1) * nb * 16,
+                            _mm512_mul_ps(_mm512_cvtepi32_ps(amx_block_max(buf + 512, keep)),
+                                          _mm512_mul_ps(_mm512_load_ps(rh + 16 * g + 16), vs)));
         }
     }
     _tile_release();
-    free(tail);
-    return 0;
+    return status;
 }
 
-int amx_maxima(const uint16_t *kb, int64_t kb_hs, const uint16_t *qp, int64_t qp_hs, int64_t G, int64_t D,
-               int64_t n, const uint8_t *excl, int64_t ex_hs, float *maxima, int64_t u0, int64_t u1,
+int amx_maxima(const int8_t *kb, int64_t kb_hs, const float *kr, int64_t kr_hs, const float *kn, int64_t kn_hs,
+               const int8_t *qp, int64_t qp_hs, const float *rs, int64_t G, int64_t D, int64_t n,
+               const uint8_t *excl, int64_t ex_hs, float *maxima, float *bw, int64_t u0, int64_t u1,
                int64_t threads) {
     if (!amx_ready()) return -2;
     PARALLEL_RANGE(threads, u0, u1, lo, hi,
-                   amx_maxima_range(kb, kb_hs, qp, qp_hs, G, D, n, excl, ex_hs, maxima, lo, hi))
+                   amx_maxima_range(kb, kb_hs, kr, kr_hs, kn, kn_hs, qp, qp_hs, rs, G, D, n, excl, ex_hs, maxima, bw,
+                                    lo, hi))
 }
 
 /* Pass 2, units u0..u1-1 of H heads × G groups of 16 rows: each row's exact fp32 top-k, as `select_exact_range`
-   finds it (its bound with no `rel` term; bn, bn2: the weights' maxima over blocks of 16), from pass 1's maxima;
-   the other arguments as there. */
-static int amx_select_range(const uint16_t *kb, int64_t kb_hs, const uint16_t *qp, int64_t qp_hs, const float *maxima,
-                            int64_t G, const float *q, int64_t q_hs, int64_t q_rs,
-                            const float *keys, int64_t k_hs, int64_t k_rs,
-                            const float *kn, int64_t kn_hs, const float *bn, int64_t bn_hs, const float *eps,
-                            const float *kn2, int64_t kn2_hs, const float *bn2, int64_t bn2_hs, const float *eps2,
-                            const float *slack, const uint8_t *excl, int64_t ex_hs,
-                            int64_t R, int64_t D, int64_t n, int64_t k, int64_t u0, int64_t u1,
-                            int64_t *out_i, int64_t *ncand) {
+   finds it, from pass 1's maxima. Key j's score with row t is within e[t]·kn[j] + e2[t]·‖r_j‖ + e3[t]·w_j +
+   slack[t] of the exact one (rt[t] = [e, e2, e3, slack]; kn: the keys' norms, kr: [‖r‖, w, s] as in pass 1; bw:
+   the maxima of [kn, ‖r‖, w] over each block, (H, nb, 3) contiguous); q, keys: the fp32 rows and keys the
+   candidates are re-scored from; the other arguments as in pass 1. Returns 1 when a row found fewer than k
+   candidates (NaN scores: the caller falls back). */
+static int amx_select_range(const int8_t *kb, int64_t kb_hs, const float *kr, int64_t kr_hs, const int8_t *qp,
+                            int64_t qp_hs, const float *rs, const float *maxima, int64_t G,
+                            const float *q, int64_t q_hs, int64_t q_rs, const float *keys, int64_t k_hs, int64_t k_rs,
+                            const float *kn, int64_t kn_hs, const float *bw, const float *rt,
+                            const uint8_t *excl, int64_t ex_hs, int64_t R, int64_t D, int64_t n, int64_t k,
+                            int64_t u0, int64_t u1, int64_t *out_i, int64_t *ncand) {
     const int64_t nb = (n + 15) / 16;
     int status = 0;
-    float buf[256] __attribute__((aligned(64)));
+    int32_t buf[512] __attribute__((aligned(64)));
+    int8_t tail[16 * 2 * 64] __attribute__((aligned(64)));
     float *lb = malloc(sizeof(float) * nb), *hv = malloc(sizeof(float) * k), *cs = malloc(sizeof(float) * n);
-    uint16_t *pass = malloc(sizeof(uint16_t) * nb), *tail = malloc(sizeof(uint16_t) * 16 * 2 * D);
+    uint16_t *pass = malloc(sizeof(uint16_t) * nb);
     uint32_t *work = malloc(sizeof(uint32_t) * nb);
     int32_t *ci = malloc(sizeof(int32_t) * 16 * n);   /* row i's candidates at ci + i·n */
     int64_t *pos = malloc(sizeof(int64_t) * n);
-    if (!lb || !hv || !cs || !pass || !tail || !work || !ci || !pos) {
-        free(lb); free(hv); free(cs); free(pass); free(tail); free(work); free(ci); free(pos);
+    if (!lb || !hv || !cs || !pass || !work || !ci || !pos) {
+        free(lb); free(hv); free(cs); free(pass); free(work); free(ci); free(pos);
         return -1;
     }
-    amx_configure();
+    amx_configure(D);
     for (int64_t u = u0; u < u1; u++) {
         const int64_t h = u / G, g = u % G, r0 = 16 * g;
         const int64_t nq = R - r0 < 16 ? (R - r0 > 0 ? R - r0 : 0) : 16;
         if (nq == 0) continue;   /* a padding group */
-        const float *mx = maxima + (h * G + g) * nb * 16, *bnorm = bn + h * bn_hs, *bnorm2 = bn2 + h * bn2_hs;
-        const float *norm = kn + h * kn_hs, *norm2 = kn2 + h * kn2_hs;
+        const float *mx = maxima + (h * G + g) * nb * 16, *bwh = bw + h * nb * 3;
+        const float *norm = kn + h * kn_hs, *krh = kr + h * kr_hs;
         const uint8_t *ex = excl ? excl + h * ex_hs : 0;
-        float tau[16], e[16], e2[16], sl[16];
+        float tau[16], e[16], e2[16], e3[16], sl[16];
         int64_t c[16];
         for (int64_t i = 0; i < 16; i++) {   /* rows past R: zero bounds, never a candidate */
-            e[i] = e2[i] = sl[i] = 0;
+            e[i] = e2[i] = e3[i] = sl[i] = 0;
             c[i] = 0;
         }
         for (int64_t i = 0; i < nq; i++) {
-            const int64_t t = h * R + r0 + i;
-            e[i] = eps[t]; e2[i] = eps2[t]; sl[i] = slack[t];
+            const float *t = rt + (h * R + r0 + i) * 4;
+            e[i] = t[0]; e2[i] = t[1]; e3[i] = t[2]; sl[i] = t[3];
         }
-        const __m512 ve = _mm512_loadu_ps(e), ve2 = _mm512_loadu_ps(e2), vsl = _mm512_loadu_ps(sl);
+        const __m512 ve = _mm512_loadu_ps(e), ve2 = _mm512_loadu_ps(e2), ve3 = _mm512_loadu_ps(e3);
+        const __m512 vsl = _mm512_loadu_ps(sl), vrs = _mm512_load_ps(rs + h * 16 * G + 16 * g);
         const __mmask16 rows = (__mmask16)((1u << nq) - 1);
+#define BLOCK_BOUND(b) _mm512_add_ps(_mm512_fmadd_ps(ve3, _mm512_set1_ps(bwh[3 * (b) + 2]),                      \
+                                     _mm512_fmadd_ps(ve2, _mm512_set1_ps(bwh[3 * (b) + 1]),                      \
+                                                     _mm512_mul_ps(ve, _mm512_set1_ps(bwh[3 * (b)])))), vsl)
         /* the k blocks with the best lower bounds hold k distinct keys scoring at least tau exactly: the 16 rows'
            k-th best lower bounds at once (an insertion network over each row's k best; NaN bounds passed over as
            −inf, as `kth_best` passes them over), or row by row for a large k */
@@ -1180,9 +1349,7 @@ static int amx_select_range(const uint16_t *kb, int64_t kb_hs, const uint16_t *q
             __m512 best[AMX_NETWORK_K];
             for (int64_t l = 0; l < k; l++) best[l] = _mm512_set1_ps(-INFINITY);
             for (int64_t b = 0; b < nb; b++) {
-                __m512 d = _mm512_add_ps(_mm512_fmadd_ps(ve2, _mm512_set1_ps(bnorm2[b]),
-                                                         _mm512_mul_ps(ve, _mm512_set1_ps(bnorm[b]))), vsl);
-                __m512 v = _mm512_sub_ps(_mm512_load_ps(mx + 16 * b), d);
+                __m512 v = _mm512_sub_ps(_mm512_load_ps(mx + 16 * b), BLOCK_BOUND(b));
                 v = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v);
                 for (int64_t l = 0; l < k; l++) {
                     __m512 hi = _mm512_max_ps(best[l], v);
@@ -1193,27 +1360,31 @@ static int amx_select_range(const uint16_t *kb, int64_t kb_hs, const uint16_t *q
             _mm512_storeu_ps(tau, best[k - 1]);
         } else {
             for (int64_t i = 0; i < nq; i++) {
-                for (int64_t b = 0; b < nb; b++)
-                    lb[b] = mx[16 * b + i] - ((e2[i] * bnorm2[b] + e[i] * bnorm[b]) + sl[i]);
+                for (int64_t b = 0; b < nb; b++) {
+                    const float *w = bwh + 3 * b;
+                    lb[b] = mx[16 * b + i] - (((e[i] * w[0] + e2[i] * w[1]) + e3[i] * w[2]) + sl[i]);
+                }
                 tau[i] = kth_best(lb, work, nb, k);
             }
         }
         const __m512 vtau = _mm512_loadu_ps(tau);
-        for (int64_t b = 0; b < nb; b++) {   /* blocks whose upper bound reaches a row's tau hold its candidates */
-            __m512 d = _mm512_add_ps(_mm512_fmadd_ps(ve2, _mm512_set1_ps(bnorm2[b]),
-                                                     _mm512_mul_ps(ve, _mm512_set1_ps(bnorm[b]))), vsl);
-            pass[b] = _mm512_mask_cmp_ps_mask(rows, _mm512_add_ps(_mm512_load_ps(mx + 16 * b), d), vtau, _CMP_GE_OQ);
-        }
-        const uint16_t *qg = qp + h * qp_hs + 32 * D * g, *kh = kb + h * kb_hs;
+        for (int64_t b = 0; b < nb; b++)   /* blocks whose upper bound reaches a row's tau hold its candidates */
+            pass[b] = _mm512_mask_cmp_ps_mask(rows, _mm512_add_ps(_mm512_load_ps(mx + 16 * b), BLOCK_BOUND(b)),
+                                              vtau, _CMP_GE_OQ);
+#undef BLOCK_BOUND
+        const int8_t *qg = qp + h * qp_hs + 32 * D * g, *kh = kb + h * kb_hs;
         for (int64_t b = 0; b < nb; b++) {
             if (!pass[b]) continue;
             amx_keys(amx_block(kh, D, n, b, tail), D);
-            amx_group_scores(qg, D, buf);
+            amx_group_products(qg, D, buf);
+            const __m512 vc = _mm512_mul_ps(vrs, _mm512_set1_ps(256.0f * krh[16 * b * 3 + 2]));
             for (unsigned keep = amx_keep(ex, n, b); keep; keep &= keep - 1) {   /* key 16b + j, 16 rows at once */
                 const int64_t j = __builtin_ctz(keep), key = 16 * b + j;
-                __m512 w = _mm512_fmadd_ps(ve2, _mm512_set1_ps(norm2[key]),
-                                           _mm512_mul_ps(ve, _mm512_set1_ps(norm[key])));
-                __m512 up = _mm512_add_ps(_mm512_add_ps(w, _mm512_load_ps(buf + 16 * j)), vsl);
+                const float *w = krh + key * 3;
+                __m512 d = _mm512_fmadd_ps(ve3, _mm512_set1_ps(w[1]),
+                                           _mm512_fmadd_ps(ve2, _mm512_set1_ps(w[0]),
+                                                           _mm512_mul_ps(ve, _mm512_set1_ps(norm[key]))));
+                __m512 up = _mm512_add_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(amx_combined(buf, j)), vc, d), vsl);
                 unsigned m = _mm512_cmp_ps_mask(up, vtau, _CMP_GE_OQ) & pass[b];
                 for (; m; m &= m - 1) {
                     int i = __builtin_ctz(m);
@@ -1230,44 +1401,40 @@ static int amx_select_range(const uint16_t *kb, int64_t kb_hs, const uint16_t *q
         }
     }
     _tile_release();
-    free(lb); free(hv); free(cs); free(pass); free(tail); free(work); free(ci); free(pos);
+    free(lb); free(hv); free(cs); free(pass); free(work); free(ci); free(pos);
     return status;
 }
 
-int amx_select(const uint16_t *kb, int64_t kb_hs, const uint16_t *qp, int64_t qp_hs, const float *maxima, int64_t G,
-               const float *q, int64_t q_hs, int64_t q_rs, const float *keys, int64_t k_hs, int64_t k_rs,
-               const float *kn, int64_t kn_hs, const float *bn, int64_t bn_hs, const float *eps,
-               const float *kn2, int64_t kn2_hs, const float *bn2, int64_t bn2_hs, const float *eps2,
-               const float *slack, const uint8_t *excl, int64_t ex_hs,
-               int64_t R, int64_t D, int64_t n, int64_t k, int64_t u0, int64_t u1,
-               int64_t *out_i, int64_t *ncand, int64_t threads) {
+int amx_select(const int8_t *kb, int64_t kb_hs, const float *kr, int64_t kr_hs, const int8_t *qp, int64_t qp_hs,
+               const float *rs, const float *maxima, int64_t G, const float *q, int64_t q_hs, int64_t q_rs,
+               const float *keys, int64_t k_hs, int64_t k_rs, const float *kn, int64_t kn_hs, const float *bw,
+               const float *rt, const uint8_t *excl, int64_t ex_hs, int64_t R, int64_t D, int64_t n, int64_t k,
+               int64_t u0, int64_t u1, int64_t *out_i, int64_t *ncand, int64_t threads) {
     if (!amx_ready()) return -2;
     PARALLEL_RANGE(threads, u0, u1, lo, hi,
-                   amx_select_range(kb, kb_hs, qp, qp_hs, maxima, G, q, q_hs, q_rs, keys, k_hs, k_rs, kn, kn_hs, bn,
-                                    bn_hs, eps, kn2, kn2_hs, bn2, bn2_hs, eps2, slack, excl, ex_hs, R, D, n, k, lo,
-                                    hi, out_i, ncand))
+                   amx_select_range(kb, kb_hs, kr, kr_hs, qp, qp_hs, rs, maxima, G, q, q_hs, q_rs, keys, k_hs, k_rs,
+                                    kn, kn_hs, bw, rt, excl, ex_hs, R, D, n, k, lo, hi, out_i, ncand))
 }
 #else
 int amx_ready(void) { return 0; }
 
-int amx_maxima(const uint16_t *kb, int64_t kb_hs, const uint16_t *qp, int64_t qp_hs, int64_t G, int64_t D,
-               int64_t n, const uint8_t *excl, int64_t ex_hs, float *maxima, int64_t u0, int64_t u1,
+int amx_maxima(const int8_t *kb, int64_t kb_hs, const float *kr, int64_t kr_hs, const float *kn, int64_t kn_hs,
+               const int8_t *qp, int64_t qp_hs, const float *rs, int64_t G, int64_t D, int64_t n,
+               const uint8_t *excl, int64_t ex_hs, float *maxima, float *bw, int64_t u0, int64_t u1,
                int64_t threads) {
     return -2;
 }
 
-int amx_select(const uint16_t *kb, int64_t kb_hs, const uint16_t *qp, int64_t qp_hs, const float *maxima, int64_t G,
-               const float *q, int64_t q_hs, int64_t q_rs, const float *keys, int64_t k_hs, int64_t k_rs,
-               const float *kn, int64_t kn_hs, const float *bn, int64_t bn_hs, const float *eps,
-               const float *kn2, int64_t kn2_hs, const float *bn2, int64_t bn2_hs, const float *eps2,
-               const float *slack, const uint8_t *excl, int64_t ex_hs,
-               int64_t R, int64_t D, int64_t n, int64_t k, int64_t u0, int64_t u1,
-               int64_t *out_i, int64_t *ncand, int64_t threads) {
+int amx_select(const int8_t *kb, int64_t kb_hs, const float *kr, int64_t kr_hs, const int8_t *qp, int64_t qp_hs,
+               const float *rs, const float *maxima, int64_t G, const float *q, int64_t q_hs, int64_t q_rs,
+               const float *keys, int64_t k_hs, int64_t k_rs, const float *kn, int64_t kn_hs, const float *bw,
+               const float *rt, const uint8_t *excl, int64_t ex_hs, int64_t R, int64_t D, int64_t n, int64_t k,
+               int64_t u0, int64_t u1, int64_t *out_i, int64_t *ncand, int64_t threads) {
     return -2;
 }
 #endif
 """
-FLAGS = ["-O3", "-march=native", "-fPIC", "-shared"]
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared"]   # no errno: sqrt inline
 # OpenMP first: where torch runs on one OpenMP runtime (linux wheels: libgomp), the kernels then split their work over
 # torch's own threads (prefill-sized calls 1.5-2x faster than on a second pool competing with torch's spinning
 # workers); elsewhere the plain build and a thread pool
@@ -1379,17 +1546,23 @@ def _load(lib: Path | None) -> ctypes.CDLL | None:
                   + [ctypes.c_int64])
     handle.amx_ready.restype = ctypes.c_int
     handle.amx_ready.argtypes = []
+    f = handle.int8_rows
+    f.restype = ctypes.c_int
+    f.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+    f = handle.int8_key_copies
+    f.restype = None
+    f.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 4 + [
+        ctypes.c_void_p] * 4
     f = handle.amx_maxima
     f.restype = ctypes.c_int
-    f.argtypes = ([ctypes.c_void_p, ctypes.c_int64] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64]
-                  + [ctypes.c_void_p] + [ctypes.c_int64] * 3)
+    f.argtypes = ([ctypes.c_void_p, ctypes.c_int64] * 4 + [ctypes.c_void_p] + [ctypes.c_int64] * 3
+                  + [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3)
     f = handle.amx_select
     f.restype = ctypes.c_int
-    f.argtypes = ([ctypes.c_void_p, ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int64]
-                  + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] * 2
-                  + ([ctypes.c_void_p, ctypes.c_int64] * 2 + [ctypes.c_void_p]) * 2
-                  + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 7 + [ctypes.c_void_p, ctypes.c_void_p]
-                  + [ctypes.c_int64])
+    f.argtypes = ([ctypes.c_void_p, ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int64]
+                  + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int64]
+                  + [ctypes.c_void_p] * 2 + [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_int64] * 6
+                  + [ctypes.c_void_p] * 2 + [ctypes.c_int64])
     return handle
 
 
@@ -1491,54 +1664,70 @@ def select_exact(scores: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, key_
 
 
 def has_amx() -> bool:
-    """Whether `select_exact_amx` runs here: built for a CPU with AMX (bf16 tiles) and the OS lets this process use
+    """Whether `select_exact_amx` runs here: built for a CPU with AMX (int8 tiles) and the OS lets this process use
     the tiles."""
     return available() and bool(_lib.amx_ready())
 
 
-def select_exact_amx(keys_split: torch.Tensor, rows_split: torch.Tensor, q: torch.Tensor, keys: torch.Tensor,
-                     key_norms: torch.Tensor, eps: torch.Tensor, k: int, slack: torch.Tensor,
-                     excluded: torch.Tensor | None, key_norms2: torch.Tensor, eps2: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Exact fp32 top-k indices of q·k per row, as `select_exact` finds them, from split-bf16 scores computed by AMX
-    tiles inside the kernel (`amx_maxima`, then `amx_select`) and never stored. keys_split (H, n, 2D) bfloat16:
-    each (centred) key as [k̂1 | k̂2] (rows contiguous, any head stride); rows_split (H, R, 2D) bfloat16: each row
-    as [q̂1 | q̂2]; the tile score ŝ = q̂1·k̂1 + q̂1·k̂2 + q̂2·k̂1 (fp32 sums of exact products) must meet
-    |ŝ − q·x| ≤ eps·key_norms + eps2·key_norms2 + slack (`kernels.split_score_bounds`); q, keys, excluded as in
-    `select_exact`. D = 32 or 64; 1 <= k <= n / 16. Returns (indices (H, R, k), candidates re-scored per row
-    (H, R)), or None when a row had NaN scores (the caller takes another path). Call only when `has_amx()`."""
+def int8_rows(q: torch.Tensor, slack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The AMX selection's rows q (H, R, D) float32 (last dim contiguous), as `kernels.int8_row_parts` computes them,
+    in groups of 16 (an even number G of groups: pass 1 scores them in pairs) laid out as the tiles' B operands:
+    (packed (H, G, 2, D/4, 16, 4) int8, [h, g, part, p, i, e] = part (h, l) of row 16g + i's dim 4p + e (rows past
+    R zero); scales (H, 16G) (0 past R); terms (H, R, 4) = [e, e2, e3, slack]), or None when a row is not finite."""
     H, R, D = q.shape
-    n = keys_split.shape[1]
-    assert keys_split.dtype == rows_split.dtype == torch.bfloat16 and keys_split.stride()[1:] == (2 * D, 1)
-    assert rows_split.shape[-1] == 2 * D and keys.stride(-1) == 1 and D in (32, 64) and 1 <= k <= n // 16
+    assert q.dtype == slack.dtype == torch.float32 and q.stride(-1) == 1 and D % 4 == 0 and D <= 64
+    slack = slack.contiguous()
+    G = 2 * -(-R // 32)
+    packed = torch.empty(H, G, 2, D // 4, 16, 4, dtype=torch.int8)
+    scales, terms = torch.empty(H, 16 * G), torch.empty(H, R, 4)
+    if any(_run_rows(lambda u0, u1, t: _lib.int8_rows(q.data_ptr(), q.stride(0), q.stride(1), R, D, G,
+                                                      slack.data_ptr(), packed.data_ptr(), scales.data_ptr(),
+                                                      terms.data_ptr(), u0, u1, t), H * 16 * G, 64 * H * R * D)):
+        return None
+    return packed, scales, terms
+
+
+def select_exact_amx(keys_int8: torch.Tensor, key_weights: torch.Tensor, q: torch.Tensor, keys: torch.Tensor,
+                     key_norms: torch.Tensor, k: int, slack: torch.Tensor, excluded: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Exact fp32 top-k indices of q·k per row, as `select_exact` finds them, from int8 scores computed by AMX tiles
+    inside the kernel (`amx_maxima`, then `amx_select`) and never stored. keys_int8 (H, n, 2D) int8 and
+    key_weights (H, n, 3) float32: the (centred) keys as `kernels.int8_key_parts` gives them, in blocks of 16 from
+    the first key (rows contiguous, any head stride); q (H, R, D) float32 the rows, split here (`int8_rows`); keys
+    (H, n, D) float32 the exact keys the candidates are re-scored from (centred or not: the ranking is the same),
+    key_norms (H, n) the centred keys' norms; slack (H, R): added to every bound (fp32
+    re-scores swapping, the bound's own rounding); excluded as in `select_exact`. D = 32 or 64; 1 <= k <= n / 16.
+    Returns (indices (H, R, k), candidates re-scored per row (H, R)), or None when a row or a key is not finite
+    (the caller takes another path). Call only when `has_amx()`."""
+    H, R, D = q.shape
+    n = keys_int8.shape[1]
+    assert keys_int8.dtype == torch.int8 and keys_int8.stride()[1:] == (2 * D, 1)
+    assert key_weights.shape[-1] == 3 and key_weights.stride()[1:] == (3, 1)
+    assert keys.stride(-1) == 1 and D in (32, 64) and 1 <= k <= n // 16
     assert excluded is None or (excluded.dtype == torch.uint8 and excluded.stride(-1) == 1)
-    q, eps, eps2 = q.contiguous(), eps.contiguous(), eps2.contiguous()
+    assert key_norms.dtype == torch.float32
     if key_norms.stride(-1) != 1:
         key_norms = key_norms.contiguous()
-    if key_norms2.stride(-1) != 1:
-        key_norms2 = key_norms2.contiguous()
-    # AMX treats denormal inputs and results as zero: at most ~3D · 2^-126 · (1 + |q| + |x|) per score, covered
-    # (with a wide margin) by this addition to the slack
-    slack = (slack + 2.0 ** -100 * (1 + torch.linalg.vector_norm(q, dim=-1) + key_norms.amax(-1)[:, None])).contiguous()
-    block_norms, block_norms2 = _block_maxima(key_norms, 16), _block_maxima(key_norms2, 16)
-    # the rows in groups of 16 (an even number of groups: pass 1 scores them in pairs), each group as the tiles'
-    # B operand: packed[h, g, s, p, i, e] = row 16g + i's dim 32s + 2p + e of [q̂1 | q̂2] (rows past R zero)
-    G = 2 * -(-R // 32)
-    packed = F.pad(rows_split, (0, 0, 0, 16 * G - R)).view(H, G, 16, D // 16, 16, 2).permute(0, 1, 3, 4, 2, 5)
-    packed = packed.contiguous()
+    rows = int8_rows(q, slack)
+    if rows is None:
+        return None   # a row that is not finite
+    packed, row_scales, row_terms = rows
+    G = packed.shape[1]
     nb = -(-n // 16)
     maxima = torch.empty(H, G, nb, 16)
+    block_weights = torch.empty(H, nb, 3)   # per block, the largest [‖x‖, ‖r‖, w] (pass 1 fills it)
     ex = (None, 0) if excluded is None else (excluded.data_ptr(), excluded.stride(0))
-    args = (keys_split.data_ptr(), keys_split.stride(0), packed.data_ptr(), packed.stride(0))
-    codes = _run_rows(lambda u0, u1, t: _lib.amx_maxima(*args, G, D, n, *ex, maxima.data_ptr(), u0, u1, t), H * nb,
-                      3 * H * R * n)
+    args = (keys_int8.data_ptr(), keys_int8.stride(0), key_weights.data_ptr(), key_weights.stride(0))
+    codes = _run_rows(lambda u0, u1, t: _lib.amx_maxima(
+        *args, key_norms.data_ptr(), key_norms.stride(0), packed.data_ptr(), packed.stride(0),
+        row_scales.data_ptr(), G, D, n, *ex, maxima.data_ptr(), block_weights.data_ptr(), u0, u1, t),
+        H * nb, 3 * H * R * n)
     if not any(codes):
         idx = torch.empty(H * R, k, dtype=torch.int64)
         ncand = torch.empty(H * R, dtype=torch.int64)
-        args += (maxima.data_ptr(), G, q.data_ptr(), q.stride(0), q.stride(1), keys.data_ptr(), keys.stride(0),
-                 keys.stride(1), key_norms.data_ptr(), key_norms.stride(0), block_norms.data_ptr(),
-                 block_norms.stride(0), eps.data_ptr(), key_norms2.data_ptr(), key_norms2.stride(0),
-                 block_norms2.data_ptr(), block_norms2.stride(0), eps2.data_ptr(), slack.data_ptr(), *ex, R, D, n, k)
+        args += (packed.data_ptr(), packed.stride(0), row_scales.data_ptr(), maxima.data_ptr(), G, q.data_ptr(),
+                 q.stride(0), q.stride(1), keys.data_ptr(), keys.stride(0), keys.stride(1), key_norms.data_ptr(),
+                 key_norms.stride(0), block_weights.data_ptr(), row_terms.data_ptr(), *ex, R, D, n, k)
         codes = _run_rows(lambda u0, u1, t: _lib.amx_select(*args, u0, u1, idx.data_ptr(), ncand.data_ptr(), t),
                           H * G, H * R * n)
     if any(c == -1 for c in codes):
@@ -1638,6 +1827,22 @@ def candidate_copies(k: torch.Tensor, centre: torch.Tensor
     _lib.candidate_copies(k.data_ptr(), k.stride(0), k.stride(1), centre.data_ptr(), H, T, D, split.data_ptr(),
                           norms.data_ptr(), weights.data_ptr(), kmax.data_ptr())
     return split, norms, weights, kmax
+
+
+def int8_key_copies(k: torch.Tensor, centre: torch.Tensor, first: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LongCache's int8 copies of new keys k (H, T, D) float32 (last dim contiguous) about centre (H, 1, D) or
+    (H, D), in blocks of 16 keys (the first `first` long): (parts (H, T, 2D) int8, norms ‖x‖ (H, T, 1), weights
+    (H, T, 3), each head's largest ‖k‖ (H,)), x = k − centre, as `kernels.int8_key_parts` computes them (parts and
+    scales bit for bit, norms and weights to rounding). D <= 64. Call only when `available()`."""
+    H, T, D = k.shape
+    centre = centre.reshape(H, D).contiguous()
+    assert k.dtype == centre.dtype == torch.float32 and k.stride(-1) == 1 and D <= 64
+    parts = torch.empty(H, T, 2 * D, dtype=torch.int8)
+    norms, weights, kmax = torch.empty(H, T, 1), torch.empty(H, T, 3), torch.empty(H)
+    _lib.int8_key_copies(k.data_ptr(), k.stride(0), k.stride(1), centre.data_ptr(), H, T, D, first, parts.data_ptr(),
+                         norms.data_ptr(), weights.data_ptr(), kmax.data_ptr())
+    return parts, norms, weights, kmax
 
 
 def key_flags(k: torch.Tensor, multipliers: torch.Tensor, sorted_hashes: torch.Tensor, order: torch.Tensor,

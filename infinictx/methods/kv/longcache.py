@@ -25,11 +25,11 @@ from ...core.errors import InfinictxError
 from ...core.kernels import (
     Scratch,
     block_topk,
+    int8_key_parts,
     matmul_heads,
     residual_weights,
     split_bf16,
     split_residual_weights,
-    split_score_bounds,
     stable_topk,
 )
 from ...core.models import DTYPES, LoadedModel, cpu_has_fast_bf16
@@ -61,8 +61,9 @@ KERNELS = ("fast", "fast-fp32", "reference")
 # the fp32 matmul is cheap and re-scoring costs more than it saves)
 BF16_MIN_ROWS = 64
 BF16_MIN_KEYS = 4096
-# the AMX kernel's split scores pay from far fewer keys (its bound leaves few to re-score; one 16K read's chunk,
-# 384 rows per KV head: 2.0 vs 2.2 ms at 512 keys, 3.4 vs 6.8 ms at 2,048, against fp32 scores + native top-k)
+# the AMX kernel's scores pay from far fewer keys (its bound leaves few to re-score; one 16K read's chunk, 384 rows
+# per KV head, with split-bf16 tiles: 2.0 vs 2.2 ms at 512 keys, 3.4 vs 6.8 ms at 2,048, against fp32 scores +
+# native top-k; the int8 tiles are faster still)
 AMX_MIN_KEYS = 512
 
 
@@ -87,9 +88,10 @@ class LongCachePolicy(KVPolicy):
         # keys in select_dtype when it differs from the cache's (bf16 selection on an fp32 model): converted once
         # as tokens arrive, not the whole middle at every step of every layer
         self.select_keys = [KVBuffer(self.select_dtype) for _ in range(n_layers)]
-        # the bf16-candidate selection's copies: keys minus a fixed centre, in bf16, and their fp32 norms (as keys
-        # of width 1); the centre (per layer and KV head) is the mean key when the copies were started
-        self.candidate_keys = [KVBuffer(torch.bfloat16) for _ in range(n_layers)]
+        # the bf16-candidate selection's copies: keys minus a fixed centre, in int8 parts (the AMX kernel) or bf16,
+        # and their fp32 norms (as keys of width 1); the centre (per layer and KV head) is the mean key when the
+        # copies were started
+        self.candidate_keys = [KVBuffer() for _ in range(n_layers)]
         self.key_norms = [KVBuffer(torch.float32) for _ in range(n_layers)]
         self.key_residuals = [KVBuffer(torch.float32) for _ in range(n_layers)]   # the bound's weights w
         self.key_centres = [None] * n_layers
@@ -104,7 +106,7 @@ class LongCachePolicy(KVPolicy):
         if "candidate_keys" not in state:   # a version without bf16 candidates: copies rebuilt on first use
             self.bf16_candidates, self.rescored, self.bf16_rows = True, 0, 0
             if layers is not None:
-                self.candidate_keys = [KVBuffer(torch.bfloat16) for _ in layers]
+                self.candidate_keys = [KVBuffer() for _ in layers]
                 self.key_norms = [KVBuffer(torch.float32) for _ in layers]
                 self.key_centres = [None] * len(layers)
         if "key_residuals" not in state and layers is not None:   # rebuilt in step on first use
@@ -142,7 +144,7 @@ class LongCachePolicy(KVPolicy):
         mid_start, mid_end = self.global_tokens, past - self.local_size(T)
         if mid_end > mid_start:
             middle = None if candidates is None else (
-                *(c[:, :, mid_start:mid_end] for c in candidates[:5]), candidates[5])
+                *(c[:, :, mid_start:mid_end] for c in candidates[:-1]), candidates[-1])
             picked = self.select(q, select_keys[:, :, mid_start:mid_end], middle) + mid_start
             self.selected[i] = len(picked)
             idx = torch.cat([torch.arange(mid_start, device=q.device), picked,
@@ -158,16 +160,21 @@ class LongCachePolicy(KVPolicy):
 
     def _candidate_copies(self, i: int, keys: torch.Tensor, k: torch.Tensor, past: int) -> tuple:
         """The bf16-candidate selection's copies of layer i, kept in step with the cache (rebuilt once when out
-        of step, e.g. a cache saved before they existed): the keys − centre split in two bf16 parts [k̂1 | k̂2]
-        (`split_bf16`: the AMX kernel scores with both, the bf16 matmul with k̂1), their fp32 norms, each key's
-        weight in the one-product and in the split bound, the duplicate flags, each head's largest norm. Why a
-        centre: q·(k − c) ranks keys as q·k does (q·c is the same for every key of a row), and the keys share a
-        large common part: its removal shrinks the norms the error bound scales with (real text, 4K tokens:
-        31 → 13 keys re-scored per row)."""
+        of step, e.g. a cache saved before they existed), of the centred keys x = keys − centre: for the AMX
+        kernel, x in two int8 parts [k̂h | k̂l] and the weights [‖r‖, s·‖k̂l‖, s] (`int8_key_parts`: blocks of 16
+        from the middle's start share a scale s, so a block still filling is re-quantized as keys join it);
+        else x split in two bf16 parts [k̂1 | k̂2] (`split_bf16`: the bf16 matmul scores with k̂1) and the weights
+        in the one-product and split bounds. Then the norms ‖x‖ (fp32), the duplicate flags, each head's largest
+        norm: (parts, norms, weights..., flags, largest norm). Why a centre: q·(k − c) ranks keys as q·k does
+        (q·c is the same for every key of a row), and the keys share a large common part: its removal shrinks
+        the norms the error bound scales with (real text, 4K tokens: 31 → 13 keys re-scored per row)."""
         k16, norms, residuals = self.candidate_keys[i], self.key_norms[i], self.key_residuals[i]
-        # copies of an earlier layout (one bf16 part, one weight) are rebuilt too
-        old_layout = (len(k16) and k16.keys().shape[-1] != 2 * k.shape[-1]) or (
-            len(residuals) and residuals.keys().shape[-1] != 2)
+        D = k.shape[-1]
+        int8 = _amx_here() and D in AMX_HEAD_DIMS
+        dtype, n_weights = (torch.int8, 3) if int8 else (torch.bfloat16, 2)
+        # copies of another layout (an earlier version's, or the other kind) are rebuilt too
+        old_layout = (len(k16) and (k16.keys().shape[-1] != 2 * D or k16.keys().dtype != dtype)) or (
+            len(residuals) and residuals.keys().shape[-1] != n_weights)
         if (old_layout or len(k16) != past or len(norms) != past or len(residuals) != past
                 or self.key_centres[i] is None):
             for b in (k16, norms, residuals):   # a new centre: the copies are rebuilt from the cache
@@ -175,18 +182,30 @@ class LongCachePolicy(KVPolicy):
             self.key_centres[i] = keys.mean(2, keepdim=True)
         centre = self.key_centres[i]
         new_max = None
-        for x in ((keys[:, :, :past],) if len(k16) != past else ()) + (k,):   # a rebuild, then the new keys
-            parts, new_max = _centred_copies(x, centre)
+        if int8:
+            # from the start of the block holding key `len(k16)`: blocks of 16 from the middle's start (the
+            # kernel's blocks), the keys before it one block
+            g, done = self.global_tokens, len(k16)
+            start = 0 if done < g else g + (done - g) // 16 * 16
+            parts, new_max = _int8_copies(keys[:, :, start:], centre, g - start if start < g else 16)
             for copy, part in zip((k16, norms, residuals), parts):
+                copy.truncate(start)
                 copy.append(part, part[..., :0])   # keys only: values of width 0
+        else:
+            for x in ((keys[:, :, :past],) if len(k16) != past else ()) + (k,):   # a rebuild, then the new keys
+                parts, new_max = _centred_copies(x, centre)
+                for copy, part in zip((k16, norms, residuals), parts):
+                    copy.append(part, part[..., :0])
         # a running maximum: keys dropped by an uncommitted forward may still count (a larger slack, still a bound)
         old_max = self.key_norm_max[i]
         if old_max is None or new_max is None:
             new_max = torch.linalg.vector_norm(keys if old_max is None else k, dim=-1).amax(-1)[0]
         self.key_norm_max[i] = new_max if old_max is None else torch.maximum(old_max, new_max)
+        flags = self._duplicate_flags(i, keys, k, past)
         weights = residuals.keys()
-        return (k16.keys(), norms.keys()[..., 0], weights[..., 0], weights[..., 1],
-                self._duplicate_flags(i, keys, k, past), self.key_norm_max[i])
+        if int8:
+            return k16.keys(), norms.keys()[..., 0], weights, flags, self.key_norm_max[i]
+        return k16.keys(), norms.keys()[..., 0], weights[..., 0], weights[..., 1], flags, self.key_norm_max[i]
 
     def _duplicate_flags(self, i: int, keys: torch.Tensor, k: torch.Tensor, past: int) -> torch.Tensor:
         """Flags (1, Hkv, past + T) of layer i's keys that can never be selected: each has at least `topk`
@@ -256,8 +275,9 @@ class LongCachePolicy(KVPolicy):
         votes = torch.zeros(M, dtype=torch.long, device=q.device)
         n_rows = rows.shape[2]
         enough_rows = candidates is not None and n_rows >= BF16_MIN_ROWS
-        amx = enough_rows and _amx_here() and D in AMX_HEAD_DIMS and M >= max(AMX_MIN_KEYS, 16 * k_top)
-        bf16 = amx or (enough_rows and M >= max(BF16_MIN_KEYS, 128 * k_top))
+        int8 = enough_rows and candidates[0].dtype == torch.int8   # copies for the AMX kernel
+        amx = int8 and M >= max(AMX_MIN_KEYS, 16 * k_top)
+        bf16 = amx or (enough_rows and not int8 and M >= max(BF16_MIN_KEYS, 128 * k_top))
         if amx:
             block = n_rows   # scored inside the selection kernel: no score matrix to bound
         elif bf16:
@@ -289,22 +309,22 @@ class LongCachePolicy(KVPolicy):
         return keep.nonzero().squeeze(1)
 
     def _bf16_votes(self, r: torch.Tensor, k_mid: torch.Tensor, candidates: tuple, k_top: int, amx: bool):
-        """The exact fp32 top-k of the rows r (1, Hkv, R, D) over k_mid, found through bf16 scores of the
+        """The exact fp32 top-k of the rows r (1, Hkv, R, D) over k_mid, found through approximate scores of the
         centred keys: every key whose exact score can reach the row's k-th best by the bound is re-scored in fp32
-        from the cache's keys. amx: split-bf16 scores by AMX tiles (`native.select_exact_amx`, bound
-        `split_score_bounds`), else a bf16 matmul (~5x the fp32 matmul's speed with AMX; `native.select_exact`,
+        from the cache's keys. amx: int8 scores by AMX tiles (`native.select_exact_amx`, bound
+        `int8_row_parts`), else a bf16 matmul (~5x the fp32 matmul's speed with AMX; `native.select_exact`,
         bound `bf16_score_bounds`). Indices (Hkv, R, k), or None (NaN scores: the caller takes the fp32 path)."""
-        k16, norms, residuals, split_residuals, excluded, norm_max = candidates
+        *copies, excluded, norm_max = candidates
         excluded = excluded[0] if k_top == self.topk else None
         D = r.shape[-1]
         if amx:
-            # split-bf16 scores by AMX tiles inside the selection kernel: a ~64x tighter bound (few keys to
-            # re-score) and no score matrix written out and read back
-            rows, eps, eps2 = split_score_bounds(r[0])
+            # int8 scores by AMX tiles inside the selection kernel: a ~2^-13 bound (few keys to re-score) and no
+            # score matrix written out and read back
+            k8, norms, weights = copies
             slack = AMX_SLACK * torch.linalg.vector_norm(r[0], dim=-1) * norm_max[:, None]
-            found = native.select_exact_amx(k16[0], rows, r[0], k_mid[0], norms[0], eps, k_top, slack, excluded,
-                                            split_residuals[0], eps2)
+            found = native.select_exact_amx(k8[0], weights[0], r[0], k_mid[0], norms[0], k_top, slack, excluded)
         else:
+            k16, norms, residuals, _ = copies
             r16 = r.to(torch.bfloat16)
             eps, eps_residual, slack = bf16_score_bounds(r[0], r16[0], norm_max)
             scores = self.scratch.get((1, k16.shape[1], r.shape[2], k16.shape[2]), torch.bfloat16, r.device)
@@ -392,6 +412,18 @@ def _centred_copies(x: torch.Tensor, centre: torch.Tensor) -> tuple[tuple, torch
     return _key_copies(x - centre), None
 
 
+def _int8_copies(x: torch.Tensor, centre: torch.Tensor, first: int) -> tuple[tuple, torch.Tensor | None]:
+    """The AMX kernel's copies of keys x (1, H, N, D) about centre, in blocks of 16 (the first `first` long): the
+    parts (1, H, N, 2D) int8, the norms ‖x − centre‖ (1, H, N, 1), the weights (1, H, N, 3) (`int8_key_parts`), and
+    each head's largest ‖x‖ (H,) (None from the torch path); natively where it can."""
+    if x.shape[0] == 1 and x.stride(-1) == 1 and native.available():
+        parts, norms, weights, x_max = native.int8_key_copies(x[0], centre[0], first)
+        return (parts[None], norms[None], weights[None]), x_max
+    x = x - centre
+    parts, weights = int8_key_parts(x[0], first)
+    return (parts[None], torch.linalg.vector_norm(x, dim=-1, keepdim=True), weights[None]), None
+
+
 def _key_hashes(keys: torch.Tensor) -> torch.Tensor:
     """A 64-bit hash (..., N, 1) of each key's bytes (keys (..., N, D) float32): equal keys hash equal; unequal
     keys rarely do (callers compare the bytes before relying on equality)."""
@@ -402,10 +434,10 @@ def _key_hashes(keys: torch.Tensor) -> torch.Tensor:
 
 _FAST_BF16 = None
 _AMX = None
-AMX_HEAD_DIMS = (32, 64)   # what the tile kernel takes (each part of a key in one or two tiles of 32 dims)
+AMX_HEAD_DIMS = (32, 64)   # what the tile kernel takes (each int8 part of a key one tile row of D bytes)
 # The AMX selection's slack: BF16_SLACK (two keys' fp32 re-scores swapping) plus the rounding of the bound's own
-# arithmetic (ŝ ± d and the comparisons, a few fp32 operations on values up to 2·‖q‖·max‖k‖), which the split
-# bound's ~2^-14 no longer dwarfs
+# arithmetic (ŝ ± d and the comparisons, a few fp32 operations on values up to 2·‖q‖·max‖k‖), which the int8
+# bound's ~2^-13 no longer dwarfs
 AMX_SLACK = BF16_SLACK + 2.0 ** -19
 
 
