@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from common import RESULTS, atomic_write, cpu_name, load_model, write_json
-from long_prefill import ROWS, decode_rescored, matmul_peak
+from long_prefill import ROWS, copy_rescored, matmul_peak
 
 from infinictx import method_config
 from infinictx.core.session import Sampler
@@ -48,7 +48,7 @@ def run(lm, labels: list[str], length: int, bursts: int, tokens: int) -> dict:
         session.absorb(first)
         prefill[label] = round(time.perf_counter() - t0, 1)
         print(f"{label}: prompt read in {prefill[label]} s", flush=True)
-    before = {label: decode_rescored(s) for label, s in sessions.items()}
+    before = {label: copy_rescored(s) for label, s in sessions.items()}
     ms = {label: [] for label in labels}
     for _ in range(bursts):
         for label, session in sessions.items():
@@ -65,7 +65,7 @@ def run(lm, labels: list[str], length: int, bursts: int, tokens: int) -> dict:
             ratios = [a / b for a, b in zip(ms[label], ms["window"])]
             row.update(ratio_to_window=round(statistics.median(ratios), 2),
                        ratio_range=[round(min(ratios), 2), round(max(ratios), 2)])
-        rescored, lookups = (a - b for a, b in zip(decode_rescored(session), before[label]))
+        rescored, lookups = (a - b for a, b in zip(copy_rescored(session), before[label]))
         if lookups:
             row["rescored_per_lookup_row"] = round(rescored / lookups, 1)
         rows.append(row)

@@ -99,10 +99,15 @@ class PeakRSS:
         self.peak = max(self.peak, self._rss())
 
 
-def decode_rescored(session) -> tuple[int, int]:
-    """(keys re-scored in fp32, lookup rows) so far by the memory's bf16 decode copies (0, 0 without them)."""
-    copies = [m.bf16_copy for m in getattr(session, "memory", {}).values() if getattr(m, "bf16_copy", None) is not None]
-    return sum(c.rescored for c in copies), sum(c.rows for c in copies)
+def copy_rescored(session, kind: str = "bf16_copy") -> tuple[int, int]:
+    """(keys re-scored in fp32, lookup rows) so far by the memory's key copies of one kind (bf16_copy: decode
+    lookups; int8_copy: prefill lookups on a CPU with AMX); (0, 0) without them."""
+    copies = [getattr(m, kind, None) for m in getattr(session, "memory", {}).values()]
+    return sum(c.rescored for c in copies if c is not None), sum(c.rows for c in copies if c is not None)
+
+
+def per_row(counts: tuple[int, int]) -> float:
+    return counts[1] and round(counts[0] / counts[1], 1)
 
 
 def measure(lm, label: str, length: int, peak_gflops: float) -> dict:
@@ -126,12 +131,11 @@ def measure(lm, label: str, length: int, peak_gflops: float) -> dict:
         out = torch.cat([first, rest])
         policy = getattr(session, "policy", None)
         rescored = getattr(policy, "bf16_rows", 0) and round(policy.rescored / policy.bf16_rows, 1)
-        rescored_keys, lookup_rows = decode_rescored(session)
-        decode_rescored_per_row = lookup_rows and round(rescored_keys / lookup_rows, 1)
+        copies = {"decode_rescored_per_row": per_row(copy_rescored(session, "bf16_copy")),
+                  "prefill_rescored_per_row": per_row(copy_rescored(session, "int8_copy"))}
     answer = lm.tokenizer.decode(out.tolist())
     extra = {"rescored_per_row": rescored} if rescored else {}
-    if decode_rescored_per_row:
-        extra["decode_rescored_per_row"] = decode_rescored_per_row
+    extra.update({key: value for key, value in copies.items() if value})
     return {**extra, "label": label, "method": method, "length": length, "prefill_s": round(prefill, 2),
             "tokens_per_s": round(length / prefill, 1),
             "decode_ms_per_token": round(1000 * decode / (DECODE_TOKENS - 1), 1),

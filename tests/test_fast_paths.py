@@ -215,7 +215,8 @@ def _select_exact(q, keys, k, amx=False, excluded=None):
     if amx:
         parts, weights = int8_key_parts(keys)
         slack = AMX_SLACK * torch.linalg.vector_norm(q, dim=-1) * norms.amax(-1)[:, None]
-        return native.select_exact_amx(parts, weights, q, keys, norms, k, slack, excluded)
+        found = native.select_exact_amx(parts, weights, q, keys, norms, k, slack, excluded)
+        return None if found is None else found[1:]
     q16 = q.to(torch.bfloat16)
     scores = torch.matmul(q16, keys.to(torch.bfloat16).transpose(-1, -2))
     eps, eps_residual, slack = bf16_score_bounds(q, q16, norms.amax(-1))
@@ -634,6 +635,75 @@ def test_decode_attend_is_one_softmax_over_memory_and_window(split, monkeypatch)
     s_loc[2, 0, 3] = float("nan")
     out = native.decode_attend(vals, idx, scale, bias, values, v_loc, s_loc=s_loc)
     assert out[2, 0].isnan().all() and not out[2, 1:].isnan().any() and not out[:2].isnan().any()
+
+
+@pytest.mark.parametrize("k", [4, 20, 128])
+def test_int8_key_copy_grows_in_pieces_and_finds_the_exact_topk(k):
+    """The int8 copy built in uneven pieces (the block still filling re-quantized) equals one built at once, and
+    its lookup is the exact fp32 top-k (also among planted near-ties far below the int8 resolution), with the
+    keys' fp32 scores. k = 4: the k-th best bound by the vector network, 20 and 128 (memory's) row by row."""
+    from infinictx.core import native
+    from infinictx.core.kernels import Int8KeyCopy, int8_key_parts
+
+    _skip_without_amx(True)
+    torch.manual_seed(2)
+    H, R, n, D = 2, 40, 5000, 64
+    keys, q = torch.randn(H, n, D) * 2 + 1, torch.randn(H, R, D)
+    where = torch.randperm(n)[:k + 3]   # k + 3 keys along the first row, 1e-5 apart
+    keys[0, where] = q[0, 0] * (3 + 1e-5 * torch.arange(k + 3, dtype=torch.float32))[:, None]
+    copy, whole = Int8KeyCopy(), Int8KeyCopy()
+    bounds = [0, 5, 25, 28, 128, 1000, n]
+    for a, b in zip(bounds, bounds[1:]):
+        copy.append(keys[:, :b], b - a)
+    whole.centre = copy.centre
+    whole.append(keys, n)
+    assert torch.equal(copy.parts[:, :n], whole.parts[:, :n]) and torch.equal(copy.weights[:, :n], whole.weights[:, :n])
+    parts, weights = int8_key_parts(keys - copy.centre)
+    assert torch.equal(copy.parts[:, :n], parts)
+    vals, idx = copy.top_k(q, keys, 0, H, k)
+    assert torch.equal(idx.sort(-1).values, _stable_topk_idx(q, keys, k))
+    assert torch.equal(idx[0, 0].sort().values, where[3:].sort().values)
+    torch.testing.assert_close(vals, torch.einsum("hrd,hrkd->hrk", q, keys[torch.arange(H)[:, None, None], idx]),
+                               rtol=1e-5, atol=1e-5)
+    assert copy.rescored < copy.rows * n / 10   # it re-scored few keys per row
+
+
+def test_memory_prefill_reads_the_int8_copy_and_matches_the_reference(tiny_head32_dir, monkeypatch):
+    """On a CPU with AMX the fast kernel's prefill lookups go through the int8 copy (unless --no-prefill-copy) and
+    give the reference kernel's scores and greedy generation; the copy stays in step with the memory (forks,
+    uncommitted forwards)."""
+    from infinictx import load_model
+    from infinictx.core.kernels import int8_key_parts
+    from infinictx.core.session import Sampler
+    from infinictx.methods.memory import session as memory_session
+
+    _skip_without_amx(True, 32)
+    tiny = load_model(tiny_head32_dir, device="cpu", dtype="float32")
+    monkeypatch.setattr(memory_session, "INT8_LOOKUP_MIN_KEYS", 0)   # this stream's memory is short
+    torch.manual_seed(7)
+    ids = torch.randint(0, 300, (900,))
+    settings = {"window": 64, "chunk": 32, "mem_layers": [0, 1], "lookup": "topk", "topk": 8}
+    nll, generated = {}, {}
+    runs = {"fast": {"kernel": "fast"}, "no-copy": {"kernel": "fast", "prefill_copy": False},
+            "reference": {"kernel": "reference"}}
+    for name, extra in runs.items():
+        with method_config("memory", **settings, **extra).make_session(tiny) as s:
+            nll[name] = torch.cat([s.score_and_absorb(ids[i:i + 32])[0] for i in range(0, 800, 32)])
+            s.score(ids[800:832])   # an uncommitted forward
+            fork = s.fork()
+            generated[name] = fork.generate_chunk(12, 0, Sampler(temperature=0.0, repetition_penalty=1.0))
+            copies = [m.int8_copy for m in fork.memory.values()]
+            if name == "fast":
+                assert sum(c.rows for c in copies) > 0   # the copy answered lookups
+                for c, m in zip(copies, fork.memory.values()):
+                    assert len(c) == len(m)
+                    assert torch.equal(c.parts[:, :len(m)], int8_key_parts(m.keys()[0] - c.centre)[0])
+            else:   # --no-prefill-copy, or the reference kernel: no copy kept
+                assert all(c is None for c in copies)
+            fork.close()
+    for name in ("fast", "no-copy"):
+        torch.testing.assert_close(nll[name], nll["reference"], rtol=1e-4, atol=1e-4)
+        assert torch.equal(generated[name], generated["reference"])
 
 
 def test_memory_decode_reads_the_bf16_copy_and_matches_the_reference(tiny):

@@ -201,6 +201,79 @@ def int8_row_parts(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return parts, scale[..., 0], (bounds * INT8_MARGIN).float()
 
 
+# The AMX selection's slack: two keys' fp32 re-scores swapping (2^-15, as `Bf16KeyCopy.SLACK`) plus the rounding of
+# the bound's own arithmetic (ŝ ± d and the comparisons, a few fp32 operations on values up to 2·‖q‖·max‖k‖), which
+# the int8 bound's ~2^-13 no longer dwarfs; times ‖q‖·max‖k‖
+AMX_SLACK = 2.0 ** -15 + 2.0 ** -19
+
+
+class Int8KeyCopy:
+    """A second copy of a growing key store, for exact top-k lookups of many query rows at once (a prefill chunk)
+    on a CPU with AMX: the keys minus a fixed centre as int8 parts with their bound weights (`int8_key_parts`, in
+    blocks of 16 from the first key; the block still filling is re-quantized as keys join it), their norms, and a
+    running maximum of the keys' own norms. `top_k` scores every key with AMX int8 tiles
+    (`native.select_exact_amx`) and re-scores in fp32 only the keys the bound cannot rule out: the exact top-k
+    without the fp32 score matrix and its row-wise selection. q·(k − c) ranks keys as q·k does."""
+
+    def __init__(self):
+        self.parts = self.weights = self.norms = self.centre = self.norm_max = None
+        self.size = 0
+        self.rescored = self.rows = 0   # keys re-scored in fp32, over rows looked up (the bound's cost)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def append(self, keys: torch.Tensor, n_new: int):
+        """Take in the last n_new of the store's keys (H, n, D) float32 (last dim contiguous): the store's keys
+        so far, because the last block's earlier keys are re-quantized with the new ones."""
+        from . import native
+
+        H, n1, D = keys.shape
+        if not native.available():
+            raise RuntimeError("the int8 key copy needs the native kernels")
+        if self.centre is None:
+            self.centre = keys[:, n1 - n_new:].mean(1, keepdim=True)
+        start = self.size // 16 * 16
+        if self.parts is None or n1 > self.parts.shape[1]:
+            cap = max(n1, 2 * (0 if self.parts is None else self.parts.shape[1]), 256)
+            parts, weights, norms = (keys.new_empty(H, cap, 2 * D, dtype=torch.int8), keys.new_empty(H, cap, 3),
+                                     keys.new_empty(H, cap))
+            if self.parts is not None:
+                parts[:, :start], weights[:, :start] = self.parts[:, :start], self.weights[:, :start]
+                norms[:, :start] = self.norms[:, :start]
+            self.parts, self.weights, self.norms = parts, weights, norms
+        part, norm, weight, new_max = native.int8_key_copies(keys[:, start:], self.centre, 16)
+        self.parts[:, start:n1], self.weights[:, start:n1], self.norms[:, start:n1] = part, weight, norm[..., 0]
+        self.norm_max = new_max if self.norm_max is None else torch.maximum(self.norm_max, new_max)
+        self.size = n1
+
+    def top_k(self, q: torch.Tensor, keys: torch.Tensor, h0: int, h1: int, k: int):
+        """Exact top-k of q·k for query rows q (h1−h0, R, D) float32 over the fp32 keys (h1−h0, n, D) this copy
+        mirrors (heads h0..h1−1): (scores, indices) (h1−h0, R, k), ties to the earlier key, in no particular
+        order; None when a row or a key is not finite (the caller takes the plain path)."""
+        from . import native
+
+        n = self.size
+        slack = AMX_SLACK * torch.linalg.vector_norm(q, dim=-1) * self.norm_max[h0:h1, None]
+        found = native.select_exact_amx(self.parts[h0:h1, :n], self.weights[h0:h1, :n], q, keys,
+                                        self.norms[h0:h1, :n], k, slack, None)
+        if found is None:
+            return None
+        self.rescored += int(found[2].sum())
+        self.rows += found[2].numel()
+        return found[0], found[1]
+
+    def nbytes(self) -> int:
+        return 0 if self.parts is None else self.size * self.parts.shape[0] * (self.parts.shape[2] + 16)
+
+    def copy(self) -> "Int8KeyCopy":
+        other = Int8KeyCopy()
+        other.__dict__.update(self.__dict__)
+        if self.parts is not None:
+            other.parts, other.weights, other.norms = self.parts.clone(), self.weights.clone(), self.norms.clone()
+        return other
+
+
 class Bf16KeyCopy:
     """A second copy of a growing key store, for exact top-k lookups of a few query rows (decoding) at half the
     bytes read: the keys minus a fixed centre, in bf16, stored in blocks of 16 keys (component-major inside a

@@ -1223,6 +1223,15 @@ static inline __m512i amx_block_max(const int32_t *buf, unsigned keep) {
     return m;
 }
 
+/* `order_key` of 16 floats */
+static inline __m512i order_keys(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v), sign = _mm512_set1_epi32((int)0x80000000u);
+    __m512i key = _mm512_mask_xor_epi32(_mm512_or_si512(u, sign), _mm512_test_epi32_mask(u, sign), u,
+                                        _mm512_set1_epi32(-1));   /* negative: ~u, else u | sign */
+    key = _mm512_mask_mov_epi32(key, _mm512_cmpeq_epi32_mask(u, sign), sign);   /* −0 as +0 */
+    return _mm512_mask_mov_epi32(key, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_setzero_si512());   /* NaN */
+}
+
 /* the keys of block b that can be selected: real (below n) and not excluded */
 static inline unsigned amx_keep(const uint8_t *ex, int64_t n, int64_t b) {
     int64_t valid = n - 16 * b < 16 ? n - 16 * b : 16;
@@ -1297,25 +1306,26 @@ int amx_maxima(const int8_t *kb, int64_t kb_hs, const float *kr, int64_t kr_hs, 
    finds it, from pass 1's maxima. Key j's score with row t is within e[t]·kn[j] + e2[t]·‖r_j‖ + e3[t]·w_j +
    slack[t] of the exact one (rt[t] = [e, e2, e3, slack]; kn: the keys' norms, kr: [‖r‖, w, s] as in pass 1; bw:
    the maxima of [kn, ‖r‖, w] over each block, (H, nb, 3) contiguous); q, keys: the fp32 rows and keys the
-   candidates are re-scored from; the other arguments as in pass 1. Returns 1 when a row found fewer than k
-   candidates (NaN scores: the caller falls back). */
+   candidates are re-scored from; the other arguments as in pass 1. Row t's k keys go to out_i + t·k, their fp32
+   scores to out_v + t·k (in heap order). Returns 1 when a row found fewer than k candidates (NaN scores: the
+   caller falls back). */
 static int amx_select_range(const int8_t *kb, int64_t kb_hs, const float *kr, int64_t kr_hs, const int8_t *qp,
                             int64_t qp_hs, const float *rs, const float *maxima, int64_t G,
                             const float *q, int64_t q_hs, int64_t q_rs, const float *keys, int64_t k_hs, int64_t k_rs,
                             const float *kn, int64_t kn_hs, const float *bw, const float *rt,
                             const uint8_t *excl, int64_t ex_hs, int64_t R, int64_t D, int64_t n, int64_t k,
-                            int64_t u0, int64_t u1, int64_t *out_i, int64_t *ncand) {
+                            int64_t u0, int64_t u1, float *out_v, int64_t *out_i, int64_t *ncand) {
     const int64_t nb = (n + 15) / 16;
     int status = 0;
     int32_t buf[512] __attribute__((aligned(64)));
     int8_t tail[16 * 2 * 64] __attribute__((aligned(64)));
-    float *lb = malloc(sizeof(float) * nb), *hv = malloc(sizeof(float) * k), *cs = malloc(sizeof(float) * n);
+    float *cs = malloc(sizeof(float) * n);
     uint16_t *pass = malloc(sizeof(uint16_t) * nb);
-    uint32_t *work = malloc(sizeof(uint32_t) * nb);
+    uint32_t *work = malloc(sizeof(uint32_t) * (16 * nb > n ? 16 * nb : n));   /* bounds' keys; select_k's keys */
     int32_t *ci = malloc(sizeof(int32_t) * 16 * n);   /* row i's candidates at ci + i·n */
     int64_t *pos = malloc(sizeof(int64_t) * n);
-    if (!lb || !hv || !cs || !pass || !work || !ci || !pos) {
-        free(lb); free(hv); free(cs); free(pass); free(work); free(ci); free(pos);
+    if (!cs || !pass || !work || !ci || !pos) {
+        free(cs); free(pass); free(work); free(ci); free(pos);
         return -1;
     }
     amx_configure(D);
@@ -1359,13 +1369,25 @@ static int amx_select_range(const int8_t *kb, int64_t kb_hs, const float *kr, in
             }
             _mm512_storeu_ps(tau, best[k - 1]);
         } else {
-            for (int64_t i = 0; i < nq; i++) {
-                for (int64_t b = 0; b < nb; b++) {
-                    const float *w = bwh + 3 * b;
-                    lb[b] = mx[16 * b + i] - (((e[i] * w[0] + e2[i] * w[1]) + e3[i] * w[2]) + sl[i]);
-                }
-                tau[i] = kth_best(lb, work, nb, k);
+            /* a large k (memory's 128): the 16 rows at once, lane i row i, by counting on the bounds' order keys
+               (`kth_key`, 16 lanes wide), the top 24 of their 32 bits: every bit below taken as 0 gives a lower
+               bound on the k-th best within 2^-15 of it (at least k blocks still reach it) in 3/4 of the passes */
+            for (int64_t b = 0; b < nb; b++)
+                _mm512_storeu_si512(work + 16 * b,
+                                    order_keys(_mm512_sub_ps(_mm512_load_ps(mx + 16 * b), BLOCK_BOUND(b))));
+            __m512i t = _mm512_setzero_si512();
+            const __m512i one = _mm512_set1_epi32(1), vk = _mm512_set1_epi32((int)k);
+            for (int bit = 31; bit >= 8; bit--) {
+                const __m512i c = _mm512_or_si512(t, _mm512_set1_epi32((int)(1u << bit)));
+                __m512i count = _mm512_setzero_si512();
+                for (int64_t b = 0; b < nb; b++)
+                    count = _mm512_mask_add_epi32(count, _mm512_cmpge_epu32_mask(_mm512_loadu_si512(work + 16 * b), c),
+                                                  count, one);
+                t = _mm512_mask_mov_epi32(t, _mm512_cmpge_epi32_mask(count, vk), c);
             }
+            uint32_t keys[16];
+            _mm512_storeu_si512(keys, t);
+            for (int64_t i = 0; i < 16; i++) tau[i] = keys[i] == 0 ? -INFINITY : from_order_key(keys[i]);
         }
         const __m512 vtau = _mm512_loadu_ps(tau);
         for (int64_t b = 0; b < nb; b++)   /* blocks whose upper bound reaches a row's tau hold its candidates */
@@ -1397,11 +1419,14 @@ static int amx_select_range(const int8_t *kb, int64_t kb_hs, const float *kr, in
             rescore(q + h * q_hs + (r0 + i) * q_rs, keys + h * k_hs, k_rs, D, ci + i * n, c[i], cs, pos);
             ncand[t] = c[i];
             if (c[i] < k) { status = 1; continue; }
-            heap_topk(cs, pos, c[i], k, hv, out_i + t * k);
+            if (k <= AMX_NETWORK_K)
+                heap_topk(cs, pos, c[i], k, out_v + t * k, out_i + t * k);
+            else if (select_k(cs, pos, c[i], k, work, out_v + t * k, out_i + t * k))   /* no heap for a large k */
+                status = 1;   /* NaN scores */
         }
     }
     _tile_release();
-    free(lb); free(hv); free(cs); free(pass); free(work); free(ci); free(pos);
+    free(cs); free(pass); free(work); free(ci); free(pos);
     return status;
 }
 
@@ -1409,11 +1434,11 @@ int amx_select(const int8_t *kb, int64_t kb_hs, const float *kr, int64_t kr_hs, 
                const float *rs, const float *maxima, int64_t G, const float *q, int64_t q_hs, int64_t q_rs,
                const float *keys, int64_t k_hs, int64_t k_rs, const float *kn, int64_t kn_hs, const float *bw,
                const float *rt, const uint8_t *excl, int64_t ex_hs, int64_t R, int64_t D, int64_t n, int64_t k,
-               int64_t u0, int64_t u1, int64_t *out_i, int64_t *ncand, int64_t threads) {
+               int64_t u0, int64_t u1, float *out_v, int64_t *out_i, int64_t *ncand, int64_t threads) {
     if (!amx_ready()) return -2;
     PARALLEL_RANGE(threads, u0, u1, lo, hi,
                    amx_select_range(kb, kb_hs, kr, kr_hs, qp, qp_hs, rs, maxima, G, q, q_hs, q_rs, keys, k_hs, k_rs,
-                                    kn, kn_hs, bw, rt, excl, ex_hs, R, D, n, k, lo, hi, out_i, ncand))
+                                    kn, kn_hs, bw, rt, excl, ex_hs, R, D, n, k, lo, hi, out_v, out_i, ncand))
 }
 #else
 int amx_ready(void) { return 0; }
@@ -1429,7 +1454,7 @@ int amx_select(const int8_t *kb, int64_t kb_hs, const float *kr, int64_t kr_hs, 
                const float *rs, const float *maxima, int64_t G, const float *q, int64_t q_hs, int64_t q_rs,
                const float *keys, int64_t k_hs, int64_t k_rs, const float *kn, int64_t kn_hs, const float *bw,
                const float *rt, const uint8_t *excl, int64_t ex_hs, int64_t R, int64_t D, int64_t n, int64_t k,
-               int64_t u0, int64_t u1, int64_t *out_i, int64_t *ncand, int64_t threads) {
+               int64_t u0, int64_t u1, float *out_v, int64_t *out_i, int64_t *ncand, int64_t threads) {
     return -2;
 }
 #endif
@@ -1562,7 +1587,7 @@ def _load(lib: Path | None) -> ctypes.CDLL | None:
     f.argtypes = ([ctypes.c_void_p, ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int64]
                   + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int64]
                   + [ctypes.c_void_p] * 2 + [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_int64] * 6
-                  + [ctypes.c_void_p] * 2 + [ctypes.c_int64])
+                  + [ctypes.c_void_p] * 3 + [ctypes.c_int64])
     return handle
 
 
@@ -1697,8 +1722,9 @@ def select_exact_amx(keys_int8: torch.Tensor, key_weights: torch.Tensor, q: torc
     (H, n, D) float32 the exact keys the candidates are re-scored from (centred or not: the ranking is the same),
     key_norms (H, n) the centred keys' norms; slack (H, R): added to every bound (fp32
     re-scores swapping, the bound's own rounding); excluded as in `select_exact`. D = 32 or 64; 1 <= k <= n / 16.
-    Returns (indices (H, R, k), candidates re-scored per row (H, R)), or None when a row or a key is not finite
-    (the caller takes another path). Call only when `has_amx()`."""
+    Returns (fp32 scores q·k of the chosen keys (H, R, k), their indices (H, R, k), in no particular order,
+    candidates re-scored per row (H, R)), or None when a row or a key is not finite (the caller takes another
+    path). Call only when `has_amx()`."""
     H, R, D = q.shape
     n = keys_int8.shape[1]
     assert keys_int8.dtype == torch.int8 and keys_int8.stride()[1:] == (2 * D, 1)
@@ -1723,18 +1749,19 @@ def select_exact_amx(keys_int8: torch.Tensor, key_weights: torch.Tensor, q: torc
         row_scales.data_ptr(), G, D, n, *ex, maxima.data_ptr(), block_weights.data_ptr(), u0, u1, t),
         H * nb, 3 * H * R * n)
     if not any(codes):
+        vals = torch.empty(H * R, k)
         idx = torch.empty(H * R, k, dtype=torch.int64)
         ncand = torch.empty(H * R, dtype=torch.int64)
         args += (packed.data_ptr(), packed.stride(0), row_scales.data_ptr(), maxima.data_ptr(), G, q.data_ptr(),
                  q.stride(0), q.stride(1), keys.data_ptr(), keys.stride(0), keys.stride(1), key_norms.data_ptr(),
                  key_norms.stride(0), block_weights.data_ptr(), row_terms.data_ptr(), *ex, R, D, n, k)
-        codes = _run_rows(lambda u0, u1, t: _lib.amx_select(*args, u0, u1, idx.data_ptr(), ncand.data_ptr(), t),
-                          H * G, H * R * n)
+        codes = _run_rows(lambda u0, u1, t: _lib.amx_select(*args, u0, u1, vals.data_ptr(), idx.data_ptr(),
+                                                            ncand.data_ptr(), t), H * G, H * R * n)
     if any(c == -1 for c in codes):
         raise MemoryError("native selection: out of memory")
     if any(codes):
         return None
-    return idx.view(H, R, k), ncand.view(H, R)
+    return vals.view(H, R, k), idx.view(H, R, k), ncand.view(H, R)
 
 
 def topk_rows(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ from ...core import native
 from ...core.attention import KVBuffer, local_attention
 from ...core.errors import InfinictxError
 from ...core.kernels import (
+    AMX_SLACK,
     Scratch,
     block_topk,
     int8_key_parts,
@@ -333,9 +334,9 @@ class LongCachePolicy(KVPolicy):
                                         excluded, residuals[0], eps_residual)
         if found is None:
             return None
-        self.rescored += int(found[1].sum())
-        self.bf16_rows += found[1].numel()
-        return found[0]
+        self.rescored += int(found[-1].sum())
+        self.bf16_rows += found[-1].numel()
+        return found[-2]
 
     def fork(self) -> "LongCachePolicy":
         scratch, self.scratch = self.scratch, None   # a work buffer, not state: shared, never copied
@@ -435,10 +436,6 @@ def _key_hashes(keys: torch.Tensor) -> torch.Tensor:
 _FAST_BF16 = None
 _AMX = None
 AMX_HEAD_DIMS = (32, 64)   # what the tile kernel takes (each int8 part of a key one tile row of D bytes)
-# The AMX selection's slack: BF16_SLACK (two keys' fp32 re-scores swapping) plus the rounding of the bound's own
-# arithmetic (ŝ ± d and the comparisons, a few fp32 operations on values up to 2·‖q‖·max‖k‖), which the int8
-# bound's ~2^-13 no longer dwarfs
-AMX_SLACK = BF16_SLACK + 2.0 ** -19
 
 
 def _amx_here() -> bool:

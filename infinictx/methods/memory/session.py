@@ -41,6 +41,7 @@ use the memory (`crossbatch.py`)."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -62,7 +63,7 @@ from ...core.attention import (
     local_attention,
 )
 from ...core.errors import InfinictxError
-from ...core.kernels import Bf16KeyCopy, Scratch, matmul_heads, weighted_rows
+from ...core.kernels import Bf16KeyCopy, Int8KeyCopy, Scratch, matmul_heads, weighted_rows
 from ...core.models import DTYPES, LoadedModel
 from ...core.registry import register_method, setting
 from ...core.session import Capabilities, StatefulSession, check_window
@@ -76,11 +77,20 @@ SCORE_BUDGET_BYTES = 256 << 20
 # lookups of at most this many rows per KV head (decode steps, short chunks) read the bf16 copy of the memory keys;
 # a prefill chunk's hundreds of rows are matmul-bound, not bound by reading the keys
 BF16_LOOKUP_MAX_ROWS = 16
+# lookups of more rows (prefill chunks) score the memory with AMX int8 tiles from this many keys on (and 16·k: the
+# selection's bound needs k blocks of 16); below, the fp32 matmul and the native top-k are as fast
+INT8_LOOKUP_MIN_KEYS = 2048
+INT8_HEAD_DIMS = (32, 64)   # what the tile kernel takes
 
 
 def _bf16_lookup_here() -> bool:
     """The bf16 lookup copy pays where the native kernels run vectorised (AVX-512)."""
     return native.has_avx512()
+
+
+def _int8_lookup_here() -> bool:
+    """The int8 lookup copy needs AMX tiles (`native.has_amx`); `INFINICTX_AMX=0` turns it off."""
+    return os.environ.get("INFINICTX_AMX", "1") != "0" and native.has_amx()
 
 
 def spread_mem_layers(n_layers: int) -> list[int]:
@@ -176,6 +186,11 @@ class MemoryConfig(MethodConfig):
     decode_copy: bool = setting(True, "fast top-k kernel: the memory keys kept again in bf16 for decode lookups "
                                 "(the same top-k: candidates re-scored in fp32; +26% memory bytes)",
                                 flag="--no-decode-copy", identity=False)
+    # a prefill chunk's lookups score every memory key for hundreds of rows: AMX int8 tiles do it in fewer
+    # instructions than the fp32 matmul, and the exact top-k comes from their bound without the fp32 score matrix
+    prefill_copy: bool = setting(True, "fast top-k kernel on a CPU with AMX: the memory keys kept again as int8 parts "
+                                 "for prefill lookups (the same top-k: candidates re-scored in fp32; +28% memory "
+                                 "bytes)", flag="--no-prefill-copy", identity=False)
 
     def validate(self):
         if self.window is not None:
@@ -229,7 +244,8 @@ class MemoryConfig(MethodConfig):
             local_context=self.local_context,
             mem_dtype=self.mem_dtype or ckpt.get("mem_dtype") or str(lm.dtype).split(".")[-1],
             grouping=self.grouping if self.grouping is not None else ckpt.get("grouping"),
-            faiss_min=self.faiss_min, kernel=self.kernel, decode_copy=self.decode_copy, temp_lora=self.temp_lora)
+            faiss_min=self.faiss_min, kernel=self.kernel, decode_copy=self.decode_copy,
+            prefill_copy=self.prefill_copy, temp_lora=self.temp_lora)
         bad = [i for i in cfg.mem_layers if not 0 <= int(i) < n_layers]
         if bad:
             raise InfinictxError(f"memory layers {bad} out of range: the model has {n_layers} layers "
@@ -247,28 +263,38 @@ class Memory(KVBuffer):
     window (a growing `KVBuffer`). For top-k lookups on large memories (batch 1) it also keeps one exact
     inner-product faiss index per KV head, built once the memory reaches `faiss_min` entries."""
 
-    def __init__(self, dtype: torch.dtype, faiss_min: int | None = 16384, bf16_copy: bool = False):
+    def __init__(self, dtype: torch.dtype, faiss_min: int | None = 16384, bf16_copy: bool = False,
+                 int8_copy: bool = False):
         super().__init__(dtype)
         self.faiss_min = faiss_min
         self.indexes = None
         # the fast kernel's decode lookups (few rows, fp32 keys, batch 1): the keys again in bf16 (`Bf16KeyCopy`)
         self.bf16_copy = Bf16KeyCopy() if bf16_copy else None
+        # its prefill lookups (many rows) on a CPU with AMX: the keys again as int8 parts (`Int8KeyCopy`)
+        self.int8_copy = Int8KeyCopy() if int8_copy else None
 
     def __setstate__(self, state: dict):
         self.__dict__.update(state)
-        self.__dict__.setdefault("bf16_copy", None)   # saved by a version without the copy
+        self.__dict__.setdefault("bf16_copy", None)   # saved by a version without the copies
+        self.__dict__.setdefault("int8_copy", None)
 
     def nbytes(self) -> int:
-        return super().nbytes() + (self.bf16_copy.nbytes() if self.bf16_copy is not None else 0)
+        return super().nbytes() + sum(c.nbytes() for c in (self.bf16_copy, self.int8_copy) if c is not None)
 
     def append(self, k: torch.Tensor, v: torch.Tensor):
         super().append(k, v)
         n = k.shape[2]
+        one_fp32 = k.shape[0] == 1 and self.k.dtype == torch.float32
         if self.bf16_copy is not None:
-            if k.shape[0] == 1 and self.k.dtype == torch.float32:
+            if one_fp32:
                 self.bf16_copy.append(self.k[0, :, self.size - n:self.size])
             else:
                 self.bf16_copy = None
+        if self.int8_copy is not None:
+            if one_fp32:
+                self.int8_copy.append(self.k[0, :, :self.size], n)
+            else:
+                self.int8_copy = None
         if self.indexes is not None:
             self._index_add(self.size - n, self.size)
         elif self.faiss_min is not None and self.size >= self.faiss_min and k.shape[0] == 1:
@@ -289,11 +315,17 @@ class Memory(KVBuffer):
             self.bf16_copy = Bf16KeyCopy()
             if n:
                 self.bf16_copy.append(self.k[0, :, :n])
+        if self.int8_copy is not None:
+            self.int8_copy = Int8KeyCopy()
+            if n:
+                self.int8_copy.append(self.k[0, :, :n], n)
 
     def copy(self) -> "Memory":
         other = super().copy()
         if self.bf16_copy is not None:
             other.bf16_copy = self.bf16_copy.copy()
+        if self.int8_copy is not None:
+            other.int8_copy = self.int8_copy.copy()
         if self.indexes is not None:
             import faiss
 
@@ -458,6 +490,13 @@ def _topk_block(qm: torch.Tensor, s_loc: torch.Tensor | None, v_loc: torch.Tenso
         found = copy.top_k(qm[0], keys[0], h0, h1, k)
         if found is not None:
             vals, idx = found[0][None], found[1][None]
+    int8 = memory.int8_copy
+    if (found is None and int8 is not None and len(int8) == len(memory) and R > BF16_LOOKUP_MAX_ROWS
+            and len(memory) >= max(INT8_LOOKUP_MIN_KEYS, 16 * k) and qm.dtype == torch.float32 and B == 1):
+        # a prefill chunk: the int8 copy's AMX tile scores find the candidates, fp32 re-scores them (the same top-k)
+        found = int8.top_k(qm[0], keys[0], h0, h1, k)
+        if found is not None:
+            vals, idx = found[0][None], found[1][None]
     if found is None:
         if keys.dtype != qm.dtype:
             keys = keys.to(qm.dtype)
@@ -528,7 +567,12 @@ class MemorySession(StatefulSession):
         # the fast kernel's decode lookups read a bf16 copy of the keys (exact: candidates re-scored in fp32)
         bf16_copy = (cfg.decode_copy and cfg.lookup == "topk" and cfg.kernel == "fast"
                      and self.mem_dtype == torch.float32 and self.device.type == "cpu" and _bf16_lookup_here())
-        return Memory(self.mem_dtype, cfg.faiss_min if faiss else None, bf16_copy)
+        # and its prefill lookups, on a CPU with AMX, an int8 copy (exact the same way)
+        int8_copy = (cfg.prefill_copy and cfg.lookup == "topk" and cfg.kernel == "fast"
+                     and self.mem_dtype == torch.float32
+                     and self.device.type == "cpu" and self.meter.shape.head_dim in INT8_HEAD_DIMS
+                     and _int8_lookup_here())
+        return Memory(self.mem_dtype, cfg.faiss_min if faiss else None, bf16_copy, int8_copy)
 
     def _memory_bias(self, memory: Memory) -> float:
         n = self.config.memory_share_tokens
