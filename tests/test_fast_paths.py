@@ -323,7 +323,7 @@ def _skip_without_amx(amx: bool, D: int = 64):
 def test_native_bf16_candidate_selection_is_the_exact_fp32_topk(n, D, k, split, amx, monkeypatch):
     """bf16 scores only find candidates: the k chosen are the exact top-k, also among planted keys whose scores
     differ far below bf16's resolution (and below the split scores' bound), and identical keys tie to the earlier
-    position. Scores from a bf16 matmul, or split-bf16 scores from AMX tiles inside the kernel."""
+    position. Scores from a bf16 matmul, or int8 scores from AMX tiles inside the kernel."""
     _split_native_calls(split, monkeypatch)
     _skip_without_amx(amx, D)
     torch.manual_seed(0)
@@ -387,12 +387,12 @@ def test_native_bf16_candidate_selection_survives_nan(amx):
 
 @pytest.mark.parametrize("bf16", ["amx", "matmul", False])
 def test_longcache_bf16_candidates_select_what_the_reference_selects(tiny_head32_dir, monkeypatch, bf16):
-    """The fast selection with bf16 candidates (split-bf16 scores by AMX tiles, or a bf16 matmul: forced on where
+    """The fast selection with bf16 candidates (int8 scores by AMX tiles, or a bf16 matmul: forced on where
     the CPU has no AMX), fp32 scores only, and the reference give the same logits and greedy generation over a
     stream with repeated tokens (exact ties)."""
     from infinictx import load_model
     from infinictx.core import native
-    from infinictx.core.kernels import int8_key_parts, split_bf16
+    from infinictx.core.kernels import int8_key_parts
     from infinictx.core.session import Sampler
     from infinictx.methods.kv import longcache
 
@@ -428,7 +428,7 @@ def test_longcache_bf16_candidates_select_what_the_reference_selects(tiny_head32
                         assert torch.equal(k16.keys()[0], parts)
                         torch.testing.assert_close(weights.keys()[0], scaled, rtol=1e-6, atol=0)
                     else:
-                        assert torch.equal(k16.keys(), split_bf16(centred))
+                        assert torch.equal(k16.keys(), centred.to(torch.bfloat16))
                     torch.testing.assert_close(norms.keys()[..., 0], torch.linalg.vector_norm(centred, dim=-1))
                 _check_duplicate_flags(policy, settings["topk"], settings["global_tokens"])
             else:
@@ -641,8 +641,8 @@ def test_decode_attend_is_one_softmax_over_memory_and_window(split, monkeypatch)
 def test_int8_key_copy_grows_in_pieces_and_finds_the_exact_topk(k):
     """The int8 copy built in uneven pieces (the block still filling re-quantized) equals one built at once, and
     its lookup is the exact fp32 top-k (also among planted near-ties far below the int8 resolution), with the
-    keys' fp32 scores. k = 4: the k-th best bound by the vector network, 20 and 128 (memory's) row by row."""
-    from infinictx.core import native
+    keys' fp32 scores. k = 4: the k-th best bound by the insertion network; 20 and 128 (memory's): by counting,
+    and the k best without a heap."""
     from infinictx.core.kernels import Int8KeyCopy, int8_key_parts
 
     _skip_without_amx(True)

@@ -78,9 +78,10 @@ def test_longcache_bounds_positions_to_its_scope(tiny, stream):
         assert max(s.policy.selected) <= 4 * 4
         full = 2 * 2 * 2 * 16 * 200 * 4
         assert sum(b.nbytes() for b in s.policy.layers) == full   # the cache itself is full
-        # held bytes: + the bf16-candidate selection's copies on a CPU with AMX (centred keys in two bf16 parts,
-        # fp32 norms, two fp32 bound weights, duplicate flags, int64 hashes) and the index of the hashes
-        copies = 2 * 2 * 200 * (2 * 16 * 2 + 4 + 2 * 4 + 1 + 8) if s.policy.candidate_keys[0].size else 0
+        # held bytes: + the bf16-candidate selection's copies on a CPU with AMX (centred keys in bf16 — this head
+        # size is not the int8 tiles' —, fp32 norms, an fp32 bound weight, duplicate flags, int64 hashes) and the
+        # index of the hashes
+        copies = 2 * 2 * 200 * (16 * 2 + 4 + 4 + 1 + 8) if s.policy.candidate_keys[0].size else 0
         index = sum(x[0].nbytes + x[1].nbytes for x in s.policy.key_index if x is not None)
         assert s.kv_bytes() == full + copies + index
         a = s.generate_chunk(4, 0, Sampler())

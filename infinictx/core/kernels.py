@@ -122,22 +122,6 @@ def residual_weights(x: torch.Tensor, x16: torch.Tensor | None = None) -> torch.
             + 2.0 ** -15 * torch.linalg.vector_norm(x, dim=-1))
 
 
-def split_bf16(x: torch.Tensor) -> torch.Tensor:
-    """x (..., D) float32 as two bf16 parts [x̂1 | x̂2] (..., 2D): x̂1 = bf16(x), x̂2 = bf16(x − x̂1) (x − x̂1 is exact in
-    fp32); x − x̂1 − x̂2 is ~2^-16 of x."""
-    first = x.to(torch.bfloat16)
-    return torch.cat([first, (x - first.float()).to(torch.bfloat16)], dim=-1)
-
-
-def split_residual_weights(x: torch.Tensor, split: torch.Tensor) -> torch.Tensor:
-    """Each centred key's weight w = ‖x − x̂1 − x̂2‖·(1 + 2^-10) + 2^-14·‖x‖ in the split-bf16 score bound
-    (`split_score_bounds`; x (..., D), split its [x̂1 | x̂2])."""
-    D = x.shape[-1]
-    residual = (x - split[..., :D].float()) - split[..., D:].float()
-    return (torch.linalg.vector_norm(residual, dim=-1) * (1 + 2.0 ** -10)
-            + 2.0 ** -14 * torch.linalg.vector_norm(x, dim=-1))
-
-
 # AMX int8 scores (`native.select_exact_amx`): a value x ≈ s·a with the integer a = 256·h + l held as two int8 parts,
 # h in [−127, 127], l in [−128, 127], so |a| <= 127·256 + 127
 INT8_LEVELS = 127 * 256 + 127

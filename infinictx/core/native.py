@@ -753,33 +753,28 @@ int bf16_copy_append(const float *k, int64_t k_hs, int64_t k_rs, const float *ce
     return 0;
 }
 
-/* LongCache's candidate copies of new keys k (H, T, D) (`longcache._key_copies` of k − centre, centre (H, D)):
-   split[h, t] = [x̂1 | x̂2] (bf16 bits, 2D; x̂1 = bf16(x), x̂2 = bf16(x − x̂1): exactly what `kernels.split_bf16`
-   computes), norms[h, t] = ‖x‖, weights[h, t] = (one-product weight ‖x − x̂1‖·(1 + 2^-10) + 2^-15·‖x‖, split weight
-   ‖x − x̂1 − x̂2‖·(1 + 2^-10) + 2^-14·‖x‖), and kmax[h] the largest ‖k‖ of each head's new keys (NaN kept). One
-   call per layer and chunk instead of ~30 torch ops (~1 ms each time on a 2-core prefill). Returns 0. */
+/* LongCache's bf16 candidate copies of new keys k (H, T, D) (`longcache._key_copies` of k − centre, centre (H, D)):
+   x16[h, t] = bf16(x) (bits, exactly what torch's conversion gives), norms[h, t] = ‖x‖, weights[h, t] = the bound's
+   weight ‖x − bf16(x)‖·(1 + 2^-10) + 2^-15·‖x‖ (`kernels.residual_weights`), and kmax[h] the largest ‖k‖ of each
+   head's new keys (NaN kept). One call per layer and chunk instead of ~20 torch ops. Returns 0. */
 int candidate_copies(const float *k, int64_t k_hs, int64_t k_rs, const float *centre, int64_t H, int64_t T,
-                     int64_t D, uint16_t *split, float *norms, float *weights, float *kmax) {
+                     int64_t D, uint16_t *x16, float *norms, float *weights, float *kmax) {
     for (int64_t h = 0; h < H; h++) {
         float hmax = 0.0f;
         for (int64_t t = 0; t < T; t++) {
             const float *key = k + h * k_hs + t * k_rs, *c = centre + h * D;
-            uint16_t *sp = split + (h * T + t) * 2 * D;
-            float xx = 0.0f, r1 = 0.0f, r2 = 0.0f, kk = 0.0f;
+            uint16_t *out = x16 + (h * T + t) * D;
+            float xx = 0.0f, r = 0.0f, kk = 0.0f;
             for (int64_t i = 0; i < D; i++) {
                 float x = key[i] - c[i];
-                uint16_t b1 = bf16_round(x);
-                float d = x - bf16_value(b1);   /* exact */
-                uint16_t b2 = bf16_round(d);
-                float e = d - bf16_value(b2);
-                sp[i] = b1;
-                sp[D + i] = b2;
-                xx += x * x; r1 += d * d; r2 += e * e; kk += key[i] * key[i];
+                uint16_t b = bf16_round(x);
+                float d = x - bf16_value(b);   /* exact */
+                out[i] = b;
+                xx += x * x; r += d * d; kk += key[i] * key[i];
             }
             float nx = sqrtf(xx), nk = sqrtf(kk);
             norms[h * T + t] = nx;
-            weights[(h * T + t) * 2] = sqrtf(r1) * (1.0f + 0x1p-10f) + 0x1p-15f * nx;
-            weights[(h * T + t) * 2 + 1] = sqrtf(r2) * (1.0f + 0x1p-10f) + 0x1p-14f * nx;
+            weights[h * T + t] = sqrtf(r) * (1.0f + 0x1p-10f) + 0x1p-15f * nx;
             if (!(nk <= hmax)) hmax = nk;
         }
         kmax[h] = hmax;
@@ -1842,18 +1837,18 @@ def bf16_copy_append(k: torch.Tensor, centre: torch.Tensor, blocks: torch.Tensor
 
 def candidate_copies(k: torch.Tensor, centre: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """LongCache's candidate copies of new keys k (H, T, D) float32 (last dim contiguous) about centre (H, 1, D) or
-    (H, D): (split [x̂1 | x̂2] (H, T, 2D) bfloat16, norms ‖x‖ (H, T, 1), weights (H, T, 2), each head's largest ‖k‖
-    (H,)), x = k − centre, as `kv.longcache._key_copies` computes them (the split bit for bit, norms and weights to
+    """LongCache's bf16 candidate copies of new keys k (H, T, D) float32 (last dim contiguous) about centre
+    (H, 1, D) or (H, D): (bf16(x) (H, T, D), norms ‖x‖ (H, T, 1), weights (H, T, 1), each head's largest ‖k‖ (H,)),
+    x = k − centre, as `kv.longcache._key_copies` computes them (bf16(x) bit for bit, norms and weights to
     rounding). Call only when `available()`."""
     H, T, D = k.shape
     centre = centre.reshape(H, D).contiguous()
     assert k.dtype == centre.dtype == torch.float32 and k.stride(-1) == 1
-    split = torch.empty(H, T, 2 * D, dtype=torch.bfloat16)
-    norms, weights, kmax = torch.empty(H, T, 1), torch.empty(H, T, 2), torch.empty(H)
-    _lib.candidate_copies(k.data_ptr(), k.stride(0), k.stride(1), centre.data_ptr(), H, T, D, split.data_ptr(),
+    x16 = torch.empty(H, T, D, dtype=torch.bfloat16)
+    norms, weights, kmax = torch.empty(H, T, 1), torch.empty(H, T, 1), torch.empty(H)
+    _lib.candidate_copies(k.data_ptr(), k.stride(0), k.stride(1), centre.data_ptr(), H, T, D, x16.data_ptr(),
                           norms.data_ptr(), weights.data_ptr(), kmax.data_ptr())
-    return split, norms, weights, kmax
+    return x16, norms, weights, kmax
 
 
 def int8_key_copies(k: torch.Tensor, centre: torch.Tensor, first: int

@@ -29,8 +29,6 @@ from ...core.kernels import (
     int8_key_parts,
     matmul_heads,
     residual_weights,
-    split_bf16,
-    split_residual_weights,
     stable_topk,
 )
 from ...core.models import DTYPES, LoadedModel, cpu_has_fast_bf16
@@ -164,17 +162,17 @@ class LongCachePolicy(KVPolicy):
         of step, e.g. a cache saved before they existed), of the centred keys x = keys − centre: for the AMX
         kernel, x in two int8 parts [k̂h | k̂l] and the weights [‖r‖, s·‖k̂l‖, s] (`int8_key_parts`: blocks of 16
         from the middle's start share a scale s, so a block still filling is re-quantized as keys join it);
-        else x split in two bf16 parts [k̂1 | k̂2] (`split_bf16`: the bf16 matmul scores with k̂1) and the weights
-        in the one-product and split bounds. Then the norms ‖x‖ (fp32), the duplicate flags, each head's largest
-        norm: (parts, norms, weights..., flags, largest norm). Why a centre: q·(k − c) ranks keys as q·k does
+        else bf16(x) (the bf16 matmul scores with it) and the weight in its bound (`residual_weights`). Then the
+        norms ‖x‖ (fp32), the duplicate flags, each head's largest norm: (copy, norms, weights, flags, largest
+        norm). Why a centre: q·(k − c) ranks keys as q·k does
         (q·c is the same for every key of a row), and the keys share a large common part: its removal shrinks
         the norms the error bound scales with (real text, 4K tokens: 31 → 13 keys re-scored per row)."""
         k16, norms, residuals = self.candidate_keys[i], self.key_norms[i], self.key_residuals[i]
         D = k.shape[-1]
         int8 = _amx_here() and D in AMX_HEAD_DIMS
-        dtype, n_weights = (torch.int8, 3) if int8 else (torch.bfloat16, 2)
+        dtype, width, n_weights = (torch.int8, 2 * D, 3) if int8 else (torch.bfloat16, D, 1)
         # copies of another layout (an earlier version's, or the other kind) are rebuilt too
-        old_layout = (len(k16) and (k16.keys().shape[-1] != 2 * D or k16.keys().dtype != dtype)) or (
+        old_layout = (len(k16) and (k16.keys().shape[-1] != width or k16.keys().dtype != dtype)) or (
             len(residuals) and residuals.keys().shape[-1] != n_weights)
         if (old_layout or len(k16) != past or len(norms) != past or len(residuals) != past
                 or self.key_centres[i] is None):
@@ -203,10 +201,8 @@ class LongCachePolicy(KVPolicy):
             new_max = torch.linalg.vector_norm(keys if old_max is None else k, dim=-1).amax(-1)[0]
         self.key_norm_max[i] = new_max if old_max is None else torch.maximum(old_max, new_max)
         flags = self._duplicate_flags(i, keys, k, past)
-        weights = residuals.keys()
-        if int8:
-            return k16.keys(), norms.keys()[..., 0], weights, flags, self.key_norm_max[i]
-        return k16.keys(), norms.keys()[..., 0], weights[..., 0], weights[..., 1], flags, self.key_norm_max[i]
+        weights = residuals.keys() if int8 else residuals.keys()[..., 0]
+        return k16.keys(), norms.keys()[..., 0], weights, flags, self.key_norm_max[i]
 
     def _duplicate_flags(self, i: int, keys: torch.Tensor, k: torch.Tensor, past: int) -> torch.Tensor:
         """Flags (1, Hkv, past + T) of layer i's keys that can never be selected: each has at least `topk`
@@ -317,7 +313,6 @@ class LongCachePolicy(KVPolicy):
         bound `bf16_score_bounds`). Indices (Hkv, R, k), or None (NaN scores: the caller takes the fp32 path)."""
         *copies, excluded, norm_max = candidates
         excluded = excluded[0] if k_top == self.topk else None
-        D = r.shape[-1]
         if amx:
             # int8 scores by AMX tiles inside the selection kernel: a ~2^-13 bound (few keys to re-score) and no
             # score matrix written out and read back
@@ -325,11 +320,11 @@ class LongCachePolicy(KVPolicy):
             slack = AMX_SLACK * torch.linalg.vector_norm(r[0], dim=-1) * norm_max[:, None]
             found = native.select_exact_amx(k8[0], weights[0], r[0], k_mid[0], norms[0], k_top, slack, excluded)
         else:
-            k16, norms, residuals, _ = copies
+            k16, norms, residuals = copies
             r16 = r.to(torch.bfloat16)
             eps, eps_residual, slack = bf16_score_bounds(r[0], r16[0], norm_max)
             scores = self.scratch.get((1, k16.shape[1], r.shape[2], k16.shape[2]), torch.bfloat16, r.device)
-            matmul_heads(r16, k16[..., :D].transpose(-1, -2), scores)
+            matmul_heads(r16, k16.transpose(-1, -2), scores)
             found = native.select_exact(scores[0], r[0], k_mid[0], norms[0], eps, k_top, BF16_SCORE_REL, slack,
                                         excluded, residuals[0], eps_residual)
         if found is None:
@@ -396,11 +391,10 @@ _HASH_MULTIPLIERS = torch.randint(1, 2**62, (512,), generator=torch.Generator().
 
 
 def _key_copies(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The bf16-candidate copies of centred keys x (..., N, D), the split computed once: its parts [x̂1 | x̂2]
-    (bf16), the norms (..., N, 1) and the weights (..., N, 2) in the one-product and in the split bound."""
-    split = split_bf16(x)
-    weights = torch.stack([residual_weights(x, split[..., :x.shape[-1]]), split_residual_weights(x, split)], dim=-1)
-    return split, torch.linalg.vector_norm(x, dim=-1, keepdim=True), weights
+    """The bf16-candidate copies of centred keys x (..., N, D): bf16(x), the norms (..., N, 1) and the weights
+    (..., N, 1) in the bound (`residual_weights`)."""
+    x16 = x.to(torch.bfloat16)
+    return x16, torch.linalg.vector_norm(x, dim=-1, keepdim=True), residual_weights(x, x16)[..., None]
 
 
 def _centred_copies(x: torch.Tensor, centre: torch.Tensor) -> tuple[tuple, torch.Tensor | None]:
