@@ -512,8 +512,8 @@ def test_longcache_duplicate_flags_need_topk_earlier_identical_keys_in_the_middl
     flags = policy.key_excluded[0].keys()[0, ..., 0]
     assert flags.nonzero().tolist() == [[0, 700], [0, 900]]
     assert torch.equal(policy.key_hashes[0].keys(), _key_hashes(keys))
-    split, norms, weights = _key_copies(keys - policy.key_centres[0])
-    assert torch.equal(policy.candidate_keys[0].keys(), split)
+    x16, norms, weights = _key_copies(keys - policy.key_centres[0])
+    assert torch.equal(policy.candidate_keys[0].keys(), x16)
     torch.testing.assert_close(policy.key_norms[0].keys(), norms, rtol=1e-6, atol=0)
     torch.testing.assert_close(policy.key_residuals[0].keys(), weights, rtol=1e-6, atol=0)
     torch.testing.assert_close(policy.key_norm_max[0], torch.linalg.vector_norm(keys[0], dim=-1).amax(-1),

@@ -402,8 +402,8 @@ def _centred_copies(x: torch.Tensor, centre: torch.Tensor) -> tuple[tuple, torch
     natively where it can (one call per layer and chunk instead of ~30 small ops)."""
     if (x.shape[0] == 1 and x.device.type == "cpu" and x.dtype == torch.float32 and x.stride(-1) == 1
             and native.available()):
-        split, norms, weights, x_max = native.candidate_copies(x[0], centre[0])
-        return (split[None], norms[None], weights[None]), x_max
+        x16, norms, weights, x_max = native.candidate_copies(x[0], centre[0])
+        return (x16[None], norms[None], weights[None]), x_max
     return _key_copies(x - centre), None
 
 
@@ -467,7 +467,7 @@ class LongCacheConfig(MethodConfig):
                                        "AMX CPU: ~6% faster prefill at 32K, slower decode; far slower on CPUs "
                                        "without bf16 matmul)")
     # identity=False: the kernels select the same spans (tests: same selections, logits to 1e-4)
-    kernel: str = setting("fast", "selection kernel: fast (exact; on a CPU with AMX, split-bf16 tile scores find "
+    kernel: str = setting("fast", "selection kernel: fast (exact; on a CPU with AMX, int8 tile scores find "
                           "the candidates and fp32 re-scores them; elsewhere fp32 scores in blocks, native top-k), "
                           "fast-fp32 (fast with fp32 scores only) or reference (the original path, kept to check "
                           "against)", choices=KERNELS, identity=False)
