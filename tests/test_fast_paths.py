@@ -668,6 +668,25 @@ def test_int8_key_copy_grows_in_pieces_and_finds_the_exact_topk(k):
     assert copy.rescored < copy.rows * n / 10   # it re-scored few keys per row
 
 
+def test_capped_memory_rebuilds_its_int8_copy_from_the_kept_keys():
+    """A memory capped to its newest entries (`keep_last`) rebuilds its int8 copy from what it kept, blocks counted
+    from the new first key, and the copy's lookup is again the exact top-k of the kept keys."""
+    from infinictx.core.kernels import int8_key_parts
+
+    _skip_without_amx(True)
+    torch.manual_seed(9)
+    memory = Memory(torch.float32, faiss_min=None, int8_copy=True)
+    keys = torch.randn(1, 2, 3000, 64)
+    memory.append(keys, torch.randn(1, 2, 3000, 64))
+    memory.keep_last(2100)
+    copy, kept = memory.int8_copy, memory.keys()[0]
+    assert len(copy) == 2100 and torch.equal(kept, keys[0, :, 900:])
+    assert torch.equal(copy.parts[:, :2100], int8_key_parts(kept - copy.centre)[0])
+    q = torch.randn(2, 40, 64)
+    vals, idx = copy.top_k(q, kept, 0, 2, 8)
+    assert torch.equal(idx.sort(-1).values, _stable_topk_idx(q, kept, 8))
+
+
 def test_memory_prefill_reads_the_int8_copy_and_matches_the_reference(tiny_head32_dir, monkeypatch):
     """On a CPU with AMX the fast kernel's prefill lookups go through the int8 copy (unless --no-prefill-copy) and
     give the reference kernel's scores and greedy generation; the copy stays in step with the memory (forks,
