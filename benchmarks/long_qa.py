@@ -10,8 +10,8 @@ bytes held (KV cache, memory or index), and for RAG how often the evidence was i
 Parts (--parts):
   table     --methods × --tasks × --lengths (full attention only up to 8K: the model's context)
   ablation  RAG (dense) at one length (--ablation-length): chunk size C ∈ {64, 128, 300, 600} at a fixed
-            retrieved-token budget (top-k = 600 / C), top-k ∈ {1, 3, 5, 10} at C = 64, and the prompt format
-            (ChatQA's or plain)
+            retrieved-token budget (top-k = 600 / C), top-k ∈ {1, 3, 5, 10} at C = 64, the prompt format
+            (ChatQA's or plain) and the chunks' order (document, best first, best last)
   ann       the approximate (HNSW) dense index against the exact one: recall@10 over the default book cut into
             --ann-chunk-token chunks, one query per chunk's first sentence (in this process)
 
@@ -48,13 +48,16 @@ METHODS = {
     "rag-dense": (None, ["--method", "rag", "--retriever", "dense"]),
     "rag-bm25": (None, ["--method", "rag", "--retriever", "bm25"]),
     "rag-hybrid": (None, ["--method", "rag", "--retriever", "hybrid"]),
+    # the retrieved chunks best last, next to the question, instead of in document order
+    "rag-dense-best-last": (None, ["--method", "rag", "--retriever", "dense", "--order", "best-last"]),
 }
 FULL_MAX = 8192
 ABLATION_BUDGET = 600   # retrieved tokens in the chunk-size sweep (top-k = budget / C)
 ABLATION = ([(f"C={c}", ["--chunk-tokens", str(c), "--top-k", str(ABLATION_BUDGET // c),
                          "--budget", str(ABLATION_BUDGET + 2 * (ABLATION_BUDGET // c))]) for c in (64, 128, 300, 600)]
             + [(f"k={k}", ["--chunk-tokens", "64", "--top-k", str(k)]) for k in (1, 3, 5, 10)]
-            + [(f"format={f}", ["--prompt-format", f]) for f in ("chatqa", "plain")])
+            + [(f"format={f}", ["--prompt-format", f]) for f in ("chatqa", "plain")]
+            + [(f"order={o}", ["--order", o]) for o in ("document", "score", "best-last")])
 
 
 def trials_for(spec: str, default: int):

@@ -44,13 +44,15 @@ def test_prompts_keep_the_budget_the_top_k_and_the_document_order():
     rng = random.Random(0)
     for _ in range(300):
         ranked = rng.sample(range(len(spans)), len(spans))
-        budget, k, order = rng.randint(1, 400), rng.choice([None, 1, 3, 8]), rng.choice(["document", "score"])
+        budget, k = rng.randint(1, 400), rng.choice([None, 1, 3, 8])
+        order = rng.choice(["document", "score", "best-last"])
         shown = choose(ranked, spans, budget, k, order, separator=2)
         assert sum(b - a + 2 for a, b in shown) <= budget
         if order == "document":   # sorted, and overlapping or touching chunks joined into one passage
             assert all(b < c for (_, b), (c, _) in zip(shown, shown[1:]))
-        else:                     # best first, as ranked
-            assert shown == [spans[c] for c in ranked if spans[c] in shown]
+        else:                     # best first, as ranked (or best last, next to the question)
+            as_ranked = [spans[c] for c in ranked if spans[c] in shown]
+            assert shown == (as_ranked if order == "score" else as_ranked[::-1])
             assert k is None or len(shown) <= k
         best = spans[ranked[0]]
         if budget >= 52:          # the best chunk fits, so it is shown
@@ -134,12 +136,38 @@ def test_a_question_is_answered_from_the_retrieved_chunk(tiny):
         assert other.last_retrieval["passages"] == seen["passages"]
 
 
+def test_chatqa_prompt_opens_the_assistant_turn_with_the_answer_beginning(tiny):
+    """A question with a given answer beginning ("... called? The cat is called"): in ChatQA's format the asking
+    part is the user's turn and the query, the beginning opens the assistant's turn (a chat model answers instead
+    of restating the question); in the plain format the question stays whole."""
+    tok = tiny.tokenizer
+    doc = document(tok, 40, 25)
+    asking = tok(" " + QUESTION, return_tensors="pt").input_ids[0]
+    beginning = tok(" The cat is called", return_tensors="pt").input_ids[0]
+    question = torch.cat([asking, beginning])
+    for fmt in ("chatqa", "plain"):
+        cfg = method_config("rag", window=512, chunk=64, chunk_tokens=32, retriever="bm25", prompt_format=fmt)
+        with cfg.make_session(tiny) as s:
+            s.absorb(doc)
+            s.question(question, answer_at=len(asking))
+            text = tok.decode(s._question_prompt(4).tolist())
+            assert s.last_retrieval["query"] == QUESTION
+            if fmt == "chatqa":
+                assert text.endswith(f"User: {QUESTION}\n\nAssistant: The cat is called")
+            else:
+                assert text.endswith(f"{QUESTION} The cat is called") and "Assistant" not in text
+            with pytest.raises(InfinictxError, match="inside the question"):
+                s.question(question, answer_at=len(question))
+
+
 def test_rag_refuses_bad_settings_in_one_line(tiny):
     for bad, message in [({"top_k": 0}, "top-k must be >= 1"), ({"window": 256, "chunk_tokens": 300}, "does not fit"),
                          ({"overlap": 128}, "overlap"), ({"budget": 2048}, "budget"),
                          ({"retriever": "grep"}, "unknown retriever")]:
         with pytest.raises(InfinictxError, match=message):
             make_spec("passkey", "rag", bad)
+    assert method_config("rag", chunk_tokens=128).overlap == 32   # default O = C/4
+    assert method_config("rag", chunk_tokens=128, overlap=0).overlap == 0
     cfg = method_config("rag", window=64, chunk=16, chunk_tokens=8, retriever="bm25", budget=40)
     with cfg.make_session(tiny) as s:
         s.question(torch.arange(10, 20))

@@ -23,6 +23,7 @@ def test_passkey_prompt_has_exact_length_and_needle_at_depth(tiny):
         needle = f"The pass key is {trial.answer}. Remember it. {trial.answer} is the pass key."
         assert text.count(needle) == 1 and text.endswith("What is the pass key? The pass key is")
         assert tok.decode(trial.ids[trial.needle.start:trial.needle.stop].tolist()).strip() == needle
+        assert tok.decode(trial.ids[trial.answer_start:].tolist()) == " The pass key is"
         where.append(text.index(needle) / len(text))
     assert where[0] < 0.2 and 0.4 < where[1] < 0.65 and where[2] > 0.85
 
@@ -35,6 +36,7 @@ def test_kv_prompt_asks_for_a_value_that_is_in_it(tiny):
     key = text.rsplit("What is the value of key ", 1)[1].split("?")[0]
     assert f"key {key}: value {trial.answer}.\n" in text
     assert tok.decode(trial.ids[trial.needle.start:trial.needle.stop].tolist()) == f"key {key}: value {trial.answer}.\n"
+    assert tok.decode(trial.ids[trial.answer_start:].tolist()) == f" The value of key {key} is"
 
 
 def test_misses_say_where_the_needle_sat():
@@ -154,6 +156,11 @@ def test_planted_facts_sit_at_the_depth_and_a_perfect_reader_finds_them(tiny, ta
             assert len(values) == (4 if task == "multivalue" else 1)
             if task == "multikey":
                 assert len(re.findall(r"special magic number for \S+ is \d+\.", doc)) == 4
+        # the answer's given beginning follows the asking part (a chat-format reader splits them there)
+        asking = tok.decode(trial.ids[trial.question_start:trial.answer_start].tolist())
+        beginning = tok.decode(trial.ids[trial.answer_start:].tolist())
+        assert asking.rstrip().endswith("?" if task != "vartrack" else "above.")
+        assert beginning.startswith(" The special magic number" if task != "vartrack" else " Answer: According")
         hits, items, ok = score_output(trial, " " + answer + ".")
         assert ok and hits == items == (len(trial.answers) if trial.answers else 1)
         assert score_output(trial, " 1234.")[2] is False

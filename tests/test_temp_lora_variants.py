@@ -155,6 +155,30 @@ def test_bf16_base_keeps_adapter_optimizer_and_scores_in_fp32(tiny_model_dir):
     assert weights_fingerprint(lm.model) == before
 
 
+def test_bf16_base_runs_lora_products_in_bf16_with_fp32_gradients(tiny_model_dir):
+    """Mixed precision for the adapter: on a bf16 base the LoRA products run in bf16 (the input is not cast up to
+    fp32, AMX does the work) while the factors, their gradients and the optimizer stay fp32."""
+    import torch.nn.functional as F
+    from peft.tuners.lora import LoraLayer
+
+    from infinictx import load_model
+
+    lm = load_model(tiny_model_dir, device="cpu", dtype="bfloat16")
+    with TempLoraConfig(window=64, chunk=32).make_session(lm) as s:
+        layer = next(m for m in s.model.modules() if isinstance(m, LoraLayer))
+        name = s.learner.name
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+        with torch.no_grad():
+            b.normal_()   # B starts at zero: make the product visible
+        x = torch.randn(3, a.shape[1], dtype=torch.bfloat16)
+        y = layer(x)
+        assert y.dtype == torch.bfloat16
+        expected = layer.get_base_layer()(x) + F.linear(F.linear(x, a.bfloat16()), b.bfloat16()) * layer.scaling[name]
+        assert torch.equal(y, expected)
+        y.float().square().sum().backward()
+        assert a.grad.dtype == b.grad.dtype == torch.float32 and a.grad.abs().sum() > 0
+
+
 def test_auto_dtype_is_bf16_only_on_cpus_with_amx(monkeypatch):
     from infinictx.core import models
 

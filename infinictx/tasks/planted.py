@@ -92,7 +92,9 @@ def plant(tokenizer, length: int, task: str, needles: list[str], question: str, 
     """The prompt: `task`, the book with `needles` inserted at line starts, then `question`; exactly `length`
     tokens. `place(slots, n_fill)` picks each needle's line start among `slots` (the book's first n_fill tokens
     are used); needles at one line start keep their order. Returns (ids, question_start, [(position, length) of
-    each needle in ids])."""
+    each needle in ids], answer_start: where the question's answer beginning starts in ids, or None)."""
+    from .retrieval import answer_offset
+
     def tokens(text):
         return tokenizer(text, add_special_tokens=False).input_ids
 
@@ -116,7 +118,9 @@ def plant(tokenizer, length: int, task: str, needles: list[str], question: str, 
     question_start = len(ids)
     ids += tail
     assert len(ids) == length
-    return torch.tensor(ids), question_start, spans
+    cut = question.index(" Answer:") if " Answer:" in question else None
+    offset = answer_offset(tokenizer, question, cut)
+    return torch.tensor(ids), question_start, spans, None if offset is None else question_start + offset
 
 
 def _first_at_depth(depth: float, rng: random.Random, n: int):
@@ -133,9 +137,9 @@ def niah_trial(tokenizer, length: int, depth: float, rng: random.Random, n_keys:
     keys, values = set(), set()
     facts = [(_key(rng, keys), _number(rng, 7, values)) for _ in range(n_keys)]
     needles = [NIAH_NEEDLE.format(key=k, value=v) for k, v in facts]
-    ids, q, spans = plant(tokenizer, length, NIAH_TASK, needles, NIAH_QUESTION.format(key=facts[0][0]),
-                          _first_at_depth(depth, rng, n_keys))
-    return Trial(ids, facts[0][1], depth, q, *spans[0])
+    ids, q, spans, answer = plant(tokenizer, length, NIAH_TASK, needles, NIAH_QUESTION.format(key=facts[0][0]),
+                                  _first_at_depth(depth, rng, n_keys))
+    return Trial(ids, facts[0][1], depth, q, *spans[0], answer_start=answer)
 
 
 def multikey_trial(tokenizer, length: int, depth: float, rng: random.Random):
@@ -148,9 +152,10 @@ def multivalue_trial(tokenizer, length: int, depth: float, rng: random.Random):
     key, values = _key(rng, set()), set()
     answers = [_number(rng, 7, values) for _ in range(N_VALUES)]
     needles = [NIAH_NEEDLE.format(key=key, value=v) for v in answers]
-    ids, q, spans = plant(tokenizer, length, NIAH_TASK, needles, MULTIVALUE_QUESTION.format(key=key),
-                          _first_at_depth(depth, rng, N_VALUES))
-    return Trial(ids, answers[0], depth, q, *spans[0], answers=answers, answer_tokens=48, evidence=spans)
+    ids, q, spans, answer = plant(tokenizer, length, NIAH_TASK, needles, MULTIVALUE_QUESTION.format(key=key),
+                                  _first_at_depth(depth, rng, N_VALUES))
+    return Trial(ids, answers[0], depth, q, *spans[0], answers=answers, answer_tokens=48, evidence=spans,
+                 answer_start=answer)
 
 
 def vartrack_trial(tokenizer, length: int, depth: float, rng: random.Random):
@@ -172,10 +177,10 @@ def vartrack_trial(tokenizer, length: int, depth: float, rng: random.Random):
         later = sorted(_sample(rng, [s for s in slots if s > first] or [first], CHAIN - 1))
         return [first] + later + sorted(_sample(rng, [s for s in slots if s != first], CHAIN))
 
-    ids, q, spans = plant(tokenizer, length, VARTRACK_TASK, needles, VARTRACK_QUESTION.format(value=value, n=CHAIN),
-                          place)
+    ids, q, spans, answer = plant(tokenizer, length, VARTRACK_TASK, needles,
+                                  VARTRACK_QUESTION.format(value=value, n=CHAIN), place)
     return Trial(ids, chain[0], depth, q, *spans[0], answers=chain, answer_tokens=32, wrong=decoy,
-                 evidence=spans[:CHAIN])
+                 evidence=spans[:CHAIN], answer_start=answer)
 
 
 PLANTED_BUILDERS = {"niah": niah_trial, "multikey": multikey_trial, "multivalue": multivalue_trial,

@@ -77,6 +77,7 @@ class Trial:
     wrong: list[str] | None = None     # items that make an answer wrong when named (vartrack's decoy chain)
     evidence: list[tuple[int, int]] | None = None   # (position, length) of every needle the answer needs
                                                     # (default: the needle)
+    answer_start: int | None = None   # where the answer's given beginning ("The pass key is") starts in `ids`
 
     @property
     def needle(self) -> range:
@@ -94,6 +95,20 @@ def tokens_of(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
+def answer_offset(tokenizer, question: str, cut: int | None = None) -> int | None:
+    """Where the answer's given beginning (`question[cut:]`, by default what follows the last "?", e.g. " The
+    pass key is") starts among the question's tokens: the number of tokens of `question[:cut]`, when they are the
+    first tokens of the whole question (None when the tokenizer merges across the cut). A chat-format reader (RAG)
+    puts the asking part in the user's turn and this beginning in the assistant's."""
+    cut = question.rindex("?") + 1 if cut is None else cut
+    whole, asking = tokens_of(tokenizer, question), tokens_of(tokenizer, question[:cut])
+    return len(asking) if whole[:len(asking)] == asking and 0 < len(asking) < len(whole) else None
+
+
+def _after(start: int, offset: int | None) -> int | None:
+    return None if offset is None else start + offset
+
+
 def passkey_trial(tokenizer, length: int, depth: float, rng: random.Random) -> Trial:
     key = str(rng.randint(10000, 99999))
     task, filler = tokens_of(tokenizer, PASSKEY_TASK), tokens_of(tokenizer, PASSKEY_FILLER)
@@ -105,8 +120,9 @@ def passkey_trial(tokenizer, length: int, depth: float, rng: random.Random) -> T
     n_fill, rest = divmod(room, len(filler))
     before = round(depth * n_fill)
     ids = task + filler * before + needle + filler * (n_fill - before) + filler[:rest] + question
-    return Trial(torch.tensor(ids), key, depth, len(ids) - len(question), len(task) + before * len(filler),
-                 len(needle))
+    start = len(ids) - len(question)
+    return Trial(torch.tensor(ids), key, depth, start, len(task) + before * len(filler), len(needle),
+                 answer_start=_after(start, answer_offset(tokenizer, PASSKEY_QUESTION)))
 
 
 def kv_trial(tokenizer, length: int, depth: float, rng: random.Random) -> Trial:
@@ -130,8 +146,9 @@ def kv_trial(tokenizer, length: int, depth: float, rng: random.Random) -> Trial:
     ids = task + [t for _, _, line in lines for t in line] + question
     if len(ids) > length:
         raise InfinictxError(f"length {length} is too short for the key-value prompt")
-    return Trial(torch.tensor(ids), str(value), depth, len(ids) - len(question),
-                 len(task) + sum(len(x) for _, _, x in lines[:pick]), len(line))
+    start = len(ids) - len(question)
+    return Trial(torch.tensor(ids), str(value), depth, start, len(task) + sum(len(x) for _, _, x in lines[:pick]),
+                 len(line), answer_start=_after(start, answer_offset(tokenizer, KV_QUESTION.format(key=key))))
 
 
 TRIAL_BUILDERS = {"passkey": passkey_trial, "kv": kv_trial, **PLANTED_BUILDERS}
@@ -162,15 +179,16 @@ def score_output(trial: Trial, text: str) -> tuple[int, int, bool]:
 
 
 def ask(session: Session, prompt: torch.Tensor, n_tokens: int = ANSWER_TOKENS, start: int = 0,
-        question_at: int | None = None,
+        question_at: int | None = None, answer_at: int | None = None,
         on_read: Callable[[int], None] | None = None) -> tuple[torch.Tensor, int | None]:
     """Absorb the prompt chunk by chunk, then answer greedily (no repetition penalty: the answer repeats
     digits of the prompt on purpose). Returns the answer tokens and the KV bytes the session held once the
     prompt was in and `end_prompt` had run (a policy may compress there; None for a session that keeps no cache
     between steps). `start` tokens of the prompt were absorbed already (a forked session); `prompt` is the rest.
     `question_at`: where the question begins in `prompt`; a session with the `question` capability gets it
-    through `session.question`, any other reads it as the rest of the prompt. `on_read(n)`: called after each
-    chunk with the prompt tokens read so far (counting `start`), for progress."""
+    through `session.question`, any other reads it as the rest of the prompt; `answer_at`: where the answer's
+    given beginning starts in `prompt` (handed over with the question). `on_read(n)`: called after each chunk with
+    the prompt tokens read so far (counting `start`), for progress."""
     caps = session.capabilities
     split = question_at if caps.question and question_at is not None else len(prompt)
     for s in range(0, split, session.chunk):
@@ -178,7 +196,7 @@ def ask(session: Session, prompt: torch.Tensor, n_tokens: int = ANSWER_TOKENS, s
         if on_read is not None:
             on_read(start + min(split, s + session.chunk))
     if split < len(prompt):
-        session.question(prompt[split:])
+        session.question(prompt[split:], None if answer_at is None else answer_at - split)
     session.end_prompt()
     kv_bytes = session.kv_bytes() if caps.kv_bytes else None
     context = min(start + len(prompt), session.window - n_tokens)
@@ -288,7 +306,8 @@ def run_trial(session: Session, tokenizer, trial: Trial, depth: float, on_read=N
     """Read the rest of `trial`'s prompt (after what `session` has read), answer, and score: the trial's row."""
     start = len(session.history)
     out, held = ask(session, trial.ids[start:], trial.answer_tokens, start=start,
-                    question_at=trial.question_start - start, on_read=on_read)
+                    question_at=trial.question_start - start,
+                    answer_at=None if trial.answer_start is None else trial.answer_start - start, on_read=on_read)
     # a retriever: was the evidence in the prompt it built?
     shown = session.shown_spans() if session.capabilities.question else None
     text = tokenizer.decode(out.tolist())

@@ -26,10 +26,13 @@ def chunk_spans(n_tokens: int, size: int, overlap: int) -> list[tuple[int, int]]
 
 
 def passages(spans: list[tuple[int, int]], order: str) -> list[tuple[int, int]]:
-    """The token ranges a prompt shows for the chosen `spans` (given best first): by score, each span as it is;
-    in document order, sorted and with overlapping or touching spans joined."""
+    """The token ranges a prompt shows for the chosen `spans` (given best first): by score, each span as it is,
+    best first (`score`) or best last, next to the question (`best-last`); in document order, sorted and with
+    overlapping or touching spans joined."""
     if order == "score":
         return list(spans)
+    if order == "best-last":
+        return list(reversed(spans))
     merged: list[list[int]] = []
     for start, end in sorted(spans):
         if merged and start <= merged[-1][1]:

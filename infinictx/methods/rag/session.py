@@ -30,7 +30,7 @@ from .chunks import choose, chunk_spans
 from .retrievers import RETRIEVERS, make_retriever
 
 FORMATS = ("auto", "chatqa", "plain")
-ORDERS = ("document", "score")
+ORDERS = ("document", "score", "best-last")
 # ChatQA's system turn and roles (Liu et al. 2024, ChatQA / ChatQA 2 prompt format)
 CHATQA_SYSTEM = ("System: This is a chat between a user and an artificial intelligence assistant. The assistant "
                  "gives helpful, detailed, and polite answers to the user's questions based on the context. The "
@@ -47,14 +47,16 @@ class RagConfig(MethodConfig):
                           short="-W")
     chunk: int | None = setting(None, "Δ: tokens scored (or generated) per step (default min(256, W/2))", short="-D")
     chunk_tokens: int = setting(128, "C: tokens per retrieved chunk")
-    overlap: int = setting(0, "O: tokens each chunk shares with the one before it")
+    overlap: int | None = setting(None, "O: tokens each chunk shares with the one before it (default C/4: a fact "
+                                  "that straddles two chunks still lies whole in one)")
     top_k: int | None = setting(None, "K: chunks retrieved (default: as many as the budget holds, budget / C)")
     budget: int | None = setting(None, "tokens of retrieved text in a prompt (default: what the window leaves "
                                  "beside the question, the format and the answer)")
     retriever: str = setting("dense", "dense (sentence embeddings), bm25, or hybrid (reciprocal-rank fusion)",
                              choices=RETRIEVERS)
     embedder: str | None = setting(None, "sentence-transformers model directory (default: all-MiniLM-L6-v2)")
-    order: str = setting("document", "retrieved chunks in document order or best first", choices=ORDERS)
+    order: str = setting("document", "retrieved chunks in document order, best first (score) or best last, "
+                         "next to the question (best-last)", choices=ORDERS)
     prompt_format: str = setting("auto", "ChatQA's format or plain text (auto: ChatQA for a model with a chat "
                                  "template)", choices=FORMATS)
     query_tokens: int = setting(64, "without a question (scoring, generation): the last tokens that are the query")
@@ -64,6 +66,8 @@ class RagConfig(MethodConfig):
         if self.chunk is None:
             self.chunk = min(256, self.window // 2)
         check_window(self.window, self.chunk)
+        if self.overlap is None:
+            self.overlap = max(0, self.chunk_tokens) // 4
         if self.chunk_tokens < 1 or not 0 <= self.overlap < self.chunk_tokens:
             raise InfinictxError(f"chunk size C={self.chunk_tokens} must be >= 1 and overlap O={self.overlap} "
                                  "in [0, C)")
@@ -97,6 +101,7 @@ class RagSession(Session):
         self.separator = self._tokens(SEPARATOR)
         self._texts: dict[tuple[int, int], str] = {}   # decoded chunks
         self._question: torch.Tensor | None = None       # the question (and any answer so far)
+        self._answer_at: int | None = None               # where the answer's given beginning starts in it
         self.last_retrieval: dict | None = None           # what the last prompt showed (benchmarks measure recall)
 
     @property
@@ -165,9 +170,15 @@ class RagSession(Session):
         return super().score_context() if base else self._context(room, room)
 
     # --- questions -------------------------------------------------------------------------------------
-    def question(self, tokens: torch.Tensor):
-        """The question a retrieval task asks: the query, and the end of the prompt."""
-        self._question = tokens.cpu()
+    def question(self, tokens: torch.Tensor, answer_at: int | None = None):
+        """The question a retrieval task asks: the query, and the end of the prompt. `answer_at`: where the
+        answer's given beginning ("The pass key is") starts in `tokens`; in ChatQA's format it opens the assistant's
+        turn (asked inside the user's turn, a chat model restates the question instead of answering), and it is
+        left out of the query."""
+        if answer_at is not None and not 0 < answer_at < len(tokens):
+            raise InfinictxError(f"the answer's beginning ({answer_at}) must lie inside the question "
+                                 f"({len(tokens)} tokens)")
+        self._question, self._answer_at = tokens.cpu(), answer_at
 
     def _question_prompt(self, n_answer: int) -> torch.Tensor:
         q = self._question
@@ -187,9 +198,10 @@ class RagSession(Session):
                                  f"format and the answer ({n_answer})")
         spans = self._spans(complete_only=False)
         self._sync(spans)
-        query = self.lm.tokenizer.decode(q.tolist()).strip()
+        cut = len(q) if self._answer_at is None else self._answer_at
+        query = self.lm.tokenizer.decode(q[:cut].tolist()).strip()
         retrieved = self._retrieve(query, spans, len(spans), self.config.budget or room)
-        return torch.cat([head, retrieved, mid, q, tail])
+        return torch.cat([head, retrieved, mid, q[:cut], tail, q[cut:]])
 
     @torch.no_grad()
     def generate_chunk(self, n: int, context_len: int, sampler: Sampler, cache_reuse: bool = True) -> torch.Tensor:
@@ -223,12 +235,14 @@ class RagSession(Session):
         return other
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "retriever": self.retriever.state(), "question": self._question}
+        return {**super().state_dict(), "retriever": self.retriever.state(), "question": self._question,
+                "answer_at": self._answer_at}
 
     def load_state_dict(self, state: dict, history: torch.Tensor):
         super().load_state_dict(state, history)
         self.retriever.load(state["retriever"])
         self._question = state.get("question")
+        self._answer_at = state.get("answer_at")
 
     def kv_bytes(self) -> int:
         """Bytes RAG holds of what it read: its index (embeddings, BM25 matrix) of every complete chunk (indexed
