@@ -246,14 +246,18 @@ def test_the_harness_asks_capabilities_not_attributes(tiny):
         def capabilities(self):
             return replace(super().capabilities, question=True)
 
-        def question(self, tokens):
-            self.questions.append(tokens.tolist())
+        def question(self, tokens, answer_at=None):
+            self.questions.append((tokens.tolist(), answer_at))
             self.absorb(tokens)
 
     with method_config("window", window=64, chunk=16).make_session(tiny) as s:
         s.__class__ = Asker
         ask(s, prompt, n_tokens=4, question_at=44)
-        assert Asker.questions == [list(range(54, 60))] and torch.equal(s.history, prompt)
+        assert Asker.questions == [(list(range(54, 60)), None)] and torch.equal(s.history, prompt)
+    with method_config("window", window=64, chunk=16).make_session(tiny) as s:   # the answer's beginning, in it
+        s.__class__ = Asker
+        ask(s, prompt, n_tokens=4, question_at=44, answer_at=47)
+        assert Asker.questions[-1] == (list(range(54, 60)), 3)
 
 
 def test_a_method_named_in_one_line_of_text():

@@ -26,7 +26,7 @@ METHOD_SHRINK = {
     "longcache": ["--global-tokens", "4", "--span", "4", "--recall-clip", "4", "-D", "8"],
     "razor": ["--min-window", "16", "--induction-ratio", "0.25", "-D", "32"],
     "temp-lora": ["--rank", "4"],
-    "rag": ["--chunk-tokens", "16", "--budget", "24", "--retriever", "bm25"],
+    "rag": ["--chunk-tokens", "16", "--overlap", "4", "--budget", "24", "--retriever", "bm25"],
 }
 
 

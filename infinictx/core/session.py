@@ -48,7 +48,8 @@ class Capabilities:
                                 # memory, a retrieval index)
     fork: bool = False          # fork(): an independent session in the same state (read a shared prefix once)
     end_prompt: bool = False    # end_prompt() changes the state (a policy compresses once the prompt is in)
-    question: bool = False      # question(tokens): the session reads a retrieval question itself (RAG's query);
+    question: bool = False      # question(tokens, answer_at=None): the session reads a retrieval question itself
+                                # (RAG's query; answer_at: where its given answer beginning starts);
                                 # shown_spans(): the spans of the history its last prompt showed
     base_variant: bool = False  # score(chunk, base=True) differs from score(chunk): the method switched off
     snapshot: bool = False      # snapshot() / restore(state): go back to a state read earlier (a session that

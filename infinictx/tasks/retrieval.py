@@ -196,7 +196,7 @@ def ask(session: Session, prompt: torch.Tensor, n_tokens: int = ANSWER_TOKENS, s
         if on_read is not None:
             on_read(start + min(split, s + session.chunk))
     if split < len(prompt):
-        session.question(prompt[split:], None if answer_at is None else answer_at - split)
+        session.question(prompt[split:], answer_at=None if answer_at is None else answer_at - split)
     session.end_prompt()
     kv_bytes = session.kv_bytes() if caps.kv_bytes else None
     context = min(start + len(prompt), session.window - n_tokens)
