@@ -50,17 +50,18 @@ class _InputDtypeLinear(torch.nn.Linear):
 
 
 def compute_in_base_dtype(model: torch.nn.Module):
-    """Make the LoRA products of a low-precision base (bf16, fp16) run in that dtype, the factors staying fp32
-    master weights for the optimizer (mixed precision, as autocast would do). peft otherwise casts each layer's
-    input up to fp32 and multiplies in fp32: on an AMX CPU with a bf16 base, rank-64 products over every linear
-    layer cost as much as the base's own (measured on a Temp-Lora step of 1K tokens). No-op for a fp32 base."""
+    """Make the LoRA products of a bf16 base run in bf16, the factors staying fp32 master weights for the optimizer
+    (mixed precision, as autocast would do). peft otherwise casts each layer's input up to fp32 and multiplies in
+    fp32: on an AMX CPU, rank-64 products on every linear layer took about as long as the base's own products in a
+    Temp-Lora step of 1K tokens (the step: 1.2x faster with this, NLLs within 0.2%). fp32 and fp16 bases are left as
+    they are (fp16 gradients would need loss scaling)."""
     from peft.tuners.lora import LoraLayer
 
     for module in model.modules():
         if not isinstance(module, LoraLayer):
             continue
         base = module.get_base_layer().weight
-        if base.dtype not in (torch.bfloat16, torch.float16):
+        if base.dtype != torch.bfloat16:
             continue
         module.cast_input_dtype_enabled = False   # peft's switch: the input stays in the base dtype
         for factors in (module.lora_A, module.lora_B):
