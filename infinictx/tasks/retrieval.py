@@ -98,9 +98,13 @@ def tokens_of(tokenizer, text: str) -> list[int]:
 def answer_offset(tokenizer, question: str, cut: int | None = None) -> int | None:
     """Where the answer's given beginning (`question[cut:]`, by default what follows the last "?", e.g. " The
     pass key is") starts among the question's tokens: the number of tokens of `question[:cut]`, when they are the
-    first tokens of the whole question (None when the tokenizer merges across the cut). A chat-format reader (RAG)
-    puts the asking part in the user's turn and this beginning in the assistant's."""
-    cut = question.rindex("?") + 1 if cut is None else cut
+    first tokens of the whole question (None when the tokenizer merges across the cut, or there is no "?" to cut
+    at and no `cut`). A chat-format reader (RAG) puts the asking part in the user's turn and this beginning in the
+    assistant's."""
+    if cut is None:
+        if "?" not in question:   # nothing marks where the asking ends
+            return None
+        cut = question.rindex("?") + 1
     whole, asking = tokens_of(tokenizer, question), tokens_of(tokenizer, question[:cut])
     return len(asking) if whole[:len(asking)] == asking and 0 < len(asking) < len(whole) else None
 
