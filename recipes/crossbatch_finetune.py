@@ -5,7 +5,9 @@ Saves a LongLLaMA-format checkpoint to the cache, usable as `--model smollm2-fot
 before/after memory probe to out/<name>.{json,md}. The defaults are the run behind `smollm2-fot` (its log:
 benchmarks/results/crossbatch_auto.md): 12 retrieval layers as memory layers, ~100 steps in 30 minutes, needle
 weight 1, in-batch negatives only. (`crossbatch_train.*` there is the first run: LongLLaMA's 3 spread layers, 4096
-extra negatives, no gain.)
+extra negatives, no gain.) That run's time budget stopped it after 102 steps; `--time-budget 0 --stop-after 102`
+trains the same steps of the same schedule on a machine of any speed (bit-identical weights only on the same kind of
+CPU and dtype: the first probe already differs in the 5th decimal on another CPU).
 
   .venv/bin/python recipes/crossbatch_finetune.py [--time-budget 1800] [--steps 110] [--mem-layers auto] [--lr 3e-4]"""
 
@@ -35,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 class Settings:
     steps: int = setting(110, "optimizer steps (the LR schedule's length)")
     time_budget: float = setting(1800, "seconds of training before it stops and saves")
+    stop_after: int | None = setting(None, "steps before it stops and saves (the schedule still spans --steps): "
+                                     "rebuilds a time-budgeted run exactly, e.g. --stop-after 102 --time-budget 0")
     context: int = setting(256, "tokens per local context (one batch row)")
     lr: float = setting(3e-4, "learning rate")
     rank: int = setting(32, "LoRA rank (alpha = rank), merged into the weights when saved")
@@ -57,7 +61,8 @@ def main(argv=None):
     if s.threads:
         torch.set_num_threads(s.threads)
     t0 = time.time()
-    cfg = CrossBatchConfig(context=s.context, steps=s.steps, time_budget_s=s.time_budget, lr=s.lr, rank=s.rank,
+    cfg = CrossBatchConfig(context=s.context, steps=s.steps, time_budget_s=s.time_budget or None,
+                           stop_after=s.stop_after, lr=s.lr, rank=s.rank,
                            alpha=s.rank, needle_rate=s.needle_rate, seed=s.seed, extra_negatives=s.extra_negatives,
                            needle_weight=s.needle_weight, mem_layers=parse_mem_layers(s.mem_layers),
                            last_context_length=s.window, mst=s.mst, mst_save_attention=s.mst_save_attention)

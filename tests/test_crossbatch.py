@@ -221,3 +221,24 @@ def test_trained_checkpoints_load_by_name_from_the_cache(tmp_path, monkeypatch):
         (tmp_path / "models" / folder).mkdir(parents=True)
         (tmp_path / "models" / folder / "config.json").write_text("{}")
         assert resolve_model_path(name) == (tmp_path / "models" / folder, name)
+
+
+def test_stop_after_is_the_same_run_cut_short(tiny_model_dir):
+    """stop_after rebuilds a time-budgeted run on any machine: the first k steps of the same schedule, exactly."""
+    import pytest
+
+    from infinictx import InfinictxError
+
+    torch.manual_seed(0)
+    docs = [torch.randint(0, 300, (300,)) for _ in range(4)]
+    losses, weights = {}, {}
+    for stop in (2, 4):
+        lm = load_model(tiny_model_dir, device="cpu", dtype="float32")
+        cfg = CrossBatchConfig(context=16, steps=4, stop_after=stop, lr=3e-3, mem_layers=[1], needle_rate=0.0,
+                               warmup=1, last_context_length=48)
+        log = train_crossbatch(lm, docs, cfg, out=None, progress=False)
+        losses[stop], weights[stop] = [h["loss"] for h in log["history"]], weights_fingerprint(lm.model)
+    assert len(losses[2]) == 2 and len(losses[4]) == 4
+    assert losses[2] == losses[4][:2] and weights[2] != weights[4]
+    with pytest.raises(InfinictxError, match="stop_after must be within"):
+        CrossBatchConfig(steps=4, stop_after=5)

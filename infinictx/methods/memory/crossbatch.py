@@ -58,6 +58,8 @@ class CrossBatchConfig:
     needle_weight: float = 0.0               # extra weight of the repeated codes' loss
     steps: int = 300
     time_budget_s: float | None = None       # stop early (and save) when training has used this much wall time
+    stop_after: int | None = None            # stop early after this many steps (the schedule still spans `steps`):
+                                             # rebuilds a time-budgeted run exactly on a machine of another speed
     lr: float = 3e-4
     warmup: int = 10
     weight_decay: float = 0.0
@@ -77,6 +79,8 @@ class CrossBatchConfig:
             raise InfinictxError("the (positives, negatives) mix needs non-negative pairs")
         if not 0 <= self.needle_rate <= 1:
             raise InfinictxError("needle_rate must be within [0, 1]")
+        if self.stop_after is not None and not 1 <= self.stop_after <= self.steps:
+            raise InfinictxError(f"stop_after must be within [1, steps={self.steps}], got {self.stop_after}")
 
 
 def split_documents(docs: list[tuple[str, object]], held_out: list[str], excluded: list[str] = ()) -> tuple[list, list]:
@@ -270,6 +274,9 @@ def train_crossbatch(lm: LoadedModel, docs: list[torch.Tensor], cfg: CrossBatchC
             elapsed = time.perf_counter() - t0
             if cfg.time_budget_s and elapsed > cfg.time_budget_s:
                 log(f"time budget of {cfg.time_budget_s:.0f} s reached after {step} steps")
+                break
+            if cfg.stop_after is not None and step >= cfg.stop_after:
+                log(f"stopped after {step} steps (stop_after)")
                 break
             batch = make_batch(docs, cfg, rng, lm.tokenizer, progress=step / cfg.steps)
             batch.ids = batch.ids.to(lm.device)
