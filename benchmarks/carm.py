@@ -13,11 +13,13 @@ import json
 import time
 
 import torch
-from common import save
+from common import RESULTS, save
 
+from infinictx.core.models import cpu_name
 from infinictx.data.fetch import cache_dir
 
-WORK = cache_dir() / "carm"
+WORK = cache_dir() / "carm"        # trained adapters
+DONE = RESULTS / "carm"            # each model's scores, committed: a later session (another machine) resumes
 MODELS = ["carm", "no-context", "base-head", "lm-likelihood"]
 
 
@@ -60,7 +62,7 @@ def main():
     for name in args.models.split(","):
         if name not in MODELS:
             raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
-        path = WORK / f"{name}.json"
+        path = DONE / f"{name}.json"
         if path.exists():
             results[name] = json.loads(path.read_text())
             continue
@@ -79,7 +81,8 @@ def main():
                 tok.pad_token = tok.eos_token
         t0 = time.perf_counter()
         scores = evaluate(model, tok, data.test, data.adversarial, lm=lm if name == "carm" else None)
-        results[name] = {"train": record, "eval_s": round(time.perf_counter() - t0, 1), **scores}
+        results[name] = {"train": record, "eval_s": round(time.perf_counter() - t0, 1), "cpu": cpu_name(), **scores}
+        DONE.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results[name]))
         out = {"train_pairs": len(data.train), "test_pairs": len(data.test), "adversarial": len(data.adversarial),
                "models": results}
@@ -90,13 +93,17 @@ def markdown(out: dict) -> str:
     lines = ["# Context-aware reward models (SmolLM2-135M-Instruct, held-out dimensions and phrasings)", "",
              f"{out['train_pairs']} training pairs, {out['test_pairs']} test pairs, {out['adversarial']} adversarial.",
              "", "| model | criteria acc. | reversal (criteria) | scenario acc. | reversal (scenario) | no context "
-             "P(a) | adversarial: no ctx / irrelevant ctx / flipped |", "|---|---|---|---|---|---|---|"]
+             "P(a) | adversarial: no ctx / irrelevant ctx / flipped | train s | eval s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in out["models"].items():
         adv = r.get("adversarial", {})
         lines.append(f"| {name} | {r['criteria']['accuracy']:.3f} | {r['criteria']['reversal_consistency']:.3f} | "
                      f"{r['scenario']['accuracy']:.3f} | {r['scenario']['reversal_consistency']:.3f} | "
                      f"{r['no_context']['mean_p_a']:.3f} | {adv.get('no_context', 0):.2f} / "
-                     f"{adv.get('irrelevant_context', 0):.2f} / {adv.get('flipped', 0):.2f} |")
+                     f"{adv.get('irrelevant_context', 0):.2f} / {adv.get('flipped', 0):.2f} | "
+                     f"{r['train'].get('seconds', '–')} | {r['eval_s']} |")
+    cpus = sorted({r.get("cpu") or "CPU not recorded" for r in out["models"].values()})
+    lines += ["", f"Measured in float32 on {', '.join(cpus)} (seconds compare only on one machine)."]
     carm = out["models"].get("carm", {})
     if "two_step" in carm:
         t = carm["two_step"]

@@ -90,10 +90,17 @@ def run_cli(name: str, args: list[str], out: Path) -> dict | None:
             return None
         peak = usage.ru_maxrss / 1024   # KiB -> MiB (Linux)
         before = json.loads(rss_file.read_text())["peak_rss_mib"] if rss_file.exists() else 0
-        rss_file.write_text(json.dumps({"peak_rss_mib": round(max(before, peak), 1)}))
+        # the CPU beside the peak: a table's cells can come from different machines (timings are per machine)
+        rss_file.write_text(json.dumps({"peak_rss_mib": round(max(before, peak), 1), "cpu": cpu_name()}))
+    return {**read_summary(out), "command": " ".join(["infinictx", *cmd[1:]])}
+
+
+def read_summary(out: Path) -> dict:
+    """A `run_cli` command's summary JSON with the peak RSS and CPU of its sidecar (None where not recorded)."""
     summary = json.loads(out.read_text())
-    summary["peak_rss_mib"] = json.loads(rss_file.read_text())["peak_rss_mib"] if rss_file.exists() else None
-    summary["command"] = " ".join(["infinictx", *cmd[1:]])
+    rss_file = out.with_name(out.stem + ".rss.json")
+    side = json.loads(rss_file.read_text()) if rss_file.exists() else {}
+    summary["peak_rss_mib"], summary["cpu"] = side.get("peak_rss_mib"), side.get("cpu")
     return summary
 
 

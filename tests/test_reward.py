@@ -130,3 +130,10 @@ def test_reward_model_keeps_tied_embeddings_saved_as_lm_head(tiny_model_dir, tmp
     want = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).get_input_embeddings().weight
     model, _ = load_reward_model(ckpt)
     assert torch.equal(model.get_input_embeddings().weight, want)
+
+
+def test_rewards_batched_by_length_come_back_in_the_order_given(tiny_model_dir):
+    model, tok = load_reward_model(tiny_model_dir)
+    texts = [format_text("Q?", "A." * n, "Be brief." if n % 2 else None) for n in (9, 1, 30, 4, 17, 2)]
+    alone = torch.cat([rewards(model, tok, [t]) for t in texts])
+    assert torch.allclose(rewards(model, tok, texts, batch=4), alone, atol=1e-5)

@@ -123,14 +123,17 @@ def train(model_dir: str | Path, rows: list[dict], cfg: RewardConfig, out_dir: s
 
 @torch.no_grad()
 def rewards(model, tok, texts: list[str], batch: int = 16) -> torch.Tensor:
-    """The reward of each text (an <eos> appended, as in training)."""
-    out = []
+    """The reward of each text (an <eos> appended, as in training), in the order given. Texts are batched by length
+    (less padding: evaluation sets mix short and long contexts)."""
     device = next(model.parameters()).device
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = torch.empty(len(texts))
     for s in range(0, len(texts), batch):
-        enc = tok([t + tok.eos_token for t in texts[s:s + batch]], return_tensors="pt", padding=True,
+        idx = order[s:s + batch]
+        enc = tok([texts[i] + tok.eos_token for i in idx], return_tensors="pt", padding=True,
                   add_special_tokens=False)
-        out.append(model(**{k: v.to(device) for k, v in enc.items()}).logits[:, 0].float().cpu())
-    return torch.cat(out)
+        out[idx] = model(**{k: v.to(device) for k, v in enc.items()}).logits[:, 0].float().cpu()
+    return out
 
 
 def two_step(context_probs, preference_probs) -> float:
