@@ -38,7 +38,8 @@ class Settings:
     steps: int = setting(110, "optimizer steps (the LR schedule's length)")
     time_budget: float = setting(1800, "seconds of training before it stops and saves")
     stop_after: int | None = setting(None, "steps before it stops and saves (the schedule still spans --steps): "
-                                     "rebuilds a time-budgeted run exactly, e.g. --stop-after 102 --time-budget 0")
+                                     "a time-budgeted run's steps on any machine, e.g. --stop-after 102 "
+                                     "--time-budget 0")
     context: int = setting(256, "tokens per local context (one batch row)")
     lr: float = setting(3e-4, "learning rate")
     rank: int = setting(32, "LoRA rank (alpha = rank), merged into the weights when saved")

@@ -59,7 +59,7 @@ class CrossBatchConfig:
     steps: int = 300
     time_budget_s: float | None = None       # stop early (and save) when training has used this much wall time
     stop_after: int | None = None            # stop early after this many steps (the schedule still spans `steps`):
-                                             # rebuilds a time-budgeted run exactly on a machine of another speed
+                                             # the same steps as a time-budgeted run, on a machine of any speed
     lr: float = 3e-4
     warmup: int = 10
     weight_decay: float = 0.0
