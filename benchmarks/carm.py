@@ -81,7 +81,9 @@ def main():
                 tok.pad_token = tok.eos_token
         t0 = time.perf_counter()
         scores = evaluate(model, tok, data.test, data.adversarial, lm=lm if name == "carm" else None)
-        results[name] = {"train": record, "eval_s": round(time.perf_counter() - t0, 1), "cpu": cpu_name(), **scores}
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")   # the LM likelihood: load_model's pick
+        results[name] = {"train": record, "eval_s": round(time.perf_counter() - t0, 1), "cpu": cpu_name(),
+                         "dtype": dtype, **scores}
         DONE.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results[name]))
         out = {"train_pairs": len(data.train), "test_pairs": len(data.test), "adversarial": len(data.adversarial),
@@ -102,8 +104,9 @@ def markdown(out: dict) -> str:
                      f"{r['no_context']['mean_p_a']:.3f} | {adv.get('no_context', 0):.2f} / "
                      f"{adv.get('irrelevant_context', 0):.2f} / {adv.get('flipped', 0):.2f} | "
                      f"{r['train'].get('seconds', '–')} | {r['eval_s']} |")
-    cpus = sorted({r.get("cpu") or "CPU not recorded" for r in out["models"].values()})
-    lines += ["", f"Measured in float32 on {', '.join(cpus)} (seconds compare only on one machine)."]
+    where = sorted({f"{r.get('cpu') or 'CPU not recorded'}, {r.get('dtype', 'float32')}"
+                    for r in out["models"].values()})
+    lines += ["", f"Measured on {'; '.join(where)} (seconds compare only on one machine)."]
     carm = out["models"].get("carm", {})
     if "two_step" in carm:
         t = carm["two_step"]
