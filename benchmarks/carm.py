@@ -58,13 +58,11 @@ def main():
     model_dir = resolve_model_path(None)[0]
     lm = load_model(None)
     WORK.mkdir(parents=True, exist_ok=True)
-    results = {}
     for name in args.models.split(","):
         if name not in MODELS:
             raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
         path = DONE / f"{name}.json"
-        if path.exists():
-            results[name] = json.loads(path.read_text())
+        if path.exists():   # scored in an earlier run
             continue
         print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
         record = {}
@@ -82,13 +80,15 @@ def main():
         t0 = time.perf_counter()
         scores = evaluate(model, tok, data.test, data.adversarial, lm=lm if name == "carm" else None)
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")   # the LM likelihood: load_model's pick
-        results[name] = {"train": record, "eval_s": round(time.perf_counter() - t0, 1), "cpu": cpu_name(),
-                         "dtype": dtype, **scores}
+        scored = {"train": record, "eval_s": round(time.perf_counter() - t0, 1), "cpu": cpu_name(),
+                  "dtype": dtype, **scores}
         DONE.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results[name]))
-        out = {"train_pairs": len(data.train), "test_pairs": len(data.test), "adversarial": len(data.adversarial),
-               "models": results}
-        save("carm", out, markdown(out))
+        path.write_text(json.dumps(scored))
+    # every model with scores on record, not only this run's: a run of one model must not drop the others' rows
+    results = {m: json.loads((DONE / f"{m}.json").read_text()) for m in MODELS if (DONE / f"{m}.json").exists()}
+    out = {"train_pairs": len(data.train), "test_pairs": len(data.test), "adversarial": len(data.adversarial),
+           "models": results}
+    save("carm", out, markdown(out))
 
 
 def markdown(out: dict) -> str:

@@ -111,14 +111,33 @@ def refresh(rows: dict, folder: Path):
             rows[name] = {**row, **cell_row({**read_summary(folder / f"{name}.json"), "command": row["command"]})}
 
 
+MARKS = "†‡§¶"
+
+
+def machine_of(row) -> tuple[str, str]:
+    return row.get("cpu") or "CPU not recorded", row.get("dtype") or "dtype not recorded"
+
+
+def machine_marks(rows) -> dict:
+    """The most common (CPU, dtype) gets no mark; every other one a mark of its own, shown beside its cells."""
+    ranked = [m for m, _ in sorted(Counter(machine_of(r) for r in rows).items(), key=lambda kv: (-kv[1], kv[0]))]
+    return {m: ("" if i == 0 else MARKS[(i - 1) % len(MARKS)]) for i, m in enumerate(ranked)}
+
+
 def machines_line(rows) -> str:
     """Which CPU and dtype the cells ran on: seconds compare only within one machine."""
-    counts = Counter((r.get("cpu") or "CPU not recorded", r.get("dtype") or "dtype not recorded") for r in rows)
-    return "Measured on " + "; ".join(f"{cpu}, {dtype} ({n} cells)" for (cpu, dtype), n in sorted(counts.items())) + "."
+    rows = list(rows)
+    counts = Counter(machine_of(r) for r in rows)
+    marks = machine_marks(rows)
+    parts = [f"{cpu}, {dtype} ({counts[cpu, dtype]} cells" + (f", marked {mark})" if mark else ")")
+             for (cpu, dtype), mark in marks.items()]
+    tail = " Seconds compare only between cells of one machine." if len(parts) > 1 else ""
+    return "Measured on " + "; ".join(parts) + "." + tail
 
 
 def table_markdown(cells: dict, methods: list[str], lengths: list[int]) -> list[str]:
     lines = []
+    marks = machine_marks(cells.values())
     for task in TASKS:
         rows = {m: {n: cells.get(f"{m}_{task}_{n}") for n in lengths} for m in methods}
         if not any(c for r in rows.values() for c in r.values()):
@@ -130,12 +149,13 @@ def table_markdown(cells: dict, methods: list[str], lengths: list[int]) -> list[
             acc = []
             for n in lengths:
                 c = by_length[n]
-                acc.append("–" if c is None else f"{100 * c['accuracy']:.0f}% ({100 * c['ci95'][0]:.0f}–"
+                acc.append("–" if c is None else f"{100 * c['accuracy']:.0f}%{marks[machine_of(c)]} "
+                           f"({100 * c['ci95'][0]:.0f}–"
                            f"{100 * c['ci95'][1]:.0f}, n={c['trials']})" +
                            (f", evidence {100 * c['evidence_shown']:.0f}%" if c["evidence_shown"] is not None
                             else ""))
             done = [by_length[n] for n in lengths if by_length[n]]
-            speed = " / ".join(f"{c['s_per_trial']:.0f}" for c in done) or "–"
+            speed = " / ".join(f"{c['s_per_trial']:.0f}{marks[machine_of(c)]}" for c in done) or "–"
             rss = " / ".join(f"{c['peak_rss_mib']:.0f}" for c in done if c["peak_rss_mib"]) or "–"
             held = " / ".join(byte_size(c["kv_bytes"]) for c in done if c["kv_bytes"]) or "–"
             lines.append(f"| {m} | " + " | ".join(acc) + f" | {speed} | {rss} | {held} |")
