@@ -43,6 +43,27 @@ def test_held_out_dimensions_and_phrasings():
     assert all(r["label"] in ("a", "b") for r in data.adversarial)
 
 
+def test_relevance_pairs_are_decided_by_the_prompt_not_the_context():
+    data = build_reversal_set(seed=0)
+    train_dims = [d for d in DIMENSIONS if d not in TEST_DIMENSIONS]
+    assert len(data.relevance) == len(TOPICS) * len(train_dims)
+    answers = {p: (f, e) for p, f, e in TOPICS}
+    train_contexts = {r[c] for r in data.train for c in ("criteria_x", "criteria_y", "scenario_x", "scenario_y")}
+    adversarial_pairs = {(r["prompt"], r["response_a"], r["response_b"]) for r in data.adversarial}
+    for r in data.relevance:
+        sa, sb, crit_a, crit_b, scen_a, scen_b = DIMENSIONS[r["dimension"]]
+        asked = sa if r["criteria"] in crit_a else sb
+        against = sb if asked == sa else sa
+        assert r["scenario"] in (scen_a if asked == sa else scen_b)
+        # the chosen answer answers the prompt in the style the context argues against ...
+        assert r["chosen"] == render(r["prompt"], *answers[r["prompt"]], against)
+        # ... the rejected one answers another prompt in the style the context asks for
+        assert any(r["rejected"] == render(p, f, e, asked) for p, f, e in TOPICS if p != r["prompt"])
+        assert {r["criteria"], r["scenario"]} <= train_contexts   # no held-out phrasing leaks into training
+        assert (r["prompt"], r["chosen"], r["rejected"]) not in adversarial_pairs
+    assert not {r["context"] for r in data.adversarial} & train_contexts
+
+
 def test_rpr_loader(tmp_path):
     rows = build_reversal_set().train[:3]
     good = tmp_path / "rpr.jsonl"

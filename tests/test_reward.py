@@ -26,6 +26,12 @@ def test_context_slot_and_bt_rows():
     assert all("Context:" not in r["chosen"] for r in none) and none[0]["chosen"] == none[1]["rejected"]
     with pytest.raises(InfinictxError, match="view"):
         bt_rows([row], "both-ways")
+    relevance = build_reversal_set().relevance[0]
+    both = bt_rows([], "both", [relevance])
+    assert [r["chosen"] for r in both] == [format_text(relevance["prompt"], relevance["chosen"], relevance[k])
+                                           for k in ("criteria", "scenario")]
+    assert bt_rows([], "none", [relevance]) == [{"chosen": format_text(relevance["prompt"], relevance["chosen"]),
+                                                "rejected": format_text(relevance["prompt"], relevance["rejected"])}]
 
 
 def test_two_step_equals_the_direct_preference_when_the_context_is_certain():
@@ -74,7 +80,20 @@ def test_training_and_evaluation_end_to_end(tiny_model_dir, tmp_path):
     model, tok = load_reward_model(tiny_model_dir, tmp_path / "rm")
     out = evaluate(model, tok, data.test[:4], data.adversarial[:4])
     assert 0 <= out["criteria"]["accuracy"] <= 1 and 0 <= out["scenario"]["reversal_consistency"] <= 1
+    by_dim = out["criteria"]["by_dimension"]   # the pairs' accuracy split by dimension, weighted back to the total
+    assert sum(v["pairs"] for v in by_dim.values()) == 4
+    assert sum(v["accuracy"] * v["pairs"] for v in by_dim.values()) / 4 == pytest.approx(out["criteria"]["accuracy"])
     assert set(out["adversarial"]) == {"no_context", "irrelevant_context", "flipped"}
+
+
+def test_context_posterior_is_calibrated_against_a_neutral_situation(tiny):
+    from infinictx.reward.carm import NEUTRAL_SITUATION, context_posterior
+
+    candidates = ["The user wants the short answer.", "The user wants every step explained."]
+    # the neutral situation itself carries no evidence: both criteria as likely as before
+    assert torch.allclose(context_posterior(tiny, NEUTRAL_SITUATION, candidates), torch.tensor([0.5, 0.5]))
+    post = context_posterior(tiny, "The user is in a hurry.", candidates)
+    assert post.sum().item() == pytest.approx(1.0) and not torch.allclose(post, torch.tensor([0.5, 0.5]))
 
 
 def test_reward_commands(tiny_model_dir, tmp_path, capsys):

@@ -2,7 +2,7 @@
 
 Each pair is one prompt with two responses that carry the same content in two styles along one dimension
 (concise vs detailed, formal vs casual, list vs prose, cautious vs direct, with vs without an example,
-technical vs plain), so neither is better without a context. Two contexts reverse the preference: under the `x`
+technical vs plain, and eight more in `DIMENSIONS`), so neither is better without a context. Two contexts reverse the preference: under the `x`
 contexts response_a is preferred, under the `y` contexts response_b — as stated criteria ("The user wants the
 short answer.") and as scenarios the criterion must be inferred from ("The user is reading on a phone between
 meetings."). The columns are RPR's: prompt, response_a, response_b, criteria_x, criteria_y, scenario_x,
@@ -11,6 +11,8 @@ scenario_y, plus `dimension` and `split`.
 Held out for testing: whole dimensions (`TEST_DIMENSIONS`) and, for the other dimensions, some phrasings of the
 contexts. Adversarial rows: a response that does not answer the prompt against one that does, with an irrelevant
 or nonsense context: the prompt alone decides them (`label` says which response is right under every context).
+Relevance rows (training only): an on-topic answer in the style the context argues against beats an off-topic one
+in the style it asks for; they teach that a context weighs only between answers that both answer the prompt.
 
 `read_rpr` loads the real RPR layout from a CSV / JSONL / parquet for users who have it."""
 
@@ -133,6 +135,77 @@ DIMENSIONS = {
                   "The user is an engineer writing documentation."],
                  ["The answer is for a ten-year-old.", "The reader is new to the subject.",
                   "The user will read it to a grandparent."]),
+    "warmth": ("encouraging", "neutral",
+               ["The user wants warm encouragement.", "Be upbeat and supportive.",
+                "The user likes a cheerful, motivating answer."],
+               ["The user wants a neutral answer without a pep talk.", "Skip the encouragement, stay matter-of-fact.",
+                "The user finds cheerleading annoying."],
+               ["The user has failed at this twice and feels discouraged.",
+                "The user is nervous about trying this for the first time.",
+                "The user says they are close to giving up."],
+               ["The answer goes into a reference manual.", "The user is compiling facts for an encyclopedia entry.",
+                "The text will be used in a dry technical FAQ."]),
+    "humour": ("humorous", "serious",
+               ["The user wants a bit of humour.", "Add a light joke.", "The user enjoys playful answers."],
+               ["The user wants a strictly serious answer.", "No jokes, please.", "The user prefers a sober tone."],
+               ["The answer will be read out at a light-hearted office party.",
+                "The user is writing a funny newsletter.", "The user wants to make a friend laugh."],
+               ["The answer goes into an official safety notice.", "The user is preparing a formal training document.",
+                "The text will be read at a solemn meeting."]),
+    "question": ("with a follow-up question", "without a question",
+                 ["The user wants the answer to end with a follow-up question.",
+                  "Ask the user something back at the end.",
+                  "The user likes it when the assistant checks what else they need."],
+                 ["The user wants no questions back.", "Do not ask anything in return.",
+                  "The user wants a final answer, not a conversation."],
+                 ["The user wants to keep chatting about the topic.",
+                  "The user is unsure what they need and wants to be guided.",
+                  "The assistant is running a coaching session."],
+                 ["The user cannot reply after this message.", "The answer is printed on a poster.",
+                  "The message is sent as a one-way notification."]),
+    "emoji": ("with emoji", "without emoji",
+              ["The user likes emoji in answers.", "Decorate the answer with emoji.",
+               "The user wants a few playful symbols."],
+              ["The user wants no emoji.", "Plain words only, no emoji.", "The user dislikes emoji."],
+              ["The answer is for a teenager's social media post.", "The user is sending it in a fun group chat.",
+               "The text goes on a colourful sticker."],
+              ["The answer will be printed in a newspaper.", "The text goes into a legal document.",
+               "The answer is read aloud by a screen reader for a blind user."]),
+    "heading": ("with a heading", "without a heading",
+                ["The user wants a heading above the answer.", "Start with a title line.",
+                 "The user prefers answers with a header."],
+                ["The user wants no heading, just the answer.", "Skip the title.",
+                 "The user dislikes headers in short answers."],
+                ["The answer becomes a section of a wiki page.",
+                 "The user is assembling a document with many sections.", "The text goes into a table of contents."],
+                ["The answer is a quick text message.", "The answer is spoken by a voice assistant.",
+                 "The user pastes it into a one-line chat reply."]),
+    "bold": ("with bold key words", "plain text",
+             ["The user wants the key words in bold.", "Highlight the most important part in bold.",
+              "The user likes emphasis on the main point."],
+             ["The user wants plain text with no Markdown.", "Do not use bold or any formatting.",
+              "The user's screen shows asterisks literally."],
+             ["The answer is shown in a Markdown viewer for skimming.",
+              "The user skims answers for the highlighted part.", "The text goes on a web page with rich formatting."],
+             ["The answer is sent as an SMS.", "The text will be typed into a plain-text form.",
+              "The answer goes into a terminal that shows raw characters."]),
+    "numbering": ("numbered steps", "bullet points",
+                  ["The user wants numbered steps.", "Number each point.", "The user prefers 1, 2, 3 over bullets."],
+                  ["The user wants bullet points, not numbers.", "Use dashes, not numbers.",
+                   "The user prefers unnumbered bullets."],
+                  ["The user will refer to the steps by number on a phone call.", "The steps must be done in order.",
+                   "The user will cite step numbers in a report."],
+                  ["The order of the points does not matter to the user.", "The points go on a slide of loose ideas.",
+                   "The user will shuffle the points into a mind map."]),
+    "summary": ("with a summary line", "without a summary",
+                ["The user wants a one-line summary at the end.", "Finish with a short recap.",
+                 "The user likes a closing summary."],
+                ["The user wants no recap at the end.", "Do not repeat yourself in a summary.",
+                 "The user finds closing summaries redundant."],
+                ["The user will only read the last line.", "The user is skimming many answers quickly.",
+                 "The user will copy the final line into a to-do app."],
+                ["The user reads every word and hates repetition.", "The text has a strict word limit.",
+                 "The answer is one entry in a tightly edited booklet."]),
 }
 TEST_DIMENSIONS = ("register", "example")
 IRRELEVANT = ["The user likes the colour blue.", "It is raining in Lisbon today.", "The user owns two cats.",
@@ -172,6 +245,27 @@ def render(prompt: str, facts: list[str], example: str, style: str) -> str:
         return f"Procedure: (1) {facts[0]}; (2) {'; (3) '.join(facts[1:])}. Deviations degrade the outcome."
     if style == "plain":
         return f"Here is the easy way. {neutral} That's all."
+    if style == "encouraging":
+        return f"Great question, and you can absolutely do this! {neutral} You will get the hang of it in no time."
+    if style == "humorous":
+        return f"{neutral} Your future self will thank you, probably with snacks."
+    if style == "with a follow-up question":
+        return f"{neutral} Would you like more detail on any of these?"
+    if style == "with emoji":
+        return f"{first} 👍 {rest}. ✨"
+    if style == "with a heading":
+        return f"## {prompt.rstrip('?')}\n{neutral}"
+    if style == "with bold key words":
+        return f"**{first}**, {rest}."
+    if style == "numbered steps":
+        return "\n".join(f"{k}. {f[0].upper() + f[1:]}" for k, f in enumerate(facts, 1))
+    if style == "bullet points":
+        return render(prompt, facts, example, "list")
+    if style == "with a summary line":
+        return f"{neutral} In short: {facts[0]}."
+    if style in ("neutral", "serious", "without a question", "without emoji", "without a heading", "plain text",
+                 "without a summary"):
+        return neutral
     raise InfinictxError(f"unknown style {style!r}")
 
 
@@ -180,6 +274,7 @@ class PreferenceSet:
     train: list[dict]
     test: list[dict]
     adversarial: list[dict]
+    relevance: list[dict]   # training pairs the prompt decides whatever the context asks (see build_reversal_set)
 
 
 def build_reversal_set(seed: int = 0) -> PreferenceSet:
@@ -201,6 +296,22 @@ def build_reversal_set(seed: int = 0) -> PreferenceSet:
                     "criteria_x": crit_b[k] if swap else crit_a[k], "criteria_y": crit_a[k] if swap else crit_b[k],
                     "scenario_x": scen_b[k] if swap else scen_a[k], "scenario_y": scen_a[k] if swap else scen_b[k],
                     "dimension": dim, "split": split})
+    # Relevance pairs for training: an answer to the prompt in the style the context argues against, against an
+    # answer to another prompt in the style the context asks for. Reversal pairs alone teach a fresh score head
+    # that style is all there is (it then prefers an off-topic answer in the asked style); the adversarial test
+    # pairs below use other topic pairings and contexts no training row has.
+    relevance = []
+    train_dims = [d for d in DIMENSIONS if d not in TEST_DIMENSIONS]
+    for k, (prompt, facts, example) in enumerate(TOPICS):
+        other = TOPICS[(k + 3) % len(TOPICS)]
+        for dim in train_dims:
+            sa, sb, crit_a, crit_b, scen_a, scen_b = DIMENSIONS[dim]
+            phrasing, wants_a = rng.randrange(2), rng.random() < 0.5
+            asked, against = (sa, sb) if wants_a else (sb, sa)
+            relevance.append({"prompt": prompt, "chosen": render(prompt, facts, example, against),
+                              "rejected": render(other[0], other[1], other[2], asked),
+                              "criteria": (crit_a if wants_a else crit_b)[phrasing],
+                              "scenario": (scen_a if wants_a else scen_b)[phrasing], "dimension": dim})
     adversarial = []
     for k, (prompt, facts, example) in enumerate(TOPICS):
         other = TOPICS[(k + 7) % len(TOPICS)]
@@ -210,7 +321,7 @@ def build_reversal_set(seed: int = 0) -> PreferenceSet:
             swap = rng.random() < 0.5
             adversarial.append({"prompt": prompt, "response_a": bad if swap else good,
                                 "response_b": good if swap else bad, "context": ctx, "label": "b" if swap else "a"})
-    return PreferenceSet(train, test, adversarial)
+    return PreferenceSet(train, test, adversarial, relevance)
 
 
 def read_rpr(path: str | Path) -> list[dict]:

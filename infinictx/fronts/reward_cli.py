@@ -7,10 +7,10 @@
 
 PAIRS: a file in RPR's column layout (.csv / .jsonl / .parquet: prompt, response_a, response_b, criteria_x,
 criteria_y, scenario_x, scenario_y), or `builtin` for the offline reversal set (`infinictx/data/preferences.py`:
-its training split to train, its held-out split and adversarial pairs to score). Scoring pairs prints the
-accuracy under criteria and under scenarios, reversal consistency and the no-context view as JSON. ROWS: a JSONL
-of {"prompt", "response", optional "context"} scored one by one (a "reward" field added). The adapter folder is
-written whole or not at all (trained beside it, renamed when done)."""
+its training split and relevance pairs to train, its held-out split and adversarial pairs to score). Scoring pairs
+prints the accuracy under criteria and under scenarios, reversal consistency and the no-context view as JSON.
+ROWS: a JSONL of {"prompt", "response", optional "context"} scored one by one (a "reward" field added). The
+adapter folder is written whole or not at all (trained beside it, renamed when done)."""
 
 from __future__ import annotations
 
@@ -46,13 +46,13 @@ def add_parsers(sub):
 
 
 def _pairs(spec: str, split: str):
-    """(pairs, adversarial pairs) from a file or the built-in set's `split`."""
+    """(pairs, adversarial pairs, relevance pairs) from a file or the built-in set's `split`."""
     from ..data.preferences import build_reversal_set, read_rpr
 
     if spec == "builtin":
         data = build_reversal_set()
-        return (data.train, []) if split == "train" else (data.test, data.adversarial)
-    return read_rpr(spec), []
+        return (data.train, [], data.relevance) if split == "train" else (data.test, data.adversarial, [])
+    return read_rpr(spec), [], []
 
 
 def _response_rows(path: Path) -> list[dict] | None:
@@ -85,8 +85,8 @@ def cmd_reward_train(args) -> int:
         raise InfinictxError(f"{out} exists and is not empty: choose a new --out folder")
     cfg = RewardConfig(rank=args.rank, lr=args.lr, epochs=args.epochs, batch=args.batch, max_length=args.max_length,
                        seed=args.seed)
-    pairs, _ = _pairs(args.pairs, "train")
-    rows = bt_rows(pairs, args.view)
+    pairs, _, relevance = _pairs(args.pairs, "train")
+    rows = bt_rows(pairs, args.view, relevance)
     model_dir = resolve_model_path(args.model)[0]
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -113,7 +113,7 @@ def cmd_reward_score(args) -> int:
     if args.pairs != "builtin" and not path.is_file():
         raise InfinictxError(f"{path} does not exist")
     response_rows = None if args.pairs == "builtin" else _response_rows(path)
-    pairs, adversarial = ([], []) if response_rows is not None else _pairs(args.pairs, "test")
+    pairs, adversarial, _ = ([], [], []) if response_rows is not None else _pairs(args.pairs, "test")
     model, tok = load_reward_model(resolve_model_path(args.model)[0], args.adapter)
     if response_rows is not None:
         scores = rewards(model, tok, [format_text(r["prompt"], r["response"], r.get("context"))

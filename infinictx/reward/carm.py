@@ -28,20 +28,28 @@ def format_text(prompt: str, response: str, context: str | None = None) -> str:
     return f"{head}User: {prompt}\nAssistant: {response}"
 
 
-def bt_rows(rows: list[dict], view: str) -> list[dict]:
+VIEWS = {"criteria": ("criteria",), "scenario": ("scenario",), "both": ("criteria", "scenario"), "none": (None,)}
+
+
+def bt_rows(rows: list[dict], view: str, relevance: list[dict] = ()) -> list[dict]:
     """Bradley–Terry training rows {"chosen", "rejected"} from reversal pairs: each pair under its x context
     (response_a preferred) and its y context (response_b preferred). `view`: "criteria", "scenario", "both", or
-    "none" (the contexts dropped: the same pairs with contradicting labels, the no-context baseline)."""
-    views = {"criteria": ("criteria",), "scenario": ("scenario",), "both": ("criteria", "scenario"), "none": (None,)}
-    if view not in views:
-        raise InfinictxError(f"unknown view {view!r}; choose one of {', '.join(views)}")
+    "none" (the contexts dropped: the same pairs with contradicting labels, the no-context baseline). Relevance
+    pairs ({"prompt", "chosen", "rejected", "criteria", "scenario"}: the prompt decides) join under the same view."""
+    if view not in VIEWS:
+        raise InfinictxError(f"unknown view {view!r}; choose one of {', '.join(VIEWS)}")
     out = []
     for r in rows:
-        for kind in views[view]:
+        for kind in VIEWS[view]:
             for side, good, bad in (("x", "response_a", "response_b"), ("y", "response_b", "response_a")):
                 ctx = r[f"{kind}_{side}"] if kind else None
                 out.append({"chosen": format_text(r["prompt"], r[good], ctx),
                             "rejected": format_text(r["prompt"], r[bad], ctx)})
+    for r in relevance:
+        for kind in VIEWS[view]:
+            ctx = r[kind] if kind else None
+            out.append({"chosen": format_text(r["prompt"], r["chosen"], ctx),
+                        "rejected": format_text(r["prompt"], r["rejected"], ctx)})
     return out
 
 
@@ -145,18 +153,25 @@ def two_step(context_probs, preference_probs) -> float:
     return float((p * q).sum())
 
 
+NEUTRAL_SITUATION = "Nothing is known about the user."
+
+
 @torch.no_grad()
 def context_posterior(lm, scenario: str, candidates: list[str]) -> torch.Tensor:
-    """P(c | scenario) over candidate criteria: softmax of the language model's mean log-likelihood of each
-    criterion written after the scenario."""
-    scores = []
+    """P(c | scenario) over candidate criteria: softmax of how much more likely the language model finds each
+    criterion (mean log-probability per token) after the scenario than after a neutral one. Without that
+    calibration the criterion likelier a priori can win under every scenario (uncalibrated, the first benchmark
+    run's context error on reversal pairs was exactly 0.500)."""
     device = lm.device
-    prefix = lm.tokenizer(f"Situation: {scenario}\nSo what the user wants is:", add_special_tokens=False).input_ids
-    for c in candidates:
-        ids = lm.tokenizer(" " + c, add_special_tokens=False).input_ids
+
+    def loglik(situation: str, criterion: str) -> torch.Tensor:
+        prefix = lm.tokenizer(f"Situation: {situation}\nSo what the user wants is:", add_special_tokens=False).input_ids
+        ids = lm.tokenizer(" " + criterion, add_special_tokens=False).input_ids
         x = torch.tensor([prefix + ids], device=device)
         logp = torch.log_softmax(lm.model(input_ids=x).logits[0, len(prefix) - 1:-1].float(), dim=-1)
-        scores.append(logp.gather(1, torch.tensor(ids, device=device)[:, None]).mean())
+        return logp.gather(1, torch.tensor(ids, device=device)[:, None]).mean()
+
+    scores = [loglik(scenario, c) - loglik(NEUTRAL_SITUATION, c) for c in candidates]
     return torch.softmax(torch.stack(scores), dim=0).cpu()
 
 
@@ -192,6 +207,15 @@ def evaluate(model, tok, rows: list[dict], adversarial: list[dict] | None = None
         out[kind] = {"accuracy": (sum(right_x) + sum(right_y)) / (2 * len(rows)) if rows else None,
                      "reversal_consistency": sum(a and b for a, b in zip(right_x, right_y)) / len(rows) if rows
                      else None}
+        dims = {}
+        for r, a, b in zip(rows, right_x, right_y):   # rows that name their dimension (the built-in set's)
+            if "dimension" in r:
+                d = dims.setdefault(r["dimension"], {"pairs": 0, "right": 0})
+                d["pairs"] += 1
+                d["right"] += a + b
+        if dims:
+            out[kind]["by_dimension"] = {k: {"pairs": d["pairs"], "accuracy": d["right"] / (2 * d["pairs"])}
+                                         for k, d in dims.items()}
     none = [1 / (1 + math.exp(-margin(k, None))) for k in range(len(rows))]
     out["no_context"] = {"mean_p_a": sum(none) / len(none) if none else None,
                          "agrees_with_x": sum(p > 0.5 for p in none) / len(none) if none else None}
