@@ -2,11 +2,11 @@
 
 Each pair is one prompt with two responses that carry the same content in two styles along one dimension
 (concise vs detailed, formal vs casual, list vs prose, cautious vs direct, with vs without an example,
-technical vs plain, and eight more in `DIMENSIONS`), so neither is better without a context. Two contexts reverse the preference: under the `x`
-contexts response_a is preferred, under the `y` contexts response_b — as stated criteria ("The user wants the
-short answer.") and as scenarios the criterion must be inferred from ("The user is reading on a phone between
-meetings."). The columns are RPR's: prompt, response_a, response_b, criteria_x, criteria_y, scenario_x,
-scenario_y, plus `dimension` and `split`.
+technical vs plain, and eight more in `DIMENSIONS`), so neither is better without a context. Two contexts
+reverse the preference: under the `x` contexts response_a is preferred, under the `y` contexts response_b — as
+stated criteria ("The user wants the short answer.") and as scenarios the criterion must be inferred from ("The
+user is reading on a phone between meetings."). The columns are RPR's: prompt, response_a, response_b,
+criteria_x, criteria_y, scenario_x, scenario_y, plus `dimension` and `split`.
 
 Held out for testing: whole dimensions (`TEST_DIMENSIONS`) and, for the other dimensions, some phrasings of the
 contexts. Adversarial rows: a response that does not answer the prompt against one that does, with an irrelevant
@@ -213,60 +213,58 @@ IRRELEVANT = ["The user likes the colour blue.", "It is raining in Lisbon today.
 COLUMNS = ("prompt", "response_a", "response_b", "criteria_x", "criteria_y", "scenario_x", "scenario_y")
 
 
-def render(prompt: str, facts: list[str], example: str, style: str) -> str:
-    """One response to `prompt` in `style` (the other dimensions neutral)."""
+def _parts(prompt: str, facts: list[str], example: str) -> dict:
     first = facts[0][0].upper() + facts[0][1:]
     rest = ", ".join(facts[1:-1] + [f"and {facts[-1]}"]) if len(facts) > 2 else facts[-1]
-    neutral = f"{first}, {rest}."
-    if style == "concise":
-        return f"{first}."
-    if style == "detailed":
-        return (f"{first}; this matters more than anything else. " + " ".join(
-            f"Next, {f}, which makes a real difference over time." for f in facts[1:]) +
-            " Taken together, these steps cover the usual problems.")
-    if style == "formal":
-        return f"It is advisable to {facts[0]}. One should also {'; one should also '.join(facts[1:])}."
-    if style == "casual":
-        return f"Honestly? Just {facts[0]}, and hey, {' and '.join(facts[1:])} too. Easy!"
-    if style == "list":
-        return "\n".join(f"- {f[0].upper() + f[1:]}" for f in facts)
-    if style == "prose":
-        return neutral
-    if style == "cautious":
-        return (f"It may help to {facts[0]}, though results vary. You might also {' and '.join(facts[1:])}; "
-                "check what suits your situation first.")
-    if style == "direct":
-        return " ".join(f"{f[0].upper() + f[1:]}." for f in facts)
-    if style == "with an example":
-        return f"{neutral} For example: {example}."
-    if style == "without an example":
-        return neutral
-    if style == "technical":
-        return f"Procedure: (1) {facts[0]}; (2) {'; (3) '.join(facts[1:])}. Deviations degrade the outcome."
-    if style == "plain":
-        return f"Here is the easy way. {neutral} That's all."
-    if style == "encouraging":
-        return f"Great question, and you can absolutely do this! {neutral} You will get the hang of it in no time."
-    if style == "humorous":
-        return f"{neutral} Your future self will thank you, probably with snacks."
-    if style == "with a follow-up question":
-        return f"{neutral} Would you like more detail on any of these?"
-    if style == "with emoji":
-        return f"{first} 👍 {rest}. ✨"
-    if style == "with a heading":
-        return f"## {prompt.rstrip('?')}\n{neutral}"
-    if style == "with bold key words":
-        return f"**{first}**, {rest}."
-    if style == "numbered steps":
-        return "\n".join(f"{k}. {f[0].upper() + f[1:]}" for k, f in enumerate(facts, 1))
-    if style == "bullet points":
-        return render(prompt, facts, example, "list")
-    if style == "with a summary line":
-        return f"{neutral} In short: {facts[0]}."
-    if style in ("neutral", "serious", "without a question", "without emoji", "without a heading", "plain text",
-                 "without a summary"):
-        return neutral
-    raise InfinictxError(f"unknown style {style!r}")
+    return {"prompt": prompt, "facts": facts, "example": example, "first": first, "rest": rest,
+            "neutral": f"{first}, {rest}."}
+
+
+def _bullets(v: dict) -> str:
+    return "\n".join(f"- {f[0].upper() + f[1:]}" for f in v["facts"])
+
+
+def _neutral(v: dict) -> str:
+    return v["neutral"]
+
+
+# style: its response from the prompt's parts (first fact capitalised, the rest joined, the neutral sentence)
+STYLES = {
+    "concise": lambda v: f"{v['first']}.",
+    "detailed": lambda v: (f"{v['first']}; this matters more than anything else. " + " ".join(
+        f"Next, {f}, which makes a real difference over time." for f in v["facts"][1:]) +
+        " Taken together, these steps cover the usual problems."),
+    "formal": lambda v: (f"It is advisable to {v['facts'][0]}. One should also "
+                         f"{'; one should also '.join(v['facts'][1:])}."),
+    "casual": lambda v: f"Honestly? Just {v['facts'][0]}, and hey, {' and '.join(v['facts'][1:])} too. Easy!",
+    "list": _bullets,
+    "cautious": lambda v: (f"It may help to {v['facts'][0]}, though results vary. You might also "
+                           f"{' and '.join(v['facts'][1:])}; check what suits your situation first."),
+    "direct": lambda v: " ".join(f"{f[0].upper() + f[1:]}." for f in v["facts"]),
+    "with an example": lambda v: f"{v['neutral']} For example: {v['example']}.",
+    "technical": lambda v: (f"Procedure: (1) {v['facts'][0]}; (2) {'; (3) '.join(v['facts'][1:])}. "
+                            "Deviations degrade the outcome."),
+    "plain": lambda v: f"Here is the easy way. {v['neutral']} That's all.",
+    "encouraging": lambda v: (f"Great question, and you can absolutely do this! {v['neutral']} You will get the "
+                              "hang of it in no time."),
+    "humorous": lambda v: f"{v['neutral']} Your future self will thank you, probably with snacks.",
+    "with a follow-up question": lambda v: f"{v['neutral']} Would you like more detail on any of these?",
+    "with emoji": lambda v: f"{v['first']} 👍 {v['rest']}. ✨",
+    "with a heading": lambda v: f"## {v['prompt'].rstrip('?')}\n{v['neutral']}",
+    "with bold key words": lambda v: f"**{v['first']}**, {v['rest']}.",
+    "numbered steps": lambda v: "\n".join(f"{k}. {f[0].upper() + f[1:]}" for k, f in enumerate(v["facts"], 1)),
+    "with a summary line": lambda v: f"{v['neutral']} In short: {v['facts'][0]}.",
+    "bullet points": _bullets,
+    **{s: _neutral for s in ("prose", "without an example", "neutral", "serious", "without a question",
+                             "without emoji", "without a heading", "plain text", "without a summary")},
+}
+
+
+def render(prompt: str, facts: list[str], example: str, style: str) -> str:
+    """One response to `prompt` in `style` (the other dimensions neutral)."""
+    if style not in STYLES:
+        raise InfinictxError(f"unknown style {style!r}")
+    return STYLES[style](_parts(prompt, facts, example))
 
 
 @dataclass
