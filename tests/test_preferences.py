@@ -40,6 +40,11 @@ def test_held_out_dimensions_and_phrasings():
     seen = {r[c] for r in data.train for c in ("criteria_x", "criteria_y", "scenario_x", "scenario_y")}
     for r in data.test:
         assert not {r["criteria_x"], r["criteria_y"], r["scenario_x"], r["scenario_y"]} & seen
+    # every phrasing but the held-out last one trains, in parallel lists
+    for dim, (sa, sb, *phrasings) in DIMENSIONS.items():
+        assert len({len(p) for p in phrasings}) == 1
+        if dim not in TEST_DIMENSIONS:
+            assert {s for p in phrasings for s in p[:-1]} <= seen
     assert all(r["label"] in ("a", "b") for r in data.adversarial)
 
 
