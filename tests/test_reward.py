@@ -94,6 +94,12 @@ def test_context_posterior_is_calibrated_against_a_neutral_situation(tiny):
     assert torch.allclose(context_posterior(tiny, NEUTRAL_SITUATION, candidates), torch.tensor([0.5, 0.5]))
     post = context_posterior(tiny, "The user is in a hurry.", candidates)
     assert post.sum().item() == pytest.approx(1.0) and not torch.allclose(post, torch.tensor([0.5, 0.5]))
+    # a cache kept across calls gives the same posterior, from the stored log-likelihoods
+    cache = {}
+    assert torch.equal(context_posterior(tiny, "The user is in a hurry.", candidates, cache), post)
+    assert len(cache) == 4
+    assert torch.equal(context_posterior(tiny, "The user is in a hurry.", candidates[::-1], cache), post.flip(0))
+    assert len(cache) == 4
 
 
 def test_reward_commands(tiny_model_dir, tmp_path, capsys):

@@ -157,19 +157,25 @@ NEUTRAL_SITUATION = "Nothing is known about the user."
 
 
 @torch.no_grad()
-def context_posterior(lm, scenario: str, candidates: list[str]) -> torch.Tensor:
+def context_posterior(lm, scenario: str, candidates: list[str], cache: dict | None = None) -> torch.Tensor:
     """P(c | scenario) over candidate criteria: softmax of how much more likely the language model finds each
     criterion (mean log-probability per token) after the scenario than after a neutral one. Without that
     calibration the criterion likelier a priori can win under every scenario (uncalibrated, the first benchmark
-    run's context error on reversal pairs was exactly 0.500)."""
+    run's context error on reversal pairs was exactly 0.500). `cache`: a dict kept across calls for the
+    log-likelihoods already computed (an evaluation asks about the same scenarios and criteria many times)."""
     device = lm.device
 
+    cache = {} if cache is None else cache
+
     def loglik(situation: str, criterion: str) -> torch.Tensor:
+        if (situation, criterion) in cache:
+            return cache[situation, criterion]
         prefix = lm.tokenizer(f"Situation: {situation}\nSo what the user wants is:", add_special_tokens=False).input_ids
         ids = lm.tokenizer(" " + criterion, add_special_tokens=False).input_ids
         x = torch.tensor([prefix + ids], device=device)
         logp = torch.log_softmax(lm.model(input_ids=x).logits[0, len(prefix) - 1:-1].float(), dim=-1)
-        return logp.gather(1, torch.tensor(ids, device=device)[:, None]).mean()
+        cache[situation, criterion] = logp.gather(1, torch.tensor(ids, device=device)[:, None]).mean()
+        return cache[situation, criterion]
 
     scores = [loglik(scenario, c) - loglik(NEUTRAL_SITUATION, c) for c in candidates]
     return torch.softmax(torch.stack(scores), dim=0).cpu()
@@ -230,9 +236,11 @@ def evaluate(model, tok, rows: list[dict], adversarial: list[dict] | None = None
                               "flipped": sum(adv_right(k, None) != adv_right(k, "ctx") for k in range(n)) / n}
     if lm is not None and rows:
         ctx_wrong = pref_wrong = two_step_wrong = 0
+        cache = {}   # the same scenarios and criteria recur across topics
         for k, r in enumerate(rows):
             for side, other in (("x", "y"), ("y", "x")):
-                post = context_posterior(lm, r[f"scenario_{side}"], [r[f"criteria_{side}"], r[f"criteria_{other}"]])
+                post = context_posterior(lm, r[f"scenario_{side}"], [r[f"criteria_{side}"], r[f"criteria_{other}"]],
+                                         cache)
                 ctx_wrong += float(post[0]) < 0.5
                 q_true = 1 / (1 + math.exp(-margin(k, f"criteria_{side}")))
                 q_other = 1 / (1 + math.exp(-margin(k, f"criteria_{other}")))
