@@ -24,6 +24,7 @@ from infinictx.data.fetch import cache_dir
 WORK = cache_dir() / "carm"        # trained adapters
 DONE = RESULTS / "carm"            # each model's scores, committed: a later session (another machine) resumes
 MODELS = ["carm", "no-context", "base-head", "lm-likelihood"]
+TRAINED = ("carm", "no-context")   # the others are scored untrained
 
 
 class LikelihoodReward(torch.nn.Module):
@@ -67,7 +68,7 @@ def main():
 
     scored_on = digest(data.test, data.adversarial)
     trained_on = digest(data.train, data.relevance, dataclasses.asdict(cfg), scored_on)
-    setup = {m: trained_on if m in ("carm", "no-context") else scored_on for m in MODELS}
+    setup = {m: trained_on if m in TRAINED else scored_on for m in MODELS}
     model_dir = resolve_model_path(None)[0]
     lm = load_model(None)
     WORK.mkdir(parents=True, exist_ok=True)
@@ -79,7 +80,7 @@ def main():
             continue
         print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
         record = {}
-        if name in ("carm", "no-context"):
+        if name in TRAINED:
             rows = bt_rows(data.train, "both" if name == "carm" else "none", data.relevance)
             record = train(model_dir, rows, cfg, WORK / f"{name}-{setup[name]}")
             record["rows"] = len(rows)

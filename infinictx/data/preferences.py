@@ -287,15 +287,19 @@ IRRELEVANT = ["The user likes the colour blue.", "It is raining in Lisbon today.
 COLUMNS = ("prompt", "response_a", "response_b", "criteria_x", "criteria_y", "scenario_x", "scenario_y")
 
 
+def _cap(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
 def _parts(prompt: str, facts: list[str], example: str) -> dict:
-    first = facts[0][0].upper() + facts[0][1:]
+    first = _cap(facts[0])
     rest = ", ".join(facts[1:-1] + [f"and {facts[-1]}"]) if len(facts) > 2 else facts[-1]
     return {"prompt": prompt, "facts": facts, "example": example, "first": first, "rest": rest,
             "neutral": f"{first}, {rest}."}
 
 
 def _bullets(v: dict) -> str:
-    return "\n".join(f"- {f[0].upper() + f[1:]}" for f in v["facts"])
+    return "\n".join(f"- {_cap(f)}" for f in v["facts"])
 
 
 def _neutral(v: dict) -> str:
@@ -314,7 +318,7 @@ STYLES = {
     "list": _bullets,
     "cautious": lambda v: (f"It may help to {v['facts'][0]}, though results vary. You might also "
                            f"{' and '.join(v['facts'][1:])}; check what suits your situation first."),
-    "direct": lambda v: " ".join(f"{f[0].upper() + f[1:]}." for f in v["facts"]),
+    "direct": lambda v: " ".join(f"{_cap(f)}." for f in v["facts"]),
     "with an example": lambda v: f"{v['neutral']} For example: {v['example']}.",
     "technical": lambda v: (f"Procedure: (1) {v['facts'][0]}; (2) {'; (3) '.join(v['facts'][1:])}. "
                             "Deviations degrade the outcome."),
@@ -326,7 +330,7 @@ STYLES = {
     "with emoji": lambda v: f"{v['first']} 👍 {v['rest']}. ✨",
     "with a heading": lambda v: f"## {v['prompt'].rstrip('?')}\n{v['neutral']}",
     "with bold key words": lambda v: f"**{v['first']}**, {v['rest']}.",
-    "numbered steps": lambda v: "\n".join(f"{k}. {f[0].upper() + f[1:]}" for k, f in enumerate(v["facts"], 1)),
+    "numbered steps": lambda v: "\n".join(f"{k}. {_cap(f)}" for k, f in enumerate(v["facts"], 1)),
     "with a summary line": lambda v: f"{v['neutral']} In short: {v['facts'][0]}.",
     "bullet points": _bullets,
     **{s: _neutral for s in ("prose", "without an example", "neutral", "serious", "without a question",
