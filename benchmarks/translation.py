@@ -40,7 +40,8 @@ def cell(folder, name: str, book: str, src: str, tgt: str, free: bool, method: s
     if summary is None:
         return None
     doc = summary["documents"][0]
-    return {"command": summary["command"], "peak_rss_mib": summary["peak_rss_mib"], "wall_s": summary["wall_s"],
+    return {"command": summary["command"], "peak_rss_mib": summary["peak_rss_mib"], "cpu": summary["cpu"],
+            "wall_s": summary["wall_s"],
             "sentences": summary["sentences"], "chunks": doc["chunks"], "ref_tokens": summary.get("ref_tokens"),
             **{k: summary.get(k) for k in METRICS}, "buckets": doc["buckets"], "cost": doc["cost"],
             "config": summary["config"]}
@@ -156,6 +157,11 @@ def main():
           "Teacher-forced: the target history and the training targets are the reference; free-running: the "
           "model's own translations (the reference only scores). Reference PPL: token-weighted, and the paper's "
           "mean of per-sentence PPLs; BLEU (sacrebleu, 13a for English, zh for Chinese) and chrF.", ""]
+    # cells can come from different machines (sessions resume on another CPU): wall seconds are per machine
+    cpus = sorted({c.get("cpu") or "CPU not recorded" for c in [*cells.values(), *sweep.values()]})
+    if cpus:
+        md += [f"Measured on {'; '.join(cpus)}." + (" Wall seconds compare only on one machine."
+                                                     if len(cpus) > 1 else ""), ""]
     if cells:
         md += table(cells) + [""] + bucket_table(cells)
         if plot(cells, RESULTS / f"{a.name}.png"):
