@@ -103,7 +103,8 @@ def cell_row(summary: dict) -> dict:
     return {"accuracy": r["accuracy"], "ci95": r["ci95"], "trials": r["trials"], "correct": r["correct"],
             "items": r.get("items", r["trials"]), "s_per_trial": r["s_per_trial"], "kv_bytes": r.get("kv_bytes"),
             "evidence_shown": r.get("evidence_shown"), "peak_rss_mib": summary.get("peak_rss_mib"),
-            "dtype": summary.get("dtype"), "cpu": summary.get("cpu"), "command": summary["command"]}
+            "dtype": summary.get("dtype"), "cpu": summary.get("cpu"), "weights": summary.get("weights"),
+            "command": summary["command"]}
 
 
 def refresh(rows: dict, folder: Path):
@@ -136,6 +137,22 @@ def machines_line(rows) -> str:
              for (cpu, dtype), mark in marks.items()]
     tail = " Seconds compare only between cells of one machine." if len(parts) > 1 else ""
     return "Measured on " + "; ".join(parts) + "." + tail
+
+
+def weights_lines(cells: dict, methods: list[str]) -> list[str]:
+    """A method whose cells ran different weights (a checkpoint rebuilt on another machine, e.g. `smollm2-fot`)
+    says which cells ran which: their accuracies then compare only within one checkpoint."""
+    lines = []
+    for m in methods:
+        by_weights = {}
+        for name, c in cells.items():
+            if name.startswith(f"{m}_") and name.count("_") == m.count("_") + 2 and c.get("weights"):
+                task, n = name[len(m) + 1:].rsplit("_", 1)
+                by_weights.setdefault(c["weights"], []).append(f"{task} {length_label(int(n))}")
+        if len(by_weights) > 1:
+            lines.append(f"- {m} ran {len(by_weights)} different checkpoints: " + "; ".join(
+                f"`{w}` for {', '.join(names)}" for w, names in by_weights.items()) + ".")
+    return lines
 
 
 def table_markdown(cells: dict, methods: list[str], lengths: list[int]) -> list[str]:
@@ -296,7 +313,10 @@ def main():
           "`smollm2-fot`); W = 1024 for every method with a window; accuracy (95% Wilson interval, trials n; per "
           "item for multivalue and vartrack); for RAG, how often the evidence was in its prompt. s per trial, "
           "peak RSS and bytes held per length, left to right. Full attention only up to 8K (the model's context).",
-          "", machines_line(cells.values()), "", *table_markdown(cells, shown, all_lengths)]
+          "", machines_line(cells.values()), ""]
+    if weights_lines(cells, shown):
+        md += ["Weights (fingerprints) differ between cells of one method:", "", *weights_lines(cells, shown), ""]
+    md += table_markdown(cells, shown, all_lengths)
     if ablation:
         md += ["### RAG ablation (dense, ChatQA 2 §): chunk size at a fixed budget, top-k at C = 64", "",
                machines_line(ablation.values()) + " Evidence: the whole planted sentence inside one retrieved "
