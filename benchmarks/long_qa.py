@@ -141,17 +141,20 @@ def machines_line(rows) -> str:
 
 def weights_lines(cells: dict, methods: list[str]) -> list[str]:
     """A method whose cells ran different weights (a checkpoint rebuilt on another machine, e.g. `smollm2-fot`)
-    says which cells ran which: their accuracies then compare only within one checkpoint."""
+    says which cells ran which: their accuracies then compare only within one checkpoint. The fingerprint is of
+    the weights as loaded, so it tells checkpoints apart only between cells loaded in the same dtype."""
     lines = []
     for m in methods:
-        by_weights = {}
+        by_dtype = {}
         for name, c in cells.items():
             if name.startswith(f"{m}_") and name.count("_") == m.count("_") + 2 and c.get("weights"):
                 task, n = name[len(m) + 1:].rsplit("_", 1)
-                by_weights.setdefault(c["weights"], []).append(f"{task} {length_label(int(n))}")
-        if len(by_weights) > 1:
-            lines.append(f"- {m} ran {len(by_weights)} different checkpoints: " + "; ".join(
-                f"`{w}` for {', '.join(names)}" for w, names in by_weights.items()) + ".")
+                by_dtype.setdefault(c.get("dtype"), {}).setdefault(c["weights"], []).append(
+                    f"{task} {length_label(int(n))}")
+        for dtype, by_weights in by_dtype.items():
+            if len(by_weights) > 1:
+                lines.append(f"- {m} ran {len(by_weights)} different checkpoints in {dtype}: " + "; ".join(
+                    f"`{w}` for {', '.join(names)}" for w, names in by_weights.items()) + ".")
     return lines
 
 
@@ -315,7 +318,8 @@ def main():
           "peak RSS and bytes held per length, left to right. Full attention only up to 8K (the model's context).",
           "", machines_line(cells.values()), ""]
     if weights_lines(cells, shown):
-        md += ["Weights (fingerprints) differ between cells of one method:", "", *weights_lines(cells, shown), ""]
+        md += ["Weights (fingerprints as loaded) differ between cells of one method and dtype:", "",
+               *weights_lines(cells, shown), ""]
     md += table_markdown(cells, shown, all_lengths)
     if ablation:
         md += ["### RAG ablation (dense, ChatQA 2 §): chunk size at a fixed budget, top-k at C = 64", "",
