@@ -317,9 +317,9 @@ def main():
           "item for multivalue and vartrack); for RAG, how often the evidence was in its prompt. s per trial, "
           "peak RSS and bytes held per length, left to right. Full attention only up to 8K (the model's context).",
           "", machines_line(cells.values()), ""]
-    if weights_lines(cells, shown):
-        md += ["Weights (fingerprints as loaded) differ between cells of one method and dtype:", "",
-               *weights_lines(cells, shown), ""]
+    mixed = weights_lines(cells, shown)
+    if mixed:
+        md += ["Weights (fingerprints as loaded) differ between cells of one method and dtype:", "", *mixed, ""]
     md += table_markdown(cells, shown, all_lengths)
     if ablation:
         md += ["### RAG ablation (dense, ChatQA 2 §): chunk size at a fixed budget, top-k at C = 64", "",
