@@ -139,18 +139,19 @@ def machines_line(rows) -> str:
     return "Measured on " + "; ".join(parts) + "." + tail
 
 
-def weights_lines(cells: dict, methods: list[str]) -> list[str]:
+def weights_lines(cells: dict, methods: list[str], lengths: list[int]) -> list[str]:
     """A method whose cells ran different weights (a checkpoint rebuilt on another machine, e.g. `smollm2-fot`)
     says which cells ran which: their accuracies then compare only within one checkpoint. The fingerprint is of
     the weights as loaded, so it tells checkpoints apart only between cells loaded in the same dtype."""
     lines = []
     for m in methods:
         by_dtype = {}
-        for name, c in cells.items():
-            if name.startswith(f"{m}_") and name.count("_") == m.count("_") + 2 and c.get("weights"):
-                task, n = name[len(m) + 1:].rsplit("_", 1)
-                by_dtype.setdefault(c.get("dtype"), {}).setdefault(c["weights"], []).append(
-                    f"{task} {length_label(int(n))}")
+        for task in TASKS:
+            for n in lengths:
+                c = cells.get(f"{m}_{task}_{n}")
+                if c and c.get("weights"):
+                    by_dtype.setdefault(c.get("dtype"), {}).setdefault(c["weights"], []).append(
+                        f"{task} {length_label(n)}")
         for dtype, by_weights in by_dtype.items():
             if len(by_weights) > 1:
                 lines.append(f"- {m} ran {len(by_weights)} different checkpoints in {dtype}: " + "; ".join(
@@ -317,7 +318,7 @@ def main():
           "item for multivalue and vartrack); for RAG, how often the evidence was in its prompt. s per trial, "
           "peak RSS and bytes held per length, left to right. Full attention only up to 8K (the model's context).",
           "", machines_line(cells.values()), ""]
-    mixed = weights_lines(cells, shown)
+    mixed = weights_lines(cells, shown, all_lengths)
     if mixed:
         md += ["Weights (fingerprints as loaded) differ between cells of one method and dtype:", "", *mixed, ""]
     md += table_markdown(cells, shown, all_lengths)
