@@ -16,7 +16,7 @@ import json
 import time
 
 import torch
-from common import RESULTS, save
+from common import RESULTS, measured_on, save
 
 from infinictx.core.models import cpu_name
 from infinictx.data.fetch import cache_dir
@@ -137,7 +137,7 @@ def markdown(out: dict) -> str:
                      f"{r['train'].get('seconds', '–')} | {r['eval_s']} |")
     where = sorted({f"{r.get('cpu') or 'CPU not recorded'}, {r.get('dtype', 'float32')}"
                     for r in out["models"].values()})
-    lines += ["", f"Measured on {'; '.join(where)} (seconds compare only on one machine)."]
+    lines += ["", measured_on(where)]
     carm = out["models"].get("carm", {})
     if "two_step" in carm:
         t = carm["two_step"]

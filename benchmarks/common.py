@@ -110,6 +110,14 @@ def machine() -> dict:
             "machine": platform.machine(), "cpu": cpu_name(), "date": time.strftime("%Y-%m-%d")}
 
 
+def measured_on(machines) -> str:
+    """The Markdown line saying which machines (CPU, and dtype where it varies) measured a benchmark's cells:
+    sessions resume on another CPU, and seconds compare only within one machine."""
+    machines = list(machines)
+    tail = " Seconds compare only between cells of one machine." if len(machines) > 1 else ""
+    return "Measured on " + "; ".join(machines) + "." + tail
+
+
 def save(name: str, data: dict, markdown: str):
     data = {"benchmark": name, "machine": machine(), **data}
     write_json(data, RESULTS / f"{name}.json")

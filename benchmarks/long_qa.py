@@ -30,7 +30,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from common import RESULTS, read_summary, run_cli, save
+from common import RESULTS, measured_on, read_summary, run_cli, save
 
 from infinictx.tasks.report import byte_size, length_label
 from infinictx.tasks.retrieval import parse_lengths
@@ -135,8 +135,7 @@ def machines_line(rows) -> str:
     marks = machine_marks(rows)
     parts = [f"{cpu}, {dtype} ({counts[cpu, dtype]} cells" + (f", marked {mark})" if mark else ")")
              for (cpu, dtype), mark in marks.items()]
-    tail = " Seconds compare only between cells of one machine." if len(parts) > 1 else ""
-    return "Measured on " + "; ".join(parts) + "." + tail
+    return measured_on(parts)
 
 
 def weights_lines(cells: dict, methods: list[str], lengths: list[int]) -> list[str]:

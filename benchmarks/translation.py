@@ -20,7 +20,7 @@ import argparse
 import json
 import sys
 
-from common import RESULTS, run_cli, save
+from common import RESULTS, measured_on, run_cli, save
 
 RUNS = {  # label: (source language, target language, free-running)
     "zh-en": ("zh", "en", False),
@@ -157,11 +157,9 @@ def main():
           "Teacher-forced: the target history and the training targets are the reference; free-running: the "
           "model's own translations (the reference only scores). Reference PPL: token-weighted, and the paper's "
           "mean of per-sentence PPLs; BLEU (sacrebleu, 13a for English, zh for Chinese) and chrF.", ""]
-    # cells can come from different machines (sessions resume on another CPU): wall seconds are per machine
     cpus = sorted({c.get("cpu") or "CPU not recorded" for c in [*cells.values(), *sweep.values()]})
     if cpus:
-        md += [f"Measured on {'; '.join(cpus)}." + (" Wall seconds compare only on one machine."
-                                                     if len(cpus) > 1 else ""), ""]
+        md += [measured_on(cpus), ""]
     if cells:
         md += table(cells) + [""] + bucket_table(cells)
         if plot(cells, RESULTS / f"{a.name}.png"):
