@@ -128,6 +128,11 @@ def machine_marks(rows) -> dict:
     return {m: ("" if i == 0 else MARKS[(i - 1) % len(MARKS)]) for i, m in enumerate(ranked)}
 
 
+def cell_name(method: str, task: str, length: int) -> str:
+    """A table cell's key in long_qa.json and the stem of its files under results/long_qa/."""
+    return f"{method}_{task}_{length}"
+
+
 def machines_line(rows) -> str:
     """Which CPU and dtype the cells ran on: seconds compare only within one machine."""
     rows = list(rows)
@@ -147,7 +152,7 @@ def weights_lines(cells: dict, methods: list[str], lengths: list[int]) -> list[s
         by_dtype = {}
         for task in TASKS:
             for n in lengths:
-                c = cells.get(f"{m}_{task}_{n}")
+                c = cells.get(cell_name(m, task, n))
                 if c and c.get("weights"):
                     by_dtype.setdefault(c.get("dtype"), {}).setdefault(c["weights"], []).append(
                         f"{task} {length_label(n)}")
@@ -162,7 +167,7 @@ def table_markdown(cells: dict, methods: list[str], lengths: list[int]) -> list[
     lines = []
     marks = machine_marks(cells.values())
     for task in TASKS:
-        rows = {m: {n: cells.get(f"{m}_{task}_{n}") for n in lengths} for m in methods}
+        rows = {m: {n: cells.get(cell_name(m, task, n)) for n in lengths} for m in methods}
         if not any(c for r in rows.values() for c in r.values()):
             continue
         head = " | ".join(length_label(n) for n in lengths)
@@ -195,7 +200,7 @@ def plot(cells: dict, methods: list[str], lengths: list[int], path: Path):
     fig, axes = plt.subplots(1, len(TASKS), figsize=(4 * len(TASKS), 3.6), sharey=True)
     for ax, task in zip(axes, TASKS):
         for m in methods:
-            pts = [(n, cells[f"{m}_{task}_{n}"]["accuracy"]) for n in lengths if cells.get(f"{m}_{task}_{n}")]
+            pts = [(n, cells[cell_name(m, task, n)]["accuracy"]) for n in lengths if cells.get(cell_name(m, task, n))]
             if pts:
                 ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=m)
         ax.set_xscale("log", base=2)
@@ -292,7 +297,7 @@ def main():
                 for n in lengths:
                     if m == "full" and n > FULL_MAX:
                         continue
-                    name = f"{m}_{task}_{n}"
+                    name = cell_name(m, task, n)
                     summary = run_cell(folder, name, model, flags, task, n, pick(m, n), a.threads)
                     if summary:
                         cells[name] = cell_row(summary)
@@ -300,7 +305,7 @@ def main():
         n = parse_lengths(a.ablation_length)[0]
         for label, extra in ABLATION:
             for task in tasks:
-                name = f"rag-{label}_{task}_{n}"
+                name = cell_name(f"rag-{label}", task, n)
                 summary = run_cell(folder, name, None, [*METHODS["rag-dense"][1], *extra], task, n, a.trials,
                                    a.threads)
                 if summary:
