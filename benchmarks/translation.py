@@ -10,7 +10,7 @@ chapter, so a rerun of this script skips finished cells and resumes a stopped on
          main cells use --lr)
 
   .venv/bin/python benchmarks/translation.py --parts lr
-  .venv/bin/python benchmarks/translation.py --parts main --lr 3e-4
+  .venv/bin/python benchmarks/translation.py --parts main --lr 1e-4
 
 Writes results/translation.{json,md} and results/translation.png (reference PPL and chrF along the book)."""
 
@@ -118,7 +118,7 @@ def main():
     ap.add_argument("--book", default="Judges", help="a Bible book with ≥ 20K target tokens either way")
     ap.add_argument("--runs", default=",".join(RUNS))
     ap.add_argument("--window", type=int, default=4096)
-    ap.add_argument("--lr", type=float, default=3e-4, help="Temp-Lora's learning rate in the main cells")
+    ap.add_argument("--lr", type=float, default=1e-4, help="Temp-Lora's learning rate in the main cells")
     ap.add_argument("--lrs", default="1e-4,3e-4,1e-3")
     ap.add_argument("--lr-chapters", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
@@ -166,9 +166,13 @@ def main():
             md += [f"![reference PPL and chrF along the book]({a.name}.png)", ""]
     if sweep:
         md += [f"### Temp-Lora's learning rate (zh→en teacher-forced, first {a.lr_chapters} chapters)", "",
-               "| lr | reference PPL | BLEU | chrF | wall s |", "|---|---|---|---|---|"]
+               "| lr | reference PPL | change | PPL (paper) | BLEU | chrF | wall s | peak RSS MiB |",
+               "|---|---|---|---|---|---|---|---|"]
+        w = sweep.get("window")
         for lr, c in sweep.items():
-            md.append(f"| {lr} | {c['ref_ppl']:.3f} | {c['bleu']:.2f} | {c['chrf']:.2f} | {c['wall_s']:.0f} |")
+            md.append(f"| {lr} | {c['ref_ppl']:.3f} | {change(w and w['ref_ppl'], c['ref_ppl'])} | "
+                      f"{c['ref_ppl_sentence_weighted']:.3f} | {c['bleu']:.2f} | {c['chrf']:.2f} | {c['wall_s']:.0f} | "
+                      f"{c['peak_rss_mib']:.0f} |")
         md.append("")
     save(a.name, {"book": a.book, "window": a.window, "lr": a.lr, "cells": cells, "lr_sweep": sweep}, "\n".join(md))
 
