@@ -47,11 +47,50 @@ def cell(folder, name: str, book: str, src: str, tgt: str, free: bool, method: s
             "config": summary["config"]}
 
 
+def paired_intervals(w: dict, t: dict, refs: dict[str, str], tgt: str, samples: int = 1000) -> dict:
+    """95% bootstrap intervals of Temp-Lora's change against the window, resampling the sentences both cells
+    translated (a paired bootstrap): reference PPL in % (from the per-sentence NLLs, in cells run since the JSON
+    carries them), BLEU and chrF in points."""
+    import numpy as np
+    import sacrebleu
+
+    from infinictx.data.parallel import LANGUAGES, to_simplified
+
+    a, b = ({s["key"]: s for s in c["translations"]} for c in (w, t))
+    keys = [k for k in a if k in b and k in refs]
+    idx = np.random.default_rng(0).integers(0, len(keys), (samples, len(keys)))
+    ci = lambda x: [round(float(v), 3) for v in np.percentile(x, [2.5, 97.5])]   # noqa: E731
+    out = {"sentences": len(keys), "samples": samples}
+    if all("ref_nll" in a[k] and "ref_nll" in b[k] for k in keys):
+        n, na, nb = (np.array([d[k][f] for k in keys]) for d, f in ((a, "ref_tokens"), (a, "ref_nll"), (b, "ref_nll")))
+        out["ref_ppl_pct"] = ci(100 * (np.exp((nb[idx].sum(1) - na[idx].sum(1)) / n[idx].sum(1)) - 1))
+    ref_list = [[refs[k] for k in keys]]
+    hyps = [[d[k]["hyp"] for k in keys] for d in (a, b)]
+    if tgt == "zh":   # scored in simplified script, as the task scores them
+        hyps = [to_simplified(h) for h in hyps]
+    # sacrebleu's per-sentence sufficient statistics (what its own paired tests resample; the version is pinned)
+    for name, metric in (("bleu", sacrebleu.BLEU(tokenize=LANGUAGES[tgt][1])), ("chrf", sacrebleu.CHRF())):
+        sa, sb = (np.array(metric._extract_corpus_statistics(h, ref_list), dtype=float) for h in hyps)
+        score = lambda st, i: metric._compute_score_from_stats(list(st[i].sum(0))).score   # noqa: E731
+        out[name] = ci([score(sb, i) - score(sa, i) for i in idx])
+    return out
+
+
+def references(book: str, src: str, tgt: str) -> dict[str, str]:
+    from infinictx.data.parallel import read_parallel
+
+    return {p.key: p.ref for doc in read_parallel(f"bible:{book}", None, src, tgt) for p in doc.pairs}
+
+
+def interval(x) -> str:
+    return f" [{x[0]:+.1f}, {x[1]:+.1f}]" if x else ""
+
+
 def change(a, b) -> str:
     return "–" if a is None or b is None else f"{100 * (b - a) / a:+.1f}%"
 
 
-def table(cells: dict) -> list[str]:
+def table(cells: dict, intervals: dict) -> list[str]:
     lines = ["| run | method | reference PPL | PPL (paper) | BLEU | chrF | wall s | peak RSS MiB |",
              "|---|---|---|---|---|---|---|---|"]
     for label in RUNS:
@@ -61,9 +100,12 @@ def table(cells: dict) -> list[str]:
                 lines.append(f"| {label} | {method} | {c['ref_ppl']:.3f} | {c['ref_ppl_sentence_weighted']:.3f} | "
                              f"{c['bleu']:.2f} | {c['chrf']:.2f} | {c['wall_s']:.0f} | {c['peak_rss_mib']:.0f} |")
         if w and t:
-            lines.append(f"| {label} | change | {change(w['ref_ppl'], t['ref_ppl'])} | "
+            ci = intervals.get(label, {})
+            lines.append(f"| {label} | change | "
+                         f"{change(w['ref_ppl'], t['ref_ppl'])}{interval(ci.get('ref_ppl_pct'))} | "
                          f"{change(w['ref_ppl_sentence_weighted'], t['ref_ppl_sentence_weighted'])} | "
-                         f"{t['bleu'] - w['bleu']:+.2f} | {t['chrf'] - w['chrf']:+.2f} | "
+                         f"{t['bleu'] - w['bleu']:+.2f}{interval(ci.get('bleu'))} | "
+                         f"{t['chrf'] - w['chrf']:+.2f}{interval(ci.get('chrf'))} | "
                          f"{t['wall_s'] / w['wall_s']:.2f}× | |")
     return lines
 
@@ -150,18 +192,27 @@ def main():
                 c = cell(folder, f"{label}_{method}", a.book, src, tgt, free, method, a.window, a.threads, extra)
                 if c:
                     cells[f"{label}_{method}"] = c
+    intervals = {}
+    for label in RUNS:
+        paths = [folder / f"{label}_{m}.json" for m in ("window", "temp-lora")]
+        if all(p.exists() for p in paths):
+            src, tgt, _ = RUNS[label]
+            intervals[label] = paired_intervals(*(json.loads(p.read_text()) for p in paths),
+                                                references(a.book, src, tgt), tgt)
     md = [f"## Long-document translation: Temp-Lora against the same window (Bible, {a.book}, CUV ↔ KJV)", "",
           "Gemma-3-270M (base, Q4_K_M GGUF dequantized to fp32), W = "
           f"{a.window}, a chapter per chunk, the previous chapter as context (k1); greedy, repetition penalty 1.12; "
           "Temp-Lora: r = 64, 2 steps per chapter on the context + chapter, loss on the target lines only. "
           "Teacher-forced: the target history and the training targets are the reference; free-running: the "
           "model's own translations (the reference only scores). Reference PPL: token-weighted, and the paper's "
-          "mean of per-sentence PPLs; BLEU (sacrebleu, 13a for English, zh for Chinese) and chrF.", ""]
+          "mean of per-sentence PPLs; BLEU (sacrebleu, 13a for English, zh for Chinese) and chrF. "
+          "[brackets]: 95% interval of the change, a paired bootstrap over sentences (1000 resamples; the PPL "
+          "interval needs the per-sentence NLLs that cells run before they were in the JSON lack).", ""]
     cpus = sorted({c.get("cpu") or "CPU not recorded" for c in [*cells.values(), *sweep.values()]})
     if cpus:
         md += [measured_on(cpus), ""]
     if cells:
-        md += table(cells) + [""] + bucket_table(cells)
+        md += table(cells, intervals) + [""] + bucket_table(cells)
         if plot(cells, RESULTS / f"{a.name}.png"):
             md += [f"![reference PPL and chrF along the book]({a.name}.png)", ""]
     if sweep:
@@ -174,7 +225,8 @@ def main():
                       f"{c['ref_ppl_sentence_weighted']:.3f} | {c['bleu']:.2f} | {c['chrf']:.2f} | {c['wall_s']:.0f} | "
                       f"{c['peak_rss_mib']:.0f} |")
         md.append("")
-    save(a.name, {"book": a.book, "window": a.window, "lr": a.lr, "cells": cells, "lr_sweep": sweep}, "\n".join(md))
+    save(a.name, {"book": a.book, "window": a.window, "lr": a.lr, "cells": cells, "intervals": intervals,
+                  "lr_sweep": sweep}, "\n".join(md))
 
 
 if __name__ == "__main__":

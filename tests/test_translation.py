@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 
 import pytest
 import torch
@@ -218,6 +219,10 @@ def test_cli_run_writes_outputs_and_resumes(tmp_path, tiny_model_dir, monkeypatc
     full = json.loads((tmp_path / "full.json").read_text())
     assert full["base_weights_unchanged"] and full["sentences"] == 9 and len(full["documents"][0]["buckets"]) == 3
     assert {"ref_ppl", "ref_ppl_sentence_weighted", "bleu", "chrf"} <= set(full)
+    # each sentence's reference NLL is in the JSON (for paired comparisons) and adds up to the reference PPL
+    t = full["translations"]
+    assert [s["chunk"] for s in t] == [0] * 3 + [1] * 3 + [2] * 3
+    assert math.exp(sum(s["ref_nll"] for s in t) / sum(s["ref_tokens"] for s in t)) == pytest.approx(full["ref_ppl"])
     assert len((tmp_path / "full.txt").read_text().split("\n")) == 10
     assert (tmp_path / "full.md").read_text().startswith("## Translation zh→en")
 

@@ -554,7 +554,9 @@ class TranslationTask(Task):
                 "source": self.source, "src_lang": self.src_lang, "tgt_lang": tgt, **asdict(settings),
                 "config": done[0]["config"] if done else {}, **quality(all_sentences, tgt),
                 "wall_s": round(sum(d["wall_s"] for d in done), 3), "documents": per_doc,
-                "translations": [{"key": s.key, "hyp": s.hyp} for s in all_sentences]}
+                "translations": [{"key": s.key, "chunk": s.chunk, "hyp": s.hyp}
+                                 | ({"ref_nll": s.ref_nll, "ref_tokens": s.ref_tokens} if s.ref_tokens else {})
+                                 for s in all_sentences]}
 
     def write(self, result: Result, outputs: Outputs):
         write_summary(result, outputs)
