@@ -221,7 +221,8 @@ def main():
                "|---|---|---|---|---|---|---|---|"]
         w = sweep.get("window")
         for lr, c in sweep.items():
-            md.append(f"| {lr} | {c['ref_ppl']:.3f} | {change(w and w['ref_ppl'], c['ref_ppl'])} | "
+            vs_window = change(w and w['ref_ppl'], c['ref_ppl']) if c is not w else "–"
+            md.append(f"| {lr} | {c['ref_ppl']:.3f} | {vs_window} | "
                       f"{c['ref_ppl_sentence_weighted']:.3f} | {c['bleu']:.2f} | {c['chrf']:.2f} | {c['wall_s']:.0f} | "
                       f"{c['peak_rss_mib']:.0f} |")
         md.append("")
