@@ -28,13 +28,13 @@ def trainable(model) -> list[torch.nn.Parameter]:
 
 def adam_moments(model, optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor, torch.Tensor]:
     """The optimizer's first and second moments, flat, in the order of `trainable(model)` (zeros for a parameter
-    the optimizer has not stepped yet)."""
+    the optimizer has not stepped yet), on the CPU, where the per-example gradients are gathered."""
     m, v = [], []
     for p in trainable(model):
         state = optimizer.state.get(p, {})
         m.append(state["exp_avg"].flatten() if "exp_avg" in state else torch.zeros(p.numel()))
         v.append(state["exp_avg_sq"].flatten() if "exp_avg_sq" in state else torch.zeros(p.numel()))
-    return torch.cat(m).float(), torch.cat(v).float()
+    return torch.cat([t.cpu() for t in m]).float(), torch.cat([t.cpu() for t in v]).float()
 
 
 def example_gradient(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -117,6 +117,8 @@ def gradient_features(model, examples, projector, kind: str = "adam", moments=No
     gathered (in bfloat16, up to `max_bytes` at a time) and projected together: generating the projection costs
     P × D per pass whatever the number of rows, so the fewer passes the better."""
     per_pass = max(1, max_bytes // (2 * projector.grad_dim))
+    if moments is not None:   # where the per-example gradients are gathered (an optimizer on CUDA keeps them there)
+        moments = tuple(m.cpu() for m in moments)
     out = []
     for s in range(0, len(examples), per_pass):
         part = examples[s:s + per_pass]
