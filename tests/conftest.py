@@ -10,6 +10,11 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# Where the tests put the model: the CPU (CI), or `INFINICTX_TEST_DEVICE=cuda` on a machine with a GPU. Tests of
+# the CPU-only fast paths (AMX, int8 copies) and of numbers recorded on the CPU skip on another device.
+DEVICE = os.environ.get("INFINICTX_TEST_DEVICE", "cpu")
+cpu_only = pytest.mark.skipif(DEVICE != "cpu", reason="a CPU-only path, or numbers recorded on the CPU")
+
 SAMPLE = (
     "Of Mans First Disobedience, and the Fruit Of that Forbidden Tree, whose mortal tast Brought Death into the "
     "World, and all our woe, With loss of Eden, till one greater Man Restore us, and regain the blissful Seat, "
@@ -65,7 +70,7 @@ def tiny(tiny_model_dir):
     """A freshly loaded tiny model (sessions modify the module tree while they are open)."""
     from infinictx import load_model
 
-    return load_model(tiny_model_dir, device="cpu", dtype="float32")
+    return load_model(tiny_model_dir, device=DEVICE, dtype="float32")
 
 
 def stop_after(session, chunks: int):

@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import stop_after
+from conftest import cpu_only, stop_after
 
 from infinictx import (
     METHODS,
@@ -183,7 +183,8 @@ OLD_HOSTS = {"window": dict(window=64, chunk=16), "full": dict(chunk=32), "strea
              "razor": dict(chunk=32, min_window=16, keep_ratio=0.1, induction_ratio=0.25, echo_ratio=0.05)}
 
 
-@pytest.mark.parametrize("method", list(OLD_SUMS))
+# the sums were recorded on the CPU; on CUDA LongCache's selection meets a near-tie and moves by 4e-4
+@pytest.mark.parametrize("method", [pytest.param(m, marks=cpu_only) if m == "longcache" else m for m in OLD_SUMS])
 def test_temp_lora_on_top_equals_the_old_results(tiny, stream, method):
     learner = TempLoraConfig(window=64, chunk=16, lr=3e-3, rank=8, alpha=16)
     with method_config(method, **OLD_HOSTS[method], temp_lora=learner).make_session(tiny) as s:

@@ -5,6 +5,7 @@ as a LongLLaMA-format checkpoint that loads back with its memory settings."""
 import random
 
 import torch
+from conftest import DEVICE
 
 from infinictx import MemoryConfig, load_model, streaming_perplexity, weights_fingerprint
 from infinictx.core.attention import Rope, local_attention
@@ -20,7 +21,7 @@ from infinictx.methods.memory.crossbatch import (
 
 def test_no_memory_rows_is_plain_causal_attention(tiny):
     torch.manual_seed(0)
-    q, k, v = torch.randn(3, 4, 10, 16), torch.randn(3, 2, 10, 16), torch.randn(3, 2, 10, 16)
+    q, k, v = (torch.randn(shape).to(DEVICE) for shape in ((3, 4, 10, 16), (3, 2, 10, 16), (3, 2, 10, 16)))
     rope = Rope(tiny.model, tiny.device, tiny.dtype)
     rows = torch.full((3, 2), -1)
     out = crossbatch_attention(q, k, v, rows, rope, 0.25)
@@ -30,10 +31,10 @@ def test_no_memory_rows_is_plain_causal_attention(tiny):
 
 def test_extra_negatives_reach_rows_with_memory_only(tiny):
     torch.manual_seed(0)
-    q, k, v = torch.randn(2, 4, 6, 16), torch.randn(2, 2, 6, 16), torch.randn(2, 2, 6, 16)
+    q, k, v = (torch.randn(shape).to(DEVICE) for shape in ((2, 4, 6, 16), (2, 2, 6, 16), (2, 2, 6, 16)))
     rope = Rope(tiny.model, tiny.device, tiny.dtype)
     rows = torch.tensor([[1], [-1]])  # row 0 reads row 1; row 1 has no memory
-    extra = (torch.randn(1, 2, 5, 16) * 3, torch.randn(1, 2, 5, 16))
+    extra = ((torch.randn(1, 2, 5, 16) * 3).to(DEVICE), torch.randn(1, 2, 5, 16).to(DEVICE))
     a = crossbatch_attention(q, k, v, rows, rope, 0.25)
     b = crossbatch_attention(q, k, v, rows, rope, 0.25, extra=extra)
     assert not torch.allclose(a[0], b[0]) and torch.allclose(a[1], b[1])
@@ -61,7 +62,7 @@ def test_memory_rows_are_read_with_gradient(tiny):
                 return crossbatch_attention(q, k, v, batch.memory_rows, rope, a.scaling)
             return local_attention(rope.rotate(q, 0), rope.rotate(k, 0), v, a.scaling)
         with torch.no_grad():
-            return decoder_forward(model, batch.ids, attend)[1]
+            return decoder_forward(model, batch.ids.to(DEVICE), attend)[1]
 
     changed = ids.clone()
     changed[0] = torch.randint(0, 300, (12,))
@@ -89,7 +90,7 @@ def test_batch_layout_follows_the_mix(tiny):
 
 
 def test_training_lowers_loss_and_saves_a_loadable_longllama_checkpoint(tiny_model_dir, tmp_path):
-    lm = load_model(tiny_model_dir, device="cpu", dtype="float32")
+    lm = load_model(tiny_model_dir, device=DEVICE, dtype="float32")
     before = weights_fingerprint(lm.model)
     torch.manual_seed(0)
     docs = [torch.randint(0, 300, (300,)) for _ in range(4)]
@@ -105,7 +106,7 @@ def test_training_lowers_loss_and_saves_a_loadable_longllama_checkpoint(tiny_mod
     assert log["steps_done"] == 25 and end < start
     assert weights_fingerprint(lm.model) != before  # fine-tuning (unlike Temp-Lora) changes the weights: merged
     assert not any("lora" in n for n, _ in lm.model.named_parameters())
-    back = load_model(tmp_path / "fot", device="cpu", dtype="float32")
+    back = load_model(tmp_path / "fot", device=DEVICE, dtype="float32")
     assert back.memory["mem_layers"] == [1] and back.memory["last_context_length"] == 48
     assert weights_fingerprint(back.model) == weights_fingerprint(lm.model)
     with MemoryConfig().make_session(back) as s:
@@ -127,8 +128,8 @@ def test_a_bf16_base_is_merged_and_saved_in_fp32(tiny_model_dir, tmp_path):
     # AMX CPUs and GPUs train on a bf16 base: merging the fp32 update into bf16 weights would round it away
     from safetensors.torch import load_file
 
-    lm = load_model(tiny_model_dir, device="cpu", dtype="bfloat16")
-    base = {n: p.detach().float().clone() for n, p in lm.model.named_parameters()}
+    lm = load_model(tiny_model_dir, device=DEVICE, dtype="bfloat16")
+    base = {n: p.detach().float().cpu() for n, p in lm.model.named_parameters()}
     torch.manual_seed(0)
     docs = [torch.randint(0, 300, (300,)) for _ in range(4)]
     cfg = CrossBatchConfig(context=16, steps=3, lr=1e-4, mem_layers=[1], needle_rate=0.0, warmup=1,
@@ -186,10 +187,10 @@ def test_held_out_and_test_documents_never_reach_training():
 
 def test_the_best_evaluated_adapter_is_the_one_merged(tiny_model_dir):
     """Checkpoint selection: evaluate() every k steps and at the end; the adapter of the lowest score is kept."""
-    lm = load_model(tiny_model_dir, device="cpu", dtype="float32")
+    lm = load_model(tiny_model_dir, device=DEVICE, dtype="float32")
     torch.manual_seed(0)
     docs = [torch.randint(0, 300, (300,)) for _ in range(4)]
-    probe = torch.randint(0, 300, (1, 24))
+    probe = torch.randint(0, 300, (1, 24)).to(DEVICE)
     seen = []
 
     def evaluate(model_lm, mem_layers):
@@ -233,7 +234,7 @@ def test_stop_after_is_the_same_run_cut_short(tiny_model_dir):
     docs = [torch.randint(0, 300, (300,)) for _ in range(4)]
     losses, weights = {}, {}
     for stop in (2, 4):
-        lm = load_model(tiny_model_dir, device="cpu", dtype="float32")
+        lm = load_model(tiny_model_dir, device=DEVICE, dtype="float32")
         cfg = CrossBatchConfig(context=16, steps=4, stop_after=stop, lr=3e-3, mem_layers=[1], needle_rate=0.0,
                                warmup=1, last_context_length=48)
         log = train_crossbatch(lm, docs, cfg, out=None, progress=False)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import DEVICE, cpu_only
 
 from infinictx import method_config
 from infinictx.core.errors import InfinictxError
@@ -385,6 +386,9 @@ def test_native_bf16_candidate_selection_survives_nan(amx):
     assert found is None or (found[0].min() >= 0 and found[0].max() < 3000)
 
 
+
+
+@cpu_only
 @pytest.mark.parametrize("bf16", ["amx", "matmul", False])
 def test_longcache_bf16_candidates_select_what_the_reference_selects(tiny_head32_dir, monkeypatch, bf16):
     """The fast selection with bf16 candidates (int8 scores by AMX tiles, or a bf16 matmul: forced on where
@@ -399,7 +403,7 @@ def test_longcache_bf16_candidates_select_what_the_reference_selects(tiny_head32
     if bf16 and not native.available():
         pytest.skip("no C compiler")
     _skip_without_amx(bf16 == "amx", 32)
-    tiny = load_model(tiny_head32_dir, device="cpu", dtype="float32")
+    tiny = load_model(tiny_head32_dir, device=DEVICE, dtype="float32")
     monkeypatch.setattr(longcache, "_fast_bf16_here", lambda: bool(bf16))
     monkeypatch.setattr(longcache, "_amx_here", lambda: bf16 == "amx")
     amx_calls = []
@@ -457,6 +461,7 @@ def _check_duplicate_flags(policy, topk: int, global_tokens: int):
     assert flagged_layers >= 1
 
 
+@cpu_only
 def test_longcache_duplicate_flags_on_a_repetitive_stream(tiny):
     """Flags only keys that cannot be selected, and then the selection is still the reference's: a stream that
     repeats a 50-token phrase (whole layers' keys repeat), the bf16 path forced on."""
@@ -687,6 +692,7 @@ def test_capped_memory_rebuilds_its_int8_copy_from_the_kept_keys():
     assert torch.equal(idx.sort(-1).values, _stable_topk_idx(q, kept, 8))
 
 
+@cpu_only
 def test_memory_prefill_reads_the_int8_copy_and_matches_the_reference(tiny_head32_dir, monkeypatch):
     """On a CPU with AMX the fast kernel's prefill lookups go through the int8 copy (unless --no-prefill-copy) and
     give the reference kernel's scores and greedy generation; the copy stays in step with the memory (forks,
@@ -697,7 +703,7 @@ def test_memory_prefill_reads_the_int8_copy_and_matches_the_reference(tiny_head3
     from infinictx.methods.memory import session as memory_session
 
     _skip_without_amx(True, 32)
-    tiny = load_model(tiny_head32_dir, device="cpu", dtype="float32")
+    tiny = load_model(tiny_head32_dir, device=DEVICE, dtype="float32")
     monkeypatch.setattr(memory_session, "INT8_LOOKUP_MIN_KEYS", 0)   # this stream's memory is short
     torch.manual_seed(7)
     ids = torch.randint(0, 300, (900,))
@@ -725,6 +731,7 @@ def test_memory_prefill_reads_the_int8_copy_and_matches_the_reference(tiny_head3
         assert torch.equal(generated[name], generated["reference"])
 
 
+@cpu_only
 def test_memory_decode_reads_the_bf16_copy_and_matches_the_reference(tiny):
     """The fast kernel's decode lookups go through the bf16 copy (on CPUs with AVX-512) and give the reference
     kernel's logits and greedy generation."""

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import DEVICE
 
 from infinictx import TempLoraConfig, load_model, read_text, streaming_perplexity, weights_fingerprint
 
@@ -10,7 +11,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def smol():
-    return load_model(None, device="cpu", dtype="float32")
+    return load_model(None, device=DEVICE, dtype="float32")
 
 
 def test_converted_gguf_matches_direct_gguf_load(smol):

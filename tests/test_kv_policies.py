@@ -19,12 +19,12 @@ from infinictx.tasks.retrieval import run_retrieval
 
 def stock_nll(lm, ids):
     with torch.no_grad():
-        logits = lm.model(input_ids=ids[None]).logits[0]
+        logits = lm.model(input_ids=ids[None].to(lm.device)).logits[0].cpu()
     return F.cross_entropy(logits[:-1], ids[1:], reduction="none")
 
 
 def streamed_nll(session, ids):
-    out = [session.score_and_absorb(ids[s:s + session.chunk])[0] for s in range(0, len(ids), session.chunk)]
+    out = [session.score_and_absorb(ids[s:s + session.chunk])[0].cpu() for s in range(0, len(ids), session.chunk)]
     return torch.cat(out)
 
 
@@ -35,7 +35,7 @@ def test_full_policy_equals_the_stock_model(tiny, stream):
         assert s.kv_bytes() == 2 * 2 * 2 * 16 * 150 * 4   # layers × KV heads × (K, V) × head dim × tokens × fp32
         # generation continues from the cache exactly as the stock model's greedy decoding
         out = s.generate_chunk(6, 0, Sampler(repetition_penalty=1.0, ban_eos=False))
-    ref = tiny.model.generate(ids[None], max_new_tokens=6, do_sample=False)[0, 150:]
+    ref = tiny.model.generate(ids[None].to(tiny.device), max_new_tokens=6, do_sample=False)[0, 150:]
     assert out.tolist() == ref.tolist()
 
 
@@ -52,7 +52,8 @@ def test_streaming_bounds_its_cache_and_keeps_the_sinks(tiny, stream):
         assert s.kv_bytes() == 48 * per_token                 # W tokens held at the end
         layer = tiny.model.model.layers[0]
         with torch.no_grad():
-            first = layer.self_attn.k_proj(layer.input_layernorm(tiny.model.model.embed_tokens(stream[:4])))
+            embedded = tiny.model.model.embed_tokens(stream[:4].to(tiny.device))
+            first = layer.self_attn.k_proj(layer.input_layernorm(embedded))
         sinks = s.policy.k[0][0, :, :4]                       # (KV heads, 4, head dim), kept before RoPE
         torch.testing.assert_close(sinks, first.view(4, 2, 16).transpose(0, 1))
     ref = stock_nll(tiny, stream[:160])

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import DEVICE
 
 from infinictx import InfinictxError, MemoryConfig, Sampler, WindowConfig, load_model, streaming_perplexity
 from infinictx.core.attention import Rope, decoder_forward, local_attention
@@ -22,7 +23,7 @@ def full_attend(rope):
 
 
 def test_layerwise_forward_equals_stock_model(tiny, stream):
-    ids = stream[:60][None]
+    ids = stream[:60][None].to(tiny.device)
     rope = Rope(tiny.model, tiny.device, tiny.dtype)
     with torch.no_grad():
         ours = decoder_forward(tiny.model, ids, full_attend(rope))
@@ -110,10 +111,10 @@ def test_faiss_and_torch_topk_pick_the_same_entries():
 def test_memory_session_with_empty_memory_equals_full_attention(tiny, stream):
     ids = stream[:48]  # = W: nothing leaves the window, the memory stays empty
     with torch.no_grad():
-        logits = tiny.model(ids[None]).logits[0, :-1]
+        logits = tiny.model(ids[None].to(tiny.device)).logits[0, :-1].cpu()
     ref = torch.nn.functional.cross_entropy(logits, ids[1:], reduction="none")
     with MemoryConfig(window=48, chunk=16, mem_layers=[1]).make_session(tiny) as s:
-        nll = torch.cat([s.score_and_absorb(ids[i:i + 16])[0] for i in range(0, 48, 16)])
+        nll = torch.cat([s.score_and_absorb(ids[i:i + 16])[0].cpu() for i in range(0, 48, 16)])
         assert len(s.memory[1]) == 0 and len(s.local[0]) == 48
     torch.testing.assert_close(nll, ref, rtol=1e-5, atol=1e-5)
 
@@ -123,12 +124,12 @@ def test_memory_generation_matches_stock_greedy_while_memory_is_empty(tiny, stre
     with MemoryConfig(window=64, chunk=16, mem_layers=[0, 1]).make_session(tiny) as s:
         s.absorb(prompt)
         ours = s.generate_chunk(12, 0, Sampler(repetition_penalty=1.0, ban_eos=False))
-    ids = prompt[None]
+    ids = prompt[None].to(tiny.device)
     ref = []
     with torch.no_grad():
         for _ in range(12):
             ref.append(int(tiny.model(ids).logits[0, -1].argmax()))
-            ids = torch.cat([ids, torch.tensor([[ref[-1]]])], 1)
+            ids = torch.cat([ids, torch.tensor([[ref[-1]]], device=ids.device)], 1)
     assert ours.tolist() == ref
 
 
@@ -319,7 +320,7 @@ def test_longllama_checkpoint_loads_with_weights_and_memory_settings(tiny, tmp_p
     torch.save(state, tmp_path / "pytorch_model.bin")
     tiny.tokenizer.save_pretrained(tmp_path)
 
-    lm = load_model(tmp_path, device="cpu", dtype="float32")
+    lm = load_model(tmp_path, device=DEVICE, dtype="float32")
     assert lm.memory == {"mem_layers": [1], "last_context_length": 32, "positionals": "first",
                          "mem_dtype": "bfloat16", "grouping": [2, 16], "memory_share_tokens": None}
     for name, tensor in lm.model.state_dict().items():

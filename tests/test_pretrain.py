@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import SAMPLE
+from conftest import DEVICE, SAMPLE
 
 from infinictx.core.errors import InfinictxError
 from infinictx.training.pretrain import PretrainConfig, pretrain, train_tokenizer
@@ -18,7 +18,7 @@ def test_pretrain_learns_and_loads(tmp_path):
     tok = train_tokenizer(TEXTS, vocab_size=320)
     rec = pretrain(TEXTS, tok, PretrainConfig(**CFG), tmp_path / "m")
     assert rec["loss_last_50"] < rec["loss_first"] - 1.0
-    lm = load_model(tmp_path / "m", device="cpu", dtype="float32")
+    lm = load_model(tmp_path / "m", device=DEVICE, dtype="float32")
     assert lm.model.config.num_hidden_layers == 2 and len(lm.tokenizer) == len(tok)
     assert pretrain(TEXTS, tok, PretrainConfig(**CFG), tmp_path / "m") == rec   # done: not trained again
 

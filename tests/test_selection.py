@@ -66,9 +66,9 @@ def test_adam_feature_and_per_example_gradients(tiny):
     ids = torch.randint(0, 300, (2, 12))
     g0 = example_gradient(model, ids[0], ids[0])
     model.zero_grad()
-    loss = model(input_ids=ids[:1], labels=ids[:1]).loss
+    loss = model(input_ids=ids[:1].to(tiny.device), labels=ids[:1].to(tiny.device)).loss
     loss.backward()
-    assert torch.allclose(g0, torch.cat([p.grad.flatten() for p in params]), atol=1e-6)
+    assert torch.allclose(g0, torch.cat([p.grad.flatten() for p in params]).cpu(), atol=1e-6)
     opt = torch.optim.AdamW(params, lr=1e-3)
     opt.step()
     m, v = adam_moments(model, opt)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import stop_after
+from conftest import DEVICE, stop_after
 
 from infinictx import (
     InfinictxError,
@@ -26,7 +26,7 @@ def reference_nll(model, ids, window, chunk):
         lo = max(0, s - (window - chunk))
         seg = ids[lo:e]
         with torch.no_grad():
-            logits = model(seg[None]).logits[0, :-1]
+            logits = model(seg[None].to(model.device)).logits[0, :-1].cpu()
         nll = F.cross_entropy(logits, seg[1:], reduction="none")
         out.append(nll[-(e - max(s, 1)):])
     return torch.cat(out).numpy()
@@ -76,7 +76,7 @@ def test_fused_first_step_equals_unfused_order(tiny_model_dir, stream):
 
     results = {}
     for fuse in (True, False):
-        lm = load_model(tiny_model_dir, device="cpu", dtype="float32")
+        lm = load_model(tiny_model_dir, device=DEVICE, dtype="float32")
         cfg = TempLoraConfig(window=48, chunk=16, lr=5e-3, fuse_first_step=fuse)
         with cfg.make_session(lm) as s:
             assert s.describe()["fused_first_step"] is fuse
@@ -135,18 +135,18 @@ def test_resume_after_interrupt_reproduces_uninterrupted_run(tiny_model_dir, str
     from infinictx import load_model
 
     cfg = dict(window=48, chunk=16, lr=5e-3)
-    lm = load_model(tiny_model_dir, device="cpu", dtype="float32")
+    lm = load_model(tiny_model_dir, device=DEVICE, dtype="float32")
     with TempLoraConfig(**cfg).make_session(lm) as s:
         full = streaming_perplexity(s, stream, compare_base=True, progress=False)
 
     ckpt = tmp_path / "run.ckpt"
-    lm = load_model(tiny_model_dir, device="cpu", dtype="float32")
+    lm = load_model(tiny_model_dir, device=DEVICE, dtype="float32")
     with TempLoraConfig(**cfg).make_session(lm) as s:
         stop_after(s, 6)   # interrupted while reading the 7th chunk
         with pytest.raises(KeyboardInterrupt):
             streaming_perplexity(s, stream, compare_base=True, progress=False, checkpoint=ckpt, checkpoint_every=2)
     assert ckpt.exists()
-    lm = load_model(tiny_model_dir, device="cpu", dtype="float32")
+    lm = load_model(tiny_model_dir, device=DEVICE, dtype="float32")
     with TempLoraConfig(**cfg).make_session(lm) as s:
         resumed = streaming_perplexity(s, stream, compare_base=True, progress=False, checkpoint=ckpt)
     np.testing.assert_allclose(resumed.nll, full.nll, rtol=1e-5, atol=1e-5)
@@ -163,7 +163,7 @@ def greedy_full_recompute(model, context, n):
     ids = context.clone()
     for _ in range(n):
         with torch.no_grad():
-            ids = torch.cat([ids, model(ids[None]).logits[0, -1].argmax()[None]])
+            ids = torch.cat([ids, model(ids[None].to(model.device)).logits[0, -1].argmax()[None].cpu()])
     return ids[len(context):]
 
 

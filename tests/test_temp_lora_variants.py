@@ -4,7 +4,7 @@ m chunks at once. Each is validated, deterministic, leaves the base weights alon
 import numpy as np
 import pytest
 import torch
-from conftest import stop_after
+from conftest import DEVICE, stop_after
 
 from infinictx import InfinictxError, TempLoraConfig, streaming_perplexity, weights_fingerprint
 
@@ -81,7 +81,7 @@ def test_variants_are_deterministic_and_leave_the_base_alone(tiny_model_dir, str
 
     runs = []
     for _ in range(2):
-        lm = load_model(tiny_model_dir, device="cpu", dtype="float32")
+        lm = load_model(tiny_model_dir, device=DEVICE, dtype="float32")
         before = lm.fingerprint
         with TempLoraConfig(window=48, chunk=16, lr=1e-2, seed=7, **kwargs).make_session(lm) as s:
             runs.append(streaming_perplexity(s, stream, progress=False).nll)
@@ -93,16 +93,16 @@ def test_train_every_resumes_with_its_pending_chunks(tiny_model_dir, stream, tmp
     from infinictx import load_model
 
     cfg = dict(window=48, chunk=16, lr=1e-2, train_every=3, train_context=16)
-    lm = load_model(tiny_model_dir, device="cpu", dtype="float32")
+    lm = load_model(tiny_model_dir, device=DEVICE, dtype="float32")
     with TempLoraConfig(**cfg).make_session(lm) as s:
         whole = streaming_perplexity(s, stream, progress=False).nll
     ckpt = tmp_path / "run.ckpt"
-    lm = load_model(tiny_model_dir, device="cpu", dtype="float32")
+    lm = load_model(tiny_model_dir, device=DEVICE, dtype="float32")
     with TempLoraConfig(**cfg).make_session(lm) as s:
         stop_after(s, 5)   # 2 chunks pending when it stops
         with pytest.raises(KeyboardInterrupt):
             streaming_perplexity(s, stream, progress=False, checkpoint=ckpt)
-    lm = load_model(tiny_model_dir, device="cpu", dtype="float32")
+    lm = load_model(tiny_model_dir, device=DEVICE, dtype="float32")
     with TempLoraConfig(**cfg).make_session(lm) as s:
         resumed = streaming_perplexity(s, stream, progress=False, checkpoint=ckpt).nll
     np.testing.assert_allclose(resumed, whole, rtol=1e-5, atol=1e-6)
@@ -138,7 +138,7 @@ def test_bf16_base_keeps_adapter_optimizer_and_scores_in_fp32(tiny_model_dir):
     """The bf16 path (CPUs with AMX, GPUs): only the frozen base is bf16; what learns and what is summed is fp32."""
     from infinictx import load_model
 
-    lm = load_model(tiny_model_dir, device="cpu", dtype="bfloat16")
+    lm = load_model(tiny_model_dir, device=DEVICE, dtype="bfloat16")
     before = weights_fingerprint(lm.model)
     torch.manual_seed(3)
     passage = torch.randint(0, 300, (32,))
@@ -163,14 +163,14 @@ def test_bf16_base_runs_lora_products_in_bf16_with_fp32_gradients(tiny_model_dir
 
     from infinictx import load_model
 
-    lm = load_model(tiny_model_dir, device="cpu", dtype="bfloat16")
+    lm = load_model(tiny_model_dir, device=DEVICE, dtype="bfloat16")
     with TempLoraConfig(window=64, chunk=32).make_session(lm) as s:
         layer = next(m for m in s.model.modules() if isinstance(m, LoraLayer))
         name = s.learner.name
         a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
         with torch.no_grad():
             b.normal_()   # B starts at zero: make the product visible
-        x = torch.randn(3, a.shape[1], dtype=torch.bfloat16)
+        x = torch.randn(3, a.shape[1], dtype=torch.bfloat16, device=a.device)
         y = layer(x)
         assert y.dtype == torch.bfloat16
         expected = layer.get_base_layer()(x) + F.linear(F.linear(x, a.bfloat16()), b.bfloat16()) * layer.scaling[name]

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SAMPLE
+from conftest import DEVICE, SAMPLE
 
 from infinictx.core.errors import InfinictxError
 from infinictx.data.parallel import (
@@ -130,7 +130,7 @@ def test_teacher_forced_nll_equals_a_plain_forward(tiny, decode):
     for c in range(len(doc.chunks)):
         ids, spans = stream_of(tr, doc, c)
         with torch.no_grad():
-            logits = tiny.model(input_ids=torch.tensor([ids])).logits[0]
+            logits = tiny.model(input_ids=torch.tensor([ids], device=tiny.device)).logits[0].cpu()
         nll = F.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="none")
         for (a, b), r in zip(spans, [r for r in results if r.chunk == c]):
             assert r.ref_tokens == b - a
@@ -267,7 +267,7 @@ def tiny_gemma_dir(tmp_path_factory, tiny_model_dir):
 def test_gemma3_sessions_lora_and_batched_decoding(tiny_gemma_dir):
     from infinictx import load_model
 
-    lm = load_model(tiny_gemma_dir, device="cpu", dtype="float32")
+    lm = load_model(tiny_gemma_dir, device=DEVICE, dtype="float32")
     assert type(lm.model).__name__ == "Gemma3ForCausalLM"
     doc = make_doc(chunks=2, per_chunk=6)   # prompts longer than the 16-token sliding window
     batched, _ = translate(lm, doc, window=256, decode="batched")
@@ -324,8 +324,8 @@ def test_methods_needing_llama_internals_refuse_gemma3_in_one_line(tmp_path, tin
 def _stock_and_banded(tiny_gemma_dir):
     from infinictx import load_model
 
-    banded = load_model(tiny_gemma_dir, device="cpu", dtype="float32")
-    stock = load_model(tiny_gemma_dir, device="cpu", dtype="float32")
+    banded = load_model(tiny_gemma_dir, device=DEVICE, dtype="float32")
+    stock = load_model(tiny_gemma_dir, device=DEVICE, dtype="float32")
     stock.model.set_attn_implementation("sdpa")
     assert banded.model.config._attn_implementation == "infinictx_banded_sdpa"
     return stock, banded
@@ -335,13 +335,13 @@ def test_banded_sliding_attention_equals_the_stock_path(tiny_gemma_dir):
     from infinictx.training.lora import add_lora
 
     stock, banded = _stock_and_banded(tiny_gemma_dir)
-    ids = torch.randint(0, 300, (1, 203), generator=torch.Generator().manual_seed(3))   # 12 blocks of 16 and a bit
+    ids = torch.randint(0, 300, (1, 203), generator=torch.Generator().manual_seed(3)).to(DEVICE)   # 12×16 and a bit
     grads = []
     for lm in (stock, banded):
         model, params = add_lora(lm.model, 4, 8, seed=0)
         g = torch.Generator().manual_seed(5)
         for p in params:   # B = 0 at init: make the adapter matter (the same values in both models)
-            p.data = torch.randn(p.shape, generator=g) * 0.1
+            p.data = (torch.randn(p.shape, generator=g) * 0.1).to(p.device)
         with torch.no_grad():
             logits = model(input_ids=ids).logits
             cached = model(input_ids=ids[:, :150], use_cache=True).past_key_values
@@ -361,11 +361,11 @@ def test_mst_on_a_non_llama_model_matches_the_plain_loss_and_gradients(tiny_gemm
     from infinictx.training.lora import add_lora
     from infinictx.training.mst import MSTConfig, causal_lm_nll
 
-    lm = load_model(tiny_gemma_dir, device="cpu", dtype="float32")
+    lm = load_model(tiny_gemma_dir, device=DEVICE, dtype="float32")
     model, params = add_lora(lm.model, 4, 8, seed=0)
     for p in params:
         torch.nn.init.normal_(p, std=0.1)
-    ids = torch.randint(0, 300, (1, 120), generator=torch.Generator().manual_seed(4))
+    ids = torch.randint(0, 300, (1, 120), generator=torch.Generator().manual_seed(4)).to(DEVICE)
     plain = F.cross_entropy(model(input_ids=ids[:, :-1]).logits[0, -50:], ids[0, -50:], reduction="none")
     plain.mean().backward()
     expected = [p.grad.clone() for p in params]

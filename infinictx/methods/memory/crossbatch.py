@@ -162,6 +162,7 @@ def crossbatch_attention(q, k, v, memory_rows, rope: Rope, scale: float, extra=N
     negatives by every row that has a memory."""
     B, Hkv, T, D = k.shape
     qr, kr = rope.rotate(q, 0), rope.rotate(k, 0)
+    memory_rows = memory_rows.to(q.device)   # batches are built on the CPU
     S = memory_rows.shape[1]
     safe = memory_rows.clamp(min=0)
     keys = [k[safe].permute(0, 2, 1, 3, 4).reshape(B, Hkv, S * T, D)]   # (B, S, Hkv, T, D) -> (B, Hkv, S·T, D)
@@ -180,7 +181,7 @@ def crossbatch_attention(q, k, v, memory_rows, rope: Rope, scale: float, extra=N
 
 
 def _crossbatch_attend(batch: Batch, mem_layers: set[int], rope: Rope, extra: dict | None, capture: dict | None):
-    rows = batch.memory_rows.to(batch.ids.device)
+    rows = batch.memory_rows
 
     def attend(i, a, q, k, v):
         if i in mem_layers:
@@ -197,7 +198,13 @@ def crossbatch_logits(model, batch: Batch, mem_layers: set[int], rope: Rope, ext
                       capture: dict | None = None) -> torch.Tensor:
     """Logits of every row. `extra[layer]` = detached (k, v) further negatives; `capture`, if given, receives
     each memory layer's detached (k, v) of this batch (to become later batches' extra negatives)."""
-    return decoder_forward(model, batch.ids, _crossbatch_attend(batch, mem_layers, rope, extra, capture))
+    attend = _crossbatch_attend(batch, mem_layers, rope, extra, capture)
+    return decoder_forward(model, _on_model(model, batch.ids), attend)
+
+
+def _on_model(model, ids: torch.Tensor) -> torch.Tensor:
+    """`make_batch` builds batches on the CPU; the model may sit on a GPU."""
+    return ids.to(model.get_input_embeddings().weight.device)
 
 
 def crossbatch_loss(model, batch: Batch, mem_layers: set[int], rope: Rope, extra: dict | None = None,
@@ -209,7 +216,8 @@ def crossbatch_loss(model, batch: Batch, mem_layers: set[int], rope: Rope, extra
     same loss and gradients, never all logits at once."""
     mst = mst or MSTConfig(head_chunks=1, mlp_chunks=1, checkpoint=False)  # off: the plain forward and loss
     attend = _crossbatch_attend(batch, mem_layers, rope, extra, capture)
-    per_token = mst_nll(model, mst_hidden(model, batch.ids, attend, mst)[:, :-1], batch.ids[:, 1:], mst)
+    ids = _on_model(model, batch.ids)
+    per_token = mst_nll(model, mst_hidden(model, ids, attend, mst)[:, :-1], ids[:, 1:], mst)
     loss = per_token.mean()
     if needle_weight and batch.needles:
         loss = loss + needle_weight * torch.cat([per_token[r, s - 1:e - 1] for r, s, e in batch.needles]).mean()
