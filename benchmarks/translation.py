@@ -4,8 +4,9 @@ chapter as context (k1).
 
 Cells (each one `infinictx translate` process; its JSON under results/translation/, a checkpoint after every
 chapter, so a rerun of this script skips finished cells and resumes a stopped one):
-  main   zh→en teacher-forced (the paper's protocol), zh→en free-running (the model's own history and training
-         targets), en→zh teacher-forced; window and temp-lora each
+  main   zh→en teacher-forced (the paper's protocol) on the whole --book, zh→en free-running (the model's own
+         history and training targets) on its first --free-chapters chapters, en→zh teacher-forced on the whole
+         --en-zh-book; window and temp-lora each, free-running also temp-lora-repeats (`--train-on-repeats`)
   lr     Temp-Lora's learning rate on the first --lr-chapters chapters, zh→en teacher-forced (run it first: the
          main cells use --lr)
 
@@ -27,6 +28,32 @@ RUNS = {  # label: (source language, target language, free-running)
     "zh-en-free": ("zh", "en", True),
     "en-zh": ("en", "zh", False),
 }
+
+
+def scope(label: str, a) -> tuple[str, int | None]:
+    """The book and chapter limit a run translates. zh→en teacher-forced: the whole --book (the ≥ 20K-token
+    target). Free-running decodes one sentence after the other (about 6 s a verse on a 2-core CPU without AMX), so
+    it covers the first --free-chapters chapters of --book (half of Judges' verses); en→zh the whole of the
+    shorter --en-zh-book."""
+    if label == "zh-en-free":
+        return a.book, a.free_chapters
+    if label == "en-zh":
+        return a.en_zh_book, None
+    return a.book, None
+
+
+def scope_text(book: str, chapters: int | None) -> str:
+    return f"{book} 1–{chapters}" if chapters else book
+# a cell's method: the `--method` it runs and its extra flags. Free-running also runs Temp-Lora trained on its
+# repeated outputs too (what the task did before it left them out of the loss): the collapse that rule prevents.
+METHODS = {"window": ("window", []), "temp-lora": ("temp-lora", []),
+           "temp-lora-repeats": ("temp-lora", ["--train-on-repeats"])}
+
+
+def methods(label: str) -> list[str]:
+    return ["window", "temp-lora", *(["temp-lora-repeats"] if RUNS[label][2] else [])]
+
+
 METRICS = ("ref_ppl", "ref_ppl_sentence_weighted", "bleu", "chrf")
 
 
@@ -90,18 +117,24 @@ def change(a, b) -> str:
     return "–" if a is None or b is None else f"{100 * (b - a) / a:+.1f}%"
 
 
-def table(cells: dict, intervals: dict) -> list[str]:
-    lines = ["| run | method | reference PPL | PPL (paper) | BLEU | chrF | wall s | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|"]
+def table(cells: dict, intervals: dict, scopes: dict) -> list[str]:
+    lines = ["| run | text | method | reference PPL | PPL (paper) | BLEU | chrF | wall s | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for label in RUNS:
-        w, t = cells.get(f"{label}_window"), cells.get(f"{label}_temp-lora")
-        for method, c in (("window", w), ("temp-lora", t)):
+        w = cells.get(f"{label}_window")
+        text = scope_text(*scopes[label])
+        for method in methods(label):
+            c = cells.get(f"{label}_{method}")
             if c:
-                lines.append(f"| {label} | {method} | {c['ref_ppl']:.3f} | {c['ref_ppl_sentence_weighted']:.3f} | "
+                lines.append(f"| {label} | {text} | {method} | {c['ref_ppl']:.3f} | "
+                             f"{c['ref_ppl_sentence_weighted']:.3f} | "
                              f"{c['bleu']:.2f} | {c['chrf']:.2f} | {c['wall_s']:.0f} | {c['peak_rss_mib']:.0f} |")
-        if w and t:
-            ci = intervals.get(label, {})
-            lines.append(f"| {label} | change | "
+        for method in methods(label)[1:]:
+            t = cells.get(f"{label}_{method}")
+            if not (w and t):
+                continue
+            ci = intervals.get(f"{label}_{method}", {})
+            lines.append(f"| {label} | {text} | change ({method}) | "
                          f"{change(w['ref_ppl'], t['ref_ppl'])}{interval(ci.get('ref_ppl_pct'))} | "
                          f"{change(w['ref_ppl_sentence_weighted'], t['ref_ppl_sentence_weighted'])} | "
                          f"{t['bleu'] - w['bleu']:+.2f}{interval(ci.get('bleu'))} | "
@@ -110,13 +143,13 @@ def table(cells: dict, intervals: dict) -> list[str]:
     return lines
 
 
-def bucket_table(cells: dict) -> list[str]:
+def bucket_table(cells: dict, scopes: dict) -> list[str]:
     lines = []
-    for label in RUNS:
-        w, t = cells.get(f"{label}_window"), cells.get(f"{label}_temp-lora")
+    for label, method in ((label, m) for label in RUNS for m in methods(label)[1:]):
+        w, t = cells.get(f"{label}_window"), cells.get(f"{label}_{method}")
         if not (w and t):
             continue
-        lines += [f"**{label}**, along the book (chapters):", "",
+        lines += [f"**{label}** ({scope_text(*scopes[label])}), {method}, along the text (chapters):", "",
                   "| chapters | PPL window | PPL Temp-Lora | change | chrF window | chrF Temp-Lora | BLEU window | "
                   "BLEU Temp-Lora |", "|---|---|---|---|---|---|---|---|"]
         for bw, bt in zip(w["buckets"], t["buckets"]):
@@ -158,6 +191,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="main")
     ap.add_argument("--book", default="Judges", help="a Bible book with ≥ 20K target tokens either way")
+    ap.add_argument("--free-chapters", type=int, default=10, help="chapters of --book the free-running cells cover")
+    ap.add_argument("--en-zh-book", default="Esther", help="the book the en→zh cells translate")
     ap.add_argument("--runs", default=",".join(RUNS))
     ap.add_argument("--window", type=int, default=4096)
     ap.add_argument("--lr", type=float, default=1e-4, help="Temp-Lora's learning rate in the main cells")
@@ -187,19 +222,23 @@ def main():
     if "main" in a.parts.split(","):
         for label in runs:
             src, tgt, free = RUNS[label]
-            for method in ("window", "temp-lora"):
-                extra = ["--lr", str(a.lr)] if method == "temp-lora" else []
-                c = cell(folder, f"{label}_{method}", a.book, src, tgt, free, method, a.window, a.threads, extra)
+            book, chapters = scope(label, a)
+            for method in methods(label):
+                runs_as, flags = METHODS[method]
+                extra = (["--lr", str(a.lr)] if runs_as == "temp-lora" else []) + flags + (
+                    ["--max-chunks", str(chapters)] if chapters else [])
+                c = cell(folder, f"{label}_{method}", book, src, tgt, free, runs_as, a.window, a.threads, extra)
                 if c:
                     cells[f"{label}_{method}"] = c
+    scopes = {label: scope(label, a) for label in RUNS}
     intervals = {}
-    for label in RUNS:
-        paths = [folder / f"{label}_{m}.json" for m in ("window", "temp-lora")]
+    for label, method in ((label, m) for label in RUNS for m in methods(label)[1:]):
+        paths = [folder / f"{label}_{m}.json" for m in ("window", method)]
         if all(p.exists() for p in paths):
             src, tgt, _ = RUNS[label]
-            intervals[label] = paired_intervals(*(json.loads(p.read_text()) for p in paths),
-                                                references(a.book, src, tgt), tgt)
-    md = [f"## Long-document translation: Temp-Lora against the same window (Bible, {a.book}, CUV ↔ KJV)", "",
+            intervals[f"{label}_{method}"] = paired_intervals(*(json.loads(p.read_text()) for p in paths),
+                                                              references(scopes[label][0], src, tgt), tgt)
+    md = ["## Long-document translation: Temp-Lora against the same window (Bible, CUV ↔ KJV)", "",
           "Gemma-3-270M (base, Q4_K_M GGUF dequantized to fp32), W = "
           f"{a.window}, a chapter per chunk, the previous chapter as context (k1); greedy, repetition penalty 1.12; "
           "Temp-Lora: r = 64, 2 steps per chapter on the context + chapter, loss on the target lines only. "
@@ -212,7 +251,7 @@ def main():
     if cpus:
         md += [measured_on(cpus), ""]
     if cells:
-        md += table(cells, intervals) + [""] + bucket_table(cells)
+        md += table(cells, intervals, scopes) + [""] + bucket_table(cells, scopes)
         if plot(cells, RESULTS / f"{a.name}.png"):
             md += [f"![reference PPL and chrF along the book]({a.name}.png)", ""]
     if sweep:
@@ -226,7 +265,8 @@ def main():
                       f"{c['ref_ppl_sentence_weighted']:.3f} | {c['bleu']:.2f} | {c['chrf']:.2f} | {c['wall_s']:.0f} | "
                       f"{c['peak_rss_mib']:.0f} |")
         md.append("")
-    save(a.name, {"book": a.book, "window": a.window, "lr": a.lr, "cells": cells, "intervals": intervals,
+    save(a.name, {"book": a.book, "scopes": {k: scope_text(*v) for k, v in scopes.items()}, "window": a.window,
+                  "lr": a.lr, "cells": cells, "intervals": intervals,
                   "lr_sweep": sweep}, "\n".join(md))
 
 

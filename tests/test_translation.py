@@ -178,6 +178,33 @@ def test_training_sample_masks_all_but_the_chunk_targets(tiny, monkeypatch):
         assert [i for i, m in enumerate(mask) if m] == sorted(targets)
 
 
+def test_own_outputs_that_repeat_carry_no_loss(tiny, monkeypatch):
+    """Free-running: a translation that repeats another (in the chunk or its context) stays in the sample without
+    a loss, unless train_on_repeats; references (teacher-forced) are all trained on; all repeats: no step."""
+    from infinictx.learners.temp_lora import TempLora
+
+    masks = []
+    monkeypatch.setattr(TempLora, "train_on", lambda self, session, context, piece, loss_mask=None:
+                        masks.append(loss_mask.tolist()))
+    src, loop, other, old = [5, 6], [40, 41, 42], [50, 51], [60, 61]
+    context, current = [(src, old)], [(src, loop), (src, other), (src, loop), (src, old)]
+
+    def labelled(own, **settings):
+        masks.clear()
+        with TempLoraConfig(window=256, rank=4).make_session(tiny) as session:
+            tr = DocumentTranslator(session, make_doc(), TranslationSettings(free_running=own, **settings))
+            tr.learn(context, current, own_targets=own)
+            return [m for mask in masks for m in mask], tr.repeats_not_trained
+
+    # per pair: the source's 2 tokens carry no loss, the target's do when it is kept
+    shape = lambda keep: [m for (s, t), k in zip(current, keep) for m in [False] * len(s) + [k] * len(t)]  # noqa
+    assert labelled(True) == (shape([False, True, False, False]), 3)   # the loop twice, and the context's line
+    assert labelled(True, train_on_repeats=True) == (shape([True] * 4), 0)
+    assert labelled(False) == (shape([True] * 4), 0)
+    current[1] = (src, loop)
+    assert labelled(True) == ([], 4)
+
+
 def test_train_on_loss_is_the_masked_mean(tiny):
     config = TempLoraConfig(window=128, lr=1e-2, rank=4, steps=1)
     with config.make_session(tiny) as session:

@@ -30,6 +30,7 @@ import hashlib
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -65,6 +66,7 @@ class TranslationSettings:
     max_new_tokens: int = 256
     repetition_penalty: float = 1.12
     decode: str = "batched"     # teacher-forced: all sentences of a chunk decoded at once ("sequential": one by one)
+    train_on_repeats: bool = False   # Temp-Lora on the model's own outputs: train on one that repeats another too
 
 
 class PromptCache:
@@ -161,6 +163,7 @@ class DocumentTranslator:
         self.prompt = PromptCache(session)
         self.prompt.reset()
         self.history: list[list[tuple[list[int], list[int]]]] = []   # per chunk: (source ids, target ids) pairs
+        self.repeats_not_trained = 0
 
     # --- prompt pieces --------------------------------------------------------------------------------
     def source_ids(self, text: str) -> list[int]:
@@ -212,7 +215,7 @@ class DocumentTranslator:
             else:
                 out, current = self._chunk_sequential(index, chunk, context)
         if learn:
-            self.learn(context, current)
+            self.learn(context, current, own_targets=not teacher_forced)
         self.history.append(current)
         return out
 
@@ -365,14 +368,24 @@ class DocumentTranslator:
         self.session.meter.tokens["generated"] += sum(len(o) for o in outs)
         return outs
 
-    def learn(self, context, current):
+    def learn(self, context, current, own_targets: bool = False):
         """Temp-Lora's step after a chunk: the context pairs unlabelled, then the chunk's pairs with the loss on
         the target lines only; a chunk longer than the window trains in pieces, each after the tokens before it."""
         learner = self.session.learner
         if learner is None or not current:
             return
+        labelled = [True] * len(current)
+        if own_targets and not self.settings.train_on_repeats:
+            # A small model falls into loops (the same line for verse after verse). Trained on, a loop becomes the
+            # adapter's answer to every sentence (Judges, Gemma-3-270M: one line for all of chapters 2-10), so an
+            # output that repeats another in the chunk or its context stays in the sample without a loss.
+            counts = Counter(tuple(t) for _, t in context + current)
+            labelled = [counts[tuple(t)] == 1 for _, t in current]
+            self.repeats_not_trained += labelled.count(False)
+        if not any(labelled):
+            return
         piece = self.flat(current)
-        mask = [m for s, t in current for m in [False] * len(s) + [True] * len(t)]
+        mask = [m for (s, t), keep in zip(current, labelled) for m in [False] * len(s) + [keep] * len(t)]
         before = self.header + self.flat(self.fitted(context, max(0, self.window - len(self.header) - len(piece))))
         step = max(1, self.window // 2)
         for s in range(0, len(piece), step):
@@ -383,10 +396,12 @@ class DocumentTranslator:
 
     # --- resume ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"history": self.history, "session": self.session.state_dict()}
+        return {"history": self.history, "session": self.session.state_dict(),
+                "repeats_not_trained": self.repeats_not_trained}
 
     def load_state_dict(self, state: dict):
         self.history = state["history"]
+        self.repeats_not_trained = state["repeats_not_trained"]
         self.session.load_state_dict(state["session"], torch.empty(0, dtype=torch.long))
 
 
@@ -453,6 +468,8 @@ class TranslationTask(Task):
     decode: str = setting("batched", "teacher-forced decoding: every sentence of a chunk at once (batched) or one "
                           "by one (sequential; the same translations; free-running is always sequential)",
                           choices=("batched", "sequential"))
+    train_on_repeats: bool = setting(False, "free-running: Temp-Lora also trains on an output that repeats another "
+                                     "in the chunk or its context (default: such loops carry no loss)")
     buckets: int = setting(5, "position buckets along the document in the report")
     checkpoint: str | None = setting(None, "checkpoint file: a rerun resumes from it")
 
@@ -492,7 +509,7 @@ class TranslationTask(Task):
 
     def settings(self) -> TranslationSettings:
         return TranslationSettings(self.free_running, self.context_chunks, self.max_new_tokens,
-                                   self.repetition_penalty, self.decode)
+                                   self.repetition_penalty, self.decode, self.train_on_repeats)
 
     def run(self, lm, config, inputs, outputs: Outputs, progress: bool) -> Result:
         from .report import translation_markdown
@@ -538,6 +555,7 @@ class TranslationTask(Task):
                                  "sentences": [asdict(s) for s in sentences], "translator": translator.state_dict()})
             wall = elapsed + time.perf_counter() - t0
             return {"name": doc.name, "chunks": len(doc.chunks), "dropped": doc.dropped, "wall_s": round(wall, 3),
+                    "repeats_not_trained": translator.repeats_not_trained,
                     "config": session.describe(), "method": session.method,
                     "sentences": [asdict(s) for s in sentences], "cost": session.meter.summary()}
 
