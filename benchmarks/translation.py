@@ -44,6 +44,8 @@ def scope(label: str, a) -> tuple[str, int | None]:
 
 def scope_text(book: str, chapters: int | None) -> str:
     return f"{book} 1–{chapters}" if chapters else book
+
+
 # a cell's method: the `--method` it runs and its extra flags. Free-running also runs Temp-Lora trained on its
 # repeated outputs too (what the task did before it left them out of the loss): the collapse that rule prevents.
 METHODS = {"window": ("window", []), "temp-lora": ("temp-lora", []),
