@@ -6,7 +6,7 @@ Cells (each one `infinictx translate` process; its JSON under results/translatio
 chapter, so a rerun of this script skips finished cells and resumes a stopped one):
   main   zh→en teacher-forced (the paper's protocol) on the whole --book, zh→en free-running (the model's own
          history and training targets) on its first --free-chapters chapters, en→zh teacher-forced on the whole
-         --en-zh-book; window and temp-lora each, free-running also temp-lora-repeats (`--train-on-repeats`)
+         --en-zh-book; window and temp-lora each, free-running also the variants of FREE_ONLY (below)
   lr     Temp-Lora's learning rate on the first --lr-chapters chapters, zh→en teacher-forced (run it first: the
          main cells use --lr)
 
@@ -30,13 +30,13 @@ RUNS = {  # label: (source language, target language, free-running)
 }
 
 
-def scope(label: str, a) -> tuple[str, int | None]:
-    """The book and chapter limit a run translates. zh→en teacher-forced: the whole --book (the ≥ 20K-token
+def scope(label: str, a, method: str = "window") -> tuple[str, int | None]:
+    """The book and chapter limit a cell translates. zh→en teacher-forced: the whole --book (the ≥ 20K-token
     target). Free-running decodes one sentence after the other (about 6 s a verse on a 2-core CPU without AMX), so
-    it covers the first --free-chapters chapters of --book (half of Judges' verses); en→zh the whole of the
-    shorter --en-zh-book."""
+    it covers the first --free-chapters chapters of --book (half of Judges' verses), and the ways to stop its drift
+    the first --variant-chapters (the drift shows by chapter 3); en→zh the whole of the shorter --en-zh-book."""
     if label == "zh-en-free":
-        return a.book, a.free_chapters
+        return a.book, a.variant_chapters if method in DRIFT_FIXES else a.free_chapters
     if label == "en-zh":
         return a.en_zh_book, None
     return a.book, None
@@ -46,17 +46,38 @@ def scope_text(book: str, chapters: int | None) -> str:
     return f"{book} 1–{chapters}" if chapters else book
 
 
-# a cell's method: the `--method` it runs and its extra flags. Free-running also runs Temp-Lora trained on its
-# repeated outputs too (what the task did before it left them out of the loss): the collapse that rule prevents.
+# a cell's method: the `--method` it runs and its extra flags (an --lr here replaces the benchmark's --lr).
+# Free-running also runs Temp-Lora trained on its repeated outputs too (what the task did before it left them out
+# of the loss): the collapse that rule prevents; and three ways to stop the drift of training on its own outputs
+# (DRIFT_FIXES): the loss on the source lines (the document's true text) instead, a 10× lower learning rate, or
+# only the outputs the model is sure of (self-training's confidence filter; None: `confidence_floor`'s threshold).
 METHODS = {"window": ("window", []), "temp-lora": ("temp-lora", []),
-           "temp-lora-repeats": ("temp-lora", ["--train-on-repeats"])}
+           "temp-lora-repeats": ("temp-lora", ["--train-on-repeats"]),
+           "temp-lora-source": ("temp-lora", ["--loss-on", "source"]),
+           "temp-lora-lr-1e-5": ("temp-lora", ["--lr", "1e-5"]),
+           "temp-lora-confident": ("temp-lora", ["--min-confidence", None])}
+DRIFT_FIXES = ("temp-lora-source", "temp-lora-lr-1e-5", "temp-lora-confident")
+FREE_ONLY = ("temp-lora-repeats", *DRIFT_FIXES)
 
 
 def methods(label: str) -> list[str]:
-    return ["window", "temp-lora", *(["temp-lora-repeats"] if RUNS[label][2] else [])]
+    return ["window", "temp-lora", *(FREE_ONLY if RUNS[label][2] else [])]
 
 
 METRICS = ("ref_ppl", "ref_ppl_sentence_weighted", "bleu", "chrf")
+
+
+def confidence_floor(folder, a) -> float:
+    """The confidence filter's threshold: the lower quartile of the unadapted model's output confidence (the
+    geometric mean of its tokens' probabilities) on another text, free-running Ruth 1 (22 verses) with the window,
+    so that it is not set on the text it is measured on."""
+    import numpy as np
+
+    name = "calibration_ruth-1"
+    if cell(folder, name, "Ruth", "zh", "en", True, "window", a.window, a.threads, ["--max-chunks", "1"]) is None:
+        sys.exit("translation: the calibration cell failed")
+    confidence = [t["confidence"] for t in json.loads((folder / f"{name}.json").read_text())["translations"]]
+    return round(float(np.exp(np.percentile(confidence, 25))), 3)
 
 
 def cell(folder, name: str, book: str, src: str, tgt: str, free: bool, method: str, window: int, threads: int,
@@ -77,31 +98,33 @@ def cell(folder, name: str, book: str, src: str, tgt: str, free: bool, method: s
 
 
 def paired_intervals(w: dict, t: dict, refs: dict[str, str], tgt: str, samples: int = 1000) -> dict:
-    """95% bootstrap intervals of Temp-Lora's change against the window, resampling the sentences both cells
-    translated (a paired bootstrap): reference PPL in % (from the per-sentence NLLs, in cells run since the JSON
-    carries them), BLEU and chrF in points."""
+    """Temp-Lora's change against the window on the sentences both cells translated (`point`), and its 95%
+    bootstrap intervals, resampling those sentences (a paired bootstrap): reference PPL in % (from the
+    per-sentence NLLs, in cells run since the JSON carries them), BLEU and chrF in points."""
     import numpy as np
-    import sacrebleu
 
-    from infinictx.data.parallel import LANGUAGES, to_simplified
+    from infinictx.tasks.translation import as_scored, scorers
 
     a, b = ({s["key"]: s for s in c["translations"]} for c in (w, t))
     keys = [k for k in a if k in b and k in refs]
     idx = np.random.default_rng(0).integers(0, len(keys), (samples, len(keys)))
     ci = lambda x: [round(float(v), 3) for v in np.percentile(x, [2.5, 97.5])]   # noqa: E731
-    out = {"sentences": len(keys), "samples": samples}
+    out = {"sentences": len(keys), "samples": samples, "point": {}}
     if all("ref_nll" in a[k] and "ref_nll" in b[k] for k in keys):
         n, na, nb = (np.array([d[k][f] for k in keys]) for d, f in ((a, "ref_tokens"), (a, "ref_nll"), (b, "ref_nll")))
         out["ref_ppl_pct"] = ci(100 * (np.exp((nb[idx].sum(1) - na[idx].sum(1)) / n[idx].sum(1)) - 1))
+        paper = lambda nll: (n * np.exp(nll / n)).sum() / n.sum()   # noqa: E731
+        out["point"] |= {"ref_ppl_pct": 100 * float(np.expm1((nb.sum() - na.sum()) / n.sum())),
+                         "ref_ppl_paper_pct": 100 * float(paper(nb) / paper(na) - 1)}
     ref_list = [[refs[k] for k in keys]]
-    hyps = [[d[k]["hyp"] for k in keys] for d in (a, b)]
-    if tgt == "zh":   # scored in simplified script, as the task scores them
-        hyps = [to_simplified(h) for h in hyps]
+    hyps = [as_scored([d[k]["hyp"] for k in keys], tgt) for d in (a, b)]
     # sacrebleu's per-sentence sufficient statistics (what its own paired tests resample; the version is pinned)
-    for name, metric in (("bleu", sacrebleu.BLEU(tokenize=LANGUAGES[tgt][1])), ("chrf", sacrebleu.CHRF())):
+    for name, metric in scorers(tgt).items():
         sa, sb = (np.array(metric._extract_corpus_statistics(h, ref_list), dtype=float) for h in hyps)
         score = lambda st, i: metric._compute_score_from_stats(list(st[i].sum(0))).score   # noqa: E731
         out[name] = ci([score(sb, i) - score(sa, i) for i in idx])
+        everything = np.arange(len(keys))
+        out["point"][name] = float(score(sb, everything) - score(sa, everything))
     return out
 
 
@@ -120,28 +143,35 @@ def change(a, b) -> str:
 
 
 def table(cells: dict, intervals: dict, scopes: dict) -> list[str]:
+    """Each cell's numbers, then each method's change against the window on the sentences both translated (a
+    variant that covers fewer chapters is compared on those)."""
     lines = ["| run | text | method | reference PPL | PPL (paper) | BLEU | chrF | wall s | peak RSS MiB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for label in RUNS:
         w = cells.get(f"{label}_window")
-        text = scope_text(*scopes[label])
         for method in methods(label):
             c = cells.get(f"{label}_{method}")
             if c:
-                lines.append(f"| {label} | {text} | {method} | {c['ref_ppl']:.3f} | "
-                             f"{c['ref_ppl_sentence_weighted']:.3f} | "
+                lines.append(f"| {label} | {scope_text(*scopes[f'{label}_{method}'])} | {method} | "
+                             f"{c['ref_ppl']:.3f} | {c['ref_ppl_sentence_weighted']:.3f} | "
                              f"{c['bleu']:.2f} | {c['chrf']:.2f} | {c['wall_s']:.0f} | {c['peak_rss_mib']:.0f} |")
         for method in methods(label)[1:]:
             t = cells.get(f"{label}_{method}")
             if not (w and t):
                 continue
             ci = intervals.get(f"{label}_{method}", {})
-            lines.append(f"| {label} | {text} | change ({method}) | "
-                         f"{change(w['ref_ppl'], t['ref_ppl'])}{interval(ci.get('ref_ppl_pct'))} | "
-                         f"{change(w['ref_ppl_sentence_weighted'], t['ref_ppl_sentence_weighted'])} | "
-                         f"{t['bleu'] - w['bleu']:+.2f}{interval(ci.get('bleu'))} | "
-                         f"{t['chrf'] - w['chrf']:+.2f}{interval(ci.get('chrf'))} | "
-                         f"{t['wall_s'] / w['wall_s']:.2f}× | |")
+            point = ci.get("point", {})
+            pct = lambda key, field: (f"{point[key]:+.1f}%" if key in point   # noqa: E731
+                                      else change(w[field], t[field]))
+            diff = lambda key: point.get(key, t[key] - w[key])   # noqa: E731
+            same = scopes[f"{label}_{method}"] == scopes[f"{label}_window"]
+            ratio = f"{t['wall_s'] / w['wall_s']:.2f}×" if same else "–"
+            lines.append(f"| {label} | {scope_text(*scopes[f'{label}_{method}'])} | change ({method}) | "
+                         f"{pct('ref_ppl_pct', 'ref_ppl')}{interval(ci.get('ref_ppl_pct'))} | "
+                         f"{pct('ref_ppl_paper_pct', 'ref_ppl_sentence_weighted')} | "
+                         f"{diff('bleu'):+.2f}{interval(ci.get('bleu'))} | "
+                         f"{diff('chrf'):+.2f}{interval(ci.get('chrf'))} | "
+                         f"{ratio} | |")
     return lines
 
 
@@ -149,10 +179,10 @@ def bucket_table(cells: dict, scopes: dict) -> list[str]:
     lines = []
     for label, method in ((label, m) for label in RUNS for m in methods(label)[1:]):
         w, t = cells.get(f"{label}_window"), cells.get(f"{label}_{method}")
-        if not (w and t):
-            continue
-        lines += [f"**{label}** ({scope_text(*scopes[label])}), {method}, along the text (chapters):", "",
-                  "| chapters | PPL window | PPL Temp-Lora | change | chrF window | chrF Temp-Lora | BLEU window | "
+        if not (w and t) or scopes[f"{label}_{method}"] != scopes[f"{label}_window"]:
+            continue   # a variant over fewer chapters: in the chapter table
+        lines += [f"**{label}** ({scope_text(*scopes[f'{label}_window'])}), {method}, along the text (chapters):",
+                  "", "| chapters | PPL window | PPL Temp-Lora | change | chrF window | chrF Temp-Lora | BLEU window | "
                   "BLEU Temp-Lora |", "|---|---|---|---|---|---|---|---|"]
         for bw, bt in zip(w["buckets"], t["buckets"]):
             lines.append(f"| {bw['chunks'][0] + 1}–{bw['chunks'][1]} | {bw['ref_ppl']:.3f} | {bt['ref_ppl']:.3f} | "
@@ -160,6 +190,28 @@ def bucket_table(cells: dict, scopes: dict) -> list[str]:
                          f"{bw['bleu']:.2f} | {bt['bleu']:.2f} |")
         lines.append("")
     return lines
+
+
+def chapter_table(label: str, runs: dict[str, dict], refs: dict[str, str], tgt: str) -> list[str]:
+    """Reference PPL and chrF chapter by chapter for each method of a run (free-running's drift)."""
+    from infinictx.tasks.translation import SentenceResult, quality
+
+    def sentences(run, chapter):
+        return [SentenceResult(t["key"], t["chunk"], "", refs[t["key"]], t["hyp"], t.get("ref_nll"),
+                               t.get("ref_tokens", 0)) for t in run["translations"]
+                if t["chunk"] == chapter and t["key"] in refs]
+
+    chapters = sorted({t["chunk"] for run in runs.values() for t in run["translations"]})
+    lines = [f"**{label}**, chapter by chapter: reference PPL / chrF", "",
+             "| chapter | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
+    for c in chapters:
+        cols = []
+        for run in runs.values():
+            part = sentences(run, c)
+            q = quality(part, tgt) if part else {}
+            cols.append(f"{q['ref_ppl']:.1f} / {q['chrf']:.1f}" if "ref_ppl" in q else "")
+        lines.append(f"| {c + 1} | " + " | ".join(cols) + " |")
+    return lines + [""]
 
 
 def plot(cells: dict, path):
@@ -194,6 +246,8 @@ def main():
     ap.add_argument("--parts", default="main")
     ap.add_argument("--book", default="Judges", help="a Bible book with ≥ 20K target tokens either way")
     ap.add_argument("--free-chapters", type=int, default=10, help="chapters of --book the free-running cells cover")
+    ap.add_argument("--variant-chapters", type=int, default=5,
+                    help="chapters of --book the free-running drift fixes (DRIFT_FIXES) cover")
     ap.add_argument("--en-zh-book", default="Esther", help="the book the en→zh cells translate")
     ap.add_argument("--runs", default=",".join(RUNS))
     ap.add_argument("--window", type=int, default=4096)
@@ -224,22 +278,29 @@ def main():
     if "main" in a.parts.split(","):
         for label in runs:
             src, tgt, free = RUNS[label]
-            book, chapters = scope(label, a)
             for method in methods(label):
+                book, chapters = scope(label, a, method)
                 runs_as, flags = METHODS[method]
-                extra = (["--lr", str(a.lr)] if runs_as == "temp-lora" else []) + flags + (
+                if None in flags:
+                    flags = [str(confidence_floor(folder, a)) if f is None else f for f in flags]
+                lr = ["--lr", str(a.lr)] if runs_as == "temp-lora" and "--lr" not in flags else []
+                extra = lr + flags + (
                     ["--max-chunks", str(chapters)] if chapters else [])
                 c = cell(folder, f"{label}_{method}", book, src, tgt, free, runs_as, a.window, a.threads, extra)
                 if c:
                     cells[f"{label}_{method}"] = c
-    scopes = {label: scope(label, a) for label in RUNS}
-    intervals = {}
-    for label, method in ((label, m) for label in RUNS for m in methods(label)[1:]):
-        paths = [folder / f"{label}_{m}.json" for m in ("window", method)]
-        if all(p.exists() for p in paths):
-            src, tgt, _ = RUNS[label]
-            intervals[f"{label}_{method}"] = paired_intervals(*(json.loads(p.read_text()) for p in paths),
-                                                              references(scopes[label][0], src, tgt), tgt)
+    scopes = {f"{label}_{m}": scope(label, a, m) for label in RUNS for m in methods(label)}
+    intervals, chapters = {}, []
+    for label, (src, tgt, free) in RUNS.items():
+        runs = {m: json.loads(path.read_text()) for m in methods(label)
+                if (path := folder / f"{label}_{m}.json").exists()}
+        if "window" not in runs or len(runs) < 2:
+            continue
+        refs = references(scopes[f"{label}_window"][0], src, tgt)
+        for method in list(runs)[1:]:
+            intervals[f"{label}_{method}"] = paired_intervals(runs["window"], runs[method], refs, tgt)
+        if free:
+            chapters += chapter_table(label, runs, refs, tgt)
     md = ["## Long-document translation: Temp-Lora against the same window (Bible, CUV ↔ KJV)", "",
           "Gemma-3-270M (base, Q4_K_M GGUF dequantized to fp32), W = "
           f"{a.window}, a chapter per chunk, the previous chapter as context (k1); greedy, repetition penalty 1.12; "
@@ -248,12 +309,13 @@ def main():
           "model's own translations (the reference only scores). Reference PPL: token-weighted, and the paper's "
           "mean of per-sentence PPLs; BLEU (sacrebleu, 13a for English, zh for Chinese) and chrF. "
           "[brackets]: 95% interval of the change, a paired bootstrap over sentences (1000 resamples; the PPL "
-          "interval needs the per-sentence NLLs that cells run before they were in the JSON lack).", ""]
+          "interval needs the per-sentence NLLs that cells run before they were in the JSON lack). A change is "
+          "measured on the sentences both cells translated.", ""]
     cpus = sorted({c.get("cpu") or "CPU not recorded" for c in [*cells.values(), *sweep.values()]})
     if cpus:
         md += [measured_on(cpus), ""]
     if cells:
-        md += table(cells, intervals, scopes) + [""] + bucket_table(cells, scopes)
+        md += table(cells, intervals, scopes) + [""] + bucket_table(cells, scopes) + chapters
         if plot(cells, RESULTS / f"{a.name}.png"):
             md += [f"![reference PPL and chrF along the book]({a.name}.png)", ""]
     if sweep:

@@ -180,7 +180,9 @@ def test_training_sample_masks_all_but_the_chunk_targets(tiny, monkeypatch):
 
 def test_own_outputs_that_repeat_carry_no_loss(tiny, monkeypatch):
     """Free-running: a translation that repeats another (in the chunk or its context) stays in the sample without
-    a loss, unless train_on_repeats; references (teacher-forced) are all trained on; all repeats: no step."""
+    a loss, unless train_on_repeats; references (teacher-forced) are all trained on; all repeats: no step;
+    loss_on="source": the source lines carry the loss, every target line none; min_confidence: an output less
+    probable than that carries none either."""
     from infinictx.learners.temp_lora import TempLora
 
     masks = []
@@ -189,20 +191,41 @@ def test_own_outputs_that_repeat_carry_no_loss(tiny, monkeypatch):
     src, loop, other, old = [5, 6], [40, 41, 42], [50, 51], [60, 61]
     context, current = [(src, old)], [(src, loop), (src, other), (src, loop), (src, old)]
 
-    def labelled(own, **settings):
+    def labelled(own, confidence=None, **settings):
         masks.clear()
         with TempLoraConfig(window=256, rank=4).make_session(tiny) as session:
             tr = DocumentTranslator(session, make_doc(), TranslationSettings(free_running=own, **settings))
-            tr.learn(context, current, own_targets=own)
-            return [m for mask in masks for m in mask], tr.repeats_not_trained
+            tr.learn(context, current, own_targets=own, confidence=confidence)
+            return [m for mask in masks for m in mask], tr.repeats_not_trained + tr.unsure_not_trained
 
     # per pair: the source's 2 tokens carry no loss, the target's do when it is kept
     shape = lambda keep: [m for (s, t), k in zip(current, keep) for m in [False] * len(s) + [k] * len(t)]  # noqa
     assert labelled(True) == (shape([False, True, False, False]), 3)   # the loop twice, and the context's line
     assert labelled(True, train_on_repeats=True) == (shape([True] * 4), 0)
     assert labelled(False) == (shape([True] * 4), 0)
+    sources = [m for s, t in current for m in [True] * len(s) + [False] * len(t)]
+    assert labelled(True, loss_on="source") == (sources, 0)
+    sure = [math.log(p) for p in (0.9, 0.3, 0.6, 0.2)]
+    assert labelled(True, sure, train_on_repeats=True, min_confidence=0.5) == (shape([True, False, True, False]), 2)
+    assert labelled(True, sure, min_confidence=0.5) == ([], 4)   # the repeats, then the one left is unsure
+    assert labelled(False, sure, min_confidence=0.5) == (shape([True] * 4), 0)   # references are not filtered
     current[1] = (src, loop)
     assert labelled(True) == ([], 4)
+
+
+def test_output_confidence_is_its_mean_log_probability(tiny):
+    """Greedy decoding's confidence: the mean log-probability of the output's tokens under a plain forward of the
+    prompt and the output, before the repetition penalty changes the choice."""
+    with WindowConfig(window=256).make_session(tiny) as session:
+        tr = DocumentTranslator(session, make_doc(), TranslationSettings(free_running=True))
+        prompt = tr.header + tr.source_ids("天地神光水人天地")
+        last = tr.prompt.rebuild(prompt)[-1]
+        out, confidence = tr.greedy(last, 10)
+    assert len(out) > 1
+    with torch.no_grad():
+        logits = tiny.model(input_ids=torch.tensor([prompt + out], device=tiny.device)).logits[0].float().cpu()
+    logprobs = torch.log_softmax(logits[len(prompt) - 1:-1], -1)
+    assert confidence == pytest.approx(float(logprobs[torch.arange(len(out)), torch.tensor(out)].mean()), abs=1e-5)
 
 
 def test_train_on_loss_is_the_masked_mean(tiny):

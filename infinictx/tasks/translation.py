@@ -57,6 +57,7 @@ class SentenceResult:
     hyp: str
     ref_nll: float | None = None    # summed NLL of the reference's tokens
     ref_tokens: int = 0
+    confidence: float | None = None   # the output's mean token log-probability (decoded one sentence at a time)
 
 
 @dataclass
@@ -67,6 +68,8 @@ class TranslationSettings:
     repetition_penalty: float = 1.12
     decode: str = "batched"     # teacher-forced: all sentences of a chunk decoded at once ("sequential": one by one)
     train_on_repeats: bool = False   # Temp-Lora on the model's own outputs: train on one that repeats another too
+    loss_on: str = "target"     # which lines of Temp-Lora's sample carry the loss: "target" or "source"
+    min_confidence: float = 0.0   # free-running: train on an output whose mean token probability is at least this
 
 
 class PromptCache:
@@ -164,6 +167,7 @@ class DocumentTranslator:
         self.prompt.reset()
         self.history: list[list[tuple[list[int], list[int]]]] = []   # per chunk: (source ids, target ids) pairs
         self.repeats_not_trained = 0
+        self.unsure_not_trained = 0
 
     # --- prompt pieces --------------------------------------------------------------------------------
     def source_ids(self, text: str) -> list[int]:
@@ -215,7 +219,7 @@ class DocumentTranslator:
             else:
                 out, current = self._chunk_sequential(index, chunk, context)
         if learn:
-            self.learn(context, current, own_targets=not teacher_forced)
+            self.learn(context, current, own_targets=not teacher_forced, confidence=[r.confidence for r in out])
         self.history.append(current)
         return out
 
@@ -232,9 +236,9 @@ class DocumentTranslator:
                 self.prompt.rebuild(self.header + self.flat(self.fitted(context + current, budget)))
             last = self.prompt.feed(src)[-1]
             start = len(self.prompt)
-            hyp_ids = self.greedy(last, self.limit(src))
+            hyp_ids, logprob = self.greedy(last, self.limit(src))
             self.prompt.crop(start)
-            result = SentenceResult(pair.key, index, pair.src, pair.ref, self.line(hyp_ids))
+            result = SentenceResult(pair.key, index, pair.src, pair.ref, self.line(hyp_ids), confidence=logprob)
             if ref is not None:
                 logits = self.prompt.feed(ref, keep=len(ref))
                 result.ref_nll, result.ref_tokens = self.nll(pair, torch.cat([last[None], logits[:-1]]), ref), len(ref)
@@ -314,20 +318,23 @@ class DocumentTranslator:
     def line(self, ids: list[int]) -> str:
         return self.decode(ids, skip_special_tokens=True).split("\n")[0].strip()
 
-    def greedy(self, logits: torch.Tensor, limit: int) -> list[int]:
-        """Greedy tokens after the prompt, up to the first line end (or EOS, or `limit` tokens)."""
+    def greedy(self, logits: torch.Tensor, limit: int) -> tuple[list[int], float]:
+        """Greedy tokens after the prompt, up to the first line end (or EOS, or `limit` tokens), and their mean
+        log-probability under the model (before the repetition penalty, which may pick a token the model doubts)."""
         out: list[int] = []
+        logprob = 0.0
         recent = torch.tensor(self.prompt.tokens, dtype=torch.long)
         while len(out) < limit:
             token = self.sampler(logits, torch.cat([recent, torch.tensor(out, dtype=torch.long)]), [])
             if token in self.session.eos_ids:
                 break
             out.append(token)
+            logprob += float(torch.log_softmax(logits.float(), -1)[token])
             if "\n" in self.decode([token]):
                 break
             logits = self.prompt.feed([token])[-1]
         self.session.meter.tokens["generated"] += len(out)
-        return out
+        return out, logprob / max(1, len(out))
 
     def greedy_branches(self, firsts: list[torch.Tensor], starts: list[int], limits: list[int]) -> list[list[int]]:
         """`greedy` for several prompts at once: branch b continues the cached stream's first starts[b] tokens
@@ -368,12 +375,17 @@ class DocumentTranslator:
         self.session.meter.tokens["generated"] += sum(len(o) for o in outs)
         return outs
 
-    def learn(self, context, current, own_targets: bool = False):
+    def learn(self, context, current, own_targets: bool = False, confidence: list[float | None] | None = None):
         """Temp-Lora's step after a chunk: the context pairs unlabelled, then the chunk's pairs with the loss on
-        the target lines only; a chunk longer than the window trains in pieces, each after the tokens before it."""
-        learner = self.session.learner
-        if learner is None or not current:
+        the target lines only (`loss_on="source"`: the source lines). Own targets: not on repeats (unless
+        `train_on_repeats`), nor on outputs less confident than `min_confidence` (`confidence`: each output's mean
+        token log-probability)."""
+        if self.session.learner is None or not current:
             return
+        if self.settings.loss_on == "source":
+            # the source lines are the only text of a free-running document that is surely right
+            mask = [m for s, t in current for m in [True] * len(s) + [False] * len(t)]
+            return self._train(context, current, mask)
         labelled = [True] * len(current)
         if own_targets and not self.settings.train_on_repeats:
             # A small model falls into loops (the same line for verse after verse). Trained on, a loop becomes the
@@ -382,10 +394,22 @@ class DocumentTranslator:
             counts = Counter(tuple(t) for _, t in context + current)
             labelled = [counts[tuple(t)] == 1 for _, t in current]
             self.repeats_not_trained += labelled.count(False)
+        if own_targets and self.settings.min_confidence > 0:
+            # Self-training's usual filter: an output the model doubts (the repetition penalty forced it off its
+            # choice, or the adapter has drifted) would teach the next adapter that doubt as a certainty.
+            floor = math.log(self.settings.min_confidence)
+            unsure = [c is None or c < floor for c in confidence or [None] * len(current)]
+            self.unsure_not_trained += sum(u and keep for u, keep in zip(unsure, labelled))
+            labelled = [keep and not u for keep, u in zip(labelled, unsure)]
         if not any(labelled):
             return
+        self._train(context, current, [m for (s, t), keep in zip(current, labelled)
+                                       for m in [False] * len(s) + [keep] * len(t)])
+
+    def _train(self, context, current, mask: list[bool]):
+        """A chunk longer than the window trains in pieces, each after the tokens before it."""
+        learner = self.session.learner
         piece = self.flat(current)
-        mask = [m for (s, t), keep in zip(current, labelled) for m in [False] * len(s) + [keep] * len(t)]
         before = self.header + self.flat(self.fitted(context, max(0, self.window - len(self.header) - len(piece))))
         step = max(1, self.window // 2)
         for s in range(0, len(piece), step):
@@ -397,11 +421,12 @@ class DocumentTranslator:
     # --- resume ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"history": self.history, "session": self.session.state_dict(),
-                "repeats_not_trained": self.repeats_not_trained}
+                "repeats_not_trained": self.repeats_not_trained, "unsure_not_trained": self.unsure_not_trained}
 
     def load_state_dict(self, state: dict):
         self.history = state["history"]
         self.repeats_not_trained = state["repeats_not_trained"]
+        self.unsure_not_trained = state.get("unsure_not_trained", 0)   # absent in checkpoints that predate it
         self.session.load_state_dict(state["session"], torch.empty(0, dtype=torch.long))
 
 
@@ -418,21 +443,30 @@ def ref_ppl(sentences: list[SentenceResult]) -> dict:
             "ref_tokens": n}
 
 
-def quality(sentences: list[SentenceResult], tgt_lang: str) -> dict:
-    """BLEU and chrF of the hypotheses against the references (sacrebleu, corpus level; a Chinese output is
-    scored in simplified script, as the references are), and reference PPL."""
+def scorers(tgt_lang: str) -> dict:
+    """sacrebleu's metrics for a target language: BLEU with its tokenizer (`zh` for Chinese, 13a otherwise), chrF."""
     import sacrebleu
 
+    return {"bleu": sacrebleu.BLEU(tokenize=LANGUAGES[tgt_lang][1]), "chrf": sacrebleu.CHRF()}
+
+
+def as_scored(hyps: list[str], tgt_lang: str) -> list[str]:
+    """Hypotheses as they are scored: a Chinese output in simplified script, as the references are (a
+    traditional-script output is not wrong)."""
+    if tgt_lang != "zh":
+        return hyps
+    from ..data.parallel import to_simplified
+
+    return to_simplified(hyps)
+
+
+def quality(sentences: list[SentenceResult], tgt_lang: str) -> dict:
+    """BLEU and chrF of the hypotheses against the references (corpus level, `scorers`), and reference PPL."""
     d = {"sentences": len(sentences), **ref_ppl(sentences)}
     with_ref = [s for s in sentences if s.ref is not None]
     if with_ref:
-        hyps, refs = [s.hyp for s in with_ref], [[s.ref for s in with_ref]]
-        if tgt_lang == "zh":   # references are in simplified script; a traditional-script output is not wrong
-            from ..data.parallel import to_simplified
-
-            hyps = to_simplified(hyps)
-        d["bleu"] = sacrebleu.corpus_bleu(hyps, refs, tokenize=LANGUAGES[tgt_lang][1]).score
-        d["chrf"] = sacrebleu.corpus_chrf(hyps, refs).score
+        hyps, refs = as_scored([s.hyp for s in with_ref], tgt_lang), [[s.ref for s in with_ref]]
+        d.update({name: metric.corpus_score(hyps, refs).score for name, metric in scorers(tgt_lang).items()})
     return d
 
 
@@ -470,6 +504,11 @@ class TranslationTask(Task):
                           choices=("batched", "sequential"))
     train_on_repeats: bool = setting(False, "free-running: Temp-Lora also trains on an output that repeats another "
                                      "in the chunk or its context (default: such loops carry no loss)")
+    loss_on: str = setting("target", "the lines of Temp-Lora's training sample that carry the loss: the chunk's "
+                           "target lines (the references, or free-running the model's own translations) or its "
+                           "source lines", choices=("target", "source"))
+    min_confidence: float = setting(0.0, "free-running: Temp-Lora trains on an output only if the geometric mean "
+                                    "of its tokens' probabilities is at least this (0: every output)")
     buckets: int = setting(5, "position buckets along the document in the report")
     checkpoint: str | None = setting(None, "checkpoint file: a rerun resumes from it")
 
@@ -495,6 +534,8 @@ class TranslationTask(Task):
             raise InfinictxError(f"--max-chunks must be >= 1 (got {self.max_chunks})")
         if self.buckets < 1:
             raise InfinictxError(f"--buckets must be >= 1 (got {self.buckets})")
+        if not 0 <= self.min_confidence < 1:
+            raise InfinictxError(f"--min-confidence must be in [0, 1) (got {self.min_confidence})")
         if not self.repetition_penalty > 0:
             raise InfinictxError(f"--repetition-penalty must be positive (got {self.repetition_penalty})")
 
@@ -509,7 +550,8 @@ class TranslationTask(Task):
 
     def settings(self) -> TranslationSettings:
         return TranslationSettings(self.free_running, self.context_chunks, self.max_new_tokens,
-                                   self.repetition_penalty, self.decode, self.train_on_repeats)
+                                   self.repetition_penalty, self.decode, self.train_on_repeats, self.loss_on,
+                                   self.min_confidence)
 
     def run(self, lm, config, inputs, outputs: Outputs, progress: bool) -> Result:
         from .report import translation_markdown
@@ -556,6 +598,7 @@ class TranslationTask(Task):
             wall = elapsed + time.perf_counter() - t0
             return {"name": doc.name, "chunks": len(doc.chunks), "dropped": doc.dropped, "wall_s": round(wall, 3),
                     "repeats_not_trained": translator.repeats_not_trained,
+                    "unsure_not_trained": translator.unsure_not_trained,
                     "config": session.describe(), "method": session.method,
                     "sentences": [asdict(s) for s in sentences], "cost": session.meter.summary()}
 
@@ -574,6 +617,7 @@ class TranslationTask(Task):
                 "wall_s": round(sum(d["wall_s"] for d in done), 3), "documents": per_doc,
                 "translations": [{"key": s.key, "chunk": s.chunk, "hyp": s.hyp}
                                  | ({"ref_nll": s.ref_nll, "ref_tokens": s.ref_tokens} if s.ref_tokens else {})
+                                 | ({"confidence": round(s.confidence, 4)} if s.confidence is not None else {})
                                  for s in all_sentences]}
 
     def write(self, result: Result, outputs: Outputs):
@@ -587,7 +631,11 @@ def _run_key(docs, settings, config, lm) -> str:
 
     h = hashlib.sha256(repr([(d.name, d.src_lang, d.tgt_lang, [[(p.src, p.ref) for p in c] for c in d.chunks])
                              for d in docs]).encode())
-    h.update(repr((asdict(settings), config.method, sorted(settings_of(config).items()), lm.name,
+    fields = asdict(settings)
+    for name, default in (("loss_on", "target"), ("min_confidence", 0.0)):
+        if fields[name] == default:   # settings added later key only when changed: older checkpoints resume
+            del fields[name]
+    h.update(repr((fields, config.method, sorted(settings_of(config).items()), lm.name,
                    lm.fingerprint)).encode())
     return h.hexdigest()
 
