@@ -631,9 +631,9 @@ def _run_key(docs, settings, config, lm) -> str:
 
     h = hashlib.sha256(repr([(d.name, d.src_lang, d.tgt_lang, [[(p.src, p.ref) for p in c] for c in d.chunks])
                              for d in docs]).encode())
-    fields = asdict(settings)
-    for name, default in (("loss_on", "target"), ("min_confidence", 0.0)):
-        if fields[name] == default:   # settings added later key only when changed: older checkpoints resume
+    fields, defaults = asdict(settings), asdict(TranslationSettings())
+    for name in ("loss_on", "min_confidence"):   # added later: they key only when changed, so older checkpoints resume
+        if fields[name] == defaults[name]:
             del fields[name]
     h.update(repr((fields, config.method, sorted(settings_of(config).items()), lm.name,
                    lm.fingerprint)).encode())
