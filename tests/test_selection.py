@@ -173,3 +173,19 @@ def test_select_command(tmp_path, tiny_model_dir):
     for bad in (["--frac", "1.5"], ["--clusters", "100"]):
         assert main(["select", str(pool), "--out", str(tmp_path / "x.jsonl"), "--method", "random", *bad]) == 2
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_batched_evaluation_equals_one_at_a_time(tiny):
+    """Left-padded batched decoding gives each prompt the answer it gets alone, and the same answer NLLs."""
+    from infinictx.data.instructions import build_pool
+    from infinictx.training.instruct import evaluate
+
+    built = build_pool(size=40, test_per_family=3, seed=0)
+    tests = {f: rows for f, rows in list(built.test.items())[:3]}
+    tests["short"] = [{**r, "prompt": r["prompt"][:5]} for r in tests[next(iter(tests))]]   # very unequal lengths
+    one = evaluate(tiny.model, tiny.tokenizer, tests, max_new_tokens=6, batch=1)
+    many = evaluate(tiny.model, tiny.tokenizer, tests, max_new_tokens=6, batch=4)
+    for fam in tests:
+        assert one[fam]["answers"] == many[fam]["answers"] and one[fam]["correct"] == many[fam]["correct"]
+        assert abs(one[fam]["nll"] - many[fam]["nll"]) < 1e-5
+    assert len({a for fam in tests for a in one[fam]["answers"]}) > 3   # the answers differ: the check has teeth

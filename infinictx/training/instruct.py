@@ -117,28 +117,41 @@ def _flat_state(opt, params) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, tests: dict[str, list[dict]], max_new_tokens: int = 24, max_len: int = 192) -> dict:
-    """Per family: exact match of the greedy answer (and each example's, `correct`), and the reference answer's
-    mean NLL."""
+def evaluate(model, tokenizer, tests: dict[str, list[dict]], max_new_tokens: int = 24, max_len: int = 192,
+             batch: int = 32) -> dict:
+    """Per family: exact match of the greedy answer (each example's `answers` and `correct` too), and the reference
+    answer's mean NLL. Prompts of similar length are decoded together (`batch` at a time, padded on the left, so every
+    prompt ends where its answer begins); `batch=1` decodes one at a time."""
     out = {}
     device = next(model.parameters()).device
     model.eval()
     for fam, rows in tests.items():
-        right, nll, correct = 0, [], []
-        for r in rows:
-            prompt = tokenizer(format_prompt(r["prompt"]), return_tensors="pt", add_special_tokens=False).input_ids
-            gen = model.generate(input_ids=prompt.to(device), attention_mask=torch.ones_like(prompt).to(device),
+        prompts = [tokenizer(format_prompt(r["prompt"]), add_special_tokens=False).input_ids for r in rows]
+        answers: list[str] = [""] * len(rows)
+        order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))   # less padding
+        for s in range(0, len(order), batch):
+            part = order[s:s + batch]
+            T = max(len(prompts[i]) for i in part)
+            ids = torch.full((len(part), T), tokenizer.eos_token_id, dtype=torch.long)
+            mask = torch.zeros(len(part), T, dtype=torch.long)
+            for k, i in enumerate(part):
+                ids[k, T - len(prompts[i]):], mask[k, T - len(prompts[i]):] = torch.tensor(prompts[i]), 1
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-            answer = tokenizer.decode(gen[0, prompt.shape[1]:], skip_special_tokens=True).strip()
-            correct.append(answer == r["answer"].strip())
-            right += correct[-1]
-            ids, labels = encode(tokenizer, r, max_len)
-            logits = model(input_ids=ids[None].to(device), use_cache=False).logits[0, :-1].float()
-            token_nll = F.cross_entropy(logits, labels[1:].to(device), ignore_index=-100, reduction="sum")
-            nll.append(float(token_nll) / int((labels[1:] != -100).sum()))
-        out[fam] = {"exact": right / len(rows), "right": right, "n": len(rows), "nll": sum(nll) / len(nll),
-                    "correct": correct}
+            for k, i in enumerate(part):
+                answers[i] = tokenizer.decode(gen[k, T:], skip_special_tokens=True).strip()
+        nll = []
+        for s in range(0, len(rows), batch):
+            ids, labels, mask = pad([encode(tokenizer, r, max_len) for r in rows[s:s + batch]])
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            token_nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:].to(device),
+                                        ignore_index=-100, reduction="none")
+            counts = (labels[:, 1:] != -100).sum(1).to(device)
+            nll += (token_nll.sum(1) / counts).tolist()
+        correct = [a == r["answer"].strip() for a, r in zip(answers, rows)]
+        out[fam] = {"exact": sum(correct) / len(rows), "right": sum(correct), "n": len(rows),
+                    "nll": sum(nll) / len(nll), "correct": correct, "answers": answers}
     fams = list(out)
     out["average"] = {"exact": sum(out[f]["exact"] for f in fams) / len(fams),
                       "nll": sum(out[f]["nll"] for f in fams) / len(fams)}
