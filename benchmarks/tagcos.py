@@ -28,6 +28,8 @@ WORK = cache_dir() / "tagcos"
 SMOKE = False   # --smoke: a sliver of everything, to check the pipeline (results not written under results/)
 RUNS = ["base", "random-0", "random-1", "random-2", "kmeans", "tagcos", "tagcos-global", "tagcos-sgd",
         "tagcos-d512", "full"]
+TAGCOS_VARIANTS = {"tagcos": {}, "tagcos-global": {"clusters": 1}, "tagcos-sgd": {"features": "sgd"},
+                   "tagcos-d512": {"dim": 512}}
 
 
 def pool(size: int):
@@ -71,10 +73,18 @@ def subset(name: str, data: dict, lm) -> tuple[list[int] | None, dict]:
         emb = load_embedder(None, "cpu").encode([r["prompt"] + "\n" + r["answer"] for r in rows],
                                                 convert_to_tensor=True, normalize_embeddings=True)
         return kmeans_nearest(emb.cpu(), 0.05, 20), {"select_s": round(time.perf_counter() - t0, 1)}
-    settings = {"tagcos": {}, "tagcos-global": {"clusters": 1}, "tagcos-sgd": {"features": "sgd"},
-                "tagcos-d512": {"dim": 512}}[name]
-    cfg = SelectConfig(**settings, **({"dim": 256, "clusters": min(settings.get("clusters", 20), 3)} if SMOKE else {}))
-    key = f"features-{cfg.features}-d{cfg.dim}.pt"
+
+    def config(variant: str) -> SelectConfig:
+        settings = TAGCOS_VARIANTS[variant]
+        smoke = {"dim": settings.get("dim", 256) // 2, "clusters": min(settings.get("clusters", 20), 3)}
+        return SelectConfig(**{**settings, **(smoke if SMOKE else {})})
+
+    def features_file(c: SelectConfig):
+        return WORK / f"features-{c.features}-d{c.dim}.pt"
+
+    cfg = config(name)
+    # every variant's features come from the same warm-up and the same per-example gradients: compute them together
+    also = {features_file(c): c for c in map(config, TAGCOS_VARIANTS)}
     done = [0]
 
     def progress(k):
@@ -82,7 +92,8 @@ def subset(name: str, data: dict, lm) -> tuple[list[int] | None, dict]:
         if done[0] % 400 < k:
             print(f"[{time.strftime('%H:%M:%S')}] {name}: features {done[0]}/{n * cfg.checkpoints}", flush=True)
 
-    feats, record = pool_features(lm.model, lm.tokenizer, rows, cfg, cache=WORK / key, progress=progress)
+    feats, record = pool_features(lm.model, lm.tokenizer, rows, cfg, cache=features_file(cfg), progress=progress,
+                                  also=also)
     picked = tagcos(feats, cfg.frac, cfg.clusters, cfg.seed, cfg.lam)
     return picked, {**record, "select_s": round(time.perf_counter() - t0, 1)}
 

@@ -139,6 +139,31 @@ def test_tagcos_end_to_end_on_the_tiny_model(tiny, tmp_path):
     assert len(picked) == 6
 
 
+def test_ablation_features_from_shared_gradients_equal_their_own_runs(tiny, tmp_path):
+    """SGD features and a smaller D, computed from the same gradients as the Adam features, equal what their own
+    runs give; a variant with another warm-up is refused."""
+    from dataclasses import replace
+
+    from infinictx.data.instructions import build_pool
+    from infinictx.selection.coreset import SelectConfig, pool_features
+    from infinictx.training.instruct import InstructConfig
+
+    rows = build_pool(size=40, test_per_family=2, seed=0).train
+    cfg = SelectConfig(frac=0.1, clusters=2, dim=64, warmup_frac=0.2, checkpoints=2, batch=8)
+    recipe = InstructConfig(lr=1e-2, epochs=2, rank=4)
+    also = {tmp_path / "sgd.pt": replace(cfg, features="sgd"), tmp_path / "d16.pt": replace(cfg, dim=16)}
+    adam, record = pool_features(tiny.model, tiny.tokenizer, rows, cfg, recipe, cache=tmp_path / "adam.pt", also=also)
+    assert record["computed_together"] == 3 and all(p.exists() for p in also)
+    for path, c in also.items():
+        alone, _ = pool_features(tiny.model, tiny.tokenizer, rows, c, recipe)
+        shared, _ = pool_features(tiny.model, tiny.tokenizer, rows, c, cache=path)   # read back from its file
+        assert shared.shape == alone.shape and torch.allclose(shared, alone, atol=1e-6)
+    assert not torch.allclose(pool_features(tiny.model, tiny.tokenizer, rows, also[tmp_path / "sgd.pt"],
+                                            cache=tmp_path / "sgd.pt")[0], adam, atol=1e-3)
+    with pytest.raises(InfinictxError, match="warm-up"):
+        pool_features(tiny.model, tiny.tokenizer, rows, cfg, recipe, also={tmp_path / "x.pt": replace(cfg, seed=1)})
+
+
 def test_instruction_tuning_lowers_the_answer_nll(tiny):
     from infinictx import weights_fingerprint
     from infinictx.data.instructions import build_pool

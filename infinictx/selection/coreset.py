@@ -77,24 +77,34 @@ class SelectConfig:
 
 
 def pool_features(model, tokenizer, rows: list[dict], cfg: SelectConfig, instruct=None, cache: Path | None = None,
-                  progress=None) -> tuple[torch.Tensor, dict]:
+                  progress=None, also: dict[Path, SelectConfig] | None = None) -> tuple[torch.Tensor, dict]:
     """TAGCOS's features of every row: a warm-up LoRA on a random share of the pool, checkpoints through it, each
     checkpoint's projected (Adam-normalised) per-example gradients, averaged with the learning rates. Cached in
-    `cache` (a rerun with the same settings reads them)."""
+    `cache` (a rerun with the same settings reads them). `also` {cache path: config}: other feature kinds or sizes
+    from the same warm-up, computed from the same gradients and saved to their paths (the ablations, nearly free)."""
     import time
     from dataclasses import asdict
 
     from peft import set_peft_model_state_dict
 
     from ..training.instruct import InstructConfig, encode, finetune
-    from .features import average_checkpoints, gradient_features, trainable
+    from .features import average_checkpoints, feature_sets, trainable
     from .projection import RademacherProjector
 
-    key = {k: v for k, v in asdict(cfg).items() if k not in ("frac", "clusters", "lam")}
+    def key_of(c: SelectConfig) -> dict:
+        return {k: v for k, v in asdict(c).items() if k not in ("frac", "clusters", "lam")}
+
+    def warmup_of(c: SelectConfig) -> dict:
+        return {k: v for k, v in key_of(c).items() if k not in ("features", "dim")}
+
+    also = dict(also or {})
+    if any(warmup_of(c) != warmup_of(cfg) for c in also.values()):
+        raise InfinictxError("features computed together must share the warm-up (only features and dim may differ)")
     if cache is not None and cache.exists():
         saved = torch.load(cache, weights_only=False)
-        if saved["key"] == key and saved["rows"] == len(rows):
+        if saved["key"] == key_of(cfg) and saved["rows"] == len(rows):
             return saved["features"], saved["record"]
+    wanted = [(cache, cfg)] + [(path, c) for path, c in also.items() if path != cache]
     instruct = instruct or InstructConfig(epochs=cfg.warmup_epochs, seed=cfg.seed, modules=cfg.warmup_modules)
     t0 = time.perf_counter()
     warm_rows = [rows[i] for i in random_subset(len(rows), cfg.warmup_frac, cfg.seed)]
@@ -104,21 +114,24 @@ def pool_features(model, tokenizer, rows: list[dict], cfg: SelectConfig, instruc
     t_warm = time.perf_counter() - t0
     try:
         params = trainable(peft_model)
-        projector = RademacherProjector(sum(p.numel() for p in params), cfg.dim, seed=cfg.seed)
+        grad_dim = sum(p.numel() for p in params)
+        projectors = {d: RademacherProjector(grad_dim, d, seed=cfg.seed) for d in {c.dim for _, c in wanted}}
+        outputs = [(c.features, projectors[c.dim]) for _, c in wanted]
         examples = [encode(tokenizer, r, instruct.max_len) for r in rows]
         feats, lrs = [], []
         for ck in saved:
             set_peft_model_state_dict(peft_model, ck["adapter"])
             moments = (ck["optimizer"]["exp_avg"].float(), ck["optimizer"]["exp_avg_sq"].float())
-            feats.append(gradient_features(peft_model, examples, projector, cfg.features, moments, cfg.batch,
-                                           progress))
+            feats.append(feature_sets(peft_model, examples, outputs, moments, cfg.batch, progress))
             lrs.append(ck["lr"])
     finally:
         peft_model.unload()   # the LoRA layers out: the base model as it was
-    features = average_checkpoints(feats, lrs)
     record = {"warmup": {**warm_record, "checkpoints": marks, "lrs": lrs, "seconds": round(t_warm, 1)},
-              "feature_seconds": round(time.perf_counter() - t0 - t_warm, 1), "grad_dim": projector.grad_dim}
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"key": key, "rows": len(rows), "features": features, "record": record}, cache)
-    return features, record
+              "feature_seconds": round(time.perf_counter() - t0 - t_warm, 1), "grad_dim": grad_dim,
+              "computed_together": len(wanted)}
+    results = [average_checkpoints([f[k] for f in feats], lrs) for k in range(len(wanted))]
+    for (path, c), features in zip(wanted, results):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"key": key_of(c), "rows": len(rows), "features": features, "record": record}, path)
+    return results[0], record

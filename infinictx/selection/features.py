@@ -116,20 +116,37 @@ def gradient_features(model, examples, projector, kind: str = "adam", moments=No
     """(n, D) L2-normalised projected features of `examples` [(input_ids, labels)]. The transformed gradients are
     gathered (in bfloat16, up to `max_bytes` at a time) and projected together: generating the projection costs
     P × D per pass whatever the number of rows, so the fewer passes the better."""
-    per_pass = max(1, max_bytes // (2 * projector.grad_dim))
+    return feature_sets(model, examples, [(kind, projector)], moments, batch, progress, max_bytes)[0]
+
+
+def feature_sets(model, examples, outputs: list[tuple[str, object]], moments=None, batch: int = 16,
+                 progress=None, max_bytes: int = 4 << 30) -> list[torch.Tensor]:
+    """`gradient_features` for several (kind, projector) outputs from one backward pass per example: the gradients
+    are the costly part, and ablations (SGD against Adam features, D=512 against 8192) differ only after them. One
+    bfloat16 buffer per kind; `max_bytes` covers them all."""
+    if not outputs:
+        raise InfinictxError("no feature outputs asked for")
+    grad_dim = outputs[0][1].grad_dim
+    if any(proj.grad_dim != grad_dim for _, proj in outputs):
+        raise InfinictxError("every projector must take the same gradient size")
+    kinds = list(dict.fromkeys(kind for kind, _ in outputs))
+    per_pass = max(1, max_bytes // (2 * grad_dim * len(kinds)))
     if moments is not None:   # where the per-example gradients are gathered (an optimizer on CUDA keeps them there)
         moments = tuple(m.cpu() for m in moments)
-    out = []
+    out: list[list[torch.Tensor]] = [[] for _ in outputs]
     for s in range(0, len(examples), per_pass):
         part = examples[s:s + per_pass]
-        buf = torch.empty(len(part), projector.grad_dim, dtype=torch.bfloat16)
+        bufs = {kind: torch.empty(len(part), grad_dim, dtype=torch.bfloat16) for kind in kinds}
         for b in range(0, len(part), batch):
             g = batch_gradients(model, part[b:b + batch])
-            buf[b:b + len(g)] = transform(g, kind, moments)
+            for kind, buf in bufs.items():
+                buf[b:b + len(g)] = transform(g, kind, moments)
             if progress:
                 progress(len(g))
-        out.append(projector.project(buf))
-    return F.normalize(torch.cat(out), dim=1)
+        for k, (kind, proj) in enumerate(outputs):
+            out[k].append(proj.project(bufs[kind]))
+        del bufs
+    return [F.normalize(torch.cat(o), dim=1) for o in out]
 
 
 def average_checkpoints(features: list[torch.Tensor], lrs: list[float]) -> torch.Tensor:
