@@ -79,16 +79,22 @@ def test_adam_feature_and_per_example_gradients(tiny):
 
 
 def test_instruction_pool_makeup():
+    import random
+
     from conftest import SAMPLE
 
-    from infinictx.data.instructions import build_pool
+    from infinictx.data.instructions import SHARES, build_pool
 
-    texts = ["\n".join([SAMPLE[i:i + 60] for i in range(0, len(SAMPLE) - 60, 20)])]
-    bible = [("起初神创造天地。", "In the beginning God created the heaven and the earth.")] * 3
+    rng, words = random.Random(0), sorted(set(SAMPLE.lower().split()))
+    texts = ["\n".join(" ".join(rng.choice(words) for _ in range(9))[:80] for _ in range(400))]
+    bible = [(f"第{k}节经文。", f"Verse number {k} of the book.") for k in range(300)]
     pool = build_pool(size=600, test_per_family=20, texts=texts, bible=bible, seed=1)
     assert len(pool.train) == 600 and [r["id"] for r in pool.train] == list(range(600))
     assert set(pool.makeup) == {"arithmetic", "cloze", "strings", "lists", "lookup", "dates", "translation"}
     assert pool.makeup["arithmetic"]["pool"] > 3 * pool.makeup["dates"]["pool"]   # unbalanced as asked
+    for fam in SHARES:   # the shares asked for (±25%): no family emptied by its test set
+        share = pool.makeup[fam]["pool"] / 600
+        assert abs(share - SHARES[fam] / sum(SHARES.values())) < 0.25 * SHARES[fam], (fam, share)
     assert sum(m["noisy"] for m in pool.makeup.values()) == 30                   # 5%
     assert sum(m["duplicates"] for m in pool.makeup.values()) == 60              # 10%
     test_prompts = {r["prompt"] for rows in pool.test.values() for r in rows}
@@ -99,7 +105,7 @@ def test_instruction_pool_makeup():
 
 
 def test_batched_per_example_gradients_equal_one_at_a_time(tiny):
-    from infinictx.selection.features import batch_gradients, example_gradient
+    from infinictx.selection.features import batch_gradients, example_gradient, gradient_features
     from infinictx.training.lora import add_lora
 
     model, params = add_lora(tiny.model, rank=4, alpha=8, seed=0)
@@ -114,9 +120,13 @@ def test_batched_per_example_gradients_equal_one_at_a_time(tiny):
         labels[: n // 2] = -100   # the prompt is not scored
         examples.append((ids, labels))
     batched = batch_gradients(model, examples)
+    projector = RademacherProjector(batched.shape[1], 32, seed=0)
+    features = gradient_features(model, examples, projector, "sgd", batch=2)   # batched in length order
     for k, (ids, labels) in enumerate(examples):
         one = example_gradient(model, ids, labels)
         assert torch.allclose(batched[k], one, atol=1e-5, rtol=1e-4), k
+        expected = torch.nn.functional.normalize(projector.project(one[None].bfloat16()), dim=1)[0]
+        assert torch.allclose(features[k], expected, atol=1e-4), k   # each row is its own example's
 
 
 def test_tagcos_end_to_end_on_the_tiny_model(tiny, tmp_path):

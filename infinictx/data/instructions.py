@@ -4,7 +4,7 @@ families of different sizes, with near-duplicates and some wrong answers, and a 
 Families (pool share by default; the make-up is returned with the pool):
   arithmetic   "What is 37 + 48?" → "85" (sums, differences, small products)          35%
   cloze        a line of Shakespeare or Milton with one word blanked → the word       25%
-  strings      reverse / upper-case / count the letters of a word                     12%
+  strings      reverse / upper-case / count the letters of a word (words from the texts) 12%
   lists        sort, maximum, last element of a few numbers                          10%
   lookup       "a=3; b=7; c=1. What is b?" → "7"                                         8%
   dates        "Which day comes 3 days after Monday?" → "Thursday"                      6%
@@ -41,14 +41,20 @@ def _arithmetic(rng):
     return f"What is {a} {op} {b}?", str(eval(f"{a}{op}{b}"))   # noqa: S307 (our own two integers)
 
 
-def _strings(rng):
-    w = rng.choice(WORDS)
-    kind = rng.randrange(3)
-    if kind == 0:
-        return f"Reverse the word '{w}'.", w[::-1]
-    if kind == 1:
-        return f"Write '{w}' in capital letters.", w.upper()
-    return f"How many letters are in the word '{w}'?", str(len(w))
+def _strings_source(texts: list[str] | None):
+    """Reverse / capitalise / count the letters of a word: the list above, plus the texts' lower-case words of 5-9
+    letters (3 questions × 20 words alone would leave the pool nothing once the test set has taken its share)."""
+    words = sorted(set(WORDS) | {w for t in texts or [] for w in re.findall(r"\b[a-z]{5,9}\b", t)})
+
+    def make(rng):
+        w = rng.choice(words)
+        kind = rng.randrange(3)
+        if kind == 0:
+            return f"Reverse the word '{w}'.", w[::-1]
+        if kind == 1:
+            return f"Write '{w}' in capital letters.", w.upper()
+        return f"How many letters are in the word '{w}'?", str(len(w))
+    return make
 
 
 def _lists(rng):
@@ -128,7 +134,8 @@ def build_pool(size: int = 3000, test_per_family: int = 100, texts: list[str] | 
     if not (0 <= duplicate_rate < 1 and 0 <= noise_rate < 1):
         raise InfinictxError("duplicate_rate and noise_rate must be in [0, 1)")
     rng = random.Random(seed)
-    makers = {"arithmetic": _arithmetic, "strings": _strings, "lists": _lists, "lookup": _lookup, "dates": _dates}
+    makers = {"arithmetic": _arithmetic, "strings": _strings_source(texts), "lists": _lists, "lookup": _lookup,
+              "dates": _dates}
     if texts:
         makers["cloze"] = _cloze_source(texts)
     if bible:

@@ -133,9 +133,12 @@ def feature_sets(model, examples, outputs: list[tuple[str, object]], moments=Non
     per_pass = max(1, max_bytes // (2 * grad_dim * len(kinds)))
     if moments is not None:   # where the per-example gradients are gathered (an optimizer on CUDA keeps them there)
         moments = tuple(m.cpu() for m in moments)
+    # shortest first: a batch is padded to its longest example, and lengths differ several-fold across families
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+    by_length = [examples[i] for i in order]
     out: list[list[torch.Tensor]] = [[] for _ in outputs]
-    for s in range(0, len(examples), per_pass):
-        part = examples[s:s + per_pass]
+    for s in range(0, len(by_length), per_pass):
+        part = by_length[s:s + per_pass]
         bufs = {kind: torch.empty(len(part), grad_dim, dtype=torch.bfloat16) for kind in kinds}
         for b in range(0, len(part), batch):
             g = batch_gradients(model, part[b:b + batch])
@@ -146,7 +149,11 @@ def feature_sets(model, examples, outputs: list[tuple[str, object]], moments=Non
         for k, (kind, proj) in enumerate(outputs):
             out[k].append(proj.project(bufs[kind]))
         del bufs
-    return [F.normalize(torch.cat(o), dim=1) for o in out]
+    results = []
+    for o in out:
+        got = torch.cat(o)
+        results.append(F.normalize(torch.empty_like(got).index_copy_(0, torch.tensor(order), got), dim=1))
+    return results
 
 
 def average_checkpoints(features: list[torch.Tensor], lrs: list[float]) -> torch.Tensor:
