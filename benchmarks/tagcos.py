@@ -7,8 +7,10 @@ family. Every subset is trained with the same recipe (`training/instruct.py`: Lo
 4 epochs, lr 2e-4, batches of 8) and evaluated by exact match and answer NLL per family.
 
 Subsets: the base model (no tuning), the full pool, random 5% (3 seeds), K-means on sentence embeddings 5%,
-TAGCOS 5% (Adam features, D=8192, K=20), and the ablations: no clustering (K=1), SGD features (no Adam
-normalisation), D=512. Each result is cached under the work folder: a rerun continues with the missing ones.
+TAGCOS 5% (Adam features, D=8192, K=20; a warm-up LoRA on q/v, 1 epoch on a random 5%, 3 checkpoints in it), and
+the ablations: no clustering (K=1), SGD features (no Adam normalisation), D=512, and a warm-up as long as the recipe
+(4 epochs, a checkpoint per epoch, as LESS). Variants with the same warm-up get their features from the same
+per-example gradients. Each result is cached under the work folder: a rerun continues with the missing ones.
 
   .venv/bin/python benchmarks/tagcos.py [--pool 3000] [--runs base,full,random,kmeans,tagcos,...] [--threads 2]"""
 
@@ -27,9 +29,11 @@ from infinictx.data.fetch import cache_dir
 WORK = cache_dir() / "tagcos"
 SMOKE = False   # --smoke: a sliver of everything, to check the pipeline (results not written under results/)
 RUNS = ["base", "random-0", "random-1", "random-2", "kmeans", "tagcos", "tagcos-global", "tagcos-sgd",
-        "tagcos-d512", "full"]
+        "tagcos-d512", "tagcos-warmup4", "full"]
+# tagcos-warmup4: the warm-up as long as the recipe (4 epochs on its 5%, a checkpoint per epoch, as LESS does);
+# the default warm-up is 1 epoch with 3 checkpoints in it
 TAGCOS_VARIANTS = {"tagcos": {}, "tagcos-global": {"clusters": 1}, "tagcos-sgd": {"features": "sgd"},
-                   "tagcos-d512": {"dim": 512}}
+                   "tagcos-d512": {"dim": 512}, "tagcos-warmup4": {"warmup_epochs": 4.0, "checkpoints": 4}}
 
 
 def pool(size: int):
@@ -57,7 +61,14 @@ def pool(size: int):
 
 def subset(name: str, data: dict, lm) -> tuple[list[int] | None, dict]:
     """The rows a run trains on (None: no training) and what choosing them cost."""
-    from infinictx.selection.coreset import SelectConfig, kmeans_nearest, pool_features, random_subset, tagcos
+    from infinictx.selection.coreset import (
+        SelectConfig,
+        kmeans_nearest,
+        pool_features,
+        random_subset,
+        tagcos,
+        warmup_key,
+    )
 
     rows, n = data["train"], len(data["train"])
     t0 = time.perf_counter()
@@ -80,11 +91,11 @@ def subset(name: str, data: dict, lm) -> tuple[list[int] | None, dict]:
         return SelectConfig(**{**settings, **(smoke if SMOKE else {})})
 
     def features_file(c: SelectConfig):
-        return WORK / f"features-{c.features}-d{c.dim}.pt"
+        return WORK / f"features-{c.features}-d{c.dim}-warmup{c.warmup_epochs:g}x{c.checkpoints}.pt"
 
     cfg = config(name)
-    # every variant's features come from the same warm-up and the same per-example gradients: compute them together
-    also = {features_file(c): c for c in map(config, TAGCOS_VARIANTS)}
+    # variants with the same warm-up differ only after the per-example gradients: compute their features together
+    also = {features_file(c): c for c in map(config, TAGCOS_VARIANTS) if warmup_key(c) == warmup_key(cfg)}
     done = [0]
 
     def progress(k):
@@ -134,29 +145,43 @@ def run(name: str, data: dict, lm) -> dict:
     return out
 
 
-def bootstrap_gap(runs: dict, samples: int = 2000, seed: int = 0) -> dict | None:
-    """How much of the random-5% → full gap TAGCOS closes in average exact match (the mean of the family rates),
-    with a 95% paired bootstrap interval: test examples resampled per family, the same draw for every run."""
+def bootstrap_gaps(runs: dict, samples: int = 2000, seed: int = 0) -> dict:
+    """For every chosen 5% (TAGCOS, its ablations, K-means): how much of the random-5% → full gap it closes in
+    average exact match (the mean of the family rates), with a 95% paired bootstrap interval: test examples
+    resampled per family, the same draw for every run. Random is the mean of its seeds."""
     rand_runs = [r for r in runs if r.startswith("random-")]
-    if "tagcos" not in runs or "full" not in runs or not rand_runs:
-        return None
-    names = ["tagcos", "full", *rand_runs]
+    chosen = [r for r in runs if r not in ("base", "full") and r not in rand_runs]
+    if "full" not in runs or not rand_runs or not chosen:
+        return {}
+    names = ["full", *rand_runs, *chosen]
     fams = [f for f in runs["full"]["scores"] if f != "average"]
     correct = {r: {f: np.array(runs[r]["scores"][f]["correct"], dtype=float) for f in fams} for r in names}
 
-    def closed(pick) -> float:
+    def closed(pick) -> dict:
         avg = {r: np.mean([correct[r][f][pick[f]].mean() for f in fams]) for r in names}
         rand = np.mean([avg[r] for r in rand_runs])
-        return (avg["tagcos"] - rand) / (avg["full"] - rand) if avg["full"] > rand else float("nan"), avg, rand
+        gap = avg["full"] - rand
+        return {"avg": avg, "rand": rand,
+                "closed": {c: (avg[c] - rand) / gap if gap > 0 else float("nan") for c in chosen}}
 
     whole = {f: np.arange(len(correct["full"][f])) for f in fams}
-    point, avg, rand = closed(whole)
+    point = closed(whole)
     rng = np.random.default_rng(seed)
-    draws = [closed({f: rng.integers(0, len(whole[f]), len(whole[f])) for f in fams})[0] for _ in range(samples)]
-    draws = np.array([d for d in draws if np.isfinite(d)])
-    ci = [float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975))] if len(draws) else [None, None]
-    return {"random_avg": float(rand), "full_avg": float(avg["full"]), "tagcos_avg": float(avg["tagcos"]),
-            "fraction_closed": float(point), "ci95": ci, "bootstrap_samples": int(len(draws))}
+    draws = [closed({f: rng.integers(0, len(whole[f]), len(whole[f])) for f in fams})["closed"]
+             for _ in range(samples)]
+    out = {}
+    for c in chosen:
+        d = np.array([x[c] for x in draws if np.isfinite(x[c])])
+        ci = [float(np.quantile(d, 0.025)), float(np.quantile(d, 0.975))] if len(d) else [None, None]
+        # the same share in average answer NLL (point estimate: the family means are what every run stored)
+        nll = {r: runs[r]["scores"]["average"]["nll"] for r in names}
+        rand_nll = float(np.mean([nll[r] for r in rand_runs]))
+        out[c] = {"random_avg": float(point["rand"]), "full_avg": float(point["avg"]["full"]),
+                  "avg": float(point["avg"][c]), "fraction_closed": float(point["closed"][c]), "ci95": ci,
+                  "bootstrap_samples": int(len(d)), "random_nll": rand_nll, "full_nll": nll["full"], "nll": nll[c],
+                  "nll_fraction_closed": (rand_nll - nll[c]) / (rand_nll - nll["full"])
+                  if rand_nll > nll["full"] else float("nan")}
+    return out
 
 
 def markdown(out: dict) -> str:
@@ -164,7 +189,9 @@ def markdown(out: dict) -> str:
     fams = list(out["makeup"])
     lines = ["# TAGCOS: 5% of an instruction pool chosen from gradients (SmolLM2-135M-Instruct, LoRA)", "",
              f"Pool {out['pool']} examples: " + ", ".join(f"{f} {m['pool']} ({m['noisy']} noisy, {m['duplicates']} "
-                                                           f"near-duplicates)" for f, m in out["makeup"].items()),
+                                                           f"near-duplicates)" for f, m in out["makeup"].items())
+             + f". Test: {', '.join(str(m['test']) for m in out['makeup'].values())} clean examples per family "
+               "(exact match of the greedy answer).",
              "", "| run | examples | " + " | ".join(fams) + " | average exact | average NLL | select s | train s |",
              "|---|---|" + "---|" * (len(fams) + 4)]
     for name, r in runs.items():
@@ -173,11 +200,43 @@ def markdown(out: dict) -> str:
         lines.append(f"| {name} | {n} | " + " | ".join(f"{s[f]['exact']:.2f}" for f in fams)
                      + f" | {s['average']['exact']:.3f} | {s['average']['nll']:.3f} | {r['cost'].get('select_s', '')}"
                        f" | {r['record'].get('train_s', '')} |")
-    gap = out.get("gap")
-    if gap:
-        lines += ["", f"TAGCOS closes {gap['fraction_closed']:.2f} of the random-5% → full gap in average exact match "
-                  f"(random {gap['random_avg']:.3f}, TAGCOS {gap['tagcos_avg']:.3f}, full {gap['full_avg']:.3f}; 95% "
-                  f"bootstrap interval {gap['ci95'][0]:.2f} … {gap['ci95'][1]:.2f})."]
+    gaps = out.get("gaps") or {}
+    if gaps:
+        first = next(iter(gaps.values()))
+        seeds = sum(r.startswith("random-") for r in runs)
+        lines += ["", "Share of the random-5% → full gap closed in average exact match (random "
+                  f"{first['random_avg']:.3f}, the mean of {seeds} seeds; full {first['full_avg']:.3f}; 95% paired "
+                  "bootstrap over test examples), and in average answer NLL (random "
+                  f"{first['random_nll']:.3f}, full {first['full_nll']:.3f}; point estimate):", "",
+                  "| run | average exact | gap closed (exact) | 95% CI | average NLL | gap closed (NLL) |",
+                  "|---|---|---|---|---|---|"]
+        for name, g in gaps.items():
+            lo, hi = g["ci95"]
+            ci = f"{lo:.2f} … {hi:.2f}" if lo is not None else "–"
+            lines.append(f"| {name} | {g['avg']:.3f} | {g['fraction_closed']:.2f} | {ci} | {g['nll']:.3f} | "
+                         f"{g['nll_fraction_closed']:.2f} |")
+    picked = {n: r for n, r in runs.items() if r["ids"] is not None and n != "full"}
+    if picked:
+        lines += ["", "What each 5% holds (examples per family; noisy answers; near-duplicates):", "",
+                  "| run | " + " | ".join(fams) + " | noisy | near-duplicates |", "|---|" + "---|" * (len(fams) + 2)]
+        share = {f: m["pool"] / out["pool"] for f, m in out["makeup"].items()}
+        for n, r in picked.items():
+            lines.append(f"| {n} | " + " | ".join(str(r["record"]["makeup"].get(f, 0)) for f in fams)
+                         + f" | {r['record']['noisy']} | {r['record']['duplicates']} |")
+        k = len(next(iter(picked.values()))["ids"])
+        lines.append("| (pool share × " + str(k) + ") | " + " | ".join(f"{share[f] * k:.0f}" for f in fams)
+                     + f" | {sum(m['noisy'] for m in out['makeup'].values()) / out['pool'] * k:.0f}"
+                       f" | {sum(m['duplicates'] for m in out['makeup'].values()) / out['pool'] * k:.0f} |")
+    feats = next((r["cost"] for n, r in runs.items() if n.startswith("tagcos") and "feature_seconds" in r["cost"]),
+                 None)
+    if feats:
+        lines += ["", f"Selection cost: the warm-up LoRA ({feats['warmup']['examples']} examples, "
+                  f"{feats['warmup']['steps']} steps, checkpoints at steps {feats['warmup']['checkpoints']}) took "
+                  f"{feats['warmup']['seconds'] / 60:.1f} min; the per-example gradients of the pool at "
+                  f"{len(feats['warmup']['lrs'])} checkpoints ({feats['grad_dim']:,} LoRA parameters), projected, "
+                  f"{feats['feature_seconds'] / 60:.1f} min for the {feats.get('computed_together', 1)} feature sets "
+                  "together (Adam D=8192, SGD D=8192, Adam D=512: one backward pass per example serves all). "
+                  "OMP and K-means take seconds (select s of the variants that read the stored features)."]
     return "\n".join(lines) + "\n"
 
 
@@ -203,7 +262,7 @@ def main():
         print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
         runs[name] = run(name, data, lm)
         out = {"pool": args.pool, "makeup": data["makeup"], "runs": runs}
-        out["gap"] = bootstrap_gap(runs)
+        out["gaps"] = bootstrap_gaps(runs)
         if SMOKE:
             print(markdown(out))
         else:

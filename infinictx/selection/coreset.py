@@ -76,6 +76,14 @@ class SelectConfig:
             raise InfinictxError(f"features must be adam, sgd or sign (got {self.features!r})")
 
 
+def warmup_key(cfg: SelectConfig) -> dict:
+    """The settings that decide the warm-up LoRA and its checkpoints: features that agree on them can be computed
+    from the same per-example gradients."""
+    from dataclasses import asdict
+
+    return {k: v for k, v in asdict(cfg).items() if k not in ("frac", "clusters", "lam", "features", "dim")}
+
+
 def pool_features(model, tokenizer, rows: list[dict], cfg: SelectConfig, instruct=None, cache: Path | None = None,
                   progress=None, also: dict[Path, SelectConfig] | None = None) -> tuple[torch.Tensor, dict]:
     """TAGCOS's features of every row: a warm-up LoRA on a random share of the pool, checkpoints through it, each
@@ -94,11 +102,8 @@ def pool_features(model, tokenizer, rows: list[dict], cfg: SelectConfig, instruc
     def key_of(c: SelectConfig) -> dict:
         return {k: v for k, v in asdict(c).items() if k not in ("frac", "clusters", "lam")}
 
-    def warmup_of(c: SelectConfig) -> dict:
-        return {k: v for k, v in key_of(c).items() if k not in ("features", "dim")}
-
     also = dict(also or {})
-    if any(warmup_of(c) != warmup_of(cfg) for c in also.values()):
+    if any(warmup_key(c) != warmup_key(cfg) for c in also.values()):
         raise InfinictxError("features computed together must share the warm-up (only features and dim may differ)")
     if cache is not None and cache.exists():
         saved = torch.load(cache, weights_only=False)

@@ -120,8 +120,8 @@ def _flat_state(opt, params) -> dict:
 def evaluate(model, tokenizer, tests: dict[str, list[dict]], max_new_tokens: int = 24, max_len: int = 192,
              batch: int = 32) -> dict:
     """Per family: exact match of the greedy answer (each example's `answers` and `correct` too), and the reference
-    answer's mean NLL. Prompts of similar length are decoded together (`batch` at a time, padded on the left, so every
-    prompt ends where its answer begins); `batch=1` decodes one at a time."""
+    answer's mean NLL (each example's in `nlls`). Prompts of similar length are decoded together (`batch` at a
+    time, padded on the left, so every prompt ends where its answer begins); `batch=1` decodes one at a time."""
     out = {}
     device = next(model.parameters()).device
     model.eval()
@@ -151,7 +151,7 @@ def evaluate(model, tokenizer, tests: dict[str, list[dict]], max_new_tokens: int
             nll += (token_nll.sum(1) / counts).tolist()
         correct = [a == r["answer"].strip() for a, r in zip(answers, rows)]
         out[fam] = {"exact": sum(correct) / len(rows), "right": sum(correct), "n": len(rows),
-                    "nll": sum(nll) / len(nll), "correct": correct, "answers": answers}
+                    "nll": sum(nll) / len(nll), "correct": correct, "answers": answers, "nlls": nll}
     fams = list(out)
     out["average"] = {"exact": sum(out[f]["exact"] for f in fams) / len(fams),
                       "nll": sum(out[f]["nll"] for f in fams) / len(fams)}
