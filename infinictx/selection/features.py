@@ -64,7 +64,7 @@ def batch_gradients(model, examples) -> torch.Tensor:
             owner[id(module.weight)] = module
     if any(id(p) not in owner for p in params):
         raise InfinictxError("batched gradients need every trainable parameter to be a linear layer's weight")
-    from ..training.instruct import pad
+    from ..training.instruct import pad, per_example_nll
 
     device = params[0].device
     n = len(examples)
@@ -78,11 +78,8 @@ def batch_gradients(model, examples) -> torch.Tensor:
     for module in set(owner.values()):
         handles.append(module.register_forward_hook(keep))
     try:
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
-        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:].to(device), ignore_index=-100,
-                              reduction="none")
-        counts = (labels[:, 1:] != -100).sum(1).clamp(min=1).to(device)
-        per_example = nll.sum(1) / counts
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        per_example = per_example_nll(logits, labels)
         if not torch.isfinite(per_example).all():
             raise InfinictxError("an example's loss is not finite")
         per_example.sum().backward()

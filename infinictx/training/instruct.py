@@ -116,6 +116,14 @@ def _flat_state(opt, params) -> dict:
     return {"exp_avg": torch.cat(m), "exp_avg_sq": torch.cat(v)}
 
 
+def per_example_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(batch,) each example's mean next-token NLL over its scored tokens (labels −100 are not scored)."""
+    labels = labels.to(logits.device)
+    token_nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=-100,
+                                reduction="none")
+    return token_nll.sum(1) / (labels[:, 1:] != -100).sum(1).clamp(min=1)
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, tests: dict[str, list[dict]], max_new_tokens: int = 24, max_len: int = 192,
              batch: int = 32) -> dict:
@@ -145,10 +153,7 @@ def evaluate(model, tokenizer, tests: dict[str, list[dict]], max_new_tokens: int
         for s in range(0, len(rows), batch):
             ids, labels, mask = pad([encode(tokenizer, r, max_len) for r in rows[s:s + batch]])
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-            token_nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:].to(device),
-                                        ignore_index=-100, reduction="none")
-            counts = (labels[:, 1:] != -100).sum(1).to(device)
-            nll += (token_nll.sum(1) / counts).tolist()
+            nll += per_example_nll(logits, labels).tolist()
         correct = [a == r["answer"].strip() for a, r in zip(answers, rows)]
         out[fam] = {"exact": sum(correct) / len(rows), "right": sum(correct), "n": len(rows),
                     "nll": sum(nll) / len(nll), "correct": correct, "answers": answers, "nlls": nll}
