@@ -169,13 +169,13 @@ def bootstrap_gaps(runs: dict, samples: int = 2000, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     draws = [closed({f: rng.integers(0, len(whole[f]), len(whole[f])) for f in fams})["closed"]
              for _ in range(samples)]
+    # the same share in average answer NLL (point estimate: the family means are what every run stored)
+    nll = {r: runs[r]["scores"]["average"]["nll"] for r in names}
+    rand_nll = float(np.mean([nll[r] for r in rand_runs]))
     out = {}
     for c in chosen:
         d = np.array([x[c] for x in draws if np.isfinite(x[c])])
         ci = [float(np.quantile(d, 0.025)), float(np.quantile(d, 0.975))] if len(d) else [None, None]
-        # the same share in average answer NLL (point estimate: the family means are what every run stored)
-        nll = {r: runs[r]["scores"]["average"]["nll"] for r in names}
-        rand_nll = float(np.mean([nll[r] for r in rand_runs]))
         out[c] = {"random_avg": float(point["rand"]), "full_avg": float(point["avg"]["full"]),
                   "avg": float(point["avg"][c]), "fraction_closed": float(point["closed"][c]), "ci95": ci,
                   "bootstrap_samples": int(len(d)), "random_nll": rand_nll, "full_nll": nll["full"], "nll": nll[c],
