@@ -237,6 +237,13 @@ def markdown(out: dict) -> str:
                   f"{feats['feature_seconds'] / 60:.1f} min for the {feats.get('computed_together', 1)} feature sets "
                   "together (Adam D=8192, SGD D=8192, Adam D=512: one backward pass per example serves all). "
                   "OMP and K-means take seconds (select s of the variants that read the stored features)."]
+        for n, r in runs.items():   # variants with a warm-up of their own: their cost said apart
+            w = r["cost"].get("warmup") if n.startswith("tagcos") else None
+            if w and w["checkpoints"] != feats["warmup"]["checkpoints"]:
+                lines[-1] += (f" {n}: its own warm-up ({w['steps']} steps, loss {w['loss_first']:.2f} → "
+                              f"{w['loss_last']:.2f}, checkpoints at steps {w['checkpoints']}) took "
+                              f"{w['seconds'] / 60:.1f} min, and the gradients at {len(w['lrs'])} checkpoints "
+                              f"{r['cost']['feature_seconds'] / 60:.1f} min.")
     return "\n".join(lines) + "\n"
 
 
