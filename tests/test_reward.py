@@ -86,6 +86,47 @@ def test_training_and_evaluation_end_to_end(tiny_model_dir, tmp_path):
     assert set(out["adversarial"]) == {"no_context", "irrelevant_context", "flipped"}
 
 
+def test_training_stopped_at_a_checkpoint_resumes_to_the_same_adapter(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    from infinictx.reward.carm import RewardConfig, train
+
+    rows = bt_rows(build_reversal_set().train[:6], "both")   # 24 rows: 6 steps an epoch at batch 4
+    cfg = RewardConfig(epochs=2, batch=4, rank=4, checkpoint_every=2)
+    whole = train(tiny_model_dir, rows, cfg, tmp_path / "whole")
+
+    class Kill(TrainerCallback):   # the process dies right after the step-6 checkpoint
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 6:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_model_dir, rows, cfg, tmp_path / "cut", callbacks=[Kill()])
+    class Count(TrainerCallback):
+        steps = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            Count.steps += 1
+
+    resumed = train(tiny_model_dir, rows, cfg, tmp_path / "cut", callbacks=[Count()])
+    assert Count.steps == 6, "the resumed run redid the steps before its checkpoint"
+    assert whole["resumed_from"] is None and resumed["resumed_from"] == "checkpoint-6"
+    assert resumed["steps"] == whole["steps"] == 12
+    assert not list((tmp_path / "cut").glob("checkpoint-*"))
+    a = load_file(tmp_path / "whole" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "cut" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # a checkpoint of another setup is not resumed (it is removed)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_model_dir, rows, cfg, tmp_path / "other", callbacks=[Kill()])
+    changed = train(tiny_model_dir, rows, RewardConfig(epochs=2, batch=4, rank=4, checkpoint_every=2, lr=1e-4),
+                    tmp_path / "other")
+    assert changed["resumed_from"] is None
+    with pytest.raises(InfinictxError, match="checkpoint_every"):
+        RewardConfig(checkpoint_every=-1)
+
+
 def test_context_posterior_is_calibrated_against_a_neutral_situation(tiny):
     from infinictx.reward.carm import NEUTRAL_SITUATION, context_posterior
 

@@ -1,7 +1,7 @@
 """`infinictx reward-train` and `infinictx reward-score`: context-aware reward models (CARM) from the command line.
 
   infinictx reward-train PAIRS --out DIR [--view both|criteria|scenario|none] [--model M] [--epochs 3] [--lr 2e-4]
-      [--rank 16] [--batch 8] [--max-length 384]
+      [--rank 16] [--batch 8] [--max-length 384] [--checkpoint-every 50]
   infinictx reward-score PAIRS --adapter DIR [--model M] [--json OUT]
   infinictx reward-score ROWS.jsonl --adapter DIR [--out SCORED.jsonl]
 
@@ -10,12 +10,12 @@ criteria_y, scenario_x, scenario_y), or `builtin` for the offline reversal set (
 its training split and relevance pairs to train, its held-out split and adversarial pairs to score). Scoring pairs
 prints the accuracy under criteria and under scenarios, reversal consistency and the no-context view as JSON.
 ROWS: a JSONL of {"prompt", "response", optional "context"} scored one by one (a "reward" field added). The
-adapter folder is written whole or not at all (trained beside it, renamed when done)."""
+adapter folder is written whole or not at all (trained beside it in DIR.partial, renamed when done); a training
+run that stopped resumes from its last checkpoint there when the same command is run again."""
 
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -34,6 +34,8 @@ def add_parsers(sub):
     t.add_argument("--batch", type=int, default=8)
     t.add_argument("--max-length", type=int, default=384)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--checkpoint-every", type=int, default=50,
+                   help="optimizer steps between resumable checkpoints (0: none)")
     s = sub.add_parser("reward-score", help="score preference pairs or responses with a reward model")
     s.add_argument("pairs", help="RPR-layout pairs, `builtin`, or a JSONL of {prompt, response, context?} rows")
     s.add_argument("--adapter", default=None, help="a folder from reward-train (none: an untrained score head)")
@@ -84,12 +86,11 @@ def cmd_reward_train(args) -> int:
     if out.exists() and any(out.iterdir()):
         raise InfinictxError(f"{out} exists and is not empty: choose a new --out folder")
     cfg = RewardConfig(rank=args.rank, lr=args.lr, epochs=args.epochs, batch=args.batch, max_length=args.max_length,
-                       seed=args.seed)
+                       seed=args.seed, checkpoint_every=args.checkpoint_every)
     pairs, _, relevance = _pairs(args.pairs, "train")
     rows = bt_rows(pairs, args.view, relevance)
     model_dir = resolve_model_path(args.model)[0]
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    partial = out.with_name(out.name + ".partial")   # kept should training stop: the next run resumes from it
     record = train(model_dir, rows, cfg, partial)
     if out.exists():
         out.rmdir()
