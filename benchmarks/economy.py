@@ -76,7 +76,7 @@ def run_row(lm, ids, label: str, row: str) -> dict:
 
 def main():
     from infinictx import load_model
-    from infinictx.core.models import cpu_has_fast_bf16, pick_dtype
+    from infinictx.core.models import cpu_flags, cpu_has_fast_bf16, pick_dtype
 
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, default=32768)
@@ -99,8 +99,8 @@ def main():
     state = json.loads(partial.read_text()) if partial.exists() else {}
     if state and (state.get("tokens") != len(ids) or state.get("book") != book):
         raise SystemExit(f"economy: {partial} is another run's (book or tokens differ); delete it or use --name")
-    state.update({"tokens": len(ids), "book": book, "cpu": cpu_name(), "cpu_amx": cpu_has_fast_bf16()})
-    # without AMX a bf16 matmul is emulated (~70x slower than fp32 here): a smaller one keeps the probe short
+    state.update({"tokens": len(ids), "book": book, "cpu": cpu_name(), "cpu_amx": "amx_bf16" in cpu_flags()})
+    # without bf16 in hardware a bf16 matmul is emulated (~70x slower than fp32 here): a smaller one keeps it short
     bf16_n = 2048 if cpu_has_fast_bf16() else 512
     peaks = state.setdefault("peaks", [])
     peaks.append({"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16, bf16_n), "bf16_n": bf16_n})

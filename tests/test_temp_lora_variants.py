@@ -179,8 +179,12 @@ def test_bf16_base_runs_lora_products_in_bf16_with_fp32_gradients(tiny_model_dir
         assert a.grad.dtype == b.grad.dtype == torch.float32 and a.grad.abs().sum() > 0
 
 
-def test_auto_dtype_is_bf16_only_on_cpus_with_amx(monkeypatch):
+def test_auto_dtype_is_bf16_only_on_cpus_with_bf16_in_hardware(monkeypatch):
     from infinictx.core import models
+
+    for flags, fast in ((set(), False), ({"avx2", "avx512f"}, False), ({"avx512_bf16"}, True), ({"amx_bf16"}, True)):
+        monkeypatch.setattr(models, "cpu_flags", lambda flags=flags: flags)
+        assert models.cpu_has_fast_bf16() is fast, flags
 
     monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
     assert models.pick_dtype("auto", torch.device("cpu")) == torch.bfloat16

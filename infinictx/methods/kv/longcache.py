@@ -442,7 +442,7 @@ def _amx_here() -> bool:
 
 
 def _fast_bf16_here() -> bool:
-    """bf16 candidates need AMX (bf16 matmul in hardware) and the native selection kernel."""
+    """bf16 candidates need bf16 matmul in hardware (AMX, AVX512-BF16) and the native selection kernel."""
     global _FAST_BF16
     if _FAST_BF16 is None:
         _FAST_BF16 = cpu_has_fast_bf16() and native.available()
