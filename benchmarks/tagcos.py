@@ -12,7 +12,8 @@ the ablations: no clustering (K=1), SGD features (no Adam normalisation), D=512,
 (4 epochs, a checkpoint per epoch, as LESS). Variants with the same warm-up get their features from the same
 per-example gradients. Each result is cached under the work folder: a rerun continues with the missing ones.
 
-  .venv/bin/python benchmarks/tagcos.py [--pool 3000] [--runs base,full,random,kmeans,tagcos,...] [--threads 2]"""
+  .venv/bin/python benchmarks/tagcos.py [--pool 3000] [--runs base,full,random,kmeans,tagcos,...] [--threads 2]
+      [--dtype float32|bfloat16]"""
 
 from __future__ import annotations
 
@@ -187,7 +188,8 @@ def bootstrap_gaps(runs: dict, samples: int = 2000, seed: int = 0) -> dict:
 def markdown(out: dict) -> str:
     runs = out["runs"]
     fams = list(out["makeup"])
-    lines = ["# TAGCOS: 5% of an instruction pool chosen from gradients (SmolLM2-135M-Instruct, LoRA)", "",
+    lines = ["# TAGCOS: 5% of an instruction pool chosen from gradients (SmolLM2-135M-Instruct, LoRA, "
+             f"{out.get('dtype', 'float32')} base)", "",
              f"Pool {out['pool']} examples: " + ", ".join(f"{f} {m['pool']} ({m['noisy']} noisy, {m['duplicates']} "
                                                            f"near-duplicates)" for f, m in out["makeup"].items())
              + f". Test: {', '.join(str(m['test']) for m in out['makeup'].values())} clean examples per family "
@@ -253,27 +255,32 @@ def main():
     ap.add_argument("--runs", default=",".join(RUNS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--smoke", action="store_true")
+    # the cached runs are compared with each other and their files do not say a dtype: one for all of them (the
+    # committed ones are fp32); another dtype gets a work folder of its own
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
     global WORK, SMOKE
+    if args.dtype != "float32":
+        WORK = WORK.with_name(f"tagcos-{args.dtype}")
     if args.smoke:
-        WORK, SMOKE = cache_dir() / "tagcos_smoke", True
+        WORK, SMOKE = WORK.with_name(WORK.name.replace("tagcos", "tagcos_smoke")), True
     torch.set_num_threads(args.threads)
     from infinictx import load_model
 
     data = pool(args.pool)
-    lm = load_model(None)
+    lm = load_model(None, dtype=args.dtype)
     runs = {}
     for name in args.runs.split(","):
         if name not in RUNS:
             raise SystemExit(f"unknown run {name!r}; choose from {', '.join(RUNS)}")
         print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
         runs[name] = run(name, data, lm)
-        out = {"pool": args.pool, "makeup": data["makeup"], "runs": runs}
+        out = {"pool": args.pool, "makeup": data["makeup"], "dtype": args.dtype, "runs": runs}
         out["gaps"] = bootstrap_gaps(runs)
         if SMOKE:
             print(markdown(out))
         else:
-            save("tagcos", out, markdown(out))
+            save("tagcos" if args.dtype == "float32" else f"tagcos_{args.dtype}", out, markdown(out))
 
 
 if __name__ == "__main__":
