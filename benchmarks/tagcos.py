@@ -13,7 +13,9 @@ the ablations: no clustering (K=1), SGD features (no Adam normalisation), D=512,
 per-example gradients. Each result is cached under the work folder: a rerun continues with the missing ones.
 
   .venv/bin/python benchmarks/tagcos.py [--pool 3000] [--runs base,full,random,kmeans,tagcos,...] [--threads 2]
-      [--dtype float32|bfloat16]"""
+      [--dtype float32|bfloat16] [--noise 0.05]
+Runs `scale-10,scale-20,scale-50` (random 10/20/50%) only when named. Another dtype or noise share works in its
+own folder and writes its own results (tagcos_bfloat16, tagcos_noise30, ...)."""
 
 from __future__ import annotations
 
@@ -31,13 +33,17 @@ WORK = cache_dir() / "tagcos"
 SMOKE = False   # --smoke: a sliver of everything, to check the pipeline (results not written under results/)
 RUNS = ["base", "random-0", "random-1", "random-2", "kmeans", "tagcos", "tagcos-global", "tagcos-sgd",
         "tagcos-d512", "tagcos-warmup4", "full"]
+# random subsets larger than 5% (seed 0), run only when named: how the random curve climbs to the full pool, so how
+# much a better 5% could be worth
+SCALE = ["scale-10", "scale-20", "scale-50"]
+NOISE = 0.05   # the pool's share of wrong answers (--noise)
 # tagcos-warmup4: the warm-up as long as the recipe (4 epochs on its 5%, a checkpoint per epoch, as LESS does);
 # the default warm-up is 1 epoch with 3 checkpoints in it
 TAGCOS_VARIANTS = {"tagcos": {}, "tagcos-global": {"clusters": 1}, "tagcos-sgd": {"features": "sgd"},
                    "tagcos-d512": {"dim": 512}, "tagcos-warmup4": {"warmup_epochs": 4.0, "checkpoints": 4}}
 
 
-def pool(size: int):
+def pool(size: int, noise: float = NOISE):
     from infinictx.data.instructions import build_pool
     from infinictx.data.texts import training_corpus
 
@@ -53,7 +59,8 @@ def pool(size: int):
     except Exception as exc:   # the translation family is left out without the Bible
         print(f"no translation family: {exc}")
     texts = [t for _, t in training_corpus()]
-    built = build_pool(size=size, test_per_family=3 if SMOKE else 100, texts=texts, bible=bible, seed=0)
+    built = build_pool(size=size, test_per_family=3 if SMOKE else 100, texts=texts, bible=bible, noise_rate=noise,
+                       seed=0)
     out = {"train": built.train, "test": built.test, "makeup": built.makeup}
     WORK.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, ensure_ascii=False))
@@ -79,6 +86,8 @@ def subset(name: str, data: dict, lm) -> tuple[list[int] | None, dict]:
         return list(range(n)), {}
     if name.startswith("random-"):
         return random_subset(n, 0.05, int(name.split("-")[1])), {}
+    if name in SCALE:
+        return random_subset(n, int(name.split("-")[1]) / 100, 0), {}
     if name == "kmeans":
         from infinictx.methods.rag.retrievers import load_embedder
 
@@ -217,7 +226,7 @@ def markdown(out: dict) -> str:
             ci = f"{lo:.2f} … {hi:.2f}" if lo is not None else "–"
             lines.append(f"| {name} | {g['avg']:.3f} | {g['fraction_closed']:.2f} | {ci} | {g['nll']:.3f} | "
                          f"{g['nll_fraction_closed']:.2f} |")
-    picked = {n: r for n, r in runs.items() if r["ids"] is not None and n != "full"}
+    picked = {n: r for n, r in runs.items() if r["ids"] is not None and n != "full" and n not in SCALE}
     if picked:
         lines += ["", "What each 5% holds (examples per family; noisy answers; near-duplicates):", "",
                   "| run | " + " | ".join(fams) + " | noisy | near-duplicates |", "|---|" + "---|" * (len(fams) + 2)]
@@ -258,29 +267,34 @@ def main():
     # the cached runs are compared with each other and their files do not say a dtype: one for all of them (the
     # committed ones are fp32); another dtype gets a work folder of its own
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--noise", type=float, default=NOISE, help="the pool's share of wrong answers")
     args = ap.parse_args()
+    if not 0 <= args.noise < 1:
+        raise SystemExit("tagcos: --noise must be in [0, 1)")
     global WORK, SMOKE
-    if args.dtype != "float32":
-        WORK = WORK.with_name(f"tagcos-{args.dtype}")
+    suffix = "" if args.dtype == "float32" else f"_{args.dtype}"
+    if args.noise != NOISE:   # another pool: its own work folder and results
+        suffix += f"_noise{round(args.noise * 100)}"
+    WORK = WORK.with_name(WORK.name + suffix.replace("_", "-"))
     if args.smoke:
         WORK, SMOKE = WORK.with_name(WORK.name.replace("tagcos", "tagcos_smoke")), True
     torch.set_num_threads(args.threads)
     from infinictx import load_model
 
-    data = pool(args.pool)
+    data = pool(args.pool, args.noise)
     lm = load_model(None, dtype=args.dtype)
     runs = {}
     for name in args.runs.split(","):
-        if name not in RUNS:
-            raise SystemExit(f"unknown run {name!r}; choose from {', '.join(RUNS)}")
+        if name not in RUNS + SCALE:
+            raise SystemExit(f"unknown run {name!r}; choose from {', '.join(RUNS + SCALE)}")
         print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
         runs[name] = run(name, data, lm)
-        out = {"pool": args.pool, "makeup": data["makeup"], "dtype": args.dtype, "runs": runs}
+        out = {"pool": args.pool, "noise": args.noise, "makeup": data["makeup"], "dtype": args.dtype, "runs": runs}
         out["gaps"] = bootstrap_gaps(runs)
         if SMOKE:
             print(markdown(out))
         else:
-            save("tagcos" if args.dtype == "float32" else f"tagcos_{args.dtype}", out, markdown(out))
+            save("tagcos" + suffix, out, markdown(out))
 
 
 if __name__ == "__main__":
