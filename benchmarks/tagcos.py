@@ -275,9 +275,8 @@ def main():
     suffix = "" if args.dtype == "float32" else f"_{args.dtype}"
     if args.noise != NOISE:   # another pool: its own work folder and results
         suffix += f"_noise{round(args.noise * 100)}"
-    WORK = WORK.with_name(WORK.name + suffix.replace("_", "-"))
-    if args.smoke:
-        WORK, SMOKE = WORK.with_name(WORK.name.replace("tagcos", "tagcos_smoke")), True
+    SMOKE = args.smoke
+    WORK = cache_dir() / ("tagcos" + ("_smoke" if SMOKE else "") + suffix)
     torch.set_num_threads(args.threads)
     from infinictx import load_model
 

@@ -109,11 +109,14 @@ def load_reward_model(model_dir: str | Path, adapter: str | Path | None = None):
     return model, tok
 
 
+SETUP_FILE = "train-setup.json"   # beside the checkpoints: which rows and settings they train, seconds spent
+
+
 def _resume_point(out_dir: Path, setup: str) -> str | None:
     """The newest complete checkpoint in `out_dir` of a run with the same `setup`, or None; checkpoints of another
     setup are deleted (they would resume the wrong run). The trainer writes trainer_state.json last: a checkpoint
     without it was cut short."""
-    stamp = out_dir / "train-setup.json"
+    stamp = out_dir / SETUP_FILE
     checkpoints = sorted(out_dir.glob("checkpoint-*"), key=lambda p: int(p.name.rpartition("-")[2] or 0))
     if stamp.exists() and json.loads(stamp.read_text()).get("setup") == setup:
         complete = [c for c in checkpoints if (c / "trainer_state.json").exists()]
@@ -157,7 +160,7 @@ def train(model_dir: str | Path, rows: list[dict], cfg: RewardConfig, out_dir: s
                      # fp32 keeps the recorded runs comparable), and a 135M model needs no checkpointing
                      bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), gradient_checkpointing=False)
     peft = LoraConfig(task_type="SEQ_CLS", r=cfg.rank, lora_alpha=cfg.alpha, target_modules="all-linear")
-    stamp = out_dir / "train-setup.json"
+    stamp = out_dir / SETUP_FILE
     spent = json.loads(stamp.read_text()).get("seconds", 0.0) if resume else 0.0   # by the segments before
     start = time.perf_counter()
 
