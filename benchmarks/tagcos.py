@@ -124,8 +124,12 @@ def run(name: str, data: dict, lm) -> dict:
     from infinictx.training.instruct import InstructConfig, evaluate, finetune
 
     path = WORK / f"run-{name}-{len(data['train'])}.json"
+    dtype = str(lm.dtype).removeprefix("torch.")
     if path.exists():
-        return json.loads(path.read_text())
+        out = json.loads(path.read_text())
+        if out.get("dtype", "float32") != dtype:   # the files written before runs recorded it were all float32
+            raise SystemExit(f"tagcos: {path} was run in {out.get('dtype', 'float32')}, this run in {dtype}")
+        return out
     before = weights_fingerprint(lm.model)
     picked, cost = subset(name, data, lm)
     t0 = time.perf_counter()
@@ -150,7 +154,7 @@ def run(name: str, data: dict, lm) -> dict:
         record["noisy"] = sum(r["noisy"] for r in picked_rows)
         record["duplicates"] = sum(r["duplicate_of"] is not None for r in picked_rows)
     assert weights_fingerprint(lm.model) == before, "a run changed the base weights"
-    out = {"name": name, "scores": scores, "record": record, "cost": cost, "ids": picked}
+    out = {"name": name, "dtype": dtype, "scores": scores, "record": record, "cost": cost, "ids": picked}
     path.write_text(json.dumps(out))
     return out
 
@@ -264,8 +268,8 @@ def main():
     ap.add_argument("--runs", default=",".join(RUNS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--smoke", action="store_true")
-    # the cached runs are compared with each other and their files do not say a dtype: one for all of them (the
-    # committed ones are fp32); another dtype gets a work folder of its own
+    # the cached runs are compared with each other: one dtype for all of them (the committed ones are fp32; run
+    # files record it, and a run file of another dtype is refused); another dtype gets a work folder of its own
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--noise", type=float, default=NOISE, help="the pool's share of wrong answers")
     args = ap.parse_args()

@@ -145,6 +145,11 @@ def test_tagcos_end_to_end_on_the_tiny_model(tiny, tmp_path):
     assert not any("lora_" in n for n, _ in tiny.model.named_parameters())
     again, _ = pool_features(tiny.model, tiny.tokenizer, rows, cfg, cache=tmp_path / "f.pt")   # from the cache
     assert torch.equal(again, feats)
+    # another pool of the same size does not read this pool's cache
+    other = build_pool(size=60, test_per_family=2, seed=1).train
+    theirs, _ = pool_features(tiny.model, tiny.tokenizer, other, cfg, InstructConfig(lr=1e-2, epochs=2, rank=4),
+                              cache=tmp_path / "f.pt")
+    assert not torch.allclose(theirs, feats, atol=1e-3)
     picked = tagcos(feats, cfg.frac, cfg.clusters)
     assert len(picked) == 6
 

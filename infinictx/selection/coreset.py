@@ -90,6 +90,8 @@ def pool_features(model, tokenizer, rows: list[dict], cfg: SelectConfig, instruc
     checkpoint's projected (Adam-normalised) per-example gradients, averaged with the learning rates. Cached in
     `cache` (a rerun with the same settings reads them). `also` {cache path: config}: other feature kinds or sizes
     from the same warm-up, computed from the same gradients and saved to their paths (the ablations, nearly free)."""
+    import hashlib
+    import json
     import time
     from dataclasses import asdict
 
@@ -99,8 +101,14 @@ def pool_features(model, tokenizer, rows: list[dict], cfg: SelectConfig, instruc
     from .features import average_checkpoints, feature_sets, trainable
     from .projection import RademacherProjector
 
+    # what else the features depend on: the rows themselves (not only their number), the model and its dtype (a
+    # bf16 base gives other gradients)
+    source = {"rows": hashlib.sha256(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16],
+              "model": getattr(model.config, "_name_or_path", ""),
+              "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+
     def key_of(c: SelectConfig) -> dict:
-        return {k: v for k, v in asdict(c).items() if k not in ("frac", "clusters", "lam")}
+        return {**{k: v for k, v in asdict(c).items() if k not in ("frac", "clusters", "lam")}, **source}
 
     also = dict(also or {})
     if any(warmup_key(c) != warmup_key(cfg) for c in also.values()):
