@@ -1,5 +1,7 @@
 """The fast kernels compute what the reference paths compute: same top-k sets, same attention, same logits."""
 
+import sys
+
 import pytest
 import torch
 from conftest import DEVICE, cpu_only
@@ -760,3 +762,59 @@ def test_memory_decode_reads_the_bf16_copy_and_matches_the_reference(tiny):
     for name in ("fast", "no-copy"):
         torch.testing.assert_close(logits[name], logits["reference"], rtol=1e-4, atol=1e-4)
         assert torch.equal(generated[name], generated["reference"])
+
+
+def test_lm_head_runs_as_one_mm_with_the_same_logits_and_gradients(tiny):
+    """load_model's head hook: the kept positions' logits come from one mm, not a bmm against a copy of the
+    transposed head weight, and logits and gradients equal those of the head without the hook."""
+    from torch.profiler import profile
+
+    from infinictx.core.models import fold_head_input
+
+    model = tiny.model
+    head = model.get_output_embeddings()
+    assert head._infinictx_folds_input and not fold_head_input(model)   # added once, at load
+    ids = torch.randint(0, model.config.vocab_size, (1, 40), device=DEVICE)
+
+    def step():
+        x = model.model.embed_tokens(ids).detach().requires_grad_(True)
+        hidden = model.model(inputs_embeds=x).last_hidden_state
+        logits = head(hidden[:, -16:, :])
+        logits.float().logsumexp(-1).sum().backward()
+        return logits.detach(), x.grad
+
+    def head_bmms(prof) -> int:   # batched matmuls with the vocabulary in a shape: the head's unfolded product
+        return sum(e.count for e in prof.key_averages(group_by_input_shape=True)
+                   if e.key == "aten::bmm" and any(model.config.vocab_size in s for s in e.input_shapes if s))
+
+    with profile(record_shapes=True) as prof:
+        logits, grad = step()
+    assert head_bmms(prof) == 0
+    hooks = dict(head._forward_pre_hooks)
+    head._forward_pre_hooks.clear()
+    try:
+        with profile(record_shapes=True) as prof:
+            want_logits, want_grad = step()
+        assert head_bmms(prof) > 0   # what the hook avoids (torch's fold check)
+    finally:
+        head._forward_pre_hooks.update(hooks)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_large_freed_blocks_are_reused_without_page_faults():
+    """After keep_freed_memory (load_model calls it on the CPU), a 64 MiB tensor freed and allocated again reuses
+    the same pages: not one page fault per page per step, as glibc's fresh mmap for every large block costs."""
+    import resource
+
+    from infinictx.core.models import keep_freed_memory
+
+    assert keep_freed_memory()
+    pages = (64 << 20) // resource.getpagesize()
+    torch.empty(64 << 20, dtype=torch.uint8).fill_(1)   # the first one is faulted in once
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(8):
+        torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 2 * pages   # default glibc: 8 × pages
+

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,8 +272,66 @@ def load_model(path: str | os.PathLike | None = None, device: str | None = None,
         raise InfinictxError(f"could not load model from {directory}: {str(exc).splitlines()[0]}")
     model.to(dev).eval()
     model.requires_grad_(False)
+    if dev.type == "cpu":
+        keep_freed_memory()
     use_banded_attention(model)   # sliding-window layers (Gemma-3) skip their masked-out attention work
+    fold_head_input(model)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, device=dev, dtype=dt, memory=memory)
+
+
+_MALLOC_TUNED = False
+
+
+def keep_freed_memory() -> bool:
+    """Keep large freed blocks in the process heap instead of handing them back to the OS (glibc `mallopt`; once
+    per process; `INFINICTX_MALLOC=default` leaves glibc's settings). By default glibc serves every allocation
+    above 32 MiB with a fresh mmap and unmaps it on free, so a tensor of logits (256 × 49K vocabulary, 50 MB) is
+    page-faulted in anew at every training step: measured here (1 thread), allocating, zeroing and adding to one
+    took 23 ms instead of 6 ms. A bf16 Temp-Lora run (W=512, 2048 tokens) was 6% faster with this and the LM-head
+    fold below (3 alternating pairs: 0.99, 0.89, 0.93), an fp32 run no faster. The price: the process keeps its
+    peak memory until it exits (the peak itself is unchanged). Returns whether the settings were applied."""
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return True
+    if os.environ.get("INFINICTX_MALLOC", "").lower() == "default" or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        # the mmap threshold first (setting it also stops glibc adjusting the trim threshold itself); glibc
+        # versions that cap it take 32 MiB
+        ok = any(libc.mallopt(m_mmap_threshold, size) == 1 for size in (1 << 30, 32 << 20))
+        ok = ok and libc.mallopt(m_trim_threshold, 1 << 31) == 1
+    except (OSError, AttributeError):   # not glibc (musl has no mallopt)
+        return False
+    _MALLOC_TUNED = ok
+    return ok
+
+
+def fold_head_input(model: torch.nn.Module) -> bool:
+    """Make the LM head one matrix product over the kept positions. transformers feeds the head
+    `hidden[:, -k:, :]`; for batch 1 that slice's strides do not pass `torch.matmul`'s fold check, so the product
+    runs as a batched matmul against a contiguous copy of the transposed head weight (vocabulary × hidden: 28M
+    values for SmolLM2) at every forward that keeps fewer positions than it reads (scoring, Temp-Lora steps).
+    Re-viewing the slice (no copy for batch 1) lets it fold into one `mm`; the logits are the same. Measured: a
+    Temp-Lora step (511 tokens, 256 scored) 1.5% faster in bf16 and 1% in fp32 (8 alternating pairs in one
+    process). Returns whether a hook was added."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear) or getattr(head, "_infinictx_folds_input", False):
+        return False
+
+    def refold(module, args):
+        x = args[0]
+        if x.dim() > 2:
+            x = x.reshape(-1, x.shape[-1]).view(x.shape)
+        return (x, *args[1:])
+
+    head.register_forward_pre_hook(refold)
+    head._infinictx_folds_input = True
+    return True
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:

@@ -212,7 +212,8 @@ class Session:
             where = torch.nonzero(targets.to(self.device)).flatten()
             keep, labels = where + (inputs.shape[1] - n_targets), labels[where]
         self.meter.add_forward(inputs.shape[1], 0, len(labels), self.lora_rank)
-        logits = self.model(input_ids=inputs, logits_to_keep=keep, use_cache=False).logits[0]
+        # squeeze, not [0]: the backward of a select fills a zero tensor the logits' size first
+        logits = self.model(input_ids=inputs, logits_to_keep=keep, use_cache=False).logits.squeeze(0)
         return F.cross_entropy(logits.float(), labels, reduction="none")
 
     def score_context(self, base: bool = False) -> torch.Tensor:
