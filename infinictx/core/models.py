@@ -7,6 +7,7 @@ fast (CUDA with bf16, a CPU with AMX), else float32."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -279,20 +280,15 @@ def load_model(path: str | os.PathLike | None = None, device: str | None = None,
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, device=dev, dtype=dt, memory=memory)
 
 
-_MALLOC_TUNED = False
-
-
+@functools.cache   # once per process: the settings are the process's
 def keep_freed_memory() -> bool:
-    """Keep large freed blocks in the process heap instead of handing them back to the OS (glibc `mallopt`; once
-    per process; `INFINICTX_MALLOC=default` leaves glibc's settings). By default glibc serves every allocation
-    above 32 MiB with a fresh mmap and unmaps it on free, so a tensor of logits (256 × 49K vocabulary, 50 MB) is
-    page-faulted in anew at every training step: measured here (1 thread), allocating, zeroing and adding to one
-    took 23 ms instead of 6 ms. A bf16 Temp-Lora run (W=512, 2048 tokens) was 6% faster with this and the LM-head
-    fold below (3 alternating pairs: 0.99, 0.89, 0.93), an fp32 run no faster. The price: the process keeps its
-    peak memory until it exits (the peak itself is unchanged). Returns whether the settings were applied."""
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED:
-        return True
+    """Keep large freed blocks in the process heap instead of handing them back to the OS (glibc `mallopt`;
+    `INFINICTX_MALLOC=default` leaves glibc's settings). By default glibc serves every allocation above 32 MiB
+    with a fresh mmap and unmaps it on free, so a tensor of logits (256 × 49K vocabulary, 50 MB) is page-faulted
+    in anew at every training step: measured here (1 thread), allocating, zeroing and adding to one took 23 ms
+    instead of 6 ms. A bf16 Temp-Lora run (W=512, 2048 tokens) was 6% faster with this and the LM-head fold below
+    (3 alternating pairs: 0.99, 0.89, 0.93), an fp32 run no faster. The price: the process keeps its peak memory
+    until it exits (the peak itself is unchanged). Returns whether the settings were applied."""
     if os.environ.get("INFINICTX_MALLOC", "").lower() == "default" or not sys.platform.startswith("linux"):
         return False
     import ctypes
@@ -304,11 +300,9 @@ def keep_freed_memory() -> bool:
         # the mmap threshold first (setting it also stops glibc adjusting the trim threshold itself); glibc
         # versions that cap it take 32 MiB
         ok = any(libc.mallopt(m_mmap_threshold, size) == 1 for size in (1 << 30, 32 << 20))
-        ok = ok and libc.mallopt(m_trim_threshold, 1 << 31) == 1
+        return ok and libc.mallopt(m_trim_threshold, 1 << 31) == 1
     except (OSError, AttributeError):   # not glibc (musl has no mallopt)
         return False
-    _MALLOC_TUNED = ok
-    return ok
 
 
 def fold_head_input(model: torch.nn.Module) -> bool:
