@@ -70,9 +70,12 @@ def main():
     def digest(*parts) -> str:
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12]
 
+    # a trained model's key is the Bradley–Terry rows it trains on (not the pairs they come from): the no-context
+    # model drops the contexts, so new training contexts leave it, and its scores, as they were
+    views = {"carm": "both", "no-context": "none"}
+    train_rows = {m: bt_rows(data.train, views[m], data.relevance) for m in TRAINED}
     scored_on = digest(data.test, data.adversarial)
-    trained_on = digest(data.train, data.relevance, cfg.result_key(), scored_on)
-    setup = {m: trained_on if m in TRAINED else scored_on for m in MODELS}
+    setup = {m: digest(train_rows[m], cfg.result_key(), scored_on) if m in TRAINED else scored_on for m in MODELS}
     model_dir = resolve_model_path(None)[0]
     lm = load_model(None)
     WORK.mkdir(parents=True, exist_ok=True)
@@ -85,7 +88,7 @@ def main():
         print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
         record = {}
         if name in TRAINED:
-            rows = bt_rows(data.train, "both" if name == "carm" else "none", data.relevance)
+            rows = train_rows[name]
             record = train(model_dir, rows, cfg, WORK / f"{name}-{setup[name]}")
             record["rows"] = len(rows)
             model, tok = load_reward_model(model_dir, WORK / f"{name}-{setup[name]}")

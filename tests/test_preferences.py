@@ -5,7 +5,18 @@ import json
 import pytest
 
 from infinictx.core.errors import InfinictxError
-from infinictx.data.preferences import DIMENSIONS, TEST_DIMENSIONS, TOPICS, build_reversal_set, read_rpr, render
+from infinictx.data.preferences import (
+    DIMENSIONS,
+    MORE_SCENARIOS,
+    TEST_DIMENSIONS,
+    TOPICS,
+    build_reversal_set,
+    composed_criteria,
+    held_out_contexts,
+    near_held_out,
+    read_rpr,
+    render,
+)
 
 
 def style_of(row, response):
@@ -17,11 +28,21 @@ def style_of(row, response):
     raise AssertionError("unknown response")
 
 
+def contexts_for(dim):
+    """(criteria for style a, for style b, scenarios for a, for b): every context a row of `dim` may use."""
+    sa, sb, crit_a, crit_b, scen_a, scen_b = DIMENSIONS[dim]
+    if dim in TEST_DIMENSIONS:
+        return crit_a, crit_b, scen_a, scen_b
+    (composed_a, composed_b), (more_a, more_b) = composed_criteria(dim), MORE_SCENARIOS[dim]
+    return (crit_a + list(composed_a), crit_b + list(composed_b), scen_a + more_a, scen_b + more_b)
+
+
 def test_contexts_reverse_the_preference():
     data = build_reversal_set(seed=0)
     assert len(data.train) == len(TOPICS) * 2 * (len(DIMENSIONS) - len(TEST_DIMENSIONS))
     for row in data.train + data.test:
-        sa, sb, crit_a, crit_b, scen_a, scen_b = DIMENSIONS[row["dimension"]]
+        sa, sb = DIMENSIONS[row["dimension"]][:2]
+        crit_a, crit_b, scen_a, scen_b = contexts_for(row["dimension"])
         a, b = style_of(row, row["response_a"]), style_of(row, row["response_b"])
         assert {a, b} == {sa, sb} and row["response_a"] != row["response_b"]
         # the x contexts ask for response_a's style, the y contexts for response_b's
@@ -45,7 +66,26 @@ def test_held_out_dimensions_and_phrasings():
         assert len({len(p) for p in phrasings}) == 1
         if dim not in TEST_DIMENSIONS:
             assert {s for p in phrasings for s in p[:-1]} <= seen
+            # the added contexts: every hand-written scenario trains (none was too close to a held-out one), and
+            # no composed or added context is a held-out one or a near paraphrase of one
+            assert {s for more in MORE_SCENARIOS[dim] for s in more} <= seen
+            for c in {s for more in MORE_SCENARIOS[dim] for s in more} | {c for p in composed_criteria(dim) for c in p}:
+                assert not near_held_out(c), c
     assert all(r["label"] in ("a", "b") for r in data.adversarial)
+
+
+def test_composed_criteria_say_what_they_ask_for():
+    want_a, want_b = composed_criteria("length")   # a: concise, b: detailed
+    # a negation asks for the other style: "does not want a thorough answer" asks for the concise one
+    assert "The user wants a short answer." in want_a and "The user does not want a thorough answer." in want_a
+    assert "The user wants a thorough answer." in want_b and "The user does not want a short answer." in want_b
+    assert not set(want_a) & set(want_b)
+    # paraphrases of held-out phrasings are left out: two shared content words ("prefers", "detailed") with
+    # "The user prefers long, detailed answers." (held out)
+    assert near_held_out("The customer prefers a detailed explanation.")
+    assert "The customer prefers a detailed explanation." not in want_b
+    assert all(near_held_out(h) for h in held_out_contexts())
+    assert not near_held_out("The user wants a thorough answer.")
 
 
 def test_relevance_pairs_are_decided_by_the_prompt_not_the_context():
@@ -56,7 +96,8 @@ def test_relevance_pairs_are_decided_by_the_prompt_not_the_context():
     train_contexts = {r[c] for r in data.train for c in ("criteria_x", "criteria_y", "scenario_x", "scenario_y")}
     adversarial_pairs = {(r["prompt"], r["response_a"], r["response_b"]) for r in data.adversarial}
     for r in data.relevance:
-        sa, sb, crit_a, crit_b, scen_a, scen_b = DIMENSIONS[r["dimension"]]
+        sa, sb = DIMENSIONS[r["dimension"]][:2]
+        crit_a, crit_b, scen_a, scen_b = contexts_for(r["dimension"])
         asked = sa if r["criteria"] in crit_a else sb
         against = sb if asked == sa else sa
         assert r["scenario"] in (scen_a if asked == sa else scen_b)

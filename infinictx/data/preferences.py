@@ -8,9 +8,11 @@ stated criteria ("The user wants the short answer.") and as scenarios the criter
 user is reading on a phone between meetings."). The columns are RPR's: prompt, response_a, response_b,
 criteria_x, criteria_y, scenario_x, scenario_y, plus `dimension` and `split`.
 
-Held out for testing: whole dimensions (`TEST_DIMENSIONS`) and, for the other dimensions, some phrasings of the
-contexts. Adversarial rows: a response that does not answer the prompt against one that does, with an irrelevant
-or nonsense context: the prompt alone decides them (`label` says which response is right under every context).
+Held out for testing: whole dimensions (`TEST_DIMENSIONS`) and, for the other dimensions, the last phrasing of each
+context list. Training rows also use criteria composed from what the user wants or refuses (`CRITERIA_PHRASES`;
+none close to a held-out phrasing, `near_held_out`) and more scenarios (`MORE_SCENARIOS`). Adversarial rows: a
+response that does not answer the prompt against one that does, with an irrelevant or nonsense context: the
+prompt alone decides them (`label` says which response is right under every context).
 Relevance rows (training only): an on-topic answer in the style the context argues against beats an off-topic one
 in the style it asks for; they teach that a context weighs only between answers that both answer the prompt.
 
@@ -18,7 +20,9 @@ in the style it asks for; they teach that a context weighs only between answers 
 
 from __future__ import annotations
 
+import functools
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -282,6 +286,133 @@ DIMENSIONS = {
                  "The text must fit a tiny space on a label.", "The answer is one entry in a tightly edited booklet."]),
 }
 TEST_DIMENSIONS = ("register", "example")
+
+# More training contexts for the training dimensions (never for the held-out ones, never a held-out phrasing):
+# with six hand-written phrasings, the 3-epoch model fit its training rows exactly and still judged some held-out
+# phrasings at or below chance (heading 0.21 under criteria, length 0.25 under scenarios): it had learnt the five
+# training sentences, not what they say. Criteria are therefore also composed: what the user wants, said of either
+# side — "{subject} wants <a phrase for style a>" and "{subject} dislikes <a phrase for style b>" both ask for a —
+# so a negation is learnt as a reversal of the thing negated, not as a keyword. Scenarios cannot be composed that
+# way (the criterion must be inferred), so each side gets four more, written by hand.
+CRITERIA_PHRASES = {   # dimension: (phrases naming style a, phrases naming style b)
+    "length": (["a short answer", "a brief reply", "just the gist", "the quick version", "a compact answer",
+                "a one-liner"],
+               ["a thorough answer", "a detailed explanation", "every step spelled out", "an in-depth answer",
+                "the full explanation", "all the details"]),
+    "formality": (["a formal tone", "a professional, polite reply", "a courteous register",
+                   "the tone of an official letter"],
+                  ["a casual tone", "a relaxed, friendly reply", "an informal register",
+                   "the tone of a text between friends"]),
+    "format": (["a bulleted list", "one point per line", "a list of separate items", "a list to scan",
+                "points instead of paragraphs"],
+               ["flowing paragraphs", "running prose", "connected sentences", "a paragraph of text",
+                "an answer written as prose"]),
+    "tone": (["caveats and warnings", "a careful, hedged answer", "a mention of what could go wrong",
+              "careful advice", "the risks spelled out"],
+             ["a direct answer", "instructions without hedging", "confident advice", "the steps with no caveats",
+              "a straight answer"]),
+    "warmth": (["warm encouragement", "an upbeat, supportive reply", "a confidence boost", "a motivating answer",
+                "some cheering on"],
+               ["a neutral, factual reply", "just the facts", "a matter-of-fact answer", "a dry, sober reply",
+                "a plain factual statement"]),
+    "humour": (["a bit of humour", "a light joke", "a witty reply", "a playful answer", "something to smile at"],
+               ["a serious answer", "a straight, sober reply", "a grave tone", "a strictly serious tone",
+                "a no-nonsense reply"]),
+    "question": (["a follow-up question at the end", "a question back", "an invitation to reply",
+                  "an offer of more help", "an answer that ends by asking something"],
+                 ["an answer that ends with a statement", "a final, closed answer", "a reply that closes the topic",
+                  "a one-way answer", "an answer with nothing asked back"]),
+    "emoji": (["emoji", "some smileys", "little icons", "emoji in the text", "a couple of emoji"],
+              ["words only", "text without emoji", "a plain, emoji-free answer", "words and no icons",
+               "unadorned text"]),
+    "heading": (["a heading above the answer", "a title line", "a headline on top", "a title before the text",
+                 "an answer that opens with a heading"],
+                ["just the answer, no title", "an answer that begins directly", "text without a title",
+                 "the answer straight away", "an untitled answer"]),
+    "bold": (["the key words in bold", "bold for the main idea", "the key idea highlighted",
+              "key terms that stand out", "emphasis in bold"],
+             ["plain text with no Markdown", "unformatted text", "raw text without asterisks",
+              "text free of formatting", "an answer with no bold"]),
+    "numbering": (["numbered steps", "an ordered, numbered list", "a number before each point",
+                   "steps labelled 1, 2, 3", "a numbered list"],
+                  ["a list marked with dashes", "dashes before each point", "an unnumbered list", "plain bullets",
+                   "a list without numbers"]),
+    "summary": (["a one-line summary at the end", "a short recap", "a closing wrap-up",
+                 "the key point repeated at the end", "a last line that sums it up"],
+                ["an answer that stops after the last point", "an answer without a wrap-up",
+                 "an ending with no repetition", "an answer that ends without restating anything",
+                 "no recap at the end"]),
+}
+SUBJECTS = ["The user", "The reader", "This user", "The person asking", "The customer"]
+WANTS = ["{} wants {}.", "{} would like {}.", "{} asked for {}.", "{} is hoping for {}.", "{} prefers {}.",
+         "{} is looking for {}."]
+REFUSES = ["{} does not want {}.", "{} dislikes {}.", "{} would rather not get {}.", "{} has no use for {}.",
+           "{} is tired of {}."]
+MORE_SCENARIOS = {   # dimension: (four scenarios for style a, four for style b)
+    "length": (["The user checks the answer at a red traffic light.",
+                "The user is about to board a plane and has a minute.",
+                "The answer appears as a phone notification.", "The user reads it in the queue at the supermarket."],
+               ["The user is writing a thesis chapter on the topic.",
+                "The user is training new colleagues on every case.",
+                "The user has a quiet evening to learn the subject properly.", "The user is building a course on it."]),
+    "formality": (["The text goes into a cover letter for a job.", "The user is writing to the bank about a loan.",
+                   "The answer is quoted in a press release.", "The user is replying to a university dean."],
+                  ["The user is chatting with a cousin at a barbecue.", "The answer is a voice note to a best friend.",
+                   "The user is writing in a family group chat.",
+                   "The user is joking around with teammates after practice."]),
+    "format": (["The user will stick the steps on a note by the door.", "The answer becomes a to-do list in an app.",
+                "The user wants to check items off while shopping.", "The points go onto a shopping list."],
+               ["The answer is told as a bedtime story.", "The text becomes part of a personal letter.",
+                "The answer is spoken in a phone conversation.", "The text goes into the narration of a novel."]),
+    "tone": (["The user is trying this for the first time on an expensive item.",
+              "The user's last attempt went badly wrong.", "The user is nervous and wants to avoid any risk.",
+              "The user is doing this for an elderly parent and is worried."],
+             ["The user has years of experience and wants only the steps.",
+              "The user is a tradesperson on a busy job.", "The user is short on time and knows the risks already.",
+              "The user is an instructor checking the procedure."]),
+    "warmth": (["The user just got a poor grade and feels low.", "The user is scared to try this again.",
+                "The user lost confidence after a setback.", "The user feels out of their depth."],
+               ["The text goes into a scientific data sheet.", "The answer is filed in a legal record.",
+                "The user is writing a dictionary definition.", "The answer goes into an inventory log."]),
+    "humour": (["The answer is for a stand-up comedy set.", "The user is writing a jokey toast for a wedding.",
+                "The text goes on a funny greeting card.", "The user wants to lighten the mood at a picnic."],
+               ["The answer is for a funeral programme.", "The text goes into an accident report.",
+                "The answer is part of a court statement.", "The user is writing a formal apology to a client."]),
+    "question": (["The assistant is helping the user decide over several messages.",
+                  "The user wants a back-and-forth conversation.",
+                  "The user is brainstorming and wants prompts to keep going.",
+                  "The assistant is interviewing the user to learn more."],
+                 ["The answer is printed on a receipt.", "The text is a recorded announcement.",
+                  "The message goes out as an automated newsletter.", "The user closes the app right after reading."]),
+    "emoji": (["The text is a playful message to a young niece.", "The answer is for a cheerful party invitation.",
+               "The user is replying in a fun chat with classmates.", "The text goes on a birthday banner for kids."],
+              ["The answer goes into a formal contract.", "The text appears in an academic textbook.",
+               "The answer is part of an official letter to the tax office.",
+               "The text is read by a text-to-speech system."]),
+    "heading": (["The answer becomes an entry in a printed manual with sections.",
+                 "The text is one section of a long tutorial.", "The answer is a chapter page in an online course.",
+                 "The user is laying out a report with a title for each part."],
+                ["The answer is a short reply in a text thread.", "The answer is spoken aloud in a car.",
+                 "The user reads the answer in a quick chat on the phone.", "The answer is a short voicemail."]),
+    "bold": (["The answer appears in a rendered Markdown note.", "The user scans notes for highlighted terms.",
+              "The text goes into a study sheet with emphasis.",
+              "The answer is shown in a chat app that renders bold."],
+             ["The text is sent through a pager.", "The answer goes into a plain-text log file.",
+              "The text is typed into a form that shows symbols as they are.",
+              "The answer is printed on a ticket by a simple printer."]),
+    "numbering": (["The user will follow the steps in order on a call with support.",
+                   "The helper will ask which step the user reached.",
+                   "The steps are for an assembly that must go in sequence.",
+                   "The user will refer back to step three later."],
+                  ["The tips can be tried in any order.", "The points are loose ideas for a brainstorm.",
+                   "The user will pick whichever tips appeal.", "The order of the items is irrelevant."]),
+    "summary": (["The user only has time for the final takeaway.",
+                 "The user wants the gist restated to remember it.",
+                 "The answer goes into a newsletter where each item ends with a key line.",
+                 "The user reads the end first."],
+                ["Space is tight: the text has a hard character limit.", "The user hates reading the same thing twice.",
+                 "The answer is printed on a tiny sticker.", "The editor cuts every redundant sentence."]),
+}
 IRRELEVANT = ["The user likes the colour blue.", "It is raining in Lisbon today.", "The user owns two cats.",
               "Purple elephants compute the tide.", "The user was born on a Tuesday."]
 COLUMNS = ("prompt", "response_a", "response_b", "criteria_x", "criteria_y", "scenario_x", "scenario_y")
@@ -353,26 +484,75 @@ class PreferenceSet:
     relevance: list[dict]   # training pairs the prompt decides whatever the context asks (see build_reversal_set)
 
 
+# words that frame a context rather than carry its meaning ("The user is ...", "The answer goes into ...")
+_FRAME_WORDS = set("the a an of to and in with is it be for on at this that their they as by or are its one answer "
+                   "text go goe into will want ha wa who read reader person asking customer through about after "
+                   "before from do done never has was been user".split())
+
+
+def _content_words(text: str) -> set[str]:
+    words = re.findall(r"[a-z]+", text.lower())
+    words = {w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith(("ss", "is", "us")) else w for w in words}
+    return words - _FRAME_WORDS
+
+
+def held_out_contexts() -> list[str]:
+    """Every context a test row may use: the last phrasing of each list of a training dimension, and every phrasing
+    of a held-out dimension."""
+    return [c for dim, (_, _, *lists) in DIMENSIONS.items() for p in lists
+            for c in (p if dim in TEST_DIMENSIONS else p[-1:])]
+
+
+def near_held_out(context: str) -> bool:
+    """Whether `context` is a held-out context or shares two or more content words with one ("The customer prefers
+    a detailed explanation" with "The user prefers long, detailed answers"): such a context would make a held-out
+    phrasing a paraphrase of a training one, so composed training contexts never include it."""
+    words = _content_words(context)
+    return any(context == h or len(words & _content_words(h)) >= 2 for h in held_out_contexts())
+
+
+@functools.cache
+def composed_criteria(dim: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(criteria asking for style a, for style b) composed from `CRITERIA_PHRASES`, near-held-out ones left out."""
+    phrases_a, phrases_b = CRITERIA_PHRASES[dim]
+    out = []
+    for mine, other in ((phrases_a, phrases_b), (phrases_b, phrases_a)):
+        composed = [t.format(s, p) for s in SUBJECTS for t in WANTS for p in mine]
+        composed += [t.format(s, p) for s in SUBJECTS for t in REFUSES for p in other]
+        out.append(tuple(c for c in composed if not near_held_out(c)))
+    return out[0], out[1]
+
+
 def build_reversal_set(seed: int = 0) -> PreferenceSet:
-    """Every topic × dimension as a reversal pair (response order shuffled, contexts matched to it); training rows
-    use two of the training phrasings per topic of the training dimensions, test rows the held-out (last) phrasing
-    of every training dimension and every phrasing of the held-out dimensions."""
+    """Every topic × dimension as a reversal pair (response order shuffled, contexts matched to it). A training
+    dimension gives each topic two training rows — one with a hand-written phrasing (in turn, so each is used
+    equally), one with a composed criterion and one of `MORE_SCENARIOS` — and a test row with the held-out (last)
+    phrasing; a held-out dimension gives each topic a test row per phrasing."""
     rng = random.Random(seed)
+    compose_rng = random.Random(seed + 1)   # its own stream: the test rows and their order stay those of `rng`
     train, test = [], []
+    contexts = {}   # (dimension, topic): the (criteria a, criteria b, scenario a, scenario b) of its training rows
     for dim, (sa, sb, crit_a, crit_b, scen_a, scen_b) in DIMENSIONS.items():
         n = len(crit_a)
         for t, (prompt, facts, example) in enumerate(TOPICS):
-            # (phrasing, split): a held-out dimension is test only; the others keep their last phrasing for the
-            # test and give each topic two of the others, in turn, so every training phrasing is used equally
-            plan = ([(k, "test") for k in range(n)] if dim in TEST_DIMENSIONS else
-                    [((2 * t) % (n - 1), "train"), ((2 * t + 1) % (n - 1), "train"), (n - 1, "test")])
+            if dim in TEST_DIMENSIONS:
+                plan = [(crit_a[k], crit_b[k], scen_a[k], scen_b[k], "test") for k in range(n)]
+            else:
+                more_a, more_b = MORE_SCENARIOS[dim]
+                pool_a, pool_b = composed_criteria(dim)
+                k = t % (n - 1)
+                plan = [(crit_a[k], crit_b[k], scen_a[k], scen_b[k], "train"),
+                        (compose_rng.choice(pool_a), compose_rng.choice(pool_b), more_a[t % len(more_a)],
+                         more_b[t % len(more_b)], "train"),
+                        (crit_a[-1], crit_b[-1], scen_a[-1], scen_b[-1], "test")]
+                contexts[dim, t] = [p[:4] for p in plan[:2]]
             a, b = render(prompt, facts, example, sa), render(prompt, facts, example, sb)
-            for k, split in plan:
+            for ca, cb, xa, xb, split in plan:
                 swap = rng.random() < 0.5   # which style is response_a
                 (test if split == "test" else train).append({
                     "prompt": prompt, "response_a": b if swap else a, "response_b": a if swap else b,
-                    "criteria_x": crit_b[k] if swap else crit_a[k], "criteria_y": crit_a[k] if swap else crit_b[k],
-                    "scenario_x": scen_b[k] if swap else scen_a[k], "scenario_y": scen_a[k] if swap else scen_b[k],
+                    "criteria_x": cb if swap else ca, "criteria_y": ca if swap else cb,
+                    "scenario_x": xb if swap else xa, "scenario_y": xa if swap else xb,
                     "dimension": dim, "split": split})
     # Relevance pairs for training: an answer to the prompt in the style the context argues against, against an
     # answer to another prompt in the style the context asks for. Reversal pairs alone teach a fresh score head
@@ -383,15 +563,14 @@ def build_reversal_set(seed: int = 0) -> PreferenceSet:
     for k, (prompt, facts, example) in enumerate(TOPICS):
         other = TOPICS[(k + 3) % len(TOPICS)]
         for dim in train_dims:
-            sa, sb, crit_a, crit_b, scen_a, scen_b = DIMENSIONS[dim]
-            # one of the two phrasings this topic's reversal pairs of the dimension use
-            phrasing = (2 * k + rng.randrange(2)) % (len(crit_a) - 1)
+            sa, sb = DIMENSIONS[dim][:2]
+            ca, cb, xa, xb = contexts[dim, k][rng.randrange(2)]   # the contexts of one of its training rows
             wants_a = rng.random() < 0.5
             asked, against = (sa, sb) if wants_a else (sb, sa)
             relevance.append({"prompt": prompt, "chosen": render(prompt, facts, example, against),
                               "rejected": render(other[0], other[1], other[2], asked),
-                              "criteria": (crit_a if wants_a else crit_b)[phrasing],
-                              "scenario": (scen_a if wants_a else scen_b)[phrasing], "dimension": dim})
+                              "criteria": ca if wants_a else cb, "scenario": xa if wants_a else xb,
+                              "dimension": dim})
     adversarial = []
     for k, (prompt, facts, example) in enumerate(TOPICS):
         other = TOPICS[(k + 7) % len(TOPICS)]
