@@ -146,6 +146,20 @@ def markdown(out: dict) -> str:
                     for r in out["models"].values()})
     lines += ["", measured_on(where)]
     carm = out["models"].get("carm", {})
+    if carm:
+        # a training dimension's held-out phrasing is one sentence pair judged on every topic: its 48 judgements are
+        # not independent, so the spread that counts is the one over dimensions (a 95% normal interval over them)
+        parts = []
+        for kind in ("criteria", "scenario"):
+            accs = [v["accuracy"] for d, v in carm[kind].get("by_dimension", {}).items() if d not in held_out]
+            if len(accs) > 1:
+                mean = sum(accs) / len(accs)
+                sd = (sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5
+                parts.append(f"{kind} {mean:.3f} ± {1.96 * sd / len(accs) ** 0.5:.3f} (min {min(accs):.2f}, "
+                             f"max {max(accs):.2f})")
+        if parts:
+            lines += ["", f"CARM on held-out phrasings, over the {len(accs)} training dimensions (each one held-out "
+                      f"sentence pair): {'; '.join(parts)}."]
     if "two_step" in carm:
         t = carm["two_step"]
         lines += ["", f"Two steps on scenarios (CARM; the LM picks the criterion): context error "
