@@ -508,7 +508,12 @@ def near_held_out(context: str) -> bool:
     a detailed explanation" with "The user prefers long, detailed answers"): such a context would make a held-out
     phrasing a paraphrase of a training one, so composed training contexts never include it."""
     words = _content_words(context)
-    return any(context == h or len(words & _content_words(h)) >= 2 for h in held_out_contexts())
+    return any(context == h or len(words & held) >= 2 for h, held in _held_out_words())
+
+
+@functools.cache
+def _held_out_words() -> tuple[tuple[str, set[str]], ...]:
+    return tuple((h, _content_words(h)) for h in held_out_contexts())
 
 
 @functools.cache
