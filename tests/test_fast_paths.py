@@ -818,3 +818,65 @@ def test_large_freed_blocks_are_reused_without_page_faults():
         torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 2 * pages   # default glibc: 8 × pages
 
+
+
+def _loss_and_lora_grads(lm, ids, attention_mask=None):
+    from infinictx.training.lora import add_lora
+
+    model, params = add_lora(lm.model, 4, 8, seed=0)
+    g = torch.Generator().manual_seed(5)
+    for p in params:   # B = 0 at init: make the adapter matter (the same values in both models)
+        p.data = (torch.randn(p.shape, generator=g) * 0.1).to(p.device)
+    logits = model(input_ids=ids, attention_mask=attention_mask).logits
+    keep = torch.ones_like(ids[:, 1:], dtype=torch.bool)
+    if attention_mask is not None:   # predictions from and of real tokens only
+        keep = (attention_mask[:, :-1] * attention_mask[:, 1:]).bool()
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    (nll * keep).sum().backward()
+    return logits.detach(), [p.grad.clone() for p in params]
+
+
+@cpu_only
+@pytest.mark.parametrize("padded", [False, True])
+def test_training_attention_equals_sdpa_with_gradients(tiny_model_dir, monkeypatch, padded):
+    """The plain product path that short CPU training samples take gives SDPA's logits and LoRA gradients, with the
+    causal flag (no mask) and with a padding mask; a sample over the size limit goes to SDPA itself."""
+    from infinictx import load_model
+    from infinictx.core import train_attention
+
+    ours = load_model(tiny_model_dir, device=DEVICE, dtype="float32")
+    stock = load_model(tiny_model_dir, device=DEVICE, dtype="float32")
+    stock.model.set_attn_implementation("sdpa")
+    assert ours.model.config._attn_implementation == train_attention.NAME
+    ids = torch.randint(0, 300, (2, 60), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    mask = None
+    if padded:
+        mask = torch.ones_like(ids)
+        mask[0, :13] = 0   # left padding on one row
+    calls = []
+    plain = train_attention.plain_attention
+    monkeypatch.setattr(train_attention, "plain_attention", lambda *a, **k: calls.append(1) or plain(*a, **k))
+    logits, grads = _loss_and_lora_grads(ours, ids, mask)
+    assert len(calls) == ours.model.config.num_hidden_layers   # every layer took the plain path
+    want_logits, want_grads = _loss_and_lora_grads(stock, ids, mask)
+    rows = slice(None) if mask is None else (mask.bool())   # padded queries' outputs are not defined alike
+    torch.testing.assert_close(logits[rows], want_logits[rows], rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, want_grads):   # fp32 sums in another order: 1e-5 of the tensor's scale
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+
+    calls.clear()
+    monkeypatch.setattr(train_attention, "MAX_SCORES", 59 * 59)
+    _loss_and_lora_grads(load_model(tiny_model_dir, device=DEVICE, dtype="float32"), ids, mask)
+    with torch.no_grad():
+        ours.model(input_ids=ids[:, :10])   # scoring (no gradients) stays on SDPA
+    assert calls == []
+
+
+def test_training_attention_leaves_non_sdpa_models_alone(tiny_model_dir):
+    from infinictx import load_model
+    from infinictx.core.train_attention import use_training_attention
+
+    lm = load_model(tiny_model_dir, device=DEVICE, dtype="float32")
+    lm.model.set_attn_implementation("eager")
+    assert not use_training_attention(lm.model)
+    assert lm.model.config._attn_implementation == "eager"

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .errors import InfinictxError
+from .train_attention import plain_attention, plain_fits
 
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
 
@@ -105,7 +106,10 @@ def additive_causal_mask(n_queries: int, n_keys: int, device, dtype) -> torch.Te
 
 
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention of T queries (already rotated) over L ≥ T keys, the queries being the last T of them."""
+    """Causal attention of T queries (already rotated) over L ≥ T keys, the queries being the last T of them.
+    Short CPU training samples take the plain product path, as the model's own attention does (`train_attention`)."""
+    if plain_fits(q, k):
+        return plain_attention(q, k, v, causal_mask(q.shape[2], k.shape[2], q.device), scale, causal=False)
     gqa = q.shape[1] != k.shape[1]
     if q.shape[2] == k.shape[2] > 1:  # no mask tensor: the fused causal kernel (2x faster, O(T) memory on CPU)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)

@@ -9,12 +9,15 @@ same result, at O(T · window) instead of O(T²).
 
 It is exact by construction and checks it: a block whose mask allows a key outside its band (keys not stored
 in position order, as in translation's branch decoding) runs over all keys, like the stock path. Short inputs
-(a decoding step) take the stock path directly. `use_banded_attention(model)` switches a loaded model to it
-when the model has sliding-window layers and runs SDPA."""
+(a decoding step) take the stock path directly. Each piece runs through `train_attention.training_attention`:
+SDPA, or the plain product path for short CPU training samples. `use_banded_attention(model)` switches a loaded
+model to it when the model has sliding-window layers and runs SDPA."""
 
 from __future__ import annotations
 
 import torch
+
+from .train_attention import training_attention
 
 NAME = "infinictx_banded_sdpa"
 _registered = False
@@ -28,12 +31,10 @@ def _allowed(mask: torch.Tensor) -> torch.Tensor:
 
 def banded_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, sliding_window=None,
                 **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     q_len, k_len = query.shape[2], key.shape[2]
     if (not sliding_window or attention_mask is None or attention_mask.ndim != 4 or q_len < 2 * sliding_window
             or k_len < q_len):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+        return training_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       sliding_window=sliding_window, **kwargs)
     offset = k_len - q_len   # keys before the first query (a cache), in position order
     outs = []
@@ -43,7 +44,7 @@ def banded_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
         mask = attention_mask[:, :, s:e]
         if _allowed(mask[..., :lo]).any() or _allowed(mask[..., hi:]).any():
             lo, hi = 0, k_len   # not a band: this block reads every key
-        out, _ = sdpa_attention_forward(module, query[:, :, s:e], key[:, :, lo:hi], value[:, :, lo:hi],
+        out, _ = training_attention(module, query[:, :, s:e], key[:, :, lo:hi], value[:, :, lo:hi],
                                         mask[..., lo:hi], dropout=dropout, scaling=scaling,
                                         sliding_window=sliding_window, **kwargs)
         outs.append(out)

