@@ -865,7 +865,7 @@ def test_training_attention_equals_sdpa_with_gradients(tiny_model_dir, monkeypat
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
 
     calls.clear()
-    monkeypatch.setattr(train_attention, "MAX_SCORES", 59 * 59)
+    monkeypatch.setattr(train_attention, "MAX_SCORES", 2 * 4 * 60 * 60 - 1)   # batch × heads × T × T, less one
     _loss_and_lora_grads(load_model(tiny_model_dir, device=DEVICE, dtype="float32"), ids, mask)
     with torch.no_grad():
         ours.model(input_ids=ids[:, :10])   # scoring (no gradients) stays on SDPA

@@ -35,7 +35,7 @@ def banded_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     if (not sliding_window or attention_mask is None or attention_mask.ndim != 4 or q_len < 2 * sliding_window
             or k_len < q_len):
         return training_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      sliding_window=sliding_window, **kwargs)
+                                  sliding_window=sliding_window, **kwargs)
     offset = k_len - q_len   # keys before the first query (a cache), in position order
     outs = []
     for s in range(0, q_len, sliding_window):
@@ -45,8 +45,8 @@ def banded_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
         if _allowed(mask[..., :lo]).any() or _allowed(mask[..., hi:]).any():
             lo, hi = 0, k_len   # not a band: this block reads every key
         out, _ = training_attention(module, query[:, :, s:e], key[:, :, lo:hi], value[:, :, lo:hi],
-                                        mask[..., lo:hi], dropout=dropout, scaling=scaling,
-                                        sliding_window=sliding_window, **kwargs)
+                                    mask[..., lo:hi], dropout=dropout, scaling=scaling,
+                                    sliding_window=sliding_window, **kwargs)
         outs.append(out)
     return torch.cat(outs, dim=1), None   # (B, T, H, D), as the stock function returns
 

@@ -5,8 +5,9 @@ On CPU, SDPA runs torch's flash-attention kernel, whose backward is slow on shor
 for the plain product path (scores, softmax, product: what transformers' eager attention does) on an AMD EPYC
 (Zen 4, 2 threads). The plain path keeps whole score matrices, so it only wins while they stay in cache: at 1024
 tokens flash took 40 ms and the plain path 79 ms. `training_attention` takes the plain path when gradients are
-on, the tensors are on CPU, and a head scores at most `MAX_SCORES` query × key pairs; everything else (scoring,
-generation, long samples, GPUs, features it does not do) goes to transformers' SDPA function unchanged.
+on, the tensors are on CPU, and the scores (batch × heads × queries × keys) are at most `MAX_SCORES`, which also
+bounds what backward keeps of them; everything else (scoring, generation, long samples or large batches, GPUs,
+features it does not do) goes to transformers' SDPA function unchanged.
 `use_training_attention(model)` switches a loaded model to it; `model.set_attn_implementation("sdpa")` switches
 back. `core.attention.local_attention` (the decoder that methods drive themselves, MST's among them) makes the
 same choice, so a training step computes the same numbers whichever decoder runs it. The results are SDPA's up
@@ -17,14 +18,15 @@ from __future__ import annotations
 import torch
 
 NAME = "infinictx_sdpa"
-MAX_SCORES = 640 * 640   # measured: the plain path won up to 640 tokens (14%) and lost at 768 (bf16, Zen 4)
+# measured with 9 heads, batch 1: the plain path won up to 640 tokens (14%) and lost at 768 (bf16, Zen 4)
+MAX_SCORES = 9 * 640 * 640
 _registered = False
 
 
 def plain_fits(query: torch.Tensor, key: torch.Tensor) -> bool:
     """Whether `plain_attention` is the faster choice: gradients on, CPU tensors, a small score matrix."""
     return (torch.is_grad_enabled() and query.device.type == "cpu" and query.shape[1] % key.shape[1] == 0
-            and query.shape[2] * key.shape[2] <= MAX_SCORES)
+            and query.shape[0] * query.shape[1] * query.shape[2] * key.shape[2] <= MAX_SCORES)
 
 
 def _fits(query: torch.Tensor, key: torch.Tensor, attention_mask, dropout: float, kwargs: dict) -> bool:
@@ -50,7 +52,7 @@ def plain_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         key = key.repeat_interleave(n_rep, dim=1)
         value = value.repeat_interleave(n_rep, dim=1)
     scores = torch.matmul(query, key.transpose(2, 3)).float() * scale
-    low = torch.finfo(scores.dtype).min   # not -inf: a fully masked row (padding) gives zeros, not NaN
+    low = torch.finfo(scores.dtype).min   # not -inf: a fully masked row (a padded query) stays finite, not NaN
     if attention_mask is None and causal and query.shape[2] > 1:
         n = query.shape[2]
         upper = torch.ones(n, n, dtype=torch.bool, device=scores.device).triu(1)
