@@ -143,8 +143,12 @@ def test_tagcos_end_to_end_on_the_tiny_model(tiny, tmp_path):
     assert feats.shape == (60, 64) and torch.allclose(feats.norm(dim=1), torch.ones(60), atol=1e-5)
     assert len(record["warmup"]["lrs"]) == 2 and weights_fingerprint(tiny.model) == before
     assert not any("lora_" in n for n, _ in tiny.model.named_parameters())
-    again, _ = pool_features(tiny.model, tiny.tokenizer, rows, cfg, cache=tmp_path / "f.pt")   # from the cache
+    again, _ = pool_features(tiny.model, tiny.tokenizer, rows, cfg, InstructConfig(lr=1e-2, epochs=2, rank=4),
+                             cache=tmp_path / "f.pt")   # from the cache
     assert torch.equal(again, feats)
+    # another warm-up recipe (here the default one) gives other features: it does not read this cache
+    default, _ = pool_features(tiny.model, tiny.tokenizer, rows, cfg, cache=tmp_path / "f.pt")
+    assert not torch.allclose(default, feats, atol=1e-3)
     # another pool of the same size does not read this pool's cache
     other = build_pool(size=60, test_per_family=2, seed=1).train
     theirs, _ = pool_features(tiny.model, tiny.tokenizer, other, cfg, InstructConfig(lr=1e-2, epochs=2, rank=4),
@@ -171,9 +175,9 @@ def test_ablation_features_from_shared_gradients_equal_their_own_runs(tiny, tmp_
     assert record["computed_together"] == 3 and all(p.exists() for p in also)
     for path, c in also.items():
         alone, _ = pool_features(tiny.model, tiny.tokenizer, rows, c, recipe)
-        shared, _ = pool_features(tiny.model, tiny.tokenizer, rows, c, cache=path)   # read back from its file
+        shared, _ = pool_features(tiny.model, tiny.tokenizer, rows, c, recipe, cache=path)   # read back from its file
         assert shared.shape == alone.shape and torch.allclose(shared, alone, atol=1e-6)
-    assert not torch.allclose(pool_features(tiny.model, tiny.tokenizer, rows, also[tmp_path / "sgd.pt"],
+    assert not torch.allclose(pool_features(tiny.model, tiny.tokenizer, rows, also[tmp_path / "sgd.pt"], recipe,
                                             cache=tmp_path / "sgd.pt")[0], adam, atol=1e-3)
     with pytest.raises(InfinictxError, match="warm-up"):
         pool_features(tiny.model, tiny.tokenizer, rows, cfg, recipe, also={tmp_path / "x.pt": replace(cfg, seed=1)})

@@ -107,18 +107,22 @@ def pool_features(model, tokenizer, rows: list[dict], cfg: SelectConfig, instruc
               "model": getattr(model.config, "_name_or_path", ""),
               "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
 
-    def key_of(c: SelectConfig) -> dict:
-        return {**{k: v for k, v in asdict(c).items() if k not in ("frac", "clusters", "lam")}, **source}
-
     also = dict(also or {})
     if any(warmup_key(c) != warmup_key(cfg) for c in also.values()):
         raise InfinictxError("features computed together must share the warm-up (only features and dim may differ)")
+    instruct = instruct or InstructConfig(epochs=cfg.warmup_epochs, seed=cfg.seed, modules=cfg.warmup_modules)
+    # the warm-up recipe decides the checkpoints, so the features: a caller's own recipe is part of the key
+    recipe = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(instruct).items()}
+
+    def key_of(c: SelectConfig) -> dict:
+        return {**{k: v for k, v in asdict(c).items() if k not in ("frac", "clusters", "lam")}, **source,
+                "warmup_recipe": recipe}
+
     if cache is not None and cache.exists():
         saved = torch.load(cache, weights_only=False)
         if saved["key"] == key_of(cfg) and saved["rows"] == len(rows):
             return saved["features"], saved["record"]
     wanted = [(cache, cfg)] + [(path, c) for path, c in also.items() if path != cache]
-    instruct = instruct or InstructConfig(epochs=cfg.warmup_epochs, seed=cfg.seed, modules=cfg.warmup_modules)
     t0 = time.perf_counter()
     warm_rows = [rows[i] for i in random_subset(len(rows), cfg.warmup_frac, cfg.seed)]
     steps = max(1, round(-(-len(warm_rows) // instruct.batch) * instruct.epochs))
