@@ -14,8 +14,9 @@ per-example gradients. Each result is cached under the work folder: a rerun cont
 
   .venv/bin/python benchmarks/tagcos.py [--pool 3000] [--runs base,full,random,kmeans,tagcos,...] [--threads 2]
       [--dtype float32|bfloat16] [--noise 0.05]
-Runs `scale-10,scale-20,scale-50` (random 10/20/50%) only when named. Another dtype or noise share works in its
-own folder and writes its own results (tagcos_bfloat16, tagcos_noise30, ...)."""
+Runs `scale-10,scale-20,scale-50` (random 10/20/50%) and the oracles `clean-5,balanced-5` (5% picked with the pool's
+labels: only right answers without near-duplicates; equal rows per family) only when named. Another dtype or noise
+share works in its own folder and writes its own results (tagcos_bfloat16, tagcos_noise30, ...)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,10 @@ RUNS = ["base", "random-0", "random-1", "random-2", "kmeans", "tagcos", "tagcos-
 # random subsets larger than 5% (seed 0), run only when named: how the random curve climbs to the full pool, so how
 # much a better 5% could be worth
 SCALE = ["scale-10", "scale-20", "scale-50"]
+# oracle 5% subsets, run only when named: they read the pool's labels, which no selection method sees. clean-5: a
+# random 5% of the rows with a right answer and no near-duplicate (what perfect de-noising could give); balanced-5:
+# the same number of rows from every family (the test average weighs families equally, the pool does not)
+ORACLE = ["clean-5", "balanced-5"]
 NOISE = 0.05   # the pool's share of wrong answers (--noise)
 # tagcos-warmup4: the warm-up as long as the recipe (4 epochs on its 5%, a checkpoint per epoch, as LESS does);
 # the default warm-up is 1 epoch with 3 checkpoints in it
@@ -88,6 +93,19 @@ def subset(name: str, data: dict, lm) -> tuple[list[int] | None, dict]:
         return random_subset(n, 0.05, int(name.split("-")[1])), {}
     if name in SCALE:
         return random_subset(n, int(name.split("-")[1]) / 100, 0), {}
+    if name == "clean-5":
+        clean = [i for i, r in enumerate(rows) if not r["noisy"] and r["duplicate_of"] is None]
+        return sorted(clean[i] for i in random_subset(len(clean), round(0.05 * n) / len(clean), 0)), {}
+    if name == "balanced-5":
+        families = sorted({r["family"] for r in rows})
+        rng = np.random.default_rng(0)
+        members = {f: [i for i, r in enumerate(rows) if r["family"] == f] for f in families}
+        # equal shares, a family smaller than its share gives all it has and the rest goes to the others
+        want, left = {}, round(0.05 * n)
+        for k, f in enumerate(sorted(families, key=lambda f: len(members[f]))):
+            want[f] = min(len(members[f]), left // (len(families) - k))
+            left -= want[f]
+        return sorted(int(i) for f in families for i in rng.choice(members[f], want[f], replace=False)), {}
     if name == "kmeans":
         from infinictx.methods.rag.retrievers import load_embedder
 
@@ -198,6 +216,33 @@ def bootstrap_gaps(runs: dict, samples: int = 2000, seed: int = 0) -> dict:
     return out
 
 
+def feature_diagnostics(data: dict) -> dict:
+    """How much the stored gradient features of each kind say about single examples: the mean cosine of an
+    example's feature to its family's mean feature (near 1: most of each feature is shared), and how well that
+    cosine tells a right answer from a wrong one (ROC AUC over the pool, clean above noisy; 0.5: not at all)."""
+    from sklearn.metrics import roc_auc_score
+
+    rows = data["train"]
+    fam = np.array([r["family"] for r in rows])
+    noisy = np.array([bool(r["noisy"]) for r in rows])
+    out = {}
+    for path in sorted(WORK.glob("features-*.pt")):
+        saved = torch.load(path, weights_only=False)
+        if saved["rows"] != len(rows):
+            continue
+        F = saved["features"].double()
+        F = F / F.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        cos = np.zeros(len(rows))
+        for f in set(fam):
+            sel = np.flatnonzero(fam == f)
+            mean = F[sel].mean(0)
+            cos[sel] = (F[sel] @ (mean / mean.norm())).numpy()
+        out[path.stem.removeprefix("features-")] = {
+            "cos_to_family_mean": float(cos.mean()),
+            "noisy_auc": float(roc_auc_score(~noisy, cos)) if 0 < noisy.sum() < len(rows) else None}
+    return out
+
+
 def markdown(out: dict) -> str:
     runs = out["runs"]
     fams = list(out["makeup"])
@@ -228,7 +273,8 @@ def markdown(out: dict) -> str:
         for name, g in gaps.items():
             lo, hi = g["ci95"]
             ci = f"{lo:.2f} … {hi:.2f}" if lo is not None else "–"
-            lines.append(f"| {name} | {g['avg']:.3f} | {g['fraction_closed']:.2f} | {ci} | {g['nll']:.3f} | "
+            label = f"{name} (oracle)" if name in ORACLE else name
+            lines.append(f"| {label} | {g['avg']:.3f} | {g['fraction_closed']:.2f} | {ci} | {g['nll']:.3f} | "
                          f"{g['nll_fraction_closed']:.2f} |")
     picked = {n: r for n, r in runs.items() if r["ids"] is not None and n != "full" and n not in SCALE}
     if picked:
@@ -259,6 +305,17 @@ def markdown(out: dict) -> str:
                               f"{w['loss_last']:.2f}, checkpoints at steps {w['checkpoints']}) took "
                               f"{w['seconds'] / 60:.1f} min, and the gradients at {len(w['lrs'])} checkpoints "
                               f"{r['cost']['feature_seconds'] / 60:.1f} min.")
+    diag = out.get("feature_diagnostics") or {}
+    if diag:
+        lines += ["", "What the gradient features say about single examples (every stored feature kind, named "
+                  "kind-dim-warm-up): the mean cosine of an example's feature to its family's mean (near 1: most of "
+                  "each feature is shared, for Adam features the warm-up's momentum β1·m, and the example's own "
+                  "part is small), and how well that cosine ranks right answers above wrong ones (ROC AUC over the "
+                  "pool; 0.5: no signal):", "",
+                  "| features | cosine to family mean | clean-vs-noisy AUC |", "|---|---|---|"]
+        for k, d in diag.items():
+            auc = f"{d['noisy_auc']:.2f}" if d["noisy_auc"] is not None else "–"
+            lines.append(f"| {k} | {d['cos_to_family_mean']:.3f} | {auc} |")
     return "\n".join(lines) + "\n"
 
 
@@ -288,12 +345,13 @@ def main():
     lm = load_model(None, dtype=args.dtype)
     runs = {}
     for name in args.runs.split(","):
-        if name not in RUNS + SCALE:
-            raise SystemExit(f"unknown run {name!r}; choose from {', '.join(RUNS + SCALE)}")
+        if name not in RUNS + SCALE + ORACLE:
+            raise SystemExit(f"unknown run {name!r}; choose from {', '.join(RUNS + SCALE + ORACLE)}")
         print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
         runs[name] = run(name, data, lm)
         out = {"pool": args.pool, "noise": args.noise, "makeup": data["makeup"], "dtype": args.dtype, "runs": runs}
         out["gaps"] = bootstrap_gaps(runs)
+        out["feature_diagnostics"] = feature_diagnostics(data)
         if SMOKE:
             print(markdown(out))
         else:
