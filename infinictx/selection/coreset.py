@@ -111,12 +111,11 @@ def pool_features(model, tokenizer, rows: list[dict], cfg: SelectConfig, instruc
     if any(warmup_key(c) != warmup_key(cfg) for c in also.values()):
         raise InfinictxError("features computed together must share the warm-up (only features and dim may differ)")
     instruct = instruct or InstructConfig(epochs=cfg.warmup_epochs, seed=cfg.seed, modules=cfg.warmup_modules)
-    # the warm-up recipe decides the checkpoints, so the features: a caller's own recipe is part of the key
-    recipe = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(instruct).items()}
 
+    # the warm-up recipe decides the checkpoints, so the features: a caller's own recipe is part of the key
     def key_of(c: SelectConfig) -> dict:
         return {**{k: v for k, v in asdict(c).items() if k not in ("frac", "clusters", "lam")}, **source,
-                "warmup_recipe": recipe}
+                "warmup_recipe": asdict(instruct)}
 
     if cache is not None and cache.exists():
         saved = torch.load(cache, weights_only=False)
