@@ -344,6 +344,7 @@ def main():
     data = pool(args.pool, args.noise)
     lm = load_model(None, dtype=args.dtype)
     runs = {}
+    seen_features, diagnostics = None, {}
     for name in args.runs.split(","):
         if name not in RUNS + SCALE + ORACLE:
             raise SystemExit(f"unknown run {name!r}; choose from {', '.join(RUNS + SCALE + ORACLE)}")
@@ -351,7 +352,10 @@ def main():
         runs[name] = run(name, data, lm)
         out = {"pool": args.pool, "noise": args.noise, "makeup": data["makeup"], "dtype": args.dtype, "runs": runs}
         out["gaps"] = bootstrap_gaps(runs)
-        out["feature_diagnostics"] = feature_diagnostics(data)
+        stored = tuple((p.name, p.stat().st_mtime) for p in sorted(WORK.glob("features-*.pt")))
+        if stored != seen_features:   # read the feature files again only when a run wrote new ones
+            seen_features, diagnostics = stored, feature_diagnostics(data)
+        out["feature_diagnostics"] = diagnostics
         if SMOKE:
             print(markdown(out))
         else:
