@@ -13,10 +13,11 @@ the ablations: no clustering (K=1), SGD features (no Adam normalisation), D=512,
 per-example gradients. Each result is cached under the work folder: a rerun continues with the missing ones.
 
   .venv/bin/python benchmarks/tagcos.py [--pool 3000] [--runs base,full,random,kmeans,tagcos,...] [--threads 2]
-      [--dtype float32|bfloat16] [--noise 0.05]
+      [--dtype float32|bfloat16] [--noise 0.05] [--pool-file POOL.json]
 Runs `scale-10,scale-20,scale-50` (random 10/20/50%) and the oracles `clean-5,balanced-5` (5% picked with the pool's
 labels: only right answers without near-duplicates; equal rows per family) only when named. Another dtype or noise
-share works in its own folder and writes its own results (tagcos_bfloat16, tagcos_noise30, ...)."""
+share works in its own folder and writes its own results (tagcos_bfloat16, tagcos_noise30, ...). `--pool-file` runs
+the same comparison on a pool of one's own (real instruction data; the format in `pool_from_file`)."""
 
 from __future__ import annotations
 
@@ -70,6 +71,49 @@ def pool(size: int, noise: float = NOISE):
     WORK.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, ensure_ascii=False))
     return out
+
+
+def pool_from_file(path: str) -> tuple[dict, str]:
+    """A pool of one's own (real instruction data, say): JSON {"train": [rows], "test": {family: [rows]}}, a row
+    {"prompt", "answer"} plus "family" in train (the families of test); train rows may also carry "noisy" (a wrong
+    answer) and "duplicate_of" (an id), for the makeup tables and the clean-5 oracle. Returns the pool and a name
+    for its work folder and results (the file's stem and a digest of its content)."""
+    import hashlib
+    from pathlib import Path
+
+    def bad(why: str):
+        raise SystemExit(f"tagcos: {path}: {why}")
+
+    try:
+        raw = Path(path).read_bytes()
+        data = json.loads(raw.decode("utf-8"))
+        train, test = data["train"], data["test"]
+    except OSError as exc:
+        bad(f"cannot read it ({exc.strerror})")
+    except (UnicodeDecodeError, ValueError):
+        bad("not UTF-8 JSON")
+    except (KeyError, TypeError):
+        bad('expected {"train": [rows], "test": {family: [rows]}}')
+    if not isinstance(train, list) or not train or not isinstance(test, dict) or not test:
+        bad('expected a non-empty "train" list and a non-empty "test" {family: [rows]}')
+
+    def row_ok(r, *keys) -> bool:
+        return isinstance(r, dict) and all(isinstance(r.get(k), str) and r[k].strip() for k in keys)
+
+    if not all(row_ok(r, "prompt", "answer", "family") for r in train):
+        bad('every train row needs non-empty "prompt", "answer" and "family" strings')
+    if not all(isinstance(rows, list) and rows and all(row_ok(r, "prompt", "answer") for r in rows)
+               for rows in test.values()):
+        bad('every test family needs a non-empty list of rows with "prompt" and "answer"')
+    if {r["family"] for r in train} - set(test):
+        bad(f"train families without a test set: {sorted({r['family'] for r in train} - set(test))}")
+    train = [{"noisy": False, "duplicate_of": None, **r} for r in train]
+    makeup = {}
+    for f in test:
+        rows = [r for r in train if r["family"] == f]
+        makeup[f] = {"pool": len(rows), "noisy": sum(bool(r["noisy"]) for r in rows),
+                     "duplicates": sum(r["duplicate_of"] is not None for r in rows), "test": len(test[f])}
+    return {"train": train, "test": test, "makeup": makeup}, f"{Path(path).stem}-{hashlib.sha256(raw).hexdigest()[:8]}"
 
 
 def subset(name: str, data: dict, lm) -> tuple[list[int] | None, dict]:
@@ -329,19 +373,25 @@ def main():
     # files record it, and a run file of another dtype is refused); another dtype gets a work folder of its own
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--noise", type=float, default=NOISE, help="the pool's share of wrong answers")
+    ap.add_argument("--pool-file", help="a pool of one's own instead of the built one (JSON: see pool_from_file)")
     args = ap.parse_args()
     if not 0 <= args.noise < 1:
         raise SystemExit("tagcos: --noise must be in [0, 1)")
     global WORK, SMOKE
     suffix = "" if args.dtype == "float32" else f"_{args.dtype}"
-    if args.noise != NOISE:   # another pool: its own work folder and results
+    if args.pool_file:   # a pool of one's own: its own work folder and results
+        data, name = pool_from_file(args.pool_file)
+        suffix += f"_{name}"
+    elif args.noise != NOISE:   # another pool: its own work folder and results
         suffix += f"_noise{round(args.noise * 100)}"
     SMOKE = args.smoke
     WORK = cache_dir() / ("tagcos" + ("_smoke" if SMOKE else "") + suffix)
+    WORK.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     from infinictx import load_model
 
-    data = pool(args.pool, args.noise)
+    if not args.pool_file:
+        data = pool(args.pool, args.noise)
     lm = load_model(None, dtype=args.dtype)
     runs = {}
     seen_features, diagnostics = None, {}
@@ -350,7 +400,8 @@ def main():
             raise SystemExit(f"unknown run {name!r}; choose from {', '.join(RUNS + SCALE + ORACLE)}")
         print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
         runs[name] = run(name, data, lm)
-        out = {"pool": args.pool, "noise": args.noise, "makeup": data["makeup"], "dtype": args.dtype, "runs": runs}
+        out = {"pool": len(data["train"]), "noise": None if args.pool_file else args.noise,
+               "makeup": data["makeup"], "dtype": args.dtype, "runs": runs}
         out["gaps"] = bootstrap_gaps(runs)
         stored = tuple((p.name, p.stat().st_mtime) for p in sorted(WORK.glob("features-*.pt")))
         if stored != seen_features:   # read the feature files again only when a run wrote new ones
