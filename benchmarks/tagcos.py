@@ -81,6 +81,8 @@ def pool_from_file(path: str) -> tuple[dict, str]:
     import hashlib
     from pathlib import Path
 
+    from infinictx.data.instructions import pool_makeup
+
     def bad(why: str):
         raise SystemExit(f"tagcos: {path}: {why}")
 
@@ -108,12 +110,8 @@ def pool_from_file(path: str) -> tuple[dict, str]:
     if {r["family"] for r in train} - set(test):
         bad(f"train families without a test set: {sorted({r['family'] for r in train} - set(test))}")
     train = [{"noisy": False, "duplicate_of": None, **r} for r in train]
-    makeup = {}
-    for f in test:
-        rows = [r for r in train if r["family"] == f]
-        makeup[f] = {"pool": len(rows), "noisy": sum(bool(r["noisy"]) for r in rows),
-                     "duplicates": sum(r["duplicate_of"] is not None for r in rows), "test": len(test[f])}
-    return {"train": train, "test": test, "makeup": makeup}, f"{Path(path).stem}-{hashlib.sha256(raw).hexdigest()[:8]}"
+    name = f"{Path(path).stem}-{hashlib.sha256(raw).hexdigest()[:8]}"
+    return {"train": train, "test": test, "makeup": pool_makeup(train, test)}, name
 
 
 def subset(name: str, data: dict, lm) -> tuple[list[int] | None, dict]:

@@ -192,7 +192,14 @@ def build_pool(size: int = 3000, test_per_family: int = 100, texts: list[str] | 
                   if r["answer"] != row["answer"]]
         if others:
             row["answer"], row["noisy"] = others[0], True
-    makeup = {f: {"pool": len(by_family.get(f, [])), "noisy": sum(r["noisy"] for r in by_family.get(f, [])),
-                  "duplicates": sum(r["duplicate_of"] is not None for r in by_family.get(f, [])),
-                  "test": len(test[f])} for f in shares}
-    return Pool(train, test, makeup)
+    return Pool(train, test, pool_makeup(train, test))
+
+
+def pool_makeup(train: list[dict], test: dict[str, list[dict]]) -> dict:
+    """Per test family: its rows in the pool, how many carry a wrong answer or are near-duplicates, its test size."""
+    makeup = {}
+    for f in test:
+        rows = [r for r in train if r["family"] == f]
+        makeup[f] = {"pool": len(rows), "noisy": sum(bool(r["noisy"]) for r in rows),
+                     "duplicates": sum(r["duplicate_of"] is not None for r in rows), "test": len(test[f])}
+    return makeup
