@@ -11,6 +11,7 @@ from infinictx.data.preferences import (
     TEST_DIMENSIONS,
     TOPICS,
     build_reversal_set,
+    composed_by_family,
     composed_criteria,
     held_out_contexts,
     near_held_out,
@@ -80,6 +81,12 @@ def test_composed_criteria_say_what_they_ask_for():
     assert "The user wants a short answer." in want_a and "The user does not want a thorough answer." in want_a
     assert "The user wants a thorough answer." in want_b and "The user does not want a short answer." in want_b
     assert not set(want_a) & set(want_b)
+    # criteria naming both styles ask for the one the word order and verb say, not the one named first or last
+    assert "The user prefers a short answer to a thorough answer." in want_a
+    assert "Instead of a short answer, the reader wants a thorough answer." in want_b
+    assert "Give a thorough answer, not a short answer." in want_b and "Avoid a short answer." in want_b
+    # no double negatives: a phrase that is itself a negation is never the thing refused
+    assert not any("no recap" in c for c in composed_by_family("summary")["refuses"][0])
     # paraphrases of held-out phrasings are left out: two shared content words ("prefers", "detailed") with
     # "The user prefers long, detailed answers." (held out)
     assert near_held_out("The customer prefers a detailed explanation.")

@@ -9,10 +9,11 @@ user is reading on a phone between meetings."). The columns are RPR's: prompt, r
 criteria_x, criteria_y, scenario_x, scenario_y, plus `dimension` and `split`.
 
 Held out for testing: whole dimensions (`TEST_DIMENSIONS`) and, for the other dimensions, the last phrasing of each
-context list. Training rows also use criteria composed from what the user wants or refuses (`CRITERIA_PHRASES`;
-none close to a held-out phrasing, `near_held_out`) and more scenarios (`MORE_SCENARIOS`). Adversarial rows: a
-response that does not answer the prompt against one that does, with an irrelevant or nonsense context: the
-prompt alone decides them (`label` says which response is right under every context).
+context list. Training rows also use composed criteria — what the user wants, refuses, or prefers to what, and
+commands (`CRITERIA_PHRASES` in `CRITERIA_TEMPLATES`; none close to a held-out phrasing, `near_held_out`) — and
+more scenarios (`MORE_SCENARIOS`). Adversarial rows: a response that does not answer the prompt against one that
+does, with an irrelevant or nonsense context: the prompt alone decides them (`label` says which response is right
+under every context).
 Relevance rows (training only): an on-topic answer in the style the context argues against beats an off-topic one
 in the style it asks for; they teach that a context weighs only between answers that both answer the prompt.
 
@@ -344,10 +345,25 @@ CRITERIA_PHRASES = {   # dimension: (phrases naming style a, phrases naming styl
                  "no recap at the end"]),
 }
 SUBJECTS = ["The user", "The reader", "This user", "The person asking", "The customer"]
-WANTS = ["{} wants {}.", "{} would like {}.", "{} asked for {}.", "{} is hoping for {}.", "{} prefers {}.",
-         "{} is looking for {}."]
-REFUSES = ["{} does not want {}.", "{} dislikes {}.", "{} would rather not get {}.", "{} has no use for {}.",
-           "{} is tired of {}."]
+# templates over {s} (a subject), {want} (a phrase for the style asked for) and {avoid} (one for the other style).
+# The first composed set had only "wants" and "refuses" sentences, each naming one style; the model then judged
+# held-out criteria that name both styles ("prefers lists to paragraphs", "prefers unnumbered bullets") as if the
+# style named were wanted (at chance under both contexts). Comparatives name both styles in either order, so the
+# word order and the verb, not the presence of a style word, decide; commands have no subject at all.
+CRITERIA_TEMPLATES = {
+    "wants": ["{s} wants {want}.", "{s} would like {want}.", "{s} asked for {want}.", "{s} is hoping for {want}.",
+              "{s} prefers {want}.", "{s} is looking for {want}.", "{s} likes {want}.", "{s} needs {want}.",
+              "{s} values {want}.", "{s} expects {want}."],
+    "refuses": ["{s} does not want {avoid}.", "{s} dislikes {avoid}.", "{s} would rather not get {avoid}.",
+                "{s} has no use for {avoid}.", "{s} is tired of {avoid}.", "{s} avoids {avoid}.",
+                "{s} cannot stand {avoid}."],
+    "compares": ["{s} prefers {want} to {avoid}.", "{s} wants {want} rather than {avoid}.",
+                 "{s} wants {want}, not {avoid}.", "{s} would take {want} over {avoid}.",
+                 "Instead of {avoid}, {s_mid} wants {want}.", "{s} dislikes {avoid} and wants {want}.",
+                 "Rather than {avoid}, {s_mid} would like {want}."],
+    "commands": ["Give {want}.", "Reply with {want}.", "Please write {want}.", "Avoid {avoid}.",
+                 "Do not give {avoid}.", "Give {want}, not {avoid}.", "Skip {avoid} and give {want}."],
+}
 MORE_SCENARIOS = {   # dimension: (four scenarios for style a, four for style b)
     "length": (["The user checks the answer at a red traffic light.",
                 "The user is about to board a plane and has a minute.",
@@ -517,15 +533,26 @@ def _held_out_words() -> tuple[tuple[str, set[str]], ...]:
 
 
 @functools.cache
-def composed_criteria(dim: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(criteria asking for style a, for style b) composed from `CRITERIA_PHRASES`, near-held-out ones left out."""
+def composed_by_family(dim: str) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """{template family: (criteria asking for style a, for style b)} composed from `CRITERIA_PHRASES` with
+    `CRITERIA_TEMPLATES`, near-held-out ones left out."""
     phrases_a, phrases_b = CRITERIA_PHRASES[dim]
-    out = []
-    for mine, other in ((phrases_a, phrases_b), (phrases_b, phrases_a)):
-        composed = [t.format(s, p) for s in SUBJECTS for t in WANTS for p in mine]
-        composed += [t.format(s, p) for s in SUBJECTS for t in REFUSES for p in other]
-        out.append(tuple(c for c in composed if not near_held_out(c)))
-    return out[0], out[1]
+    out = {}
+    for family, templates in CRITERIA_TEMPLATES.items():
+        sides = []
+        for mine, other in ((phrases_a, phrases_b), (phrases_b, phrases_a)):
+            composed = {t.format(s=s, s_mid=s[0].lower() + s[1:], want=w, avoid=v)
+                        for t in templates for s in SUBJECTS for w in mine for v in other
+                        if not v.startswith("no ") or "{avoid}" not in t}   # "avoids no recap": a double negative
+            sides.append(tuple(sorted(c for c in composed if not near_held_out(c))))
+        out[family] = (sides[0], sides[1])
+    return out
+
+
+def composed_criteria(dim: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(criteria asking for style a, for style b): every family of `composed_by_family` together."""
+    families = composed_by_family(dim).values()
+    return tuple(c for a, _ in families for c in a), tuple(c for _, b in families for c in b)
 
 
 def build_reversal_set(seed: int = 0) -> PreferenceSet:
@@ -544,10 +571,13 @@ def build_reversal_set(seed: int = 0) -> PreferenceSet:
                 plan = [(crit_a[k], crit_b[k], scen_a[k], scen_b[k], "test") for k in range(n)]
             else:
                 more_a, more_b = MORE_SCENARIOS[dim]
-                pool_a, pool_b = composed_criteria(dim)
+                families = composed_by_family(dim)
                 k = t % (n - 1)
                 plan = [(crit_a[k], crit_b[k], scen_a[k], scen_b[k], "train"),
-                        (compose_rng.choice(pool_a), compose_rng.choice(pool_b), more_a[t % len(more_a)],
+                        # a family first, for each side: the comparatives, with both phrases free, outnumber
+                        # the rest many times over
+                        (compose_rng.choice(families[compose_rng.choice(list(families))][0]),
+                         compose_rng.choice(families[compose_rng.choice(list(families))][1]), more_a[t % len(more_a)],
                          more_b[t % len(more_b)], "train"),
                         (crit_a[-1], crit_b[-1], scen_a[-1], scen_b[-1], "test")]
                 contexts[dim, t] = [p[:4] for p in plan[:2]]
