@@ -292,8 +292,9 @@ def markdown(out: dict) -> str:
              f"{out.get('dtype', 'float32')} base)", "",
              f"Pool {out['pool']} examples: " + ", ".join(f"{f} {m['pool']} ({m['noisy']} noisy, {m['duplicates']} "
                                                            f"near-duplicates)" for f, m in out["makeup"].items())
-             + f". Test: {', '.join(str(m['test']) for m in out['makeup'].values())} clean examples per family "
-               "(exact match of the greedy answer).",
+             + f". Test: {', '.join(str(m['test']) for m in out['makeup'].values())} "
+               f"{'clean ' if out.get('noise') is not None else ''}examples per family (exact match of the greedy "
+               "answer).",
              "", "| run | examples | " + " | ".join(fams) + " | average exact | average NLL | select s | train s |",
              "|---|---|" + "---|" * (len(fams) + 4)]
     for name, r in runs.items():
@@ -363,16 +364,20 @@ def markdown(out: dict) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pool", type=int, default=3000)
+    ap.add_argument("--pool", type=int, help="the built pool's size (default 3000)")
     ap.add_argument("--runs", default=",".join(RUNS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--smoke", action="store_true")
     # the cached runs are compared with each other: one dtype for all of them (the committed ones are fp32; run
     # files record it, and a run file of another dtype is refused); another dtype gets a work folder of its own
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--noise", type=float, default=NOISE, help="the pool's share of wrong answers")
+    ap.add_argument("--noise", type=float, help=f"the built pool's share of wrong answers (default {NOISE})")
     ap.add_argument("--pool-file", help="a pool of one's own instead of the built one (JSON: see pool_from_file)")
     args = ap.parse_args()
+    if args.pool_file and (args.pool is not None or args.noise is not None):   # they describe the built pool
+        raise SystemExit("tagcos: --pool and --noise shape the built pool; a --pool-file comes as it is")
+    args.pool = 3000 if args.pool is None else args.pool
+    args.noise = NOISE if args.noise is None else args.noise
     if not 0 <= args.noise < 1:
         raise SystemExit("tagcos: --noise must be in [0, 1)")
     global WORK, SMOKE
