@@ -5,7 +5,11 @@ an implicit reward), on held-out dimensions and phrasings (`infinictx/data/prefe
 the two-step decomposition with the language model as the context selector. A model's scores are kept under
 results/carm/ and reused while the data and training setup are the same.
 
-  .venv/bin/python benchmarks/carm.py [--models carm,no-context,base-head,lm-likelihood] [--threads 2]"""
+  .venv/bin/python benchmarks/carm.py [--models carm,no-context,base-head,lm-likelihood] [--threads 2]
+                                      [--model gemma3-270m]
+
+Another `--model` (a name `load_model` knows, a folder or a .gguf) keeps its adapters, scores and results apart:
+results/carm_<model>.{json,md}, results/carm_<model>/."""
 
 from __future__ import annotations
 
@@ -21,8 +25,8 @@ from common import RESULTS, measured_on, save
 from infinictx.core.models import cpu_name
 from infinictx.data.fetch import cache_dir
 
-WORK = cache_dir() / "carm"        # trained adapters
-DONE = RESULTS / "carm"            # each model's scores, committed: a later session (another machine) resumes
+# trained adapters go under cache/carm (cache/carm_<model> for another model); each model's scores are committed
+# under results/carm (results/carm_<model>): a later session (another machine) resumes
 MODELS = ["carm", "no-context", "base-head", "lm-likelihood"]
 TRAINED = ("carm", "no-context")   # the others are scored untrained
 
@@ -56,6 +60,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", help="the causal LM under the reward models (default: the embedded SmolLM2)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     data = build_reversal_set(seed=0)
@@ -76,22 +81,25 @@ def main():
     train_rows = {m: bt_rows(data.train, views[m], data.relevance) for m in TRAINED}
     scored_on = digest(data.test, data.adversarial)
     setup = {m: digest(train_rows[m], cfg.result_key(), scored_on) if m in TRAINED else scored_on for m in MODELS}
-    model_dir = resolve_model_path(None)[0]
-    lm = load_model(None)
-    WORK.mkdir(parents=True, exist_ok=True)
+    model_dir, model_name = resolve_model_path(args.model)
+    lm = load_model(args.model)
+    # the embedded model keeps the names its results were first committed under
+    tag = "carm" if args.model in (None, "", "default", "smollm2") else f"carm_{model_name}"
+    work, done = cache_dir() / tag, RESULTS / tag
+    work.mkdir(parents=True, exist_ok=True)
     for name in args.models.split(","):
         if name not in MODELS:
             raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
-        path = DONE / f"{name}.json"
+        path = done / f"{name}.json"
         if path.exists() and json.loads(path.read_text()).get("setup") == setup[name]:   # scored in an earlier run
             continue
         print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
         record = {}
         if name in TRAINED:
             rows = train_rows[name]
-            record = train(model_dir, rows, cfg, WORK / f"{name}-{setup[name]}")
+            record = train(model_dir, rows, cfg, work / f"{name}-{setup[name]}")
             record["rows"] = len(rows)
-            model, tok = load_reward_model(model_dir, WORK / f"{name}-{setup[name]}")
+            model, tok = load_reward_model(model_dir, work / f"{name}-{setup[name]}")
         elif name == "base-head":
             model, tok = load_reward_model(model_dir)
         else:
@@ -103,20 +111,21 @@ def main():
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")   # the LM likelihood: load_model's pick
         scored = {"train": record, "eval_s": round(time.perf_counter() - t0, 1), "cpu": cpu_name(),
                   "dtype": dtype, "setup": setup[name], **scores}
-        DONE.mkdir(parents=True, exist_ok=True)
+        done.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(scored))
     # every model with scores on record, not only this run's: a run of one model must not drop the others' rows
-    results = {m: json.loads((DONE / f"{m}.json").read_text()) for m in MODELS if (DONE / f"{m}.json").exists()}
+    results = {m: json.loads((done / f"{m}.json").read_text()) for m in MODELS if (done / f"{m}.json").exists()}
     results = {m: r for m, r in results.items() if r.get("setup") == setup[m]}
-    out = {"train_pairs": len(data.train), "relevance_pairs": len(data.relevance), "test_pairs": len(data.test),
-           "adversarial": len(data.adversarial), "test_dimensions": list(TEST_DIMENSIONS),
+    out = {"model": model_name, "train_pairs": len(data.train), "relevance_pairs": len(data.relevance),
+           "test_pairs": len(data.test), "adversarial": len(data.adversarial), "test_dimensions": list(TEST_DIMENSIONS),
            "train_config": dataclasses.asdict(cfg), "models": results}
-    save("carm", out, markdown(out))
+    save(tag, out, markdown(out))
 
 
 def markdown(out: dict) -> str:
     held_out = set(out["test_dimensions"])
-    lines = ["# Context-aware reward models (SmolLM2-135M-Instruct, held-out dimensions and phrasings)", "",
+    lines = [f"# Context-aware reward models ({out.get('model', 'SmolLM2-135M-Instruct')}, held-out dimensions and "
+             "phrasings)", "",
              f"{out['train_pairs']} training reversal pairs and {out['relevance_pairs']} relevance pairs; "
              f"{out['test_pairs']} test pairs: held-out phrasings of the training dimensions, and the held-out "
              f"dimensions {', '.join(sorted(held_out))} whole; {out['adversarial']} adversarial pairs. Training: "
