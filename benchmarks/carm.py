@@ -51,11 +51,40 @@ class LikelihoodReward(torch.nn.Module):
         return type("Out", (), {"logits": torch.stack(out)[:, None]})()
 
 
+def train_config():
+    """The training recipe of both trained models."""
+    from infinictx.reward.carm import RewardConfig
+
+    # on the first, smaller set three epochs at lr 2e-4 drove the training loss to 1e-4 (memorised); on this set
+    # one epoch at 2e-4 underfit (training accuracy 0.64, loss 0.60). lr 1e-3 (2-epoch schedule) was worse: after
+    # 400 steps the relevance pairs were all right (margin 5.3) and the reversal pairs at chance even on training
+    # rows (0.50), so that run was stopped; 200 steps at 2e-4 reached 0.68 on them (relevance 1.00): three epochs at
+    # 2e-4. Checkpointed: a stopped run resumes (about 77 min of training on an AMD EPYC in fp32).
+    return RewardConfig(epochs=3.0, lr=2e-4, checkpoint_every=40)
+
+
+def setups(data, cfg) -> tuple[dict, dict]:
+    """({trained model: its Bradley–Terry rows}, {model: the key its adapter and scores are kept under}). Results of
+    another data set or training setup are stale: rerun them (the untrained baselines depend only on the pairs they
+    are scored on). A trained model's key is the rows it trains on (not the pairs they come from): the no-context
+    model drops the contexts, so new training contexts leave it, and its scores, as they were."""
+    from infinictx.reward.carm import bt_rows
+
+    def digest(*parts) -> str:
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12]
+
+    views = {"carm": "both", "no-context": "none"}
+    train_rows = {m: bt_rows(data.train, views[m], data.relevance) for m in TRAINED}
+    scored_on = digest(data.test, data.adversarial)
+    return train_rows, {m: digest(train_rows[m], cfg.result_key(), scored_on) if m in TRAINED else scored_on
+                        for m in MODELS}
+
+
 def main():
     from infinictx import load_model
     from infinictx.core.models import resolve_model_path
     from infinictx.data.preferences import TEST_DIMENSIONS, build_reversal_set
-    from infinictx.reward.carm import RewardConfig, bt_rows, evaluate, load_reward_model, train
+    from infinictx.reward.carm import evaluate, load_reward_model, train
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS))
@@ -64,23 +93,8 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     data = build_reversal_set(seed=0)
-    # on the first, smaller set three epochs at lr 2e-4 drove the training loss to 1e-4 (memorised); on this set
-    # one epoch at 2e-4 underfit (training accuracy 0.64, loss 0.60). lr 1e-3 (2-epoch schedule) was worse: after
-    # 400 steps the relevance pairs were all right (margin 5.3) and the reversal pairs at chance even on training
-    # rows (0.50), so that run was stopped; 200 steps at 2e-4 reached 0.68 on them (relevance 1.00): three epochs at
-    # 2e-4. Checkpointed: a stopped run resumes (about 74 min of training on an AMD EPYC in fp32).
-    cfg = RewardConfig(epochs=3.0, lr=2e-4, checkpoint_every=40)
-    # results of another data set or training setup are stale: rerun them (the untrained baselines depend only on
-    # the pairs they are scored on)
-    def digest(*parts) -> str:
-        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12]
-
-    # a trained model's key is the Bradley–Terry rows it trains on (not the pairs they come from): the no-context
-    # model drops the contexts, so new training contexts leave it, and its scores, as they were
-    views = {"carm": "both", "no-context": "none"}
-    train_rows = {m: bt_rows(data.train, views[m], data.relevance) for m in TRAINED}
-    scored_on = digest(data.test, data.adversarial)
-    setup = {m: digest(train_rows[m], cfg.result_key(), scored_on) if m in TRAINED else scored_on for m in MODELS}
+    cfg = train_config()
+    train_rows, setup = setups(data, cfg)
     model_dir, model_name = resolve_model_path(args.model)
     lm = load_model(args.model)
     # the embedded model keeps the names its results were first committed under

@@ -9,11 +9,10 @@ adapter `benchmarks/carm.py` trained (cache/carm/carm-<setup>); results: results
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import random
 
 import torch
+from carm import setups, train_config
 from common import save
 
 from infinictx.core.models import cpu_name
@@ -92,7 +91,7 @@ def probe_rows(seed: int = 0) -> list[dict]:
 def main():
     from infinictx.core.models import resolve_model_path
     from infinictx.data.preferences import build_reversal_set
-    from infinictx.reward.carm import RewardConfig, bt_rows, evaluate, load_reward_model
+    from infinictx.reward.carm import evaluate, load_reward_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -105,11 +104,7 @@ def main():
     if overlap:
         raise SystemExit(f"probe contexts also train: {sorted(overlap)[:3]}")
 
-    def digest(*parts) -> str:   # as benchmarks/carm.py names the CARM adapter
-        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12]
-
-    cfg = RewardConfig(epochs=3.0, lr=2e-4, checkpoint_every=40)
-    setup = digest(bt_rows(data.train, "both", data.relevance), cfg.result_key(), digest(data.test, data.adversarial))
+    setup = setups(data, train_config())[1]["carm"]
     adapter = cache_dir() / "carm" / f"carm-{setup}"
     if not (adapter / "adapter_config.json").exists():
         raise SystemExit(f"no trained CARM at {adapter}: run benchmarks/carm.py --models carm first")
