@@ -79,12 +79,12 @@ def probe_rows(seed: int = 0) -> list[dict]:
         sa, sb = DIMENSIONS[dim][:2]
         for prompt, facts, example in TOPICS:
             a, b = render(prompt, facts, example, sa), render(prompt, facts, example, sb)
-            for ca, cb in (crit1, crit2):
+            for form, (ca, cb) in zip(("one style named", "both named"), (crit1, crit2)):
                 swap = rng.random() < 0.5
                 rows.append({"prompt": prompt, "response_a": b if swap else a, "response_b": a if swap else b,
                              "criteria_x": cb if swap else ca, "criteria_y": ca if swap else cb,
                              "scenario_x": scen[1] if swap else scen[0], "scenario_y": scen[0] if swap else scen[1],
-                             "dimension": dim})
+                             "dimension": dim, "form": form})
     return rows
 
 
@@ -109,7 +109,7 @@ def main():
     if not (adapter / "adapter_config.json").exists():
         raise SystemExit(f"no trained CARM at {adapter}: run benchmarks/carm.py --models carm first")
     model, tok = load_reward_model(resolve_model_path(None)[0], adapter)
-    scores = evaluate(model, tok, rows)
+    scores = evaluate(model, tok, rows, group_by=("dimension", "form"))
     out = {"adapter_setup": setup, "pairs": len(rows), "cpu": cpu_name(), **scores}
     crit, scen = scores["criteria"], scores["scenario"]
     lines = ["# CARM on a second held-out test (new phrasings of the training dimensions)", "",
@@ -117,6 +117,9 @@ def main():
              "accuracy under each pair's two contexts.", "",
              f"Criteria {crit['accuracy']:.3f} (reversal {crit['reversal_consistency']:.3f}); "
              f"scenarios {scen['accuracy']:.3f} (reversal {scen['reversal_consistency']:.3f}).",
+             "", "Criteria by form: " + ", ".join(f"{form} {v['accuracy']:.3f}" for form, v in crit["by_form"].items())
+             + " (both named: \"X rather than Y\", the form of the composed comparatives in training, with other "
+             "phrases).",
              "", "| dimension | criteria | scenario |", "|---|---|---|"]
     for dim in PROBE:
         lines.append(f"| {dim} | {crit['by_dimension'][dim]['accuracy']:.3f} | "

@@ -78,11 +78,15 @@ def test_training_and_evaluation_end_to_end(tiny_model_dir, tmp_path):
                    tmp_path / "rm")
     assert record["steps"] >= 1 and (tmp_path / "rm" / "adapter_config.json").exists()
     model, tok = load_reward_model(tiny_model_dir, tmp_path / "rm")
-    out = evaluate(model, tok, data.test[:4], data.adversarial[:4])
+    rows = [{**r, "half": k % 2} for k, r in enumerate(data.test[:4])]
+    out = evaluate(model, tok, rows, data.adversarial[:4], group_by=("dimension", "half"))
     assert 0 <= out["criteria"]["accuracy"] <= 1 and 0 <= out["scenario"]["reversal_consistency"] <= 1
     by_dim = out["criteria"]["by_dimension"]   # the pairs' accuracy split by dimension, weighted back to the total
     assert sum(v["pairs"] for v in by_dim.values()) == 4
     assert sum(v["accuracy"] * v["pairs"] for v in by_dim.values()) / 4 == pytest.approx(out["criteria"]["accuracy"])
+    by_half = out["scenario"]["by_half"]   # any column: here two halves of two pairs each
+    assert {k: v["pairs"] for k, v in by_half.items()} == {0: 2, 1: 2}
+    assert sum(v["accuracy"] for v in by_half.values()) / 2 == pytest.approx(out["scenario"]["accuracy"])
     assert set(out["adversarial"]) == {"no_context", "irrelevant_context", "flipped"}
 
 

@@ -234,10 +234,12 @@ def context_posterior(lm, scenario: str, candidates: list[str], cache: dict | No
     return torch.softmax(torch.stack(scores), dim=0).cpu()
 
 
-def evaluate(model, tok, rows: list[dict], adversarial: list[dict] | None = None, lm=None) -> dict:
-    """Accuracy with criteria and with scenarios (each pair judged under its x and its y context), reversal
-    consistency (both right), the no-context view's P(a ≻ b) and its agreement with the x label, adversarial
-    accuracy (irrelevant context) against no context, and with `lm`, the two-step decomposition on scenarios."""
+def evaluate(model, tok, rows: list[dict], adversarial: list[dict] | None = None, lm=None,
+             group_by: tuple[str, ...] = ("dimension",)) -> dict:
+    """Accuracy with criteria and with scenarios (each pair judged under its x and its y context; split by each
+    column of `group_by` the rows have, as "by_<column>"), reversal consistency (both right), the no-context
+    view's P(a ≻ b) and its agreement with the x label, adversarial accuracy (irrelevant context) against no context,
+    and with `lm`, the two-step decomposition on scenarios."""
     texts, index = [], {}
 
     def add(key, text):
@@ -266,15 +268,16 @@ def evaluate(model, tok, rows: list[dict], adversarial: list[dict] | None = None
         out[kind] = {"accuracy": (sum(right_x) + sum(right_y)) / (2 * len(rows)) if rows else None,
                      "reversal_consistency": sum(a and b for a, b in zip(right_x, right_y)) / len(rows) if rows
                      else None}
-        dims = {}
-        for r, a, b in zip(rows, right_x, right_y):   # rows that name their dimension (the built-in set's)
-            if "dimension" in r:
-                d = dims.setdefault(r["dimension"], {"pairs": 0, "right": 0})
-                d["pairs"] += 1
-                d["right"] += a + b
-        if dims:
-            out[kind]["by_dimension"] = {k: {"pairs": d["pairs"], "accuracy": d["right"] / (2 * d["pairs"])}
-                                         for k, d in dims.items()}
+        for column in group_by:   # rows that have the column (the built-in set's name their dimension)
+            groups = {}
+            for r, a, b in zip(rows, right_x, right_y):
+                if column in r:
+                    g = groups.setdefault(r[column], {"pairs": 0, "right": 0})
+                    g["pairs"] += 1
+                    g["right"] += a + b
+            if groups:
+                out[kind][f"by_{column}"] = {k: {"pairs": g["pairs"], "accuracy": g["right"] / (2 * g["pairs"])}
+                                             for k, g in groups.items()}
     none = [1 / (1 + math.exp(-margin(k, None))) for k in range(len(rows))]
     out["no_context"] = {"mean_p_a": sum(none) / len(none) if none else None,
                          "agrees_with_x": sum(p > 0.5 for p in none) / len(none) if none else None}
