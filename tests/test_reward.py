@@ -88,6 +88,10 @@ def test_training_and_evaluation_end_to_end(tiny_model_dir, tmp_path):
     assert {k: v["pairs"] for k, v in by_half.items()} == {0: 2, 1: 2}
     assert sum(v["accuracy"] for v in by_half.values()) / 2 == pytest.approx(out["scenario"]["accuracy"])
     assert set(out["adversarial"]) == {"no_context", "irrelevant_context", "flipped"}
+    # texts shared by rows are scored once and the verdicts stay those of each row: every row twice, same accuracy
+    twice = evaluate(model, tok, rows + rows)
+    assert twice["criteria"]["accuracy"] == pytest.approx(out["criteria"]["accuracy"])
+    assert twice["scenario"]["reversal_consistency"] == pytest.approx(out["scenario"]["reversal_consistency"])
 
 
 def test_training_stopped_at_a_checkpoint_resumes_to_the_same_adapter(tiny_model_dir, tmp_path):

@@ -572,13 +572,14 @@ def build_reversal_set(seed: int = 0) -> PreferenceSet:
             else:
                 more_a, more_b = MORE_SCENARIOS[dim]
                 families = composed_by_family(dim)
+
+                def composed(side: int) -> str:   # a family first: the comparatives, with both phrases free,
+                    # outnumber the rest many times over
+                    return compose_rng.choice(families[compose_rng.choice(list(families))][side])
+
                 k = t % (n - 1)
                 plan = [(crit_a[k], crit_b[k], scen_a[k], scen_b[k], "train"),
-                        # a family first, for each side: the comparatives, with both phrases free, outnumber
-                        # the rest many times over
-                        (compose_rng.choice(families[compose_rng.choice(list(families))][0]),
-                         compose_rng.choice(families[compose_rng.choice(list(families))][1]), more_a[t % len(more_a)],
-                         more_b[t % len(more_b)], "train"),
+                        (composed(0), composed(1), more_a[t % len(more_a)], more_b[t % len(more_b)], "train"),
                         (crit_a[-1], crit_b[-1], scen_a[-1], scen_b[-1], "test")]
                 contexts[dim, t] = [p[:4] for p in plan[:2]]
             a, b = render(prompt, facts, example, sa), render(prompt, facts, example, sb)

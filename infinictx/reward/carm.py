@@ -240,11 +240,11 @@ def evaluate(model, tok, rows: list[dict], adversarial: list[dict] | None = None
     column of `group_by` the rows have, as "by_<column>"), reversal consistency (both right), the no-context
     view's P(a ≻ b) and its agreement with the x label, adversarial accuracy (irrelevant context) against no context,
     and with `lm`, the two-step decomposition on scenarios."""
-    texts, index = [], {}
+    position, index = {}, {}   # each distinct text scored once: rows that share a prompt, responses and a context
+    # (the no-context view of a held-out dimension's rows, a scenario shared by several criteria) share its reward
 
     def add(key, text):
-        index[key] = len(texts)
-        texts.append(text)
+        index[key] = position.setdefault(text, len(position))
 
     for k, r in enumerate(rows):
         for resp in ("response_a", "response_b"):
@@ -256,7 +256,7 @@ def evaluate(model, tok, rows: list[dict], adversarial: list[dict] | None = None
         for resp in ("response_a", "response_b"):
             add(("adv", k, resp, None), format_text(r["prompt"], r[resp]))
             add(("adv", k, resp, "ctx"), format_text(r["prompt"], r[resp], r["context"]))
-    rw = rewards(model, tok, texts)
+    rw = rewards(model, tok, list(position))
 
     def margin(k, ctx):   # r(a) − r(b)
         return float(rw[index[(k, "response_a", ctx)]] - rw[index[(k, "response_b", ctx)]])
