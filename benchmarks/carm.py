@@ -80,6 +80,12 @@ def setups(data, cfg) -> tuple[dict, dict]:
                         for m in MODELS}
 
 
+def result_tag(model: str | None, model_name: str) -> str:
+    """The folder name a model's adapters (cache/) and scores (results/) go under: the embedded model keeps the
+    names its results were first committed under."""
+    return "carm" if model in (None, "", "default", "smollm2") else f"carm_{model_name}"
+
+
 def main():
     from infinictx import load_model
     from infinictx.core.models import resolve_model_path
@@ -97,8 +103,7 @@ def main():
     train_rows, setup = setups(data, cfg)
     model_dir, model_name = resolve_model_path(args.model)
     lm = load_model(args.model)
-    # the embedded model keeps the names its results were first committed under
-    tag = "carm" if args.model in (None, "", "default", "smollm2") else f"carm_{model_name}"
+    tag = result_tag(args.model, model_name)
     work, done = cache_dir() / tag, RESULTS / tag
     work.mkdir(parents=True, exist_ok=True)
     for name in args.models.split(","):

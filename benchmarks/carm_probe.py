@@ -2,9 +2,10 @@
 had been looked at: new criteria and scenarios for each training dimension, none a training context, judged on
 every topic. It checks that what changed after looking at the first test's failures (the composed comparatives
 and commands of `infinictx/data/preferences.py`) generalises beyond the phrasings that suggested it. Reads the
-adapter `benchmarks/carm.py` trained (cache/carm/carm-<setup>); results: results/carm_probe.{json,md}.
+adapter `benchmarks/carm.py` trained (cache/carm/carm-<setup>); results: results/carm_probe.{json,md}
+(another `--model`: the adapter `carm.py --model M` trained, results/carm_probe_<model>.{json,md}).
 
-  .venv/bin/python benchmarks/carm_probe.py [--threads 2]"""
+  .venv/bin/python benchmarks/carm_probe.py [--threads 2] [--model gemma3-270m]"""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import argparse
 import random
 
 import torch
-from carm import setups, train_config
+from carm import result_tag, setups, train_config
 from common import save
 
 from infinictx.core.models import cpu_name
@@ -95,6 +96,7 @@ def main():
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", help="the causal LM under the CARM (default: the embedded SmolLM2)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     data = build_reversal_set(seed=0)
@@ -105,14 +107,17 @@ def main():
         raise SystemExit(f"probe contexts also train: {sorted(overlap)[:3]}")
 
     setup = setups(data, train_config())[1]["carm"]
-    adapter = cache_dir() / "carm" / f"carm-{setup}"
+    model_dir, model_name = resolve_model_path(args.model)
+    tag = result_tag(args.model, model_name)
+    adapter = cache_dir() / tag / f"carm-{setup}"
     if not (adapter / "adapter_config.json").exists():
-        raise SystemExit(f"no trained CARM at {adapter}: run benchmarks/carm.py --models carm first")
-    model, tok = load_reward_model(resolve_model_path(None)[0], adapter)
+        flag = f" --model {args.model}" if tag != "carm" else ""
+        raise SystemExit(f"no trained CARM at {adapter}: run benchmarks/carm.py --models carm{flag} first")
+    model, tok = load_reward_model(model_dir, adapter)
     scores = evaluate(model, tok, rows, group_by=("dimension", "form"))
-    out = {"adapter_setup": setup, "pairs": len(rows), "cpu": cpu_name(), **scores}
+    out = {"model": model_name, "adapter_setup": setup, "pairs": len(rows), "cpu": cpu_name(), **scores}
     crit, scen = scores["criteria"], scores["scenario"]
-    lines = ["# CARM on a second held-out test (new phrasings of the training dimensions)", "",
+    lines = [f"# CARM ({model_name}) on a second held-out test (new phrasings of the training dimensions)", "",
              f"{len(rows)} pairs: two criteria pairs and one scenario pair per training dimension, on every topic; "
              "accuracy under each pair's two contexts.", "",
              f"Criteria {crit['accuracy']:.3f} (reversal {crit['reversal_consistency']:.3f}); "
@@ -124,7 +129,7 @@ def main():
     for dim in PROBE:
         lines.append(f"| {dim} | {crit['by_dimension'][dim]['accuracy']:.3f} | "
                      f"{scen['by_dimension'][dim]['accuracy']:.3f} |")
-    save("carm_probe", out, "\n".join(lines) + "\n")
+    save(tag.replace("carm", "carm_probe", 1), out, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Context-aware reward model: input format, Bradley–Terry rows, TRL's loss against a hand computation, the
 two-step marginal, training and evaluation end to end on the tiny model."""
 
+import json
 import math
 
 import pytest
@@ -41,11 +42,38 @@ def test_two_step_equals_the_direct_preference_when_the_context_is_certain():
         two_step([0.5, 0.6], [0.1, 0.2])
 
 
-def test_trl_loss_and_gradients_equal_a_hand_computation(tiny_model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def gemma_like_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with a tokenizer like Gemma's: <bos> first, a <pad> of its own (so the <eos> training appends
+    is where the reward is read), padding on the left."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tiny-gemma-like")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.add_special_tokens({"bos_token": "<bos>", "pad_token": "<pad>"})
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                              special_tokens=[("<bos>", tok.bos_token_id)])
+    tok.save_pretrained(out)
+    config = json.loads((out / "tokenizer_config.json").read_text())   # as Gemma's says it (save drops the side)
+    (out / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": "left"}))
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lm.resize_token_embeddings(len(tok))
+    lm.config.bos_token_id, lm.config.pad_token_id = tok.bos_token_id, tok.pad_token_id
+    lm.save_pretrained(out)
+    again = AutoTokenizer.from_pretrained(out)
+    assert again("Q?").input_ids[0] == again.bos_token_id and again.padding_side == "left"
+    return out
+
+
+@pytest.mark.parametrize("tokenizer", ["plain", "gemma-like"])
+def test_trl_loss_and_gradients_equal_a_hand_computation(tokenizer, tiny_model_dir, gemma_like_dir, tmp_path):
+    """`rewards` reads each text's reward as training does: the same tokens (a <bos> where the tokenizer adds one,
+    the <eos> TRL appends) and the same positions (right padding, whatever the tokenizer's side)."""
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    model, tok = load_reward_model(tiny_model_dir)
+    model, tok = load_reward_model(gemma_like_dir if tokenizer == "gemma-like" else tiny_model_dir)
     rows = bt_rows(build_reversal_set().train[:2], "criteria")
     args = RewardConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to=[], use_cpu=True,
                         max_length=512)
@@ -122,6 +150,8 @@ def test_training_stopped_at_a_checkpoint_resumes_to_the_same_adapter(tiny_model
     assert whole["resumed_from"] is None and resumed["resumed_from"] == "checkpoint-6"
     assert resumed["steps"] == whole["steps"] == 12
     assert not list((tmp_path / "cut").glob("checkpoint-*"))
+    Count.steps = 0   # a run that ended is not trained again: its record comes back
+    assert train(tiny_model_dir, rows, cfg, tmp_path / "cut", callbacks=[Count()]) == resumed and Count.steps == 0
     a = load_file(tmp_path / "whole" / "adapter_model.safetensors")
     b = load_file(tmp_path / "cut" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
