@@ -80,10 +80,12 @@ def setups(data, cfg) -> tuple[dict, dict]:
                         for m in MODELS}
 
 
-def result_tag(model: str | None, model_name: str) -> str:
-    """The folder name a model's adapters (cache/) and scores (results/) go under: the embedded model keeps the
-    names its results were first committed under."""
-    return "carm" if model in (None, "", "default", "smollm2") else f"carm_{model_name}"
+def result_tag(model_name: str) -> str:
+    """The folder name a model's adapters (cache/) and scores (results/) go under, from `resolve_model_path`'s
+    name: the embedded model keeps the names its results were first committed under."""
+    from infinictx.core.models import EMBEDDED_NAME
+
+    return "carm" if model_name == EMBEDDED_NAME else f"carm_{model_name}"
 
 
 def main():
@@ -103,7 +105,7 @@ def main():
     train_rows, setup = setups(data, cfg)
     model_dir, model_name = resolve_model_path(args.model)
     lm = load_model(args.model)
-    tag = result_tag(args.model, model_name)
+    tag = result_tag(model_name)
     work, done = cache_dir() / tag, RESULTS / tag
     work.mkdir(parents=True, exist_ok=True)
     for name in args.models.split(","):

@@ -108,7 +108,7 @@ def main():
 
     setup = setups(data, train_config())[1]["carm"]
     model_dir, model_name = resolve_model_path(args.model)
-    tag = result_tag(args.model, model_name)
+    tag = result_tag(model_name)
     adapter = cache_dir() / tag / f"carm-{setup}"
     if not (adapter / "adapter_config.json").exists():
         flag = f" --model {args.model}" if tag != "carm" else ""

@@ -166,7 +166,7 @@ def train(model_dir: str | Path, rows: list[dict], cfg: RewardConfig, out_dir: s
                      # fp32 keeps the recorded runs comparable), and a 135M model needs no checkpointing
                      bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), gradient_checkpointing=False)
     peft = LoraConfig(task_type="SEQ_CLS", r=cfg.rank, lora_alpha=cfg.alpha, target_modules="all-linear")
-    spent = json.loads(stamp.read_text()).get("seconds", 0.0) if resume else 0.0   # by the segments before
+    spent = done.get("seconds", 0.0) if resume else 0.0   # by the segments before (a resume keeps the stamp)
     start = time.perf_counter()
 
     class KeepTime(TrainerCallback):   # the training time up to each checkpoint, for the record of a resumed run
